@@ -1,0 +1,42 @@
+"""Core math of nemo-occ: torch only (no megatron, NeMo-RL or Ray).
+
+See ``docs/design.md`` for how these pieces are called during one training step.
+"""
+
+from nemo_occ.core.alignment import align_mtp_to_main, mtp_targets, shift_left, shift_right
+from nemo_occ.core.calibration import OCCCalibrator, proxy_statistics
+from nemo_occ.core.config import (
+    REGIMES,
+    ConfigError,
+    NemoOCCConfig,
+    OCCConfig,
+    PolicyLossConfig,
+    load_config,
+)
+from nemo_occ.core.diagnostics import GradientStatistics, exact_gradient_statistics
+from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
+from nemo_occ.core.objective import MTPObjective
+from nemo_occ.core.regimes import RegimeSpec, get_regime
+
+__all__ = [
+    "REGIMES",
+    "ConfigError",
+    "GradientStatistics",
+    "MTPObjective",
+    "NemoOCCConfig",
+    "OCCCalibrator",
+    "OCCConfig",
+    "PolicyLossConfig",
+    "RegimeSpec",
+    "align_mtp_to_main",
+    "clipped_policy_loss",
+    "cross_entropy_loss",
+    "exact_gradient_statistics",
+    "get_regime",
+    "load_config",
+    "mtp_targets",
+    "proxy_statistics",
+    "shift_left",
+    "shift_right",
+    "valid_counts",
+]

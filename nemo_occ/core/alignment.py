@@ -23,12 +23,16 @@ __all__ = ["shift_left", "shift_right", "mtp_targets", "align_mtp_to_main", "seg
 
 def _check_cu_seqlens(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be a 1-D tensor [N+1] of segment boundaries, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be a 1-D tensor [N+1] of segment boundaries, got shape {tuple(cu_seqlens.shape)}"
+        )
     cu = cu_seqlens.to(torch.long)
     if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
         raise ValueError("cu_seqlens must start at 0 and be non-decreasing")
     if int(cu[-1]) > length:
-        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but the packed dimension has only {length} tokens")
+        raise ValueError(
+            f"cu_seqlens ends at {int(cu[-1])} but the packed dimension has only {length} tokens"
+        )
     return cu
 
 
@@ -65,14 +69,18 @@ def _shift(x: torch.Tensor, shift: int, cu_seqlens: torch.Tensor | None, fill) -
     return out
 
 
-def shift_right(x: torch.Tensor, shift: int, *, cu_seqlens: torch.Tensor | None = None, fill=0.0) -> torch.Tensor:
+def shift_right(
+    x: torch.Tensor, shift: int, *, cu_seqlens: torch.Tensor | None = None, fill=0.0
+) -> torch.Tensor:
     """``out[..., j] = x[..., j - shift]`` inside each row/segment, ``fill`` where there is no source."""
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
     return _shift(x, shift, cu_seqlens, fill)
 
 
-def shift_left(x: torch.Tensor, shift: int, *, cu_seqlens: torch.Tensor | None = None, fill=0) -> torch.Tensor:
+def shift_left(
+    x: torch.Tensor, shift: int, *, cu_seqlens: torch.Tensor | None = None, fill=0
+) -> torch.Tensor:
     """``out[..., i] = x[..., i + shift]`` inside each row/segment, ``fill`` where there is no source."""
     if shift < 0:
         raise ValueError(f"shift must be >= 0, got {shift}")
@@ -115,6 +123,8 @@ def align_mtp_to_main(
     if depth < 1:
         raise ValueError(f"MTP depth starts at 1, got {depth}")
     aligned = shift_right(values, depth, cu_seqlens=cu_seqlens, fill=fill)
-    has_source = _shift(torch.ones(values.shape, dtype=torch.bool, device=values.device), depth, cu_seqlens, False)
+    has_source = _shift(
+        torch.ones(values.shape, dtype=torch.bool, device=values.device), depth, cu_seqlens, False
+    )
     main_has_target = _valid_source(values.shape, 1, cu_seqlens, values.device)
     return aligned, has_source & main_has_target

@@ -1,0 +1,261 @@
+"""Optimal Coefficient Calibration (OCC): Eq. 12-13 of the OCC paper (arXiv 2605.28184).
+
+For MTP depth k, over the valid tokens of one optimizer update (all its micro-batches, all
+data-/context-parallel ranks)::
+
+    δ_RL      = log π_θ(main)  - log π_old(main)                          (per token)
+    δ_MTP,k   = log π_θ(MTP k) - log π_old                                (π_old: see below)
+    ĉ_k       = Σ δ_RL · δ_MTP,k          alignment proxy of c  = <g_RL, g_MTP>   (Eq. 12)
+    v̂²_k      = Σ δ_MTP,k²                variance proxy of v² = ||g_MTP||²       (Eq. 12)
+    λ_k       = λ+ · ĉ_k / (v̂²_k + ε)                                             (Eq. 13)
+
+Estimators: ``signed`` (OCC-NoClip, the paper's default), ``clipped`` (OCC-Clip: max(0, ĉ)),
+``reference`` (the public reference code: mean over tokens of δ_RL·δ_MTP / (δ_MTP² + ε); for parity).
+``π_old`` of δ_MTP is the main head's old log-prob or the MTP head's own (config ``old_logprobs``).
+
+When λ is computed and which update uses it (timing ``lagged``, the default):
+  1. every micro-batch forward of update u calls :meth:`OCCCalibrator.accumulate` (no gradient);
+  2. after the last backward of update u, :meth:`OCCCalibrator.update` all-reduces the sums over the
+     given process group and sets λ from them;
+  3. update u+1 (the next minibatch, or the first minibatch of the next RL step) uses that λ.
+So λ is identical on every rank and independent of how the update was split into micro-batches.
+A one-update lag is inherent: the statistics of update u exist only after its forward passes, and
+its backward cannot wait for them without a second forward. It also avoids the reference code's
+λ ≈ 0 on the first minibatch of each step (there δ_RL ≈ 0 because θ = θ_old). Before any statistics
+exist λ = ``initial_lambda``. Timing ``microbatch`` (the reference code's behaviour) instead lets
+each micro-batch use the λ of its own local statistics: see :meth:`OCCCalibrator.local_lambdas`.
+
+Eq. 10 with its unknown prefactors set to 1 is reported per update for the λ that was applied:
+first-order term λ·ĉ, second-order term λ²·v̂².
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nemo_occ.core.config import OCCConfig
+from nemo_occ.core.distributed import all_reduce_sum_
+from nemo_occ.core.losses import check_logprob_inputs
+
+__all__ = ["OCCCalibrator", "proxy_statistics"]
+
+# Columns of the per-depth statistics tensor [K, 4].
+_C, _V2, _N, _RATIO = range(4)
+
+
+def proxy_statistics(
+    main_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    mtp_logprobs: torch.Tensor,
+    mtp_old_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    eps: float,
+) -> torch.Tensor:
+    """[Σ δ_RL·δ_MTP, Σ δ_MTP², n_valid, Σ δ_RL·δ_MTP/(δ_MTP²+ε)] over the valid tokens, float64, no grad.
+
+    All inputs are [B, S]; ``mask`` is the validity of this depth (main mask & MTP target mask).
+    """
+    m = check_logprob_inputs(
+        mask,
+        ("main_logprobs", main_logprobs),
+        ("old_logprobs", old_logprobs),
+        ("mtp_logprobs", mtp_logprobs),
+        ("mtp_old_logprobs", mtp_old_logprobs),
+    )
+    with torch.no_grad():
+        f64 = torch.float64
+        d_rl = (main_logprobs.detach().to(f64) - old_logprobs.detach().to(f64))[m]
+        d_mtp = (mtp_logprobs.detach().to(f64) - mtp_old_logprobs.detach().to(f64))[m]
+        prod = d_rl * d_mtp
+        sq = d_mtp * d_mtp
+        return torch.stack(
+            [
+                prod.sum(),
+                sq.sum(),
+                torch.tensor(float(d_rl.numel()), dtype=f64, device=prod.device),
+                (prod / (sq + eps)).sum(),
+            ]
+        )
+
+
+class OCCCalibrator:
+    """Per-depth OCC coefficient λ_k with its running statistics (see the module docstring).
+
+    ``lambdas`` is the λ in effect; ``accumulate`` adds one micro-batch's statistics; ``update`` closes
+    an optimizer update and sets the next λ; ``state_dict``/``load_state_dict`` carry λ across resumes.
+    """
+
+    def __init__(self, num_depths: int, cfg: OCCConfig | None = None):
+        if num_depths < 1:
+            raise ValueError(f"num_depths must be >= 1 (the model's MTP layers), got {num_depths}")
+        self.cfg = cfg or OCCConfig()
+        self.num_depths = num_depths
+        self._lambdas = [float(self.cfg.initial_lambda)] * num_depths
+        self._stats = torch.zeros(num_depths, 4, dtype=torch.float64)
+        self._applied = torch.zeros(
+            num_depths, 2, dtype=torch.float64
+        )  # Σ λ applied, count (microbatch timing)
+        self.num_updates = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # -- the coefficient -------------------------------------------------------------------------
+    @property
+    def lambdas(self) -> list[float]:
+        """λ_k currently in effect (index 0 is depth 1)."""
+        return list(self._lambdas)
+
+    def lambda_from_statistics(self, stats: torch.Tensor) -> list[float]:
+        """λ_k of Eq. 13 from a [K, 4] statistics tensor; 0 for a depth without valid tokens."""
+        out = []
+        for c, v2, n, ratio_sum in stats.tolist():
+            if n <= 0:
+                out.append(0.0)
+                continue
+            if self.cfg.estimator == "reference":
+                lam = self.cfg.lambda_plus * ratio_sum / n
+            else:
+                c_eff = max(0.0, c) if self.cfg.estimator == "clipped" else c
+                lam = self.cfg.lambda_plus * c_eff / (v2 + self.cfg.eps)
+            if self.cfg.lambda_max is not None:
+                lam = max(-self.cfg.lambda_max, min(self.cfg.lambda_max, lam))
+            out.append(float(lam))
+        return out
+
+    # -- statistics --------------------------------------------------------------------------------
+    def statistics(
+        self,
+        main_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        mtp_logprobs: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        *,
+        mtp_masks: Sequence[torch.Tensor] | None = None,
+        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """[K, 4] statistics of one micro-batch (not accumulated)."""
+        if len(mtp_logprobs) != self.num_depths:
+            raise ValueError(
+                f"got MTP log-probs for {len(mtp_logprobs)} depth(s) but the calibrator has num_depths={self.num_depths}"
+            )
+        if mtp_masks is not None and len(mtp_masks) != self.num_depths:
+            raise ValueError(f"mtp_masks has {len(mtp_masks)} entries, expected {self.num_depths}")
+        if mtp_old_logprobs is not None and len(mtp_old_logprobs) != self.num_depths:
+            raise ValueError(
+                f"mtp_old_logprobs has {len(mtp_old_logprobs)} entries, expected {self.num_depths}"
+            )
+        rows = []
+        for k, lp in enumerate(mtp_logprobs):
+            mask_k = mask.bool() if mtp_masks is None else (mask.bool() & mtp_masks[k].bool())
+            old_k = old_logprobs if mtp_old_logprobs is None else mtp_old_logprobs[k]
+            rows.append(proxy_statistics(main_logprobs, old_logprobs, lp, old_k, mask_k, self.cfg.eps).cpu())
+        return torch.stack(rows)
+
+    def accumulate(
+        self,
+        main_logprobs: torch.Tensor,
+        old_logprobs: torch.Tensor,
+        mtp_logprobs: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        *,
+        mtp_masks: Sequence[torch.Tensor] | None = None,
+        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Add one micro-batch's statistics to the current update's sums; returns them ([K, 4]).
+
+        ``mtp_old_logprobs=None`` measures δ_MTP against the main head's old log-prob.
+        """
+        stats = self.statistics(
+            main_logprobs,
+            old_logprobs,
+            mtp_logprobs,
+            mask,
+            mtp_masks=mtp_masks,
+            mtp_old_logprobs=mtp_old_logprobs,
+        )
+        self._stats += stats
+        return stats
+
+    def add_statistics(self, stats: torch.Tensor) -> None:
+        """Add precomputed [K, 4] statistics (e.g. gathered by a framework's own loop)."""
+        if tuple(stats.shape) != (self.num_depths, 4):
+            raise ValueError(f"statistics must be [{self.num_depths}, 4], got {tuple(stats.shape)}")
+        self._stats += stats.detach().to(torch.float64).cpu()
+
+    def local_lambdas(self, stats: torch.Tensor) -> list[float]:
+        """λ of one micro-batch's own statistics (timing ``microbatch``); recorded for the metrics."""
+        lams = self.lambda_from_statistics(stats)
+        self._applied[:, 0] += torch.tensor(lams, dtype=torch.float64)
+        self._applied[:, 1] += 1
+        return lams
+
+    def pending_statistics(self) -> torch.Tensor:
+        """The sums accumulated since the last update ([K, 4], a copy)."""
+        return self._stats.clone()
+
+    # -- closing an update -------------------------------------------------------------------------
+    def update(self, group=None) -> dict[str, float]:
+        """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.
+
+        Every rank of ``group`` must call it (it is a collective when torch.distributed is in use).
+        """
+        stats = self._stats.clone()
+        if group is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            device = _collective_device(group)
+            stats = all_reduce_sum_(stats.to(device), group=group).cpu()
+        if self._applied[0, 1] > 0:  # microbatch timing: report the mean λ the micro-batches used
+            applied = (self._applied[:, 0] / self._applied[:, 1]).tolist()
+        else:
+            applied = list(self._lambdas)
+        new = self.lambda_from_statistics(stats)
+        metrics: dict[str, float] = {}
+        for k in range(self.num_depths):
+            c, v2, n, _ = stats[k].tolist()
+            d = k + 1
+            metrics[f"occ/lambda_{d}"] = new[k]
+            metrics[f"occ/lambda_applied_{d}"] = applied[k]
+            metrics[f"occ/c_hat_{d}"] = c
+            metrics[f"occ/v2_hat_{d}"] = v2
+            metrics[f"occ/c_hat_mean_{d}"] = c / n if n > 0 else 0.0
+            metrics[f"occ/v2_hat_mean_{d}"] = v2 / n if n > 0 else 0.0
+            metrics[f"occ/first_order_{d}"] = applied[k] * c
+            metrics[f"occ/second_order_{d}"] = applied[k] ** 2 * v2
+            metrics[f"occ/valid_tokens_{d}"] = n
+            metrics[f"occ/no_valid_tokens_{d}"] = float(n <= 0)
+        self._lambdas = new
+        self._stats.zero_()
+        self._applied.zero_()
+        self.num_updates += 1
+        self.last_metrics = metrics
+        return metrics
+
+    # -- checkpointing -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "num_depths": self.num_depths,
+            "lambdas": list(self._lambdas),
+            "stats": self._stats.clone(),
+            "applied": self._applied.clone(),
+            "num_updates": self.num_updates,
+            "config": self.cfg.model_dump(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if int(state["num_depths"]) != self.num_depths:
+            raise ValueError(
+                f"checkpoint calibrator has {state['num_depths']} MTP depth(s) but this run has {self.num_depths}; "
+                "set nemo_occ.num_depths to match the checkpoint"
+            )
+        self._lambdas = [float(x) for x in state["lambdas"]]
+        self._stats = state["stats"].to(torch.float64).clone()
+        self._applied = state.get("applied", torch.zeros(self.num_depths, 2, dtype=torch.float64)).clone()
+        self.num_updates = int(state["num_updates"])
+
+
+def _collective_device(group) -> torch.device:
+    """gloo reduces CPU tensors, nccl needs CUDA ones."""
+    backend = torch.distributed.get_backend(group)
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -1,0 +1,215 @@
+"""Typed configuration of nemo-occ's math: one pydantic model per block, unknown keys rejected.
+
+YAML layout (a recipe's ``nemo_occ:`` block; the policy-loss block lives next to it in the demo and
+is derived from NeMo-RL's ``loss_fn`` block in the NeMo-RL glue)::
+
+    nemo_occ:
+      regime: occ            # none | detach | ce | policy | occ
+      num_depths: 1
+      coef: 0.1              # fixed λ of detach / ce / policy
+      old_logprobs: main     # main | mtp
+      occ: {lambda_plus: 1.0, eps: 1.0e-8, estimator: signed, timing: lagged}
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Regime",
+    "REGIMES",
+    "PolicyLossConfig",
+    "OCCConfig",
+    "NemoOCCConfig",
+    "load_config",
+    "ConfigError",
+]
+
+Regime = Literal["none", "detach", "ce", "policy", "occ"]
+REGIMES: tuple[str, ...] = ("none", "detach", "ce", "policy", "occ")
+
+
+class ConfigError(ValueError):
+    """A configuration the user has to change; the message says what to set."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class PolicyLossConfig(_Strict):
+    """Clipped policy-gradient loss shared by the main head and the MTP heads (PPO/GRPO/DAPO/GSPO)."""
+
+    ratio_clip_low: float = Field(
+        0.2, ge=0.0, lt=1.0, description="ε_low: the ratio is clipped below at 1 - ratio_clip_low."
+    )
+    ratio_clip_high: float = Field(
+        0.28,
+        ge=0.0,
+        description="ε_high: the ratio is clipped above at 1 + ratio_clip_high (DAPO clip-higher: 0.28).",
+    )
+    ratio_clip_c: float | None = Field(
+        None,
+        gt=1.0,
+        description="Dual-clip constant c (> 1): for negative advantages the loss is capped at -c·A. None disables it.",
+    )
+    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
+        "token_mean",
+        description="token_mean: mean over all valid tokens of the global batch (DAPO). "
+        "seq_mean_token_mean: mean over sequences of each sequence's token mean (GRPO, GSPO).",
+    )
+    importance_ratio: Literal["token", "sequence"] = Field(
+        "token",
+        description="token: per-token ratio π/π_old (PPO, GRPO, DAPO). sequence: GSPO's length-normalised "
+        "sequence ratio exp(mean_t(log π - log π_old)).",
+    )
+
+    @model_validator(mode="after")
+    def _gspo_needs_sequence_aggregation(self) -> PolicyLossConfig:
+        if self.importance_ratio == "sequence" and self.aggregation != "seq_mean_token_mean":
+            raise ValueError(
+                "GSPO (importance_ratio: sequence) needs sequence-level aggregation: "
+                "set aggregation: seq_mean_token_mean (NeMo-RL: token_level_loss: false)"
+            )
+        return self
+
+
+class OCCConfig(_Strict):
+    """Optimal Coefficient Calibration, Eq. 13 of the OCC paper: λ_t = λ+ · ĉ_t / (v̂_t² + ε)."""
+
+    lambda_plus: float = Field(
+        1.0, gt=0.0, description="λ+, absorbs the unknown smoothness prefactor of Eq. 11 (paper default 1.0)."
+    )
+    eps: float = Field(1e-8, gt=0.0, description="ε in the denominator of Eq. 13 (paper default 1e-8).")
+    estimator: Literal["signed", "clipped", "reference"] = Field(
+        "signed",
+        description="signed: ĉ/(v̂²+ε) over all valid tokens of the batch (OCC-NoClip, the paper's default). "
+        "clipped: max(0, ĉ)/(v̂²+ε) (OCC-Clip, Appendix E). reference: mean over valid tokens of the "
+        "per-token ratios δ_RL·δ_MTP/(δ_MTP²+ε), as the public reference code does (parity only).",
+    )
+    timing: Literal["lagged", "microbatch"] = Field(
+        "lagged",
+        description="lagged: statistics of update u (summed over its micro-batches and ranks) set the λ of "
+        "update u+1, identical on every rank and independent of the micro-batch split. microbatch: each "
+        "micro-batch uses the λ of its own local statistics, like the reference code (not split-invariant).",
+    )
+    lambda_max: float | None = Field(
+        None, gt=0.0, description="Optional clamp |λ_t| <= lambda_max; None (the paper) leaves λ_t unclamped."
+    )
+    initial_lambda: float = Field(
+        0.0, description="λ used before any statistics exist (the first update of a run under lagged timing)."
+    )
+
+
+class NemoOCCConfig(_Strict):
+    """How the MTP heads are trained during RL: the ``nemo_occ:`` block of a recipe."""
+
+    regime: Regime = Field(
+        "occ",
+        description="none: no MTP term. detach: MTP cross-entropy on sampled tokens, MTP parameters only. "
+        "ce: MTP cross-entropy into the trunk, fixed λ=coef. policy: the main head's clipped policy loss "
+        "on the MTP heads, fixed λ=coef. occ: policy loss with λ_t from OCC.",
+    )
+    num_depths: int = Field(1, ge=1, description="Number of MTP layers (depths) the model has and we train.")
+    coef: float = Field(
+        0.1,
+        ge=0.0,
+        description="Fixed MTP coefficient λ for detach, ce and policy (paper: 0.1). Unused by occ.",
+    )
+    old_logprobs: Literal["main", "mtp"] = Field(
+        "main",
+        description="Old log-prob in the MTP heads' ratio and in δ_MTP. main: the main head's old log-prob, "
+        "as the paper's reference code does (the ratio is then the draft/main probability ratio, so clipping "
+        "keeps the MTP head near the main head's old distribution). mtp: each MTP head's own old log-prob "
+        "(a trust region on the head's own change; needs old MTP log-probs from the rollout-logprob pass).",
+    )
+    occ: OCCConfig = Field(default_factory=OCCConfig, description="OCC calibrator settings (regime occ).")
+    monitor_proxies: bool = Field(
+        True,
+        description="Also compute ĉ, v̂² (and the λ OCC would pick) under detach/ce/policy, for plots like "
+        "the paper's Fig. 2. Costs one no-grad reduction per micro-batch.",
+    )
+
+    @property
+    def trunk_gradient(self) -> bool:
+        """Whether the MTP loss may send gradient into the shared trunk (embedding, decoder, head)."""
+        return self.regime in ("ce", "policy", "occ")
+
+    @property
+    def has_mtp_term(self) -> bool:
+        return self.regime != "none"
+
+    @property
+    def uses_policy_loss(self) -> bool:
+        return self.regime in ("policy", "occ")
+
+    @model_validator(mode="after")
+    def _warn_unused(self) -> NemoOCCConfig:
+        fields = self.model_fields_set
+        if self.regime in ("none", "occ") and "coef" in fields:
+            warnings.warn(
+                f"nemo_occ.coef has no effect with regime '{self.regime}'"
+                + (" (OCC computes λ_t; tune occ.lambda_plus instead)" if self.regime == "occ" else ""),
+                stacklevel=2,
+            )
+        if self.regime != "occ" and "occ" in fields and not self.monitor_proxies:
+            warnings.warn(
+                f"nemo_occ.occ has no effect with regime '{self.regime}' and monitor_proxies: false",
+                stacklevel=2,
+            )
+        if self.regime in ("none", "detach", "ce") and "old_logprobs" in fields:
+            warnings.warn(
+                f"nemo_occ.old_logprobs only matters for policy/occ (and the proxies); regime '{self.regime}' "
+                "uses no ratio",
+                stacklevel=2,
+            )
+        return self
+
+
+def _format_validation_error(err: ValidationError, prefix: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in (prefix, *e["loc"]) if p != "")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (remove it or check its spelling)")
+        else:
+            lines.append(f"  {loc}: {e['msg']}")
+    return "invalid nemo-occ configuration:\n" + "\n".join(lines)
+
+
+def parse_block(model: type[BaseModel], data: Any, prefix: str) -> Any:
+    """Validate ``data`` against ``model`` with a message that names the keys to change."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, prefix)) from None
+
+
+def load_config(source: str | Path | dict, key: str | None = "nemo_occ") -> NemoOCCConfig:
+    """Load the ``nemo_occ`` block from a YAML file (or an already-parsed dict).
+
+    ``key=None`` treats the whole mapping as the block.
+    """
+    if isinstance(source, dict):
+        data = source
+    else:
+        import yaml
+
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with path.open() as f:
+            data = yaml.safe_load(f) or {}
+    if key is not None:
+        if key not in data:
+            raise ConfigError(f"no '{key}:' block in the config; add one (see docs/design.md for its fields)")
+        data = data[key]
+    return parse_block(NemoOCCConfig, data, key or "")

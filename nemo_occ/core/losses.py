@@ -1,0 +1,181 @@
+"""Clipped policy-gradient losses shared by the main head and the MTP heads, and the MTP cross-entropy.
+
+PPO/GRPO clipped surrogate (Schulman et al. 2017), per valid token t of sequence i::
+
+    r_t   = exp(log π(y_t) - log π_old(y_t))                          (token ratio)
+    l_t   = max(-A_t · r_t, -A_t · clip(r_t, 1 - ε_low, 1 + ε_high))   (DAPO: asymmetric ε)
+    l_t   = min(l_t, -c · A_t)          where A_t < 0 and dual clip c is set
+
+GSPO (Zheng et al. 2025) replaces r_t by the sequence ratio s_i = exp(mean_t(log π - log π_old)),
+shared by all tokens of sequence i; with seq-mean-token-mean aggregation this has exactly GSPO's
+value and gradient.
+
+Aggregation uses *global* denominators supplied by the caller (valid tokens or valid sequences of
+the whole global batch, summed over micro-batches and data-parallel ranks), so summing the returned
+losses over micro-batches and ranks gives the exact full-batch mean — the convention of NeMo-RL and
+torchtitan. Metrics are divided the same way, so they are summable too.
+
+Simplifications: no KL-to-reference term and no importance-sampling correction here; in NeMo-RL the
+main head keeps NeMo-RL's own loss and only the MTP term comes from this module.
+
+Letters: B sequences, S token positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_occ.core.config import PolicyLossConfig
+
+__all__ = ["clipped_policy_loss", "cross_entropy_loss", "valid_counts", "check_logprob_inputs"]
+
+# exp() of a log-ratio beyond this is clamped: it keeps r finite (fp32 exp overflows at ~88) for the
+# MTP ratio against the main head's old log-prob, which can be far from 1. Outside the clamp the
+# gradient is zero, like any clipped token.
+_MAX_LOG_RATIO = 20.0
+
+Number = float | int | torch.Tensor
+
+
+def valid_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(valid tokens, sequences with at least one valid token) of a [B, S] mask, as float tensors."""
+    m = mask.bool()
+    return m.sum().to(torch.float32), m.any(dim=-1).sum().to(torch.float32)
+
+
+def _denominator(value: Number, name: str) -> torch.Tensor | float:
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    if not v >= 0.0:  # also rejects NaN
+        raise ValueError(f"{name} must be a non-negative count of the global batch, got {v}")
+    # An empty global batch contributes nothing: every summand is 0, so any positive divisor works.
+    return value if v > 0 else 1.0
+
+
+def check_logprob_inputs(
+    mask: torch.Tensor, *named: tuple[str, torch.Tensor | None], check_finite: bool = True
+) -> torch.Tensor:
+    """Validate [B, S] tensors against ``mask``; return the boolean mask.
+
+    Raises ValueError on a shape mismatch, and on NaN/Inf at a valid position (masked positions may
+    hold anything: padding is often -inf or garbage and is never read).
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, S], got shape {tuple(mask.shape)}")
+    m = mask.bool()
+    for name, t in named:
+        if t is None:
+            continue
+        if t.shape != mask.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(t.shape)} but mask has {tuple(mask.shape)}; they must match"
+            )
+        if check_finite and not bool(torch.isfinite(t.detach()[m]).all()):
+            bad = int((~torch.isfinite(t.detach()[m])).sum())
+            raise ValueError(
+                f"{name} has {bad} NaN/Inf value(s) at valid (mask=1) positions; fix the forward pass or mask them out"
+            )
+    return m
+
+
+def _broadcast_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if advantages.dim() == 1:
+        if advantages.shape[0] != mask.shape[0]:
+            raise ValueError(f"advantages [B] has B={advantages.shape[0]} but mask has B={mask.shape[0]}")
+        return advantages[:, None].expand_as(mask)
+    if advantages.shape != mask.shape:
+        raise ValueError(
+            f"advantages must be [B] or [B, S] like mask {tuple(mask.shape)}, got {tuple(advantages.shape)}"
+        )
+    return advantages
+
+
+def _aggregate(
+    per_token: torch.Tensor,
+    m: torch.Tensor,
+    aggregation: str,
+    global_valid_tokens: Number,
+    global_valid_seqs: Number,
+) -> torch.Tensor:
+    per_token = torch.where(m, per_token, torch.zeros_like(per_token))
+    if aggregation == "token_mean":
+        return per_token.sum() / _denominator(global_valid_tokens, "global_valid_tokens")
+    # seq_mean_token_mean: each sequence's mean over its own valid tokens, then mean over sequences.
+    n = m.sum(dim=-1)  # [B]
+    seq_mean = per_token.sum(dim=-1) / n.clamp(min=1)
+    return seq_mean.sum() / _denominator(global_valid_seqs, "global_valid_seqs")
+
+
+def clipped_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: PolicyLossConfig,
+    *,
+    global_valid_tokens: Number,
+    global_valid_seqs: Number = 0,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate loss (to minimise) of one micro-batch; see the module docstring.
+
+    Args:
+        logprobs: [B, S] current log π(y_t) (with gradient).
+        old_logprobs: [B, S] log π_old(y_t) (no gradient is taken through it).
+        advantages: [B] or [B, S].
+        mask: [B, S] 1 where the token is trained on.
+        global_valid_tokens / global_valid_seqs: denominators of the whole global batch.
+
+    Returns ``(loss, metrics)``; ``loss`` is this micro-batch's share of the global-batch mean.
+    """
+    m = check_logprob_inputs(
+        mask, ("logprobs", logprobs), ("old_logprobs", old_logprobs), check_finite=check_finite
+    )
+    adv = _broadcast_advantages(advantages, mask)
+    if check_finite and not bool(torch.isfinite(adv[m]).all()):
+        raise ValueError("advantages have NaN/Inf at valid positions; check the reward normalisation")
+    zeros = torch.zeros_like(logprobs)
+    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zeros)  # [B, S], 0 where masked
+    adv = torch.where(m, adv.to(logprobs.dtype), zeros)
+
+    if cfg.importance_ratio == "sequence":
+        n = m.sum(dim=-1, keepdim=True).clamp(min=1)
+        seq_log_ratio = log_ratio.sum(dim=-1, keepdim=True) / n  # [B, 1]
+        log_ratio = seq_log_ratio.expand_as(log_ratio)
+    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # [B, S]
+
+    low, high = 1.0 - cfg.ratio_clip_low, 1.0 + cfg.ratio_clip_high
+    loss_unclipped = -adv * ratio
+    loss_clipped = -adv * ratio.clamp(low, high)
+    per_token = torch.maximum(loss_unclipped, loss_clipped)
+    dual = torch.zeros_like(m)
+    if cfg.ratio_clip_c is not None:
+        cap = -adv * cfg.ratio_clip_c
+        dual = (adv < 0) & (per_token > cap) & m
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+
+    loss = _aggregate(per_token, m, cfg.aggregation, global_valid_tokens, global_valid_seqs)
+
+    with torch.no_grad():
+        n_tok = _denominator(global_valid_tokens, "global_valid_tokens")
+        r = ratio.detach()
+        clipped = m & (((adv > 0) & (r > high)) | ((adv < 0) & (r < low)))
+        metrics = {
+            "loss": loss.detach(),
+            "clip_fraction": clipped.sum() / n_tok,
+            "ratio_mean": torch.where(m, r, zeros).sum() / n_tok,
+            # k3 estimator of KL(π_old || π) over the sampled tokens
+            "kl_old": torch.where(m, (r - 1.0) - log_ratio.detach(), zeros).sum() / n_tok,
+        }
+        if cfg.ratio_clip_c is not None:
+            metrics["dual_clip_fraction"] = dual.sum() / n_tok
+    return loss, metrics
+
+
+def cross_entropy_loss(
+    logprobs: torch.Tensor, mask: torch.Tensor, *, global_valid_tokens: Number, check_finite: bool = True
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean negative log-likelihood of the sampled tokens: -Σ_valid log π(y_t) / global_valid_tokens."""
+    m = check_logprob_inputs(mask, ("logprobs", logprobs), check_finite=check_finite)
+    nll = torch.where(m, -logprobs, torch.zeros_like(logprobs))
+    loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens")
+    return loss, {"loss": loss.detach()}

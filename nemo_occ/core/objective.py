@@ -1,0 +1,157 @@
+"""The MTP term of the training loss for one regime: Σ_k λ_k · L_MTP,k.
+
+``L_MTP,k`` is the regime's loss of depth k (cross-entropy, or the main head's clipped policy loss
+evaluated on the MTP head's aligned log-probs); λ_k is the fixed ``coef`` or, for ``occ``, the
+calibrator's λ_t (Eq. 13 of the OCC paper). The caller adds the returned term to the main head's
+policy loss and back-propagates the sum, so the MTP term's gradient is exactly λ_k times the
+unscaled one.
+
+Denominators: the MTP term uses the main head's global denominators (valid tokens / sequences of
+the global batch). Any fixed global denominator keeps micro-batch and rank invariance; using the
+main head's gives λ the same meaning as in the reference code (a weight relative to the main loss).
+
+Per micro-batch the objective also feeds the calibrator (regime occ, or any MTP regime when
+``monitor_proxies`` is on, for the paper's Fig. 2 curves); :meth:`MTPObjective.finish_update` closes
+an optimizer update (see ``nemo_occ.core.calibration`` for which update uses which λ).
+
+Letters: B sequences, S token positions, K MTP depths.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from nemo_occ.core.calibration import OCCCalibrator
+from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
+from nemo_occ.core.losses import Number
+from nemo_occ.core.regimes import get_regime
+
+__all__ = ["MTPObjective"]
+
+
+class MTPObjective:
+    def __init__(self, cfg: NemoOCCConfig, policy_cfg: PolicyLossConfig | None = None):
+        self.cfg = cfg
+        self.policy_cfg = policy_cfg or PolicyLossConfig()
+        self.regime = get_regime(cfg.regime)
+        wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.objective != "none")
+        self.calibrator = OCCCalibrator(cfg.num_depths, cfg.occ) if wants_stats else None
+
+    # ----------------------------------------------------------------------------------------------
+    def coefficients(self) -> list[float]:
+        """λ_k in effect for the current update (lagged timing) or the fixed coefficient."""
+        if self.regime.objective == "none":
+            return [0.0] * self.cfg.num_depths
+        if self.regime.calibrated:
+            return self.calibrator.lambdas
+        return [self.cfg.coef] * self.cfg.num_depths
+
+    def __call__(
+        self,
+        *,
+        main_logprobs: torch.Tensor,  # [B, S]
+        old_logprobs: torch.Tensor,  # [B, S] main head's old log-probs
+        advantages: torch.Tensor,  # [B] or [B, S]
+        mask: torch.Tensor,  # [B, S]
+        mtp_logprobs: Sequence[torch.Tensor],  # K x [B, S], aligned to main positions
+        mtp_masks: Sequence[torch.Tensor] | None = None,  # K x [B, S]
+        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,  # K x [B, S], for old_logprobs: mtp
+        global_valid_tokens: Number,
+        global_valid_seqs: Number = 0,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(Σ_k λ_k L_MTP,k, metrics) of one micro-batch; metrics with a ``mtp/`` prefix are summable."""
+        K = self.cfg.num_depths
+        if self.regime.objective == "none":
+            return main_logprobs.new_zeros(()), {}
+        if len(mtp_logprobs) != K:
+            raise ValueError(
+                f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "
+                "set num_depths to the model's mtp_num_layers"
+            )
+        if mtp_masks is None:
+            mtp_masks = [mask] * K
+        masks = [mask.bool() & mk.bool() for mk in mtp_masks]
+        if self.cfg.old_logprobs == "mtp":
+            if mtp_old_logprobs is None:
+                raise ValueError(
+                    "nemo_occ.old_logprobs is 'mtp' but no old MTP log-probs were given; compute them with the "
+                    "rollout's old log-probs or set old_logprobs: main"
+                )
+            olds = list(mtp_old_logprobs)
+        else:
+            olds = [old_logprobs] * K
+
+        stats = None
+        if self.calibrator is not None:
+            stats = self.calibrator.accumulate(
+                main_logprobs,
+                old_logprobs,
+                mtp_logprobs,
+                mask,
+                mtp_masks=mtp_masks,
+                mtp_old_logprobs=olds if self.cfg.old_logprobs == "mtp" else None,
+            )
+        if self.regime.calibrated and self.cfg.occ.timing == "microbatch":
+            coefs = self.calibrator.local_lambdas(stats)
+        else:
+            coefs = self.coefficients()
+
+        total = main_logprobs.new_zeros(())
+        metrics: dict[str, torch.Tensor | float] = {}
+        for k in range(K):
+            loss_k, m_k = self.regime.depth_loss(
+                mtp_logprobs[k],
+                olds[k],
+                advantages,
+                masks[k],
+                self.policy_cfg,
+                global_valid_tokens=global_valid_tokens,
+                global_valid_seqs=global_valid_seqs,
+            )
+            total = total + coefs[k] * loss_k
+            d = k + 1
+            metrics[f"mtp/loss_{d}"] = m_k["loss"]
+            if "clip_fraction" in m_k:
+                metrics[f"mtp/clip_fraction_{d}"] = m_k["clip_fraction"]
+        metrics["mtp/loss_scaled"] = total.detach()
+        return total, metrics
+
+    def finish_update(self, group=None) -> dict[str, float]:
+        """Close one optimizer update (a collective over ``group`` when distributed); returns OCC metrics.
+
+        Under regimes without a calibrator it returns {}. Metrics are named ``occ/*`` for the occ regime
+        and ``proxy/*`` when the proxies are only monitored (detach/ce/policy), where ``lambda_k`` is
+        the λ that OCC would have picked.
+        """
+        if self.calibrator is None:
+            return {}
+        metrics = self.calibrator.update(group)
+        if self.regime.calibrated:
+            return metrics
+        coefs = self.coefficients()
+        out = {}
+        for key, value in metrics.items():
+            name = key.replace("occ/", "proxy/")
+            out[name] = value
+        for k, lam in enumerate(coefs):  # Eq. 10 terms for the fixed λ actually applied
+            d = k + 1
+            out[f"proxy/lambda_applied_{d}"] = lam
+            out[f"proxy/first_order_{d}"] = lam * metrics[f"occ/c_hat_{d}"]
+            out[f"proxy/second_order_{d}"] = lam**2 * metrics[f"occ/v2_hat_{d}"]
+        return out
+
+    def state_dict(self) -> dict:
+        return {
+            "regime": self.cfg.regime,
+            "calibrator": self.calibrator.state_dict() if self.calibrator else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("regime") != self.cfg.regime:
+            raise ValueError(
+                f"checkpoint was trained with regime '{state.get('regime')}' but the config says '{self.cfg.regime}'"
+            )
+        if self.calibrator is not None and state.get("calibrator") is not None:
+            self.calibrator.load_state_dict(state["calibrator"])
