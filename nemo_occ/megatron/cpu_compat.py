@@ -1,0 +1,191 @@
+"""Run megatron-core on a CPU-only torch: a small, undoable set of patches (tests and the CPU demo).
+
+Megatron-core assumes CUDA in a handful of places that have nothing to do with the maths of a
+tiny model. Each patch below replaces one such assumption with its CPU equivalent
+(REFERENCE.md section 4, verified on megatron-core 0.16.1 with gloo):
+
+==============================================  ================================================
+megatron-core assumption                        CPU replacement
+==============================================  ================================================
+``torch.cuda.current_device()`` (~50 sites)     returns ``torch.device("cpu")``
+``CudaRNGStatesTracker.add/fork`` (CUDA RNG)    ``add`` is a no-op, ``fork`` a null context
+                                                (dropout is 0 in every CPU model we build)
+``get_default_causal_mask`` allocates on cuda   same mask on the CPU
+``moe_utils.te_general_gemm`` undefined w/o TE  set to ``None`` (0.16.1 bug: NameError)
+torch LayerNorm refuses sequence parallelism    built with SP off; params tagged
+                                                ``sequence_parallel=True`` like the TE norm
+local ``DotProductAttention`` rejects THD       packed ``[T, 1, ...]`` input runs as one row with
+packed sequences                                a block-diagonal causal mask from ``cu_seqlens``
+==============================================  ================================================
+
+What is simplified: the THD shim ignores ``cu_seqlens_*_padded`` beyond using it for the mask,
+and there is no context parallelism (the local attention has none; CP needs TE's attention).
+
+Never applied when CUDA is available: ``enable()`` then does nothing and returns False, so the
+same test or demo code runs unchanged on a GPU machine. Undo with ``disable()``, or use
+``with cpu_compat(): ...``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+_LOCK = threading.Lock()
+# Each entry: (owner object, attribute name, original value or _MISSING). Restored in reverse order.
+_SAVED: list[tuple[Any, str, Any]] = []
+_MISSING = object()
+_DEPTH = 0
+
+
+def is_enabled() -> bool:
+    """True while the CPU patches are applied (inside ``enable()`` ... ``disable()``)."""
+    return _DEPTH > 0
+
+
+def _patch(owner: Any, name: str, value: Any) -> None:
+    # Save the raw namespace entry (not getattr) so a class's staticmethod __new__ is restored as is.
+    _SAVED.append((owner, name, vars(owner).get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
+def _cpu_current_device() -> torch.device:
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _no_fork(self, name: str = "model-parallel-rng") -> Iterator[None]:
+    # The CUDA RNG tracker only matters for dropout/initialisation under TP; CPU models use
+    # dropout 0 and CPU initialisation (the full weight is drawn, then split), so no fork needed.
+    yield
+
+
+def _no_add(self, name: str, seed: int) -> None:
+    return None
+
+
+@functools.lru_cache(maxsize=32)
+def _cpu_default_causal_mask(sq: int) -> torch.Tensor:
+    # True = masked, same convention as megatron.core.transformer.utils.get_default_causal_mask.
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Block-diagonal causal mask [1, 1, T, T] (True = masked) for documents packed in one row.
+
+    Token t may attend to token u iff both lie in the same segment [cu[i], cu[i+1]) and u <= t.
+    Positions at or after ``cu_seqlens[-1]`` (padding) form their own causal segment.
+    """
+    positions = torch.arange(total, device=cu_seqlens.device)
+    # Segment id of each position: number of boundaries <= position.
+    segment = torch.bucketize(positions, cu_seqlens.to(positions.dtype), right=True)  # [T]
+    same = segment[:, None] == segment[None, :]
+    causal = positions[None, :] <= positions[:, None]
+    return ~(same & causal)[None, None]
+
+
+def _make_thd_attention_forward(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def forward(self, query, key, value, attention_mask, *args, packed_seq_params=None, **kwargs):
+        if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", None) != "thd":
+            return original(
+                self, query, key, value, attention_mask, *args, packed_seq_params=packed_seq_params, **kwargs
+            )
+        # Attention squeezed the dummy batch dim for THD: [T, heads, dim] -> [T, 1, heads, dim].
+        cu = packed_seq_params.cu_seqlens_q_padded
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
+        total = query.shape[0]
+        mask = packed_causal_mask(cu.to(torch.long), total)
+        out = original(
+            self,
+            query.unsqueeze(1),
+            key.unsqueeze(1),
+            value.unsqueeze(1),
+            mask,
+            *args,
+            packed_seq_params=None,
+            **kwargs,
+        )
+        return out  # [T, 1, heads*dim]; Attention reshapes it to (t, 1, h) itself.
+
+    return forward
+
+
+def _make_torch_norm_new(original_new: Callable) -> Callable:
+    def __new__(cls, config, hidden_size, *args, **kwargs):
+        if not getattr(config, "sequence_parallel", False):
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        plain = copy.copy(config)
+        plain.sequence_parallel = False
+        norm = original_new(cls, plain, hidden_size, *args, **kwargs)
+        # Under SP each TP rank sees a different slice of the sequence, so the norm's weight
+        # gradients are partial; megatron's finalize_model_grads all-reduces tensors tagged so.
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(__new__)
+
+
+def enable() -> bool:
+    """Apply the CPU patches (re-entrant). Returns False, doing nothing, when CUDA is available."""
+    global _DEPTH
+    if torch.cuda.is_available():
+        return False
+    with _LOCK:
+        _DEPTH += 1
+        if _DEPTH > 1:
+            return True
+        from megatron.core.fusions import fused_softmax
+        from megatron.core.tensor_parallel import random as tp_random
+        from megatron.core.transformer import dot_product_attention, torch_norm
+        from megatron.core.transformer import utils as transformer_utils
+        from megatron.core.transformer.moe import moe_utils
+
+        _patch(torch.cuda, "current_device", _cpu_current_device)
+        _patch(tp_random.CudaRNGStatesTracker, "fork", _no_fork)
+        _patch(tp_random.CudaRNGStatesTracker, "add", _no_add)
+        _patch(transformer_utils, "get_default_causal_mask", _cpu_default_causal_mask)
+        _patch(fused_softmax, "get_default_causal_mask", _cpu_default_causal_mask)
+        if getattr(moe_utils, "te_general_gemm", None) is None:
+            _patch(moe_utils, "te_general_gemm", None)
+        attention_cls = dot_product_attention.DotProductAttention
+        _patch(attention_cls, "forward", _make_thd_attention_forward(attention_cls.forward))
+        norm_cls = torch_norm.WrappedTorchNorm
+        _patch(norm_cls, "__new__", _make_torch_norm_new(norm_cls.__new__))
+        return True
+
+
+def disable() -> None:
+    """Undo ``enable()`` (the outermost call restores every patched attribute)."""
+    global _DEPTH
+    with _LOCK:
+        if _DEPTH == 0:
+            return
+        _DEPTH -= 1
+        if _DEPTH > 0:
+            return
+        while _SAVED:
+            owner, name, original = _SAVED.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def cpu_compat() -> Iterator[bool]:
+    """``with cpu_compat() as applied:`` patches megatron-core for CPU inside the block only."""
+    applied = enable()
+    try:
+        yield applied
+    finally:
+        if applied:
+            disable()
