@@ -43,10 +43,17 @@ def valid_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.sum().to(torch.float32), m.any(dim=-1).sum().to(torch.float32)
 
 
-def _denominator(value: Number, name: str) -> torch.Tensor | float:
+def _denominator(value: Number, name: str, local_count: int = 0) -> torch.Tensor | float:
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
     if not v >= 0.0:  # also rejects NaN
         raise ValueError(f"{name} must be a non-negative count of the global batch, got {v}")
+    if v < local_count:
+        # e.g. global_valid_seqs left at its default 0 under seq_mean_token_mean: dividing by 1 would
+        # silently turn the mean into a sum.
+        raise ValueError(
+            f"{name}={v:g} is smaller than this micro-batch's own count ({local_count}); pass the count "
+            "of the whole global batch (summed over micro-batches and data-parallel ranks)"
+        )
     # An empty global batch contributes nothing: every summand is 0, so any positive divisor works.
     return value if v > 0 else 1.0
 
@@ -98,11 +105,11 @@ def _aggregate(
 ) -> torch.Tensor:
     per_token = torch.where(m, per_token, torch.zeros_like(per_token))
     if aggregation == "token_mean":
-        return per_token.sum() / _denominator(global_valid_tokens, "global_valid_tokens")
+        return per_token.sum() / _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))
     # seq_mean_token_mean: each sequence's mean over its own valid tokens, then mean over sequences.
     n = m.sum(dim=-1)  # [B]
     seq_mean = per_token.sum(dim=-1) / n.clamp(min=1)
-    return seq_mean.sum() / _denominator(global_valid_seqs, "global_valid_seqs")
+    return seq_mean.sum() / _denominator(global_valid_seqs, "global_valid_seqs", int((n > 0).sum()))
 
 
 def clipped_policy_loss(
@@ -177,5 +184,5 @@ def cross_entropy_loss(
     """Mean negative log-likelihood of the sampled tokens: -Σ_valid log π(y_t) / global_valid_tokens."""
     m = check_logprob_inputs(mask, ("logprobs", logprobs), check_finite=check_finite)
     nll = torch.where(m, -logprobs, torch.zeros_like(logprobs))
-    loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens")
+    loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))
     return loss, {"loss": loss.detach()}
