@@ -1,0 +1,88 @@
+"""Megatron's load-balanced context-parallel (CP) sequence layout, and re-assembly of the full sequence.
+
+With CP of size C the sequence dimension is cut into 2C equal chunks and rank r keeps chunks r and
+2C-1-r (so every rank gets the same amount of causal-attention work); megatron's
+``get_batch_on_this_cp_rank`` and NeMo-RL's ``_get_tokens_on_this_cp_rank`` do this for [B, S] rows.
+Packed (THD) rows apply the same cut to every document separately: each padded segment of
+``cu_seqlens_padded`` (lengths divisible by 2C) is cut into 2C chunks, and rank r keeps chunks r and
+2C-1-r of every document, documents in order (Transformer Engine's ``thd_get_partitioned_indices``).
+
+``gather_context_parallel`` all-gathers per-token values and puts them back in sequence order, so
+every CP rank ends with the full-sequence tensor (what NeMo-RL hands to its loss). Its backward keeps
+this rank's slice of the incoming gradient and does NOT sum it over CP: every CP rank evaluates the
+same full-sequence loss, and megatron's gradient all-reduce over the data-parallel x CP group adds
+the per-rank parameter gradients, so summing here as well would count each token C times.
+
+Letters: B rows, L full (padded) sequence length, C context-parallel size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def cp_local_positions(
+    length: int, cp_size: int, cp_rank: int, *, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Global positions (long [L / C]) that CP rank ``cp_rank`` holds, in its local order."""
+    if cp_size == 1:
+        return torch.arange(length)
+    bounds = [0, length] if cu_seqlens_padded is None else [int(b) for b in cu_seqlens_padded.tolist()]
+    if bounds[-1] != length:
+        raise ValueError(f"cu_seqlens_padded ends at {bounds[-1]} but the packed row has {length} tokens")
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        if (end - start) % (2 * cp_size):
+            raise ValueError(
+                f"with context parallel size {cp_size} every (padded) sequence length must be divisible "
+                f"by {2 * cp_size}; got a segment of {end - start} tokens (pad it)"
+            )
+        chunk = (end - start) // (2 * cp_size)
+        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            pieces.append(torch.arange(start + index * chunk, start + (index + 1) * chunk))
+    return torch.cat(pieces)
+
+
+def shard_for_context_parallel(
+    x: torch.Tensor, cp_size: int, cp_rank: int, *, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """This rank's CP shard of ``x`` along the last dim ([..., L] -> [..., L / C])."""
+    positions = cp_local_positions(x.shape[-1], cp_size, cp_rank, cu_seqlens_padded=cu_seqlens_padded)
+    return x.index_select(-1, positions.to(x.device))
+
+
+class _GatherContextParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, local, group, cu_seqlens_padded):
+        cp_size = dist.get_world_size(group)
+        cp_rank = dist.get_rank(group)
+        length = local.shape[-1] * cp_size
+        parts = [torch.empty_like(local) for _ in range(cp_size)]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        positions = torch.cat(
+            [
+                cp_local_positions(length, cp_size, r, cu_seqlens_padded=cu_seqlens_padded)
+                for r in range(cp_size)
+            ]
+        ).to(local.device)  # [L]: position of each gathered element
+        full = local.new_empty(*local.shape[:-1], length)
+        full.index_copy_(-1, positions, torch.cat(parts, dim=-1))
+        ctx.local_positions = positions[cp_rank * local.shape[-1] : (cp_rank + 1) * local.shape[-1]]
+        return full
+
+    @staticmethod
+    def backward(ctx, grad_full):
+        return grad_full.index_select(-1, ctx.local_positions), None, None
+
+
+def gather_context_parallel(
+    local: torch.Tensor, group, *, cu_seqlens_padded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[..., L / C] CP shards -> [..., L] in sequence order on every CP rank (differentiable).
+
+    No-op without a group or with a group of one. See the module docstring for the gradient rule.
+    """
+    if group is None or dist.get_world_size(group) == 1:
+        return local
+    return _GatherContextParallel.apply(local, group, cu_seqlens_padded)

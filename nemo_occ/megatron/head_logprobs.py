@@ -1,0 +1,185 @@
+"""Token log-probs of one output head (main or MTP depth d) from its hidden states, any Megatron layout.
+
+For depth d (0 = main head) at Megatron position i the head scores tok[i+1+d]; the result is moved
+to the main head's index j = i + d (``nemo_occ.core.alignment``), so index j of every depth scores
+tok[j+1] given tok[<=j], NeMo-RL's ``next_token_logprobs`` convention, and has length L-1.
+
+The pipeline for one head, following megatron's own output layer step by step:
+
+1. hidden [s, b, H] (sequence-parallel shard of this CP rank's tokens) -> all-gather over TP with
+   SP (``gather_from_sequence_parallel_region``: reduce-scatter in backward), or
+   ``copy_to_tensor_model_parallel_region`` without SP (all-reduce in backward): the vocab-parallel
+   log-prob below only returns this rank's partial input gradient, exactly like the output layer.
+2. targets: computed on the full sequence (CP shards of ``input_ids`` are all-gathered first) with
+   ``alignment.mtp_targets`` inside each packed document, then cut to this CP rank's positions.
+3. ``chunked_logprobs.token_logprobs`` against this rank's vocab shard of the output weight
+   (never a [T, V] logits tensor).
+4. CP re-assembly (``context_parallel.gather_context_parallel``) and alignment to main positions.
+
+Packed rows (THD): ``cu_seqlens_q`` gives the documents, ``cu_seqlens_q_padded`` (if set) where
+each padded document starts; padding tokens between documents are their own segments, so no target
+and no shift ever crosses a document or lands on padding.
+
+Letters: B rows, L full (padded) sequence length, s local sequence length, H hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from nemo_occ.core.alignment import align_mtp_to_main, mtp_targets, segment_ids, shift_right
+from nemo_occ.megatron.chunked_logprobs import token_logprobs
+from nemo_occ.megatron.context_parallel import cp_local_positions, gather_context_parallel
+
+
+@dataclasses.dataclass
+class SequenceLayout:
+    """Where the model's input tokens sit: full ids, packed segments and this rank's CP positions."""
+
+    full_ids: torch.Tensor  # [B, L] token ids of the whole sequence (all CP shards)
+    boundaries: torch.Tensor | None  # [M+1] segment bounds (documents and padding gaps), packed only
+    is_real: torch.Tensor  # [B, L] bool: a real token (not packing padding)
+    local_positions: torch.Tensor  # [L / C] global positions held by this CP rank, local order
+    cu_seqlens_padded: torch.Tensor | None  # [N+1] padded document starts (CP layout), packed only
+    cp_group: object | None
+
+
+def _groups(gpt):
+    from megatron.core import parallel_state
+
+    pgs = getattr(gpt, "pg_collection", None)
+    tp = getattr(pgs, "tp", None) or parallel_state.get_tensor_model_parallel_group()
+    cp = getattr(pgs, "cp", None) or parallel_state.get_context_parallel_group()
+    return tp, cp
+
+
+def sequence_layout(gpt: torch.nn.Module, input_ids: torch.Tensor, packed_seq_params=None) -> SequenceLayout:
+    """Describe the model input ``input_ids`` (as passed to the model: this CP rank's shard)."""
+    import torch.distributed as dist
+
+    _, cp_group = _groups(gpt)
+    cp_size = dist.get_world_size(cp_group) if cp_group is not None else 1
+    cp_rank = dist.get_rank(cp_group) if cp_size > 1 else 0
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [B, S] (packed: [1, T]); got shape {tuple(input_ids.shape)}")
+    packed = packed_seq_params is not None and getattr(packed_seq_params, "qkv_format", "thd") == "thd"
+    cu_real = cu_padded = boundaries = None
+    length = input_ids.shape[-1] * cp_size
+    device = input_ids.device
+    if packed:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"packed (THD) input_ids must be one row [1, T]; got {tuple(input_ids.shape)}")
+        cu_real = packed_seq_params.cu_seqlens_q.to(device=device, dtype=torch.long)
+        cu_padded = packed_seq_params.cu_seqlens_q_padded
+        cu_padded = cu_real if cu_padded is None else cu_padded.to(device=device, dtype=torch.long)
+        lengths = cu_real[1:] - cu_real[:-1]  # [N]
+        if bool((lengths > cu_padded[1:] - cu_padded[:-1]).any()):
+            raise ValueError(
+                "packed_seq_params: a document is longer than its padded slot (cu_seqlens_q_padded)"
+            )
+        # Interleave [doc 0, pad 0, doc 1, pad 1, ...]; empty pads are zero-length segments.
+        starts = cu_padded[:-1]
+        boundaries = torch.cat([torch.stack([starts, starts + lengths], dim=1).flatten(), cu_padded[-1:]])
+        if int(boundaries[-1]) < length:  # padding after the last document: its own segment
+            boundaries = torch.cat([boundaries, boundaries.new_tensor([length])])
+        segment = segment_ids(boundaries, length, device=device)  # [L]
+        is_real = ((segment % 2) == 0) & (segment < 2 * lengths.numel())
+        is_real = is_real.unsqueeze(0)  # [1, L]
+        layout_bounds = cu_padded if int(cu_padded[-1]) == length else None
+        if cp_size > 1 and layout_bounds is None:
+            raise ValueError("with context parallelism cu_seqlens_q_padded must end at the packed row length")
+    else:
+        is_real = torch.ones(input_ids.shape[0], length, dtype=torch.bool, device=device)
+        layout_bounds = None
+    with torch.no_grad():
+        full_ids = gather_context_parallel(
+            input_ids, cp_group if cp_size > 1 else None, cu_seqlens_padded=layout_bounds
+        )
+    local_positions = cp_local_positions(length, cp_size, cp_rank, cu_seqlens_padded=layout_bounds).to(device)
+    return SequenceLayout(
+        full_ids=full_ids,
+        boundaries=boundaries,
+        is_real=is_real,
+        local_positions=local_positions,
+        cu_seqlens_padded=layout_bounds,
+        cp_group=cp_group if cp_size > 1 else None,
+    )
+
+
+def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
+    """This TP rank's vocab shard [V / tp, H] of the weight the output layer multiplies with."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
+def head_logprobs(
+    gpt: torch.nn.Module,
+    hidden: torch.Tensor,
+    layout: SequenceLayout,
+    depth: int,
+    *,
+    detach_weight: bool = False,
+    chunk_size: int = 1024,
+    return_top1: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(log-probs [B, L-1] fp32, valid [B, L-1] bool, top-1 hits [B, L-1] bool or None) of one head.
+
+    ``hidden`` is the head's output [s, b, H] as megatron produced it (before the output layer).
+    ``detach_weight`` stops the gradient into the (shared) output weight.
+    """
+    from megatron.core import tensor_parallel
+
+    tp_group, _ = _groups(gpt)
+    tp_size = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = torch.distributed.get_rank(tp_group) if tp_size > 1 else 0
+    if gpt.config.sequence_parallel and tp_size > 1:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True, group=tp_group
+        )  # [s * tp, b, H]
+    else:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    hidden = hidden.transpose(0, 1)  # [b, s_cp, H]
+    if hidden.shape[:2] != (layout.full_ids.shape[0], layout.local_positions.numel()):
+        raise ValueError(
+            f"hidden states {tuple(hidden.shape)} do not match input_ids (rows {layout.full_ids.shape[0]}, "
+            f"{layout.local_positions.numel()} local tokens): pass the input_ids the model was called with"
+        )
+    weight = output_weight(gpt)
+    if detach_weight:
+        weight = weight.detach()
+
+    targets, has_target = mtp_targets(layout.full_ids, depth, cu_seqlens=layout.boundaries)  # [B, L]
+    local_targets = targets.index_select(-1, layout.local_positions)  # [B, L / C]
+    result = token_logprobs(
+        hidden,
+        weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight,
+        local_targets,
+        tp_group=tp_group if tp_size > 1 else None,
+        vocab_start=tp_rank * weight.shape[0],
+        chunk_size=chunk_size,
+        return_top1=return_top1,
+    )
+    local_lp, local_top1 = result if return_top1 else (result, None)
+    logprobs = gather_context_parallel(local_lp, layout.cp_group, cu_seqlens_padded=layout.cu_seqlens_padded)
+    top1 = None
+    if local_top1 is not None:
+        with torch.no_grad():
+            top1 = gather_context_parallel(
+                local_top1.to(torch.uint8), layout.cp_group, cu_seqlens_padded=layout.cu_seqlens_padded
+            ).bool()
+
+    if depth == 0:
+        valid = has_target & layout.is_real
+    else:
+        logprobs, valid = align_mtp_to_main(logprobs, depth, cu_seqlens=layout.boundaries)
+        valid = valid & layout.is_real
+        if top1 is not None:
+            top1 = shift_right(top1, depth, cu_seqlens=layout.boundaries, fill=False)
+    # Positions without a target carry 0 (a fixed value, not a score of a padding token).
+    logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
+    if top1 is not None:
+        top1 = (top1 & valid)[..., :-1]
+    return logprobs[..., :-1], valid[..., :-1], top1
