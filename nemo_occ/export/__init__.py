@@ -1,0 +1,12 @@
+"""Hugging Face export with the MTP weights, and its verification.
+
+- ``models``: where GLM-4.5 and MiMo keep their MTP tensors in a HF checkpoint.
+- ``fixups``: GLM MTP aliases and the MiMo ``input_proj`` half swap, over name/tensor streams.
+- ``checkpoint``: describe a HF safetensors checkpoint (index, shard headers) without loading it.
+- ``writer`` / ``atomic``: shard writer following a reference index; all-or-nothing output folder.
+- ``verify``: exported key set, shapes, dtypes and shards against the reference.
+- ``hf_export``: the Bridge-free pipeline; ``bridge_export``: the Megatron-Bridge front end.
+- ``synthetic``: tiny GLM/MiMo-shaped checkpoints for tests and for trying the commands offline.
+
+Importing this package imports neither Megatron-Bridge nor Megatron-core.
+"""

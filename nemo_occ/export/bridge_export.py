@@ -1,0 +1,103 @@
+"""Export a Megatron (torch_dist) checkpoint to Hugging Face with its MTP layers, via Megatron-Bridge.
+
+Megatron-Bridge does the conversion; nemo-occ writes and checks the result:
+
+    bridge = AutoBridge.from_hf_pretrained(hf_model)
+    with temporary_distributed_context("gloo"):              # single-process CPU export
+        model = bridge.load_megatron_model(megatron_ckpt)     # collapses TP/PP/EP to 1
+        stream = bridge.export_hf_weights(model, cpu=True)    # (hf_name, tensor) pairs
+        write_hf_export(stream, reference, out, ...)          # fix-ups, shards, verify, rename
+
+``save_hf_pretrained`` is deliberately not used: with ``strict=True`` it skips every shard whose key
+set the stream did not complete (GLM's MTP aliases have no mapping, Megatron-Bridge #4188/#4189),
+and it writes directly into the output folder.
+
+Megatron-Bridge imports Transformer Engine, so this module is only exercised where the NeMo-RL /
+Megatron-Bridge container is available (test marker ``megatron_bridge``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from nemo_occ.export.atomic import check_output_free
+from nemo_occ.export.checkpoint import read_reference
+from nemo_occ.export.hf_export import ExportResult, write_hf_export
+from nemo_occ.export.models import mtp_layout
+
+_EH_PROJ = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.eh_proj\.weight$")
+
+
+def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``{mtp_layer: eh_proj weight}`` from Megatron model chunks (wrappers like ``module.`` allowed)."""
+    found: dict[int, torch.Tensor] = {}
+    for chunk in model_chunks:
+        for name, param in chunk.named_parameters():
+            match = _EH_PROJ.search(name)
+            if match:
+                found[int(match.group(1))] = param.detach().to("cpu")
+    return found
+
+
+def _bridge_version() -> str | None:
+    for dist in ("megatron-bridge", "megatron_bridge"):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def export_megatron_to_hf(
+    megatron_ckpt: str | Path,
+    hf_model: str | Path,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    trust_remote_code: bool = False,
+) -> ExportResult:
+    """Export ``megatron_ckpt`` as an HF checkpoint shaped like ``hf_model`` into ``out``, MTP included.
+
+    ``megatron_ckpt`` is a Megatron-Bridge/NeMo-RL checkpoint folder (an ``iter_*`` folder, or its
+    parent: the newest iteration is taken). ``hf_model`` is the HF checkpoint the model was trained
+    from (local folder, or Hub id). Raises ``ExportVerificationError`` if the result does not match.
+    """
+    megatron_ckpt = Path(megatron_ckpt)
+    if not megatron_ckpt.is_dir():
+        raise FileNotFoundError(f"--megatron-ckpt {megatron_ckpt} is not a directory.")
+    check_output_free(out, overwrite=overwrite)
+    reference = read_reference(hf_model)
+    layout = mtp_layout(reference.config)
+    if layout.model_type == "mimo" and not trust_remote_code:
+        raise ValueError("MiMo's Hugging Face config and model are remote code: add --trust-remote-code.")
+
+    try:
+        from megatron.bridge import AutoBridge
+        from megatron.bridge.training.model_load_save import temporary_distributed_context
+    except ImportError as err:
+        raise ImportError(
+            f"nemo-occ export needs Megatron-Bridge (>= 0.4 for MiMo), which could not be imported ({err}). "
+            "Run it inside the NeMo-RL container, or install megatron-bridge with Transformer Engine."
+        ) from err
+
+    bridge = AutoBridge.from_hf_pretrained(str(hf_model), trust_remote_code=trust_remote_code)
+    with temporary_distributed_context(backend="gloo"):
+        model = bridge.load_megatron_model(str(megatron_ckpt))
+        eh_proj = megatron_eh_proj_weights(model) if layout.input_proj else None
+        stream = bridge.export_hf_weights(model, cpu=True, show_progress=False)
+        return write_hf_export(
+            stream,
+            reference,
+            out,
+            source=str(megatron_ckpt.absolute()),
+            megatron_eh_proj=eh_proj,
+            overwrite=overwrite,
+            show_progress=show_progress,
+            extra_manifest={"megatron_bridge_version": _bridge_version()},
+        )

@@ -1,0 +1,90 @@
+"""Stream ``(name, tensor)`` pairs into safetensors shards laid out like a reference index.
+
+Each tensor goes to the shard the reference index names for it; a shard is written as soon as all
+its tensors have arrived and its buffer is freed, so peak memory is that of the shards still being
+filled. Tensors the reference does not know go to ``EXTRA_SHARD`` (verification then reports them as
+unexpected). ``close()`` writes whatever is still buffered (incomplete shards included: the verifier,
+not the writer, decides whether the result is acceptable) and the index with ``total_size``.
+
+The writer only writes into the folder it is given; making the result appear atomically is
+``atomic.atomic_directory``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from nemo_occ.export.checkpoint import INDEX_FILE, check_shard_name
+
+EXTRA_SHARD = "model-extra-not-in-reference.safetensors"
+
+
+def _standalone(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor owning exactly its own storage (safetensors rejects shared storage)."""
+    tensor = tensor.detach().to("cpu").contiguous()
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()  # a view into a larger buffer, e.g. q/k/v split from a fused QKV
+    return tensor
+
+
+class ShardedSafetensorsWriter:
+    """Write tensors into the shard files of ``layout`` (tensor name -> shard file name)."""
+
+    def __init__(self, directory: str | Path, layout: Mapping[str, str]):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory} does not exist.")
+        self.layout = {name: check_shard_name(file, where="reference index") for name, file in layout.items()}
+        self._pending: dict[str, set[str]] = defaultdict(set)  # shard -> names not yet received
+        for name, file in self.layout.items():
+            self._pending[file].add(name)
+        self._buffers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._written: dict[str, str] = {}  # name -> shard actually written
+        self._seen: set[str] = set()
+        self._total_bytes = 0
+        self._closed = False
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self._closed:
+            raise RuntimeError("ShardedSafetensorsWriter.add() after close().")
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"Tensor '{name}' is a {type(tensor).__name__}, not a torch.Tensor.")
+        if name in self._seen:
+            raise ValueError(f"Tensor '{name}' was produced twice by the export stream.")
+        self._seen.add(name)
+        shard = self.layout.get(name, EXTRA_SHARD)
+        self._buffers[shard][name] = _standalone(tensor)
+        pending = self._pending.get(shard)
+        if pending is not None:
+            pending.discard(name)
+            if not pending:
+                self._flush(shard)
+
+    def _flush(self, shard: str) -> None:
+        tensors = self._buffers.pop(shard, {})
+        self._pending.pop(shard, None)
+        if not tensors:
+            return
+        save_file(tensors, str(self.directory / shard), metadata={"format": "pt"})
+        self._total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        self._written.update(dict.fromkeys(tensors, shard))
+
+    def close(self) -> dict[str, str]:
+        """Write the remaining buffers and the index; return the written weight map."""
+        for shard in list(self._buffers):
+            self._flush(shard)
+        self._closed = True
+        index = {
+            "metadata": {"total_size": self._total_bytes},
+            "weight_map": dict(sorted(self._written.items())),
+        }
+        with open(self.directory / INDEX_FILE, "w") as f:
+            json.dump(index, f, indent=2)
+            f.write("\n")
+        return dict(self._written)
