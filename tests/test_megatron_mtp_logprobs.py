@@ -1,0 +1,159 @@
+"""MTP/main log-probs of a real megatron-core GPTModel on CPU (one process, gloo, TP=1)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="needs megatron-core")
+
+from _megatron_reference import reference_logprobs  # noqa: E402
+
+from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
+from nemo_occ.megatron.mtp_capture import MTPCapture  # noqa: E402
+from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp_logprobs  # noqa: E402
+from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
+
+V = 48
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
+    with cpu_compat.cpu_compat():
+        parallel.init_model_parallel()
+        try:
+            yield
+        finally:
+            parallel.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def model2(single_rank):
+    torch.manual_seed(0)
+    return build_tiny_gpt(vocab_size=V, hidden_size=32, num_attention_heads=4, mtp_num_layers=2)
+
+
+def _batch(b=3, s=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, V, (b, s), generator=g)
+    return ids, torch.arange(s).expand(b, s).contiguous()
+
+
+def test_logprobs_match_full_logits_reference_two_depths(model2):
+    ids, pos = _batch()
+    out = forward_with_mtp_logprobs(model2, ids, pos, detach_trunk=False, chunk_size=7, return_top1=True)
+    main, mtp, valid = reference_logprobs(model2, ids, pos, num_depths=2)
+    torch.testing.assert_close(out.main_logprobs, main)
+    assert out.main_mask.all()
+    assert len(out.mtp_logprobs) == 2
+    for d in range(2):
+        assert torch.equal(out.mtp_masks[d], valid[d])
+        torch.testing.assert_close(out.mtp_logprobs[d], torch.where(valid[d], mtp[d], 0.0))
+    # top-1: the sampled token is the arg-max of the full-vocab logits.
+    logits = forward_main_logits(model2, ids, pos)
+    assert torch.equal(out.main_top1, logits[:, :-1].argmax(-1) == ids[:, 1:])
+
+
+def test_capture_around_plain_model_call_without_labels(model2):
+    """Someone else calls model(...) with labels=None (NeMo-RL): no crash, main logits unchanged."""
+    ids, pos = _batch(seed=2)
+    with MTPCapture(model2, detach_trunk=False) as cap:
+        logits = model2(ids, pos, None)  # 0.16.1 would crash on labels=None without the capture
+        got = cap.logprobs(ids)
+    torch.testing.assert_close(logits, forward_main_logits(model2, ids, pos))
+    _, mtp, valid = reference_logprobs(model2, ids, pos, num_depths=2)
+    for d in range(2):
+        torch.testing.assert_close(got.logprobs[d], torch.where(valid[d], mtp[d], 0.0))
+    # Hooks and config are restored: the model is its 0.16 self again (labels needed for MTP).
+    assert model2.config.mtp_num_layers == 2 and not model2.mtp._forward_hooks
+
+
+def _grads(model):
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
+
+
+def _main_only_grads(model, ids, pos):
+    model.zero_grad(set_to_none=True)
+    logits = forward_main_logits(model, ids, pos)
+    lp = torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    lp.sum().backward()
+    return _grads(model)
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_and_joint_gradients(model2, detach):
+    ids, pos = _batch(seed=3)
+    main_only = _main_only_grads(model2, ids, pos)
+    model2.zero_grad(set_to_none=True)
+    out = forward_with_mtp_logprobs(model2, ids, pos, detach_trunk=detach)
+    loss = out.main_logprobs.sum() + sum(
+        (lp * m).sum() for lp, m in zip(out.mtp_logprobs, out.mtp_masks, strict=True)
+    )
+    loss.backward()
+    both = _grads(model2)
+    # MTP-only gradient = total minus the main head's (megatron's own MTP loss adds nothing).
+    for name, grad in both.items():
+        mtp_part = grad - main_only[name]
+        if name.startswith("mtp."):
+            assert grad.abs().sum() > 0, name
+            continue
+        if detach:
+            torch.testing.assert_close(grad, main_only[name], msg=f"MTP gradient leaked into {name}")
+    if not detach:
+        for name in (
+            "embedding.word_embeddings.weight",
+            "decoder.layers.0.self_attention.linear_qkv.weight",
+            "output_layer.weight",
+        ):
+            assert (both[name] - main_only[name]).abs().max() > 1e-6, f"joint: no MTP gradient in {name}"
+    model2.zero_grad(set_to_none=True)
+    del mtp_part
+
+
+def test_packed_documents_equal_separate_rows(model2):
+    """Three documents packed in one THD row score exactly like three separate rows."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    lengths = [5, 7, 4]
+    g = torch.Generator().manual_seed(4)
+    docs = [torch.randint(0, V, (1, n), generator=g) for n in lengths]
+    ids = torch.cat(docs, dim=1)  # [1, T]
+    pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
+    psp = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=7, max_seqlen_kv=7
+    )
+    packed = forward_with_mtp_logprobs(model2, ids, pos, packed_seq_params=psp, detach_trunk=False)
+    assert packed.main_logprobs.shape == (1, 15)
+    for k, n in enumerate(lengths):
+        start = int(cu[k])
+        row = forward_with_mtp_logprobs(model2, docs[k], torch.arange(n)[None], detach_trunk=False)
+        sl = slice(start, start + n - 1)
+        torch.testing.assert_close(packed.main_logprobs[:, sl], row.main_logprobs)
+        assert packed.main_mask[:, sl].all()
+        if start + n - 1 < 15:
+            assert not packed.main_mask[0, start + n - 1]  # document end: next token is another document
+        for d in range(2):
+            torch.testing.assert_close(packed.mtp_logprobs[d][:, sl], row.mtp_logprobs[d])
+            assert torch.equal(packed.mtp_masks[d][:, sl], row.mtp_masks[d])
+
+
+def test_bad_inputs_raise(model2):
+    ids, pos = _batch()
+    with pytest.raises(ValueError, match="position_ids"):
+        forward_with_mtp_logprobs(model2, ids, pos[:, :-1], detach_trunk=True)
+    with pytest.raises(TypeError, match="detach_trunk"):
+        MTPCapture(model2, detach_trunk="yes")
+    with pytest.raises(TypeError, match="GPTModel"):
+        forward_main_logits(torch.nn.Linear(2, 2), ids, pos)
+    with (
+        MTPCapture(model2, detach_trunk=True) as cap,
+        pytest.raises(ValueError, match="no MTP hidden states"),
+    ):
+        cap.take()
