@@ -151,11 +151,6 @@ def test_glm_aliases_are_added_once_and_equal_their_sources():
     got = dict(out)
     assert torch.equal(got["model.layers.46.embed_tokens.weight"], tensors["model.embed_tokens.weight"])
     assert torch.equal(got["model.layers.46.shared_head.head.weight"], tensors["lm_head.weight"])
-    # a copy, not the same storage (safetensors refuses shared storage within a file)
-    assert (
-        got["model.layers.46.embed_tokens.weight"].data_ptr()
-        != tensors["model.embed_tokens.weight"].data_ptr()
-    )
     assert [e["action"] for e in log.entries] == ["added by nemo-occ", "added by nemo-occ"]
 
 

@@ -51,15 +51,20 @@ def test_writer_follows_the_layout_and_counts_bytes(tmp_path):
             assert f.metadata() == {"format": "pt"}
 
 
-def test_writer_saves_views_of_one_buffer_in_one_shard(tmp_path):
-    qkv = torch.arange(12.0).reshape(6, 2)
-    q, k, v = qkv.split(2)  # views sharing storage, like a split fused QKV
-    writer = ShardedSafetensorsWriter(tmp_path, dict.fromkeys("qkv", "s.safetensors"))
-    for name, t in zip("qkv", (q, k, v), strict=True):
-        writer.add(name, t)
+def test_writer_saves_tensors_sharing_memory_in_one_shard(tmp_path):
+    fused = torch.arange(12.0).reshape(6, 2)
+    shared = {
+        "whole": fused,
+        "overlapping_view": fused[2:4],  # a view of a buffer also saved whole
+        "alias": fused,  # the same tensor under a second name
+    }
+    writer = ShardedSafetensorsWriter(tmp_path, dict.fromkeys(shared, "s.safetensors"))
+    for name, tensor in shared.items():
+        writer.add(name, tensor)
     writer.close()
     saved = load_file(tmp_path / "s.safetensors")
-    assert torch.equal(saved["k"], qkv[2:4]) and torch.equal(saved["v"], qkv[4:])
+    for name, tensor in shared.items():
+        assert torch.equal(saved[name], tensor), name
 
 
 def test_writer_rejects_duplicates_and_non_tensors(tmp_path):

@@ -120,5 +120,5 @@ def apply_fixups(
             log.add("alias", alias, action="yielded by Megatron-Bridge", source=source)
         elif source in sources:
             log.add("alias", alias, action="added by nemo-occ", source=source)
-            yield alias, sources[source].clone()  # a copy: safetensors refuses tensors sharing storage
+            yield alias, sources[source]  # the writer copies it if it lands in the same file as its source
         # else: the source is missing too; verification names both.

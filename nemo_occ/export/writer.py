@@ -25,11 +25,16 @@ from nemo_occ.export.checkpoint import INDEX_FILE, check_shard_name
 EXTRA_SHARD = "model-extra-not-in-reference.safetensors"
 
 
-def _standalone(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous CPU tensor owning exactly its own storage (safetensors rejects shared storage)."""
+def _standalone(tensor: torch.Tensor, taken: set[int]) -> torch.Tensor:
+    """A contiguous CPU tensor owning its own storage, not one of ``taken`` (storages already in the shard).
+
+    safetensors refuses to save two tensors of one file that share memory: the same tensor yielded
+    under two names (an alias), or overlapping views of one buffer.
+    """
     tensor = tensor.detach().to("cpu").contiguous()
-    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
-        tensor = tensor.clone()  # a view into a larger buffer, e.g. q/k/v split from a fused QKV
+    if tensor.untyped_storage().data_ptr() in taken:
+        tensor = tensor.clone()
+    taken.add(tensor.untyped_storage().data_ptr())
     return tensor
 
 
@@ -45,6 +50,7 @@ class ShardedSafetensorsWriter:
         for name, file in self.layout.items():
             self._pending[file].add(name)
         self._buffers: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+        self._storages: dict[str, set[int]] = defaultdict(set)  # shard -> storage pointers buffered
         self._written: dict[str, str] = {}  # name -> shard actually written
         self._seen: set[str] = set()
         self._total_bytes = 0
@@ -59,7 +65,7 @@ class ShardedSafetensorsWriter:
             raise ValueError(f"Tensor '{name}' was produced twice by the export stream.")
         self._seen.add(name)
         shard = self.layout.get(name, EXTRA_SHARD)
-        self._buffers[shard][name] = _standalone(tensor)
+        self._buffers[shard][name] = _standalone(tensor, self._storages[shard])
         pending = self._pending.get(shard)
         if pending is not None:
             pending.discard(name)
@@ -68,6 +74,7 @@ class ShardedSafetensorsWriter:
 
     def _flush(self, shard: str) -> None:
         tensors = self._buffers.pop(shard, {})
+        self._storages.pop(shard, None)
         self._pending.pop(shard, None)
         if not tensors:
             return
