@@ -197,3 +197,60 @@ def test_hub_reference_without_huggingface_hub_says_what_to_install(monkeypatch)
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import now fails, installed or not
     with pytest.raises(ImportError, match="pip install huggingface_hub"):
         read_reference("zai-org/GLM-4.5-Air")
+
+
+def test_hub_reference_reads_small_files_and_remote_headers_only(ref_and_copy, tmp_path, monkeypatch):
+    """A stand-in huggingface_hub with the real shapes of SafetensorsRepoMetadata / TensorInfo."""
+    import sys
+    import types
+
+    from safetensors import safe_open
+
+    ref, export = ref_and_copy
+    small = tmp_path / "hub_cache"
+    small.mkdir()
+    for name in ("config.json", "tokenizer_config.json"):
+        shutil.copy(ref / name, small / name)
+    weight_map = json.loads((ref / INDEX).read_text())["weight_map"]
+    files_metadata = {}
+    for shard in sorted(set(weight_map.values())):
+        with safe_open(ref / shard, framework="pt") as f:
+            tensors = {
+                k: types.SimpleNamespace(
+                    dtype=f.get_slice(k).get_dtype(), shape=list(f.get_slice(k).get_shape())
+                )
+                for k in f.keys()
+            }
+        files_metadata[shard] = types.SimpleNamespace(metadata={"format": "pt"}, tensors=tensors)
+    calls = {}
+
+    def snapshot_download(repo_id, allow_patterns):
+        calls["allow_patterns"] = allow_patterns
+        return str(small)
+
+    def get_safetensors_metadata(repo_id):
+        return types.SimpleNamespace(sharded=True, weight_map=weight_map, files_metadata=files_metadata)
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download, hub.get_safetensors_metadata = snapshot_download, get_safetensors_metadata
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+
+    info = read_reference("zai-org/GLM-4.5-Air")
+    assert not any(p.endswith(".safetensors") for p in calls["allow_patterns"])  # no weights downloaded
+    assert [p.name for p in info.side_files] == ["config.json", "tokenizer_config.json"]
+    assert verify_export(export, "zai-org/GLM-4.5-Air").ok
+    assert info.tensors["model.layers.2.eh_proj.weight"].shape == (8, 16)
+
+
+def test_hub_errors_become_one_readable_message(monkeypatch):
+    import sys
+    import types
+
+    def offline(**kwargs):
+        raise OSError("network unreachable")
+
+    hub = types.ModuleType("huggingface_hub")
+    hub.snapshot_download, hub.get_safetensors_metadata = offline, offline
+    monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
+    with pytest.raises(ValueError, match="network unreachable.*or pass a local checkpoint folder"):
+        read_reference("zai-org/GLM-4.5-Air")

@@ -195,6 +195,7 @@ def test_glm_export_without_mtp_layer_fails_loudly_and_writes_nothing(tmp_path):
     assert not set(GLM_ALIASES) & set(report.missing)
     assert "10 tensors missing from the export (10 in MTP layers)" in str(info.value)
     assert "produced no MTP tensor at all" in str(info.value)
+    assert f"{out} (not written)" in str(info.value)
 
 
 @pytest.mark.parametrize("bridge_swaps", [True, False])

@@ -99,6 +99,7 @@ def write_hf_export(
         exported.source = str(out)
         report = compare_checkpoints(exported, reference)
         if not report.ok:
+            report.export = f"{out} (not written)"
             num_added = sum(e["action"] == "added by nemo-occ" for e in log.entries)
             if num_mtp_streamed == num_added:
                 report.hints.append(
