@@ -1,0 +1,285 @@
+"""OCC proxies ĉ, v̂² and λ (Eq. 12-13, Appendix E) against loops over tokens (tests/_refs.py).
+
+Letters: B sequences, S token positions, K MTP depths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _refs import loop_lambda, loop_proxies, rand_batch
+
+from nemo_occ.core.calibration import OCCCalibrator, proxy_statistics
+from nemo_occ.core.config import OCCConfig
+
+
+def _assert_float(a: float, b: float):
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+
+
+def _negate_alignment(main, old, mtp):
+    """Mirror δ_RL so that ĉ changes sign while v̂² stays."""
+    return old - (main - old), old, mtp
+
+
+def test_proxy_statistics_match_loop():
+    main, old, mtp, _, mask = rand_batch(seed=20)
+    eps = 1e-3
+    stats = proxy_statistics(main, old, mtp, old, mask, eps)
+    c, v2, pairs = loop_proxies(main, old, mtp, mask)
+    assert stats.dtype == torch.float64
+    _assert_float(float(stats[0]), c)
+    _assert_float(float(stats[1]), v2)
+    assert float(stats[2]) == len(pairs)
+    _assert_float(float(stats[3]), sum(a * b / (b * b + eps) for a, b in pairs))
+
+
+def test_proxy_statistics_with_own_mtp_old_logprobs():
+    main, old, mtp, _, mask = rand_batch(seed=21)
+    mtp_old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1), dtype=old.dtype)
+    cal = OCCCalibrator(1)
+    stats = cal.statistics(main, old, [mtp], mask, mtp_old_logprobs=[mtp_old])
+    c, v2, _ = loop_proxies(main, old, mtp, mask, mtp_old=mtp_old)
+    _assert_float(float(stats[0, 0]), c)
+    _assert_float(float(stats[0, 1]), v2)
+
+
+@pytest.mark.parametrize("estimator", ["signed", "clipped", "reference"])
+@pytest.mark.parametrize("flip", [False, True], ids=["c_pos", "c_neg"])
+def test_lambda_matches_loop(estimator, flip):
+    main, old, mtp, _, mask = rand_batch(seed=22)
+    if flip:
+        main, old, mtp = _negate_alignment(main, old, mtp)
+    c, _, _ = loop_proxies(main, old, mtp, mask)
+    assert (c < 0) == flip
+    cfg = OCCConfig(estimator=estimator, lambda_plus=0.7, eps=1e-4)
+    cal = OCCCalibrator(1, cfg)
+    cal.accumulate(main, old, [mtp], mask)
+    metrics = cal.update()
+    expected = loop_lambda(main, old, mtp, mask, lambda_plus=0.7, eps=1e-4, estimator=estimator)
+    _assert_float(cal.lambdas[0], expected)
+    _assert_float(metrics["occ/lambda_1"], expected)
+    _assert_float(metrics["occ/c_hat_1"], c)
+
+
+def test_negative_alignment_gives_negative_signed_and_zero_clipped_lambda():
+    main, old, mtp, _, mask = rand_batch(seed=23)
+    main, old, mtp = _negate_alignment(main, old, mtp)
+    lams = {}
+    for est in ("signed", "clipped"):
+        cal = OCCCalibrator(1, OCCConfig(estimator=est))
+        cal.accumulate(main, old, [mtp], mask)
+        cal.update()
+        lams[est] = cal.lambdas[0]
+    assert lams["signed"] < 0
+    assert lams["clipped"] == 0.0
+
+
+@pytest.mark.parametrize("flip", [False, True], ids=["c_pos", "c_neg"])
+@pytest.mark.parametrize("estimator", ["signed", "reference"])
+def test_lambda_max_clamps_both_signs(flip, estimator):
+    main, old, mtp, _, mask = rand_batch(seed=24)
+    if flip:
+        main, old, mtp = _negate_alignment(main, old, mtp)
+    free = loop_lambda(main, old, mtp, mask, lambda_plus=50.0, estimator=estimator)
+    cap = abs(free) / 3  # the unclamped λ is 3x the cap
+    cal = OCCCalibrator(1, OCCConfig(lambda_plus=50.0, lambda_max=cap, estimator=estimator))
+    cal.accumulate(main, old, [mtp], mask)
+    cal.update()
+    _assert_float(cal.lambdas[0], cap if free > 0 else -cap)
+
+
+def test_lambda_max_leaves_small_lambda_alone():
+    main, old, mtp, _, mask = rand_batch(seed=24)
+    free = loop_lambda(main, old, mtp, mask)
+    cal = OCCCalibrator(1, OCCConfig(lambda_max=abs(free) * 2))
+    cal.accumulate(main, old, [mtp], mask)
+    cal.update()
+    _assert_float(cal.lambdas[0], free)
+
+
+def test_statistics_are_summed_over_micro_batches_before_the_ratio():
+    """Eq. 13 is a ratio of sums over the whole update: eight micro-batches of 1 == one of 8."""
+    main, old, mtp, _, mask = rand_batch(seed=25)
+    one = OCCCalibrator(1)
+    one.accumulate(main, old, [mtp], mask)
+    m1 = one.update()
+    eight = OCCCalibrator(1)
+    for i in range(8):
+        eight.accumulate(main[i : i + 1], old[i : i + 1], [mtp[i : i + 1]], mask[i : i + 1])
+    m8 = eight.update()
+    _assert_float(eight.lambdas[0], one.lambdas[0])
+    _assert_float(eight.lambdas[0], loop_lambda(main, old, mtp, mask))
+    for key in ("occ/c_hat_1", "occ/v2_hat_1", "occ/valid_tokens_1"):
+        _assert_float(m8[key], m1[key])
+
+
+def test_update_metrics_match_loop_and_describe_the_applied_lambda():
+    main, old, mtp, _, mask = rand_batch(seed=26)
+    cal = OCCCalibrator(1, OCCConfig(initial_lambda=0.25))
+    cal.accumulate(main, old, [mtp], mask)
+    m = cal.update()
+    c, v2, pairs = loop_proxies(main, old, mtp, mask)
+    n = len(pairs)
+    _assert_float(m["occ/lambda_applied_1"], 0.25)  # the update just closed ran with initial_lambda
+    _assert_float(m["occ/first_order_1"], 0.25 * c)
+    _assert_float(m["occ/second_order_1"], 0.25**2 * v2)
+    _assert_float(m["occ/c_hat_mean_1"], c / n)
+    _assert_float(m["occ/v2_hat_mean_1"], v2 / n)
+    assert m["occ/valid_tokens_1"] == n and m["occ/no_valid_tokens_1"] == 0.0
+    assert cal.num_updates == 1
+    # statistics were consumed: an update without new data has no valid token
+    m2 = cal.update()
+    assert m2["occ/no_valid_tokens_1"] == 1.0 and cal.lambdas == [0.0]
+    _assert_float(m2["occ/lambda_applied_1"], loop_lambda(main, old, mtp, mask))
+
+
+def test_initial_lambda_is_used_before_any_statistics():
+    cal = OCCCalibrator(2, OCCConfig(initial_lambda=0.3))
+    assert cal.lambdas == [0.3, 0.3]
+
+
+def test_two_depths_use_their_own_masks():
+    main, old, mtp, _, mask = rand_batch(seed=27)
+    mtp2 = old + 0.5 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2), dtype=old.dtype)
+    m2 = mask.clone()
+    m2[:, 0] = False  # depth 2 has no value at the first position of each row
+    m2[:, 2] = False
+    cal = OCCCalibrator(2)
+    cal.accumulate(main, old, [mtp, mtp2], mask, mtp_masks=[mask, m2])
+    cal.update()
+    _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
+    _assert_float(cal.lambdas[1], loop_lambda(main, old, mtp2, mask & m2))
+    assert abs(cal.lambdas[1] - loop_lambda(main, old, mtp2, mask)) > 1e-6  # the mask matters
+
+
+def test_microbatch_timing_local_lambdas_match_loop():
+    main, old, mtp, _, mask = rand_batch(seed=28)
+    cal = OCCCalibrator(1, OCCConfig(timing="microbatch"))
+    used = []
+    for sl in (slice(0, 3), slice(3, 8)):
+        stats = cal.accumulate(main[sl], old[sl], [mtp[sl]], mask[sl])
+        used.append(cal.local_lambdas(stats)[0])
+        _assert_float(used[-1], loop_lambda(main[sl], old[sl], mtp[sl], mask[sl]))
+    m = cal.update()
+    _assert_float(m["occ/lambda_applied_1"], sum(used) / 2)
+    _assert_float(m["occ/lambda_1"], loop_lambda(main, old, mtp, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# degenerate and bad input
+
+
+def test_no_valid_token_gives_zero_lambda_and_flags_it():
+    main, old, mtp, _, mask = rand_batch(seed=29)
+    cal = OCCCalibrator(1, OCCConfig(initial_lambda=0.5))
+    cal.accumulate(main, old, [mtp], torch.zeros_like(mask))
+    m = cal.update()
+    assert cal.lambdas == [0.0]
+    assert m["occ/no_valid_tokens_1"] == 1
+    assert m["occ/valid_tokens_1"] == 0
+    for est in ("signed", "clipped", "reference"):
+        c2 = OCCCalibrator(1, OCCConfig(estimator=est))
+        c2.accumulate(main, old, [mtp], torch.zeros_like(mask))
+        c2.update()
+        assert c2.lambdas == [0.0]
+
+
+@pytest.mark.parametrize("estimator", ["signed", "clipped", "reference"])
+def test_zero_variance_gives_zero_finite_lambda(estimator):
+    """MTP head unchanged (δ_MTP = 0): v̂² = 0 and ĉ = 0, so λ = 0/ε = 0, not NaN."""
+    main, old, _, _, mask = rand_batch(seed=30)
+    cal = OCCCalibrator(1, OCCConfig(estimator=estimator))
+    cal.accumulate(main, old, [old.clone()], mask)
+    m = cal.update()
+    assert m["occ/v2_hat_1"] == 0.0 and m["occ/c_hat_1"] == 0.0
+    assert cal.lambdas == [0.0]
+
+
+def test_nan_at_valid_position_raises_and_at_masked_position_is_ignored():
+    main, old, mtp, _, mask = rand_batch(seed=31)
+    bad = mtp.clone()
+    bad[0, 0] = float("nan")
+    cal = OCCCalibrator(1)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        cal.accumulate(main, old, [bad], mask)
+    pad = ~mask
+    assert bool(pad.any())
+    m2, o2, t2 = main.clone(), old.clone(), mtp.clone()
+    m2[pad], o2[pad], t2[pad] = float("nan"), float("-inf"), float("-inf")
+    cal.accumulate(m2, o2, [t2], mask)
+    cal.update()
+    _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
+
+
+def test_bad_shapes_and_depth_counts_raise():
+    main, old, mtp, _, mask = rand_batch(seed=32)
+    cal = OCCCalibrator(2)
+    with pytest.raises(ValueError, match="num_depths=2"):
+        cal.accumulate(main, old, [mtp], mask)
+    with pytest.raises(ValueError, match="mtp_masks"):
+        cal.accumulate(main, old, [mtp, mtp], mask, mtp_masks=[mask])
+    with pytest.raises(ValueError, match="mtp_old_logprobs"):
+        cal.accumulate(main, old, [mtp, mtp], mask, mtp_old_logprobs=[old])
+    with pytest.raises(ValueError, match="mtp_logprobs has shape"):
+        cal.accumulate(main, old, [mtp, mtp[:, :-1]], mask)
+    with pytest.raises(ValueError, match=r"\[2, 4\]"):
+        cal.add_statistics(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="num_depths"):
+        OCCCalibrator(0)
+
+
+def test_add_statistics_equals_accumulate():
+    main, old, mtp, _, mask = rand_batch(seed=33)
+    a = OCCCalibrator(1)
+    a.accumulate(main, old, [mtp], mask)
+    b = OCCCalibrator(1)
+    b.add_statistics(OCCCalibrator(1).statistics(main, old, [mtp], mask))
+    a.update()
+    b.update()
+    assert a.lambdas == b.lambdas
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpointing
+
+
+def test_state_dict_round_trip_continues_exactly():
+    """Save mid-update (after one accumulated micro-batch), resume, and finish the same sequence."""
+    batches = [rand_batch(seed=40 + i) for i in range(4)]
+    cfg = OCCConfig(lambda_plus=0.8, timing="microbatch")
+
+    def run(cal, items):
+        out = []
+        for j, (main, old, mtp, _, mask) in enumerate(items):
+            stats = cal.accumulate(main, old, [mtp], mask)
+            cal.local_lambdas(stats)
+            if j % 2 == 1:
+                out.append(cal.update())
+        return out
+
+    straight = OCCCalibrator(1, cfg)
+    ref_metrics = run(straight, batches)
+
+    first = OCCCalibrator(1, cfg)
+    run(first, batches[:2])
+    stats = first.accumulate(*[batches[2][k] for k in (0, 1)], [batches[2][2]], batches[2][4])
+    first.local_lambdas(stats)
+    state = first.state_dict()
+    resumed = OCCCalibrator(1, cfg)
+    resumed.load_state_dict(state)
+    last = resumed.accumulate(*[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
+    resumed.local_lambdas(last)
+    m = resumed.update()
+    assert m == ref_metrics[1]
+    assert resumed.lambdas == straight.lambdas
+    assert resumed.num_updates == straight.num_updates == 2
+    # the state holds copies, not views of the live tensors
+    first.accumulate(*[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
+    assert torch.equal(state["stats"], OCCCalibrator(1, cfg).state_dict()["stats"] + stats)
+
+
+def test_load_state_dict_with_other_depth_count_raises():
+    state = OCCCalibrator(2).state_dict()
+    with pytest.raises(ValueError, match="num_depths"):
+        OCCCalibrator(1).load_state_dict(state)

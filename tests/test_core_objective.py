@@ -1,0 +1,348 @@
+"""MTPObjective: the MTP term Σ_k λ_k L_MTP,k per regime, which λ each update uses, and invariance
+to the micro-batch split, against loop references (tests/_refs.py) and a tiny model.
+
+Letters: B sequences, S token positions, K MTP depths.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _refs import TinyMTPModel, count_valid, loop_lambda, loop_policy_loss, rand_batch
+
+from nemo_occ.core.config import REGIMES, NemoOCCConfig, OCCConfig, PolicyLossConfig
+from nemo_occ.core.losses import clipped_policy_loss
+from nemo_occ.core.objective import MTPObjective
+from nemo_occ.core.regimes import get_regime
+
+POLICY = PolicyLossConfig(ratio_clip_low=0.2, ratio_clip_high=0.28)
+AGGREGATIONS = {
+    "token_mean": PolicyLossConfig(aggregation="token_mean"),
+    "seq_mean_token_mean": PolicyLossConfig(aggregation="seq_mean_token_mean"),
+    "gspo": PolicyLossConfig(aggregation="seq_mean_token_mean", importance_ratio="sequence"),
+}
+
+
+def _f(x, y):
+    """Two scalars (floats or 0-d tensors) equal at float64 default tolerances."""
+
+    def t(v):
+        return torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64)
+
+    torch.testing.assert_close(t(x), t(y))
+
+
+def _ref_kw(cfg: PolicyLossConfig, mask):
+    n_tok, n_seq = count_valid(mask)
+    return dict(
+        clip_low=cfg.ratio_clip_low,
+        clip_high=cfg.ratio_clip_high,
+        clip_c=cfg.ratio_clip_c,
+        aggregation=cfg.aggregation,
+        importance_ratio=cfg.importance_ratio,
+        n_tokens=n_tok,
+        n_seqs=n_seq,
+    )
+
+
+def _call(obj, main, old, adv, mask, mtp, **extra):
+    n_tok, n_seq = count_valid(mask)
+    return obj(
+        main_logprobs=main,
+        old_logprobs=old,
+        advantages=adv,
+        mask=mask,
+        mtp_logprobs=mtp,
+        global_valid_tokens=n_tok,
+        global_valid_seqs=n_seq,
+        **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# the MTP term is λ times the unscaled loss
+
+
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy"])
+def test_fixed_coefficient_scales_the_unscaled_loss_and_its_gradient(regime):
+    main, old, mtp, adv, mask = rand_batch(seed=50)
+    obj = MTPObjective(NemoOCCConfig(regime=regime, coef=0.37), POLICY)
+    lp = mtp.clone().requires_grad_(True)
+    main_lp = main.clone().requires_grad_(True)
+    total, metrics = _call(obj, main_lp, old, adv, mask, [lp])
+    g_total, g_main = torch.autograd.grad(total, [lp, main_lp], allow_unused=True)
+    n_tok, n_seq = count_valid(mask)
+    lp2 = mtp.clone().requires_grad_(True)
+    unscaled, _ = get_regime(regime).depth_loss(
+        lp2, old, adv, mask, POLICY, global_valid_tokens=n_tok, global_valid_seqs=n_seq
+    )
+    (g_unscaled,) = torch.autograd.grad(unscaled, lp2)
+    # a reference that does not go through the code: loop policy loss, or the plain mean NLL
+    lp3 = mtp.clone().requires_grad_(True)
+    if regime == "policy":
+        ref = loop_policy_loss(lp3, old, adv, mask, **_ref_kw(POLICY, mask))
+    else:
+        ref = -sum(lp3[i, t] for i in range(8) for t in range(lp3.shape[1]) if mask[i, t]) / n_tok
+    (g_ref,) = torch.autograd.grad(ref, lp3)
+    torch.testing.assert_close(total, 0.37 * unscaled)
+    torch.testing.assert_close(total, 0.37 * ref)
+    torch.testing.assert_close(g_total, 0.37 * g_unscaled)
+    torch.testing.assert_close(g_total, 0.37 * g_ref)
+    assert g_main is None or bool((g_main == 0).all())  # λ carries no gradient into the main head
+    _f(metrics["mtp/loss_1"], ref)
+
+
+def test_occ_lagged_lambda_comes_from_the_previous_update():
+    """Update u+1 uses λ from update u's data (two micro-batches), brute-forced; update u used the
+    initial λ; the λ itself carries no gradient."""
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(lambda_plus=0.9, eps=1e-6, initial_lambda=0.2))
+    obj = MTPObjective(cfg, POLICY)
+    u = rand_batch(seed=51)
+    v = rand_batch(seed=52)
+    main, old, mtp, adv, mask = u
+    n_tok, n_seq = count_valid(mask)
+    kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+    ref_u = loop_policy_loss(mtp, old, adv, mask, **_ref_kw(POLICY, mask))
+    total_u = 0.0
+    for sl in (slice(0, 5), slice(5, 8)):
+        t, _ = obj(
+            main_logprobs=main[sl],
+            old_logprobs=old[sl],
+            advantages=adv[sl],
+            mask=mask[sl],
+            mtp_logprobs=[mtp[sl]],
+            **kw,
+        )
+        total_u += t
+    torch.testing.assert_close(total_u, 0.2 * ref_u)
+    metrics = obj.finish_update()
+    lam_u = loop_lambda(main, old, mtp, mask, lambda_plus=0.9, eps=1e-6)
+    assert abs(lam_u) > 1e-3
+    _f(metrics["occ/lambda_1"], lam_u)
+    _f(metrics["occ/lambda_applied_1"], 0.2)
+
+    main, old, mtp, adv, mask = v
+    lp = mtp.clone().requires_grad_(True)
+    total_v, _ = _call(obj, main, old, adv, mask, [lp])
+    (g,) = torch.autograd.grad(total_v, lp)
+    lp_ref = mtp.clone().requires_grad_(True)
+    ref_v = loop_policy_loss(lp_ref, old, adv, mask, **_ref_kw(POLICY, mask))
+    (g_ref,) = torch.autograd.grad(ref_v, lp_ref)
+    torch.testing.assert_close(total_v, lam_u * ref_v)
+    torch.testing.assert_close(g, lam_u * g_ref)
+    m2 = obj.finish_update()
+    _f(m2["occ/lambda_applied_1"], lam_u)
+    _f(m2["occ/lambda_1"], loop_lambda(main, old, mtp, mask, lambda_plus=0.9, eps=1e-6))
+
+
+def test_occ_microbatch_timing_uses_each_micro_batch_local_lambda():
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(timing="microbatch", initial_lambda=5.0))
+    obj = MTPObjective(cfg, POLICY)
+    main, old, mtp, adv, mask = rand_batch(seed=53)
+    n_tok, n_seq = count_valid(mask)
+    kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+    used = []
+    for sl in (slice(0, 3), slice(3, 8)):
+        lp = mtp[sl].clone().requires_grad_(True)
+        t, _ = obj(
+            main_logprobs=main[sl],
+            old_logprobs=old[sl],
+            advantages=adv[sl],
+            mask=mask[sl],
+            mtp_logprobs=[lp],
+            **kw,
+        )
+        (g,) = torch.autograd.grad(t, lp)
+        lam = loop_lambda(main[sl], old[sl], mtp[sl], mask[sl])
+        used.append(lam)
+        lp_ref = mtp[sl].clone().requires_grad_(True)
+        ref_kw = _ref_kw(POLICY, mask) | {}
+        ref = loop_policy_loss(lp_ref, old[sl], adv[sl], mask[sl], **ref_kw)
+        (g_ref,) = torch.autograd.grad(ref, lp_ref)
+        torch.testing.assert_close(t, lam * ref)
+        torch.testing.assert_close(g, lam * g_ref)
+    assert abs(used[0] - used[1]) > 1e-3  # the two micro-batches really use different λ
+    m = obj.finish_update()
+    _f(m["occ/lambda_applied_1"], sum(used) / 2)
+
+
+def test_two_depths_with_own_masks_and_own_old_logprobs():
+    cfg = NemoOCCConfig(regime="policy", coef=0.5, num_depths=2, old_logprobs="mtp")
+    obj = MTPObjective(cfg, POLICY)
+    main, old, mtp, adv, mask = rand_batch(seed=54)
+    gen = torch.Generator().manual_seed(5)
+    mtp2 = old + 0.4 * torch.randn(old.shape, generator=gen, dtype=old.dtype)
+    olds = [old + 0.2 * torch.randn(old.shape, generator=gen, dtype=old.dtype) for _ in range(2)]
+    m1 = mask.clone()
+    m1[:, 0] = False
+    m2 = m1.clone()
+    m2[:, 1] = False
+    with pytest.raises(ValueError, match="old_logprobs"):
+        _call(obj, main, old, adv, mask, [mtp, mtp2], mtp_masks=[m1, m2])
+    total, metrics = _call(obj, main, old, adv, mask, [mtp, mtp2], mtp_masks=[m1, m2], mtp_old_logprobs=olds)
+    n_tok, n_seq = count_valid(mask)  # the main head's denominators
+    kw = _ref_kw(POLICY, mask)
+    r1 = loop_policy_loss(mtp, olds[0], adv, mask & m1, **kw)
+    r2 = loop_policy_loss(mtp2, olds[1], adv, mask & m2, **kw)
+    torch.testing.assert_close(total, 0.5 * r1 + 0.5 * r2)
+    _f(metrics["mtp/loss_2"], r2)
+    proxies = obj.finish_update()
+    _f(proxies["proxy/lambda_2"], loop_lambda(main, old, mtp2, mask & m2, mtp_old=olds[1]))
+    _f(proxies["proxy/lambda_applied_2"], 0.5)
+
+
+def test_monitored_proxies_under_a_fixed_regime():
+    main, old, mtp, adv, mask = rand_batch(seed=55)
+    obj = MTPObjective(NemoOCCConfig(regime="policy", coef=0.1), POLICY)
+    _call(obj, main, old, adv, mask, [mtp])
+    m = obj.finish_update()
+    c = sum(
+        (float(main[i, t]) - float(old[i, t])) * (float(mtp[i, t]) - float(old[i, t]))
+        for i in range(8)
+        for t in range(mask.shape[1])
+        if mask[i, t]
+    )
+    _f(m["proxy/lambda_1"], loop_lambda(main, old, mtp, mask))
+    _f(m["proxy/lambda_applied_1"], 0.1)
+    _f(m["proxy/first_order_1"], 0.1 * c)
+    assert not any(k.startswith("occ/") for k in m)
+    quiet = MTPObjective(NemoOCCConfig(regime="policy", monitor_proxies=False), POLICY)
+    _call(quiet, main, old, adv, mask, [mtp])
+    assert quiet.finish_update() == {}
+
+
+def test_regime_none_adds_nothing():
+    main, old, mtp, adv, mask = rand_batch(seed=56)
+    obj = MTPObjective(NemoOCCConfig(regime="none"), POLICY)
+    total, metrics = _call(obj, main, old, adv, mask, [mtp])
+    assert float(total) == 0.0 and metrics == {}
+    assert obj.coefficients() == [0.0]
+    assert obj.finish_update() == {}
+
+
+def test_every_regime_name_resolves_and_unknown_names_raise():
+    for name in REGIMES:
+        assert get_regime(name).name == name
+    with pytest.raises(ValueError, match="unknown MTP regime 'occ2'.*none, detach, ce, policy, occ"):
+        get_regime("occ2")
+
+
+def test_regimes_match_the_paper_table():
+    """REFERENCE.md §1: which regimes send MTP gradient into the trunk and which calibrate."""
+    trunk = {n: get_regime(n).trunk_gradient for n in REGIMES}
+    assert trunk == {"none": False, "detach": False, "ce": True, "policy": True, "occ": True}
+    assert [n for n in REGIMES if get_regime(n).calibrated] == ["occ"]
+    assert {n: get_regime(n).objective for n in REGIMES} == {
+        "none": "none",
+        "detach": "ce",
+        "ce": "ce",
+        "policy": "policy",
+        "occ": "policy",
+    }
+
+
+def test_wrong_depth_count_raises():
+    main, old, mtp, adv, mask = rand_batch(seed=57)
+    obj = MTPObjective(NemoOCCConfig(regime="occ", num_depths=2), POLICY)
+    with pytest.raises(ValueError, match="num_depths"):
+        _call(obj, main, old, adv, mask, [mtp])
+
+
+# ---------------------------------------------------------------------------------------------
+# micro-batch invariance on a tiny model: one micro-batch of 8 == eight of 1
+
+
+def _tiny_batch(seed):
+    model = TinyMTPModel(V=13, H=6, K=1, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 13, (8, 7), generator=gen)
+    with torch.no_grad():
+        main, _, _ = model(ids)
+    old = main + 0.4 * torch.randn(main.shape, generator=gen, dtype=main.dtype)  # an earlier policy
+    adv = torch.randn(8, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(2, 7, (8,), generator=gen)
+    mask = torch.arange(6)[None, :] < lengths[:, None]  # [B, S-1]
+    return model, ids, old, adv, mask
+
+
+def _run_update(obj, model, ids, old, adv, mask, policy_cfg, splits):
+    """One optimizer update: main loss + MTP term per micro-batch, backward into .grad."""
+    n_tok, n_seq = count_valid(mask)
+    for p in model.parameters():
+        p.grad = None
+    total = 0.0
+    for sl in splits:
+        main, mtp, mtp_masks = model(ids[sl])
+        main_loss, _ = clipped_policy_loss(
+            main, old[sl], adv[sl], mask[sl], policy_cfg, global_valid_tokens=n_tok, global_valid_seqs=n_seq
+        )
+        mtp_term, _ = obj(
+            main_logprobs=main,
+            old_logprobs=old[sl],
+            advantages=adv[sl],
+            mask=mask[sl],
+            mtp_logprobs=mtp,
+            mtp_masks=mtp_masks,
+            global_valid_tokens=n_tok,
+            global_valid_seqs=n_seq,
+        )
+        (main_loss + mtp_term).backward()
+        total += float(mtp_term.detach())
+    grads = [p.grad.clone() for p in model.parameters()]
+    return total, grads, obj.finish_update()
+
+
+@pytest.mark.parametrize("agg", list(AGGREGATIONS))
+@pytest.mark.parametrize("regime", ["policy", "occ"])
+def test_one_micro_batch_of_8_equals_eight_of_1(regime, agg):
+    policy_cfg = AGGREGATIONS[agg]
+    cfg = NemoOCCConfig(regime=regime, coef=0.3) if regime == "policy" else NemoOCCConfig(regime=regime)
+    results = {}
+    for name, splits in {"1x8": [slice(0, 8)], "8x1": [slice(i, i + 1) for i in range(8)]}.items():
+        obj = MTPObjective(cfg, policy_cfg)
+        model, ids, old, adv, mask = _tiny_batch(seed=60)
+        # update 1 sets λ (occ starts at λ=0), update 2 applies it
+        first = _run_update(obj, model, ids, old, adv, mask, policy_cfg, splits)
+        second = _run_update(obj, model, ids, old, adv, mask, policy_cfg, splits)
+        results[name] = (first, second)
+    (f1, s1), (f8, s8) = results["1x8"], results["8x1"]
+    for a, b in ((f1, f8), (s1, s8)):
+        _f(a[0], b[0])
+        for g1, g8 in zip(a[1], b[1], strict=True):
+            torch.testing.assert_close(g1, g8)
+        key = "occ/lambda_1" if regime == "occ" else "proxy/lambda_1"
+        _f(a[2][key], b[2][key])
+    # λ against the loop over the full batch
+    model, ids, old, adv, mask = _tiny_batch(seed=60)
+    with torch.no_grad():
+        main, mtp, mtp_masks = model(ids)
+    lam = loop_lambda(main, old, mtp[0], mask & mtp_masks[0])
+    key = "occ/lambda_1" if regime == "occ" else "proxy/lambda_1"
+    _f(f1[2][key], lam)
+    if regime == "occ":
+        assert abs(lam) > 1e-3 and abs(s1[0]) > 1e-6  # the MTP term of update 2 is really on
+        _f(s1[2]["occ/lambda_applied_1"], lam)
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpointing
+
+
+def test_state_dict_round_trip_continues_exactly():
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(lambda_plus=1.3))
+    a = MTPObjective(cfg, POLICY)
+    main, old, mtp, adv, mask = rand_batch(seed=58)
+    _call(a, main, old, adv, mask, [mtp])
+    a.finish_update()
+    _call(a, main[:4], old[:4], adv[:4], mask[:4], [mtp[:4]])  # mid-update
+    b = MTPObjective(cfg, POLICY)
+    b.load_state_dict(a.state_dict())
+    assert b.coefficients() == a.coefficients()
+    nxt = rand_batch(seed=59)
+    ta, _ = _call(a, *nxt[:2], nxt[3], nxt[4], [nxt[2]])
+    tb, _ = _call(b, *nxt[:2], nxt[3], nxt[4], [nxt[2]])
+    torch.testing.assert_close(ta, tb)
+    assert a.finish_update() == b.finish_update()
+    assert a.coefficients() == b.coefficients()
+    with pytest.raises(ValueError, match="regime 'occ'"):
+        MTPObjective(NemoOCCConfig(regime="policy"), POLICY).load_state_dict(a.state_dict())
