@@ -38,6 +38,7 @@ __all__ = [
     "check_recipe",
     "find_nemo_rl_root",
     "load_recipe",
+    "load_recipe_tree",
     "parallel_layout",
 ]
 
@@ -124,6 +125,22 @@ def _load_tree(path: Path, nemo_rl_root: Path | None, skipped: list[str], chain:
     return _merge(base, cfg)
 
 
+def load_recipe_tree(path: str | Path, nemo_rl_root: str | Path | None = None):
+    """The merged OmegaConf ``DictConfig`` of ``path`` (unresolved), for NeMo-RL's override parser.
+
+    ``nemo_rl_root=None`` looks the NeMo-RL tree up and raises if a ``nemo_rl:`` parent cannot be found.
+    """
+    root = Path(nemo_rl_root) if nemo_rl_root else find_nemo_rl_root()
+    skipped: list[str] = []
+    cfg = _load_tree(Path(path), root, skipped, ())
+    if skipped:
+        raise RecipeError(
+            f"{path} inherits {skipped[0]!r} from NeMo-RL, but no NeMo-RL source tree was found: "
+            "run inside the NeMo-RL container or set NEMO_RL_ROOT to a NeMo-RL checkout"
+        )
+    return cfg
+
+
 def load_recipe(
     path: str | Path,
     overrides: Sequence[str] = (),
@@ -165,10 +182,13 @@ def _register_nemo_rl_resolvers() -> None:
     """The ``${mul:a,b}`` / ``${add:a,b}`` resolvers NeMo-RL registers before loading configs."""
     from omegaconf import OmegaConf
 
+    register = (
+        getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
+    )  # 2.4 renamed it
     if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+        register("mul", lambda a, b: a * b)
     if not OmegaConf.has_resolver("add"):
-        OmegaConf.register_new_resolver("add", lambda a, b: a + b)
+        register("add", lambda a, b: a + b)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,3 +402,23 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
     if problems:
         raise RecipeError("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
     return occ
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
+    """``python -m nemo_occ.nemo_rl.recipes nodes <recipe>``: print ``<num_nodes> <gpus_per_node>``.
+
+    The Slurm scripts compare it with the allocation before starting Ray.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m nemo_occ.nemo_rl.recipes")
+    parser.add_argument("what", choices=["nodes"])
+    parser.add_argument("recipe")
+    args = parser.parse_args(argv)
+    cfg = load_recipe(args.recipe, nemo_rl_root=False, resolve=False).config
+    print(_int(_get(cfg, "cluster.num_nodes"), 0), _int(_get(cfg, "cluster.gpus_per_node"), 0))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

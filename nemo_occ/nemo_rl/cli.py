@@ -1,0 +1,26 @@
+"""``nemo-occ train``: the NeMo-RL entry point as a sub-command (registration imports nothing heavy)."""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="run GRPO/DAPO/GSPO on NeMo-RL with nemo-occ's MTP training (inside the NeMo-RL container)",
+        description="Same as `python -m nemo_occ.nemo_rl.run_grpo`: --config <recipe> [--check] [key=value ...]",
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument("--check", action="store_true", help="only load and check the recipe, then exit")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="NeMo-RL Hydra overrides, key=value")
+    parser.set_defaults(func=_train)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from nemo_occ.nemo_rl.run_grpo import main
+
+    argv = ["--config", args.config, *(["--check"] if args.check else []), *args.overrides]
+    return main(argv)

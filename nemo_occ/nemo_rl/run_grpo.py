@@ -1,0 +1,216 @@
+"""GRPO/DAPO/GSPO on NeMo-RL with nemo-occ's MTP training: NeMo-RL's GRPO entry script, two swaps.
+
+    python -m nemo_occ.nemo_rl.run_grpo --config recipes/<recipe>.yaml [key=value ...]
+    nemo-occ train --config recipes/<recipe>.yaml [key=value ...]
+
+The steps are those of NeMo-RL's ``examples/run_grpo.py`` (load config + Hydra overrides ->
+``MasterConfig`` -> ``init_ray`` -> tokenizer and generation config -> data -> ``grpo.setup`` ->
+``grpo_train``), with:
+
+1. the policy built with ``worker_extension_cls_fqn`` = nemo-occ's Megatron worker (registered in
+   NeMo-RL's actor environment registry to the interpreter of NeMo-RL's own Megatron worker, so no new
+   worker virtualenv is built), which receives the recipe's ``nemo_occ`` block in its policy config;
+2. ``grpo.setup``'s ``ClippedPGLossFn`` replaced by :class:`nemo_occ.nemo_rl.loss.OCCLossFn` built from
+   the same ``loss_fn`` block.
+
+Before Ray starts, the recipe is checked (:func:`nemo_occ.nemo_rl.recipes.check_recipe`), so a wrong
+parallel layout or a missing ``mtp_num_layers`` fails in seconds, not after model loading. Simplified:
+only the synchronous trainer (NeMo-RL's ``grpo_train``) is supported; async GRPO and the TransferQueue
+data plane are rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Sequence
+
+from nemo_occ.nemo_rl.recipes import RecipeError, check_recipe, load_recipe_tree
+
+__all__ = ["main", "parse_args", "register_worker"]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m nemo_occ.nemo_rl.run_grpo",
+        description="Run NeMo-RL GRPO with nemo-occ's MTP training (OCC).",
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML (see recipes/)")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="load and check the recipe (with overrides), print the result and exit; needs no GPU or Ray",
+    )
+    return parser.parse_known_args(argv)
+
+
+def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
+    """Recipe + NeMo-RL Hydra overrides -> resolved dict, checked; the nemo_occ block moved into policy."""
+    from omegaconf import OmegaConf
+
+    from nemo_occ.nemo_rl.loss_config import policy_loss_config
+    from nemo_occ.nemo_rl.worker import POLICY_CONFIG_KEY
+
+    try:
+        from nemo_rl.utils.config import parse_hydra_overrides, register_omegaconf_resolvers
+    except ImportError as err:
+        raise SystemExit(
+            f"NeMo-RL is not importable ({err}); run inside the NeMo-RL container (see docs/nemo_rl.md)"
+        ) from None
+    register_omegaconf_resolvers()
+    cfg = load_recipe_tree(config_path)
+    if overrides:
+        cfg = parse_hydra_overrides(cfg, list(overrides))
+    config = OmegaConf.to_container(cfg, resolve=True)
+    occ = check_recipe(config)
+    config.pop("nemo_occ")
+    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump()
+    policy_loss_config(config["loss_fn"])  # raises early on a GSPO/token-level mismatch
+    return config
+
+
+def register_worker() -> str:
+    """Register our worker FQN with the interpreter of NeMo-RL's own Megatron worker; return the FQN.
+
+    NeMo-RL names worker virtualenvs after the actor class; mapping a new FQN to the ``uv run`` Megatron
+    executable would build a fresh venv. Mapping it to the existing venv's python reuses the container's.
+    ``nemo_occ`` must be importable there (``PYTHONPATH``, which NeMo-RL forwards to its workers).
+    """
+    from nemo_rl.distributed.ray_actor_environment_registry import (
+        ACTOR_ENVIRONMENT_REGISTRY,
+        MCORE_EXECUTABLE,
+    )
+
+    from nemo_occ.nemo_rl.megatron_worker import WORKER_FQN
+
+    default_fqn = "nemo_rl.models.policy.workers.megatron_policy_worker.MegatronPolicyWorker"
+    executable = ACTOR_ENVIRONMENT_REGISTRY.get(default_fqn, MCORE_EXECUTABLE)
+    if executable.startswith("uv"):
+        from nemo_rl.utils.venvs import create_local_venv_on_each_node
+
+        executable = create_local_venv_on_each_node(py_executable=executable, venv_name=default_fqn)
+    ACTOR_ENVIRONMENT_REGISTRY[WORKER_FQN] = executable
+    return WORKER_FQN
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, overrides = parse_args(argv)
+    try:
+        if args.check:
+            return check_only(args.config, overrides)
+        config = load_and_check(args.config, overrides)
+    except RecipeError as err:
+        print(err, file=sys.stderr)
+        return 2
+    return train(config, args.config)
+
+
+def check_only(config_path: str, overrides: Sequence[str]) -> int:
+    """``--check``: the recipe checks without NeMo-RL (its ``nemo_rl:`` parents are used when found)."""
+    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root, load_recipe, parallel_layout
+
+    root = find_nemo_rl_root()
+    recipe = load_recipe(config_path, overrides, nemo_rl_root=root or False)
+    occ = check_recipe(recipe)
+    lay = parallel_layout(recipe.config)
+    print(f"recipe OK: {config_path}")
+    print(f"  nemo_occ: {occ.model_dump()}")
+    print(
+        f"  GPUs {lay.world} = DP {lay.dp} x TP {lay.tp} x PP {lay.pp} x CP {lay.cp}; EP {lay.ep}, ETP {lay.etp}"
+    )
+    if recipe.skipped_parents:
+        print(f"  not checked (no NeMo-RL tree; set NEMO_RL_ROOT): {', '.join(recipe.skipped_parents)}")
+    return 0
+
+
+def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GPUs, Ray and NeMo-RL
+    from nemo_rl.algorithms.grpo import MasterConfig, grpo_train, setup, shutdown_environments
+    from nemo_rl.algorithms.utils import get_tokenizer
+    from nemo_rl.data.utils import setup_response_data
+    from nemo_rl.distributed.virtual_cluster import init_ray
+    from nemo_rl.models.generation import configure_generation_config
+    from nemo_rl.models.policy.lm_policy import Policy
+    from nemo_rl.utils.logger import get_next_experiment_dir
+
+    from nemo_occ.core.config import load_config
+    from nemo_occ.nemo_rl.loss import build_loss_fn
+
+    occ = load_config(config["policy"]["nemo_occ"], key=None)
+    master = MasterConfig(**config)
+    if master.grpo.async_grpo.enabled or (master.data_plane or {}).get("enabled", False):
+        raise SystemExit(
+            "nemo-occ supports the synchronous GRPO trainer only: set grpo.async_grpo.enabled: false"
+        )
+    print(f"Loaded recipe {config_path}; nemo_occ: {occ.model_dump()}")
+    master.logger["log_dir"] = get_next_experiment_dir(master.logger["log_dir"])
+
+    init_ray()
+    worker_fqn = register_worker()
+
+    tokenizer = get_tokenizer(master.policy["tokenizer"])
+    megatron_cfg = master.policy.get("megatron_cfg") or {}
+    master.policy["generation"] = configure_generation_config(
+        master.policy["generation"],
+        tokenizer,
+        has_refit_draft_weights=bool(master.policy["draft"]["enabled"]),
+        trains_mtp=bool(megatron_cfg.get("mtp_num_layers")),
+    )
+    dataset, val_dataset, task_to_env, val_task_to_env = setup_response_data(
+        tokenizer, master.data, master.env
+    )
+    (
+        policy,
+        policy_generation,
+        _nemo_gym,
+        _cluster,
+        dataloader,
+        val_dataloader,
+        loss_fn,
+        logger,
+        checkpointer,
+        grpo_state,
+        master_config,
+        _teachers,
+        _aliases,
+    ) = setup(
+        master,
+        tokenizer,
+        dataset,
+        val_dataset,
+        policy_factory=functools.partial(Policy, worker_extension_cls_fqn=worker_fqn),
+    )
+    loss_fn = build_loss_fn(
+        master_config.loss_fn,
+        occ,
+        use_fused_linear_logprobs=getattr(loss_fn, "use_fused_linear_logprobs", False),
+    )
+    try:
+        with checkpointer:
+            grpo_train(
+                policy,
+                policy_generation,
+                dataloader,
+                val_dataloader,
+                tokenizer,
+                loss_fn,
+                task_to_env,
+                val_task_to_env,
+                logger,
+                checkpointer,
+                grpo_state,
+                master_config,
+            )
+    finally:
+        shutdown_environments(task_to_env, val_task_to_env)
+        try:
+            policy_generation.shutdown()
+        except Exception as error:  # mirror NeMo-RL: shutdown errors must not mask training errors
+            print(f"Error shutting down generation: {error}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

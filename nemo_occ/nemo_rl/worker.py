@@ -1,0 +1,343 @@
+"""What nemo-occ adds to NeMo-RL's Megatron policy worker, as a mixin over its ``train`` loop.
+
+NeMo-RL's ``MegatronPolicyWorkerImpl.train(data, loss_fn, ...)`` runs, per global batch (= one
+optimizer update): ``process_global_batch`` -> ``megatron_forward_backward`` over the micro-batches
+(each forward followed by ``LossPostProcessor``'s loss) -> ``optimizer.step()``. The mixin keeps that
+loop and adds three things around it, for the duration of one ``train`` call:
+
+1. **MTP log-probs in the normal forward.** The model runs inside :class:`nemo_occ.megatron.mtp_capture.
+   MTPCapture`, which keeps the MTP depths' hidden states (Megatron's own MTP loss is skipped) and cuts
+   the trunk for the ``detach`` regime. The loss post-processor of each micro-batch (the worker module's
+   ``LossPostProcessor`` name, swapped for a subclass while ``train`` runs) turns them into aligned
+   per-depth log-probs and puts them in the micro-batch ``data`` under ``nemo_occ_mtp_*`` keys
+   (:mod:`nemo_occ.nemo_rl.loss`), unpacked to NeMo-RL's [B, S-1] rows when sequences are packed.
+2. **One calibrator update per optimizer update.** ``optimizer.step`` is wrapped: after each update the
+   persistent :class:`MTPObjective` closes it (``finish_update``, a SUM all-reduce of the OCC statistics
+   over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
+   comes from the statistics of update u ("lagged" timing).
+3. **A persistent objective.** The loss object arrives freshly unpickled in every ``train`` call; the
+   mixin binds the worker's objective into it, saves its state next to NeMo-RL's checkpoint
+   (``policy/nemo_occ_state.pt``) and restores it on resume.
+
+Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
+Everything NeMo-RL-specific is reached through a few overridable methods, so the mixin runs on CPU
+against a stand-in worker in the tests; the classes Ray instantiates are in
+:mod:`nemo_occ.nemo_rl.megatron_worker`.
+
+Letters: B sequences, S tokens per sequence, T packed tokens, K MTP depths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from nemo_occ.core.config import NemoOCCConfig, load_config
+from nemo_occ.core.objective import MTPObjective
+from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
+
+__all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "unpack_rows", "attach_mtp_to_batch"]
+
+STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
+POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
+
+
+def unpack_rows(
+    packed: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor | None, width: int, fill=0
+) -> torch.Tensor:
+    """[1, T-1] per-position values of a packed row -> [N, width] rows, one per document.
+
+    Document n starts at ``cu_seqlens_padded[n]`` (``cu_seqlens[n]`` when unpadded) and has
+    ``cu_seqlens[n+1] - cu_seqlens[n]`` tokens; row n holds its first ``min(len-1, width)`` positions
+    and ``fill`` after them. Differentiable (a gather).
+    """
+    starts = (cu_seqlens_padded if cu_seqlens_padded is not None else cu_seqlens)[:-1].to(packed.device)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(packed.device)  # [N]
+    cols = torch.arange(width, device=packed.device)  # [width]
+    index = starts.unsqueeze(1) + cols.unsqueeze(0)  # [N, width]
+    inside = (cols.unsqueeze(0) < (lengths - 1).unsqueeze(1)) & (index < packed.shape[-1])
+    index = torch.where(inside, index, torch.zeros_like(index))
+    rows = packed.reshape(-1)[index]  # [N, width]
+    return torch.where(inside, rows, torch.full_like(rows, fill))
+
+
+def attach_mtp_to_batch(data: Any, mtp: Any, packed_seq_params: Any = None) -> None:
+    """Put one micro-batch's MTP log-probs (``MTPHeadLogProbs``) into ``data`` as [B, S-1] rows.
+
+    ``mtp`` is in the model's layout: [B, L-1] rows, or one packed row [1, T-1] when
+    ``packed_seq_params`` is given (then unpacked per document with its ``cu_seqlens_q(_padded)``).
+    """
+    width = data["input_ids"].shape[1] - 1
+    for d, lp in enumerate(mtp.logprobs, start=1):
+        valid = mtp.masks[d - 1]
+        hit = mtp.top1[d - 1] if mtp.top1 is not None else None
+        if packed_seq_params is not None:
+            cu = packed_seq_params.cu_seqlens_q
+            cu_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+            lp = unpack_rows(lp, cu, cu_pad, width, fill=0.0)
+            valid = unpack_rows(valid, cu, cu_pad, width, fill=False)
+            hit = None if hit is None else unpack_rows(hit, cu, cu_pad, width, fill=False)
+        else:
+            lp, valid = _fit(lp, width, 0.0), _fit(valid, width, False)
+            hit = None if hit is None else _fit(hit, width, False)
+        data[mtp_logprobs_key(d)] = lp
+        data[mtp_valid_key(d)] = valid
+        if hit is not None:
+            data[mtp_correct_key(d)] = hit
+
+
+def _fit(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+    """Crop or pad [B, L-1] to [B, width] (the model may see a longer, padded sequence)."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)
+    return torch.cat([x, pad], dim=1)
+
+
+class OCCWorkerExtension:
+    """Mixin placed before NeMo-RL's ``MegatronPolicyWorkerImpl`` (see the module docstring).
+
+    Hooks a subclass or a test may override: :meth:`occ_reduction_group`, :meth:`is_state_writer`,
+    :meth:`broadcast_from_last_stage`, :meth:`patched_loss_post_processor`.
+    """
+
+    occ_cfg: NemoOCCConfig
+    occ_objective: MTPObjective
+
+    def __init__(self, config: Mapping[str, Any], *args: Any, **kwargs: Any):
+        super().__init__(config, *args, **kwargs)
+        block = config.get(POLICY_CONFIG_KEY)
+        if block is None:
+            raise ValueError(
+                f"policy config has no '{POLICY_CONFIG_KEY}' block: start training with "
+                "`python -m nemo_occ.nemo_rl.run_grpo --config <recipe>`, which passes the recipe's nemo_occ block"
+            )
+        self.occ_cfg = load_config(dict(block), key=None)
+        # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
+        self.occ_objective = MTPObjective(self.occ_cfg)
+        self._occ_update_metrics: list[dict[str, float]] = []
+        self.check_mtp_layers(config)
+        weights_path = kwargs.get("weights_path", args[1] if len(args) > 1 else None)
+        if weights_path:
+            self.load_occ_state(Path(weights_path).parent / STATE_FILE)
+
+    # -- setup check --------------------------------------------------------------------------------
+    def check_mtp_layers(self, config: Mapping[str, Any]) -> None:
+        """Fail at setup when the regime needs more MTP layers than the built model has."""
+        if not self.occ_cfg.has_mtp_term:
+            return
+        from nemo_occ.megatron.mtp_capture import MTPCapture
+
+        capture = MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+        if not capture.active and not self.holds_output_layer():
+            return  # an earlier pipeline stage: MTP lives with the output layer on the last one
+        if capture.num_depths < self.occ_cfg.num_depths:
+            configured = (config.get("megatron_cfg") or {}).get("mtp_num_layers")
+            raise ValueError(
+                f"nemo_occ.regime '{self.occ_cfg.regime}' trains {self.occ_cfg.num_depths} MTP depth(s), but the model "
+                f"built from {config.get('model_name')!r} has {capture.num_depths} MTP layer(s) "
+                f"(policy.megatron_cfg.mtp_num_layers={configured}). Set policy.megatron_cfg.mtp_num_layers: "
+                f"{self.occ_cfg.num_depths} explicitly (NeMo-RL's grpo_math_1B.yaml sets 0, which drops the layer) "
+                "for a model that ships MTP weights, or use nemo_occ.regime: none"
+            )
+
+    def holds_output_layer(self) -> bool:
+        from nemo_occ.megatron.model_access import unwrap_gpt_model
+
+        return bool(getattr(unwrap_gpt_model(self.model), "post_process", True))
+
+    # -- distributed hooks ---------------------------------------------------------------------------
+    def occ_reduction_group(self):
+        """Group the OCC statistics are summed over: data-parallel ranks.
+
+        NeMo-RL hands every context-parallel rank the CP-gathered log-probs of whole sequences (and divides
+        each CP rank's loss by the CP size), so the CP ranks of one DP replica hold identical statistics;
+        summing them too would count every token CP times. The sum over the DP group covers each token of
+        the global batch exactly once, matching NeMo-RL's own ``global_valid_toks`` reduction.
+        """
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    def is_state_writer(self) -> bool:
+        """One rank writes the calibrator state (identical on all ranks after ``finish_update``)."""
+        from megatron.core import parallel_state
+
+        return (
+            parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0
+            and parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        )
+
+    def broadcast_from_last_stage(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Only the last pipeline stage computes the loss; give every stage its OCC metrics."""
+        from nemo_rl.models.megatron.pipeline_parallel import broadcast_loss_metrics_from_last_stage
+
+        return broadcast_loss_metrics_from_last_stage(metrics)
+
+    @contextlib.contextmanager
+    def patched_loss_post_processor(self, capture: Any, inputs: ModelInputRecorder) -> Iterator[None]:
+        """Make NeMo-RL's ``train`` build our MTP-aware post-processor (restored afterwards)."""
+        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+
+        original = worker_module.LossPostProcessor
+        worker_module.LossPostProcessor = _mtp_post_processor_class(original, capture, inputs)
+        try:
+            yield
+        finally:
+            worker_module.LossPostProcessor = original
+
+    # -- training ----------------------------------------------------------------------------------
+    def train(
+        self, data: Any, loss_fn: Any, eval_mode: bool = False, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """NeMo-RL's ``train`` with the MTP capture, the bound objective and one OCC update per step."""
+        if not hasattr(loss_fn, "bind_objective"):
+            raise TypeError(
+                f"nemo-occ's worker needs nemo-occ's loss (nemo_occ.nemo_rl.loss.OCCLossFn), got {type(loss_fn).__name__}"
+            )
+        self.occ_objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
+        objective = self.occ_objective
+        if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
+            objective = copy.deepcopy(self.occ_objective)
+        loss_fn.bind_objective(objective)
+        self._occ_update_metrics = []
+        with contextlib.ExitStack() as stack:
+            if self.occ_cfg.has_mtp_term:
+                from nemo_occ.megatron.mtp_capture import MTPCapture
+
+                capture = stack.enter_context(
+                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+                )
+                inputs = stack.enter_context(ModelInputRecorder(self.model))
+                stack.enter_context(self.patched_loss_post_processor(capture, inputs))
+            if not eval_mode:
+                stack.enter_context(self._finish_update_after_each_step())
+            metrics = super().train(data, loss_fn, eval_mode, *args, **kwargs)
+        occ_metrics = self.broadcast_from_last_stage(_mean_over_updates(self._occ_update_metrics))
+        if occ_metrics:
+            metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
+        return metrics
+
+    @contextlib.contextmanager
+    def _finish_update_after_each_step(self) -> Iterator[None]:
+        optimizer = self.optimizer
+        step = optimizer.step
+
+        def step_then_calibrate(*args: Any, **kwargs: Any):
+            result = step(*args, **kwargs)
+            self._occ_update_metrics.append(self.occ_objective.finish_update(self.occ_reduction_group()))
+            return result
+
+        optimizer.step = step_then_calibrate
+        try:
+            yield
+        finally:
+            optimizer.step = step
+
+    # -- checkpointing -------------------------------------------------------------------------------
+    def save_checkpoint(self, weights_path: str, *args: Any, **kwargs: Any):
+        result = super().save_checkpoint(weights_path, *args, **kwargs)
+        if self.is_state_writer():
+            self.save_occ_state(Path(weights_path).parent / STATE_FILE)
+        return result
+
+    def save_occ_state(self, path: Path) -> None:
+        """Write the objective's state atomically (temp file + rename)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        try:
+            torch.save(
+                {"nemo_occ": self.occ_cfg.model_dump(), "objective": self.occ_objective.state_dict()}, tmp
+            )
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def load_occ_state(self, path: Path) -> bool:
+        """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one."""
+        if not path.is_file():
+            if self.occ_objective.calibrator is not None:
+                warnings.warn(
+                    f"resuming from {path.parent} without {STATE_FILE}: the OCC calibrator restarts at "
+                    f"λ = {self.occ_cfg.occ.initial_lambda}",
+                    stacklevel=2,
+                )
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.occ_objective.load_state_dict(state["objective"])
+        return True
+
+
+class ModelInputRecorder(contextlib.AbstractContextManager):
+    """Remembers the ``input_ids`` of the last ``model(...)`` call (this CP rank's shard, packed or not).
+
+    The MTP targets must be built from exactly the tokens the model saw; NeMo-RL packs and CP-shards them
+    between the micro-batch ``data`` and the forward, so they are read off the forward call itself.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from nemo_occ.megatron.model_access import unwrap_gpt_model
+
+        self.gpt = unwrap_gpt_model(model)
+        self.input_ids: torch.Tensor | None = None
+        self._handle = None
+
+    def _hook(self, module, args, kwargs):
+        self.input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+
+    def __enter__(self) -> ModelInputRecorder:
+        self._handle = self.gpt.register_forward_pre_hook(self._hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        self.input_ids = None
+
+
+def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
+    """Per-step value of per-update OCC metrics: their mean over the step's optimizer updates."""
+    if not updates:
+        return {}
+    keys = updates[0].keys()
+    return {k: sum(u[k] for u in updates) / len(updates) for k in keys}
+
+
+def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecorder) -> type:
+    """A subclass of NeMo-RL's ``LossPostProcessor`` that attaches the MTP log-probs before the loss."""
+
+    class MTPLossPostProcessor(base):
+        def __call__(self, data_dict, packed_seq_params=None, global_valid_seqs=None, global_valid_toks=None):
+            compute_loss = super().__call__(
+                data_dict=data_dict,
+                packed_seq_params=packed_seq_params,
+                global_valid_seqs=global_valid_seqs,
+                global_valid_toks=global_valid_toks,
+            )
+            chunk = self.cfg.get("logprob_chunk_size") or 1024
+
+            def with_mtp(output_tensor, *args, **kwargs):
+                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
+                mtp = capture.take().logprobs(
+                    inputs.input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk, return_top1=True
+                )
+                attach_mtp_to_batch(data_dict, mtp, packed_seq_params)
+                return compute_loss(output_tensor, *args, **kwargs)
+
+            return with_mtp
+
+    return MTPLossPostProcessor
