@@ -1,0 +1,174 @@
+"""Configuration of the CPU demo: the paper's experiment in miniature (one pydantic model per block).
+
+A YAML file given with ``--config`` may hold a ``demo:`` block (fields below) and a ``nemo_occ:``
+block (``nemo_occ.core.config.NemoOCCConfig``; its ``regime`` is set per run by ``--regimes``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+
+from nemo_occ.core.config import (
+    REGIMES,
+    ConfigError,
+    NemoOCCConfig,
+    PolicyLossConfig,
+    _Strict,
+    parse_block,
+)
+
+__all__ = [
+    "DemoConfig",
+    "ModelConfig",
+    "TaskConfig",
+    "WarmStartConfig",
+    "RLConfig",
+    "EvalConfig",
+    "load_demo_config",
+]
+
+
+class ModelConfig(_Strict):
+    """The small megatron-core GPT with MTP layers."""
+
+    hidden_size: int = Field(64, gt=0, description="Hidden size.")
+    num_layers: int = Field(2, gt=0, description="Decoder layers.")
+    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
+    mtp_num_layers: int = Field(1, ge=1, description="MTP depths (the paper's models have 1).")
+
+
+class TaskConfig(_Strict):
+    """Verifiable task: a + b with ``digits``-digit operands, answer written least-significant digit first."""
+
+    digits: int = Field(2, ge=1, le=6, description="Digits per operand (zero-padded).")
+
+
+class WarmStartConfig(_Strict):
+    """Short supervised warm start of main and MTP heads, built once and shared by all regimes."""
+
+    steps: int = Field(200, ge=0, description="SFT steps.")
+    batch_size: int = Field(128, gt=0, description="Sequences per SFT step.")
+    lr: float = Field(3e-3, gt=0, description="Adam learning rate of the warm start.")
+    mtp_coef: float = Field(
+        0.3, ge=0, description="Weight of the MTP heads' cross-entropy during the warm start."
+    )
+
+
+class RLConfig(_Strict):
+    """GRPO/DAPO loop scaled down from the paper's 128 prompts x 16 samples, minibatches of 32 prompts."""
+
+    steps: int = Field(60, gt=0, description="RL steps.")
+    prompts_per_step: int = Field(32, gt=0, description="Prompts sampled per step.")
+    samples_per_prompt: int = Field(8, gt=1, description="Responses per prompt (the GRPO group).")
+    minibatches: int = Field(
+        4, gt=0, description="Optimizer updates per step (the prompts are split evenly)."
+    )
+    lr: float = Field(2e-4, gt=0, description="Adam learning rate.")
+    temperature: float = Field(1.0, gt=0, description="Rollout sampling temperature (paper: 1.0).")
+    dynamic_sampling: bool = Field(True, description="DAPO: drop groups whose rewards are all equal.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    checkpoint_every: int = Field(10, gt=0, description="Steps between checkpoints (atomic writes).")
+
+    @model_validator(mode="after")
+    def _split(self) -> RLConfig:
+        if self.prompts_per_step % self.minibatches:
+            raise ValueError(
+                f"prompts_per_step={self.prompts_per_step} must be divisible by minibatches={self.minibatches}"
+            )
+        return self
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation: avg@k at the rollout temperature on a fixed problem set."""
+
+    problems: int = Field(
+        256, gt=0, description="Held-out problems (fixed by the seed, disjoint from training)."
+    )
+    samples: int = Field(4, gt=0, description="k of avg@k.")
+    every: int = Field(10, gt=0, description="Evaluate every N steps (and at step 0 and the last step).")
+
+
+class DemoConfig(_Strict):
+    """Everything the demo needs besides the ``nemo_occ`` block."""
+
+    seed: int = Field(0, description="Seed of the model initialisation, the data order and the sampling.")
+    regimes: list[str] = Field(list(REGIMES), description="Regimes to run, in order.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    warm_start: WarmStartConfig = Field(default_factory=WarmStartConfig)
+    rl: RLConfig = Field(default_factory=RLConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig, description="DAPO defaults.")
+    fidelity_every: int = Field(0, ge=0, description="Exact c and v² every N steps (0 = off).")
+    threads: int = Field(0, ge=0, description="torch threads (0 = torch's default).")
+
+    @model_validator(mode="after")
+    def _regimes(self) -> DemoConfig:
+        bad = [r for r in self.regimes if r not in REGIMES]
+        if bad:
+            raise ValueError(f"unknown regime(s) {bad}; choose from {', '.join(REGIMES)}")
+        if not self.regimes:
+            raise ValueError("regimes is empty; name at least one of " + ", ".join(REGIMES))
+        return self
+
+
+# --quick: what CI runs. Small enough for about a minute on 2 cores, big enough that every code
+# path (warm start, several updates per step, eval, checkpoints, fidelity) runs.
+QUICK = {
+    "task": {"digits": 1},
+    "warm_start": {"steps": 80},
+    "rl": {
+        "steps": 4,
+        "prompts_per_step": 8,
+        "samples_per_prompt": 4,
+        "minibatches": 2,
+        "checkpoint_every": 2,
+    },
+    "eval": {"problems": 32, "samples": 2, "every": 2},
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = (
+            _merge(out.get(key, {}), value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def load_demo_config(
+    path: str | Path | None = None, *, quick: bool = False, overrides: dict | None = None
+) -> tuple[DemoConfig, NemoOCCConfig]:
+    """(demo config, nemo_occ block) from an optional YAML file, the quick preset and CLI overrides."""
+    data: dict = {}
+    if path is not None:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        unknown = set(data) - {"demo", "nemo_occ"}
+        if unknown:
+            raise ConfigError(
+                f"{p}: unknown top-level key(s) {sorted(unknown)}; the demo reads 'demo:' and 'nemo_occ:'"
+            )
+    demo = data.get("demo") or {}
+    if quick:
+        demo = _merge(QUICK, demo)
+    demo = _merge(demo, overrides or {})
+    occ_block = dict(data.get("nemo_occ") or {})
+    occ_block.pop("regime", None)  # chosen per run
+    demo_cfg = parse_block(DemoConfig, demo, "demo")
+    occ_block.setdefault("num_depths", demo_cfg.model.mtp_num_layers)
+    occ_cfg = parse_block(NemoOCCConfig, occ_block, "nemo_occ")
+    if occ_cfg.num_depths != demo_cfg.model.mtp_num_layers:
+        raise ConfigError(
+            f"nemo_occ.num_depths={occ_cfg.num_depths} but demo.model.mtp_num_layers={demo_cfg.model.mtp_num_layers}; make them equal"
+        )
+    return demo_cfg, occ_cfg

@@ -1,0 +1,179 @@
+"""The CPU demo end to end (`nemo-occ demo --quick`), its resume, its verifier and its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nemo_occ.cli import main
+from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
+from nemo_occ.demo.report import pearson_r
+from nemo_occ.demo.task import EOS, AdditionTask
+
+REGIMES = ["none", "detach", "ce", "policy", "occ"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--quick", "--out", str(out), "--no-progress", "--fidelity-every", "2"])
+    return out, rc, buf.getvalue()
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_artifact(quick_run):
+    out, rc, stdout = quick_run
+    assert rc == 0
+    assert stdout.strip().splitlines()[-1].startswith(f"Results are in {out.resolve()}")
+    for regime in REGIMES:
+        rows = _rows(out / regime / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(0, 5)), regime  # step 0 = eval before RL
+        for r in rows[1:]:
+            for key in ("reward/mean", "mtp/accuracy_1"):
+                assert key in r and 0.0 <= r[key] <= 1.0, (regime, key)
+        evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+        assert len(evals) == 3 and all(0.0 <= e <= 1.0 for e in evals)  # steps 0, 2, 4
+        assert list((out / regime / "tb").glob("events.out.tfevents.*")), regime
+        assert (out / regime / "checkpoint.pt").exists()
+    occ_rows = _rows(out / "occ" / "metrics.jsonl")[1:]
+    updated = [r for r in occ_rows if r["updates"] > 0]
+    assert updated, "the quick run must perform at least one OCC update"
+    for r in updated:
+        for key in ("occ/lambda_1", "occ/c_hat_1", "occ/v2_hat_1", "occ/first_order_1", "occ/second_order_1"):
+            assert key in r and math.isfinite(r[key]), key
+        # λ reported for a step is Eq. 13 applied to that step's last-update proxies
+        assert r["occ/lambda_1"] == pytest.approx(r["occ/c_hat_1"] / (r["occ/v2_hat_1"] + 1e-8), rel=1e-9)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["regimes"]) == set(REGIMES)
+    assert summary["step_time_ratio_occ_over_detach"] > 0
+    for regime, entry in summary["regimes"].items():
+        rows = _rows(out / regime / "metrics.jsonl")
+        assert entry["eval_accuracy_final"] == [r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1]
+    md = (out / "summary.md").read_text()
+    assert all(f"| {r} |" in md for r in REGIMES)
+    for name in ("curves.png", "occ_proxies.png"):
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+@pytest.mark.slow
+def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
+    out, _, _ = quick_run
+    rows = _rows(out / "occ" / "metrics.jsonl")
+    pairs = [r for r in rows if "exact/c_1" in r]
+    assert [r["step"] for r in pairs] == [2, 4]
+    for r in pairs:
+        assert r["exact/v2_1"] >= 0.0
+    # the detach regime's MTP gradient lives only on MTP parameters, which the main loss never
+    # reaches: its exact c is zero whatever the data
+    for r in _rows(out / "detach" / "metrics.jsonl"):
+        if "exact/c_1" in r:
+            assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] > 0.0
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_matches_uninterrupted_run(quick_run, tmp_path):
+    warm = quick_run[0] / "warmstart.pt"
+    args = ["demo", "--quick", "--regimes", "occ", "--no-progress"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for d in (full, resumed):  # reuse the quick run's warm start (same configuration)
+        d.mkdir()
+        shutil.copy(warm, d / "warmstart.pt")
+    assert main([*args, "--out", str(full)]) == 0
+    from nemo_occ.demo.trainer import _Interrupted
+
+    with pytest.raises(_Interrupted):
+        main([*args, "--out", str(resumed), "--interrupt-at", "2"])
+    assert [r["step"] for r in _rows(resumed / "occ" / "metrics.jsonl")] == [0, 1, 2]
+    assert main([*args, "--out", str(resumed)]) == 0
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+    assert strip(_rows(resumed / "occ" / "metrics.jsonl")) == strip(_rows(full / "occ" / "metrics.jsonl"))
+    a = torch.load(full / "occ" / "checkpoint.pt", weights_only=True)
+    b = torch.load(resumed / "occ" / "checkpoint.pt", weights_only=True)
+    assert a["objective"]["calibrator"]["lambdas"] == b["objective"]["calibrator"]["lambdas"]
+    for key, value in a["model"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(b["model"][key], value, rtol=0, atol=0)
+
+
+def test_demo_rejects_bad_config(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("demo:\n  rl:\n    stepz: 3\n")
+    assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "demo.rl.stepz: unknown key" in capsys.readouterr().err
+    assert main(["demo", "--regimes", "occ", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown regime" in capsys.readouterr().err
+
+
+# -- the task's verifier, written independently of the task's own digit code ---------------------
+
+
+def test_addition_verifier_accepts_exactly_the_right_answer():
+    task = AdditionTask(digits=3)
+    ops = torch.tensor([[999, 1], [123, 456], [0, 0], [500, 499]])
+    expected = []
+    for a, b in ops.tolist():
+        s = str(a + b).zfill(4)[::-1]  # least-significant digit first, 4 digits
+        expected.append([int(ch) for ch in s] + [EOS])
+    responses = torch.tensor(expected)
+    assert task.rewards(ops, responses).tolist() == [1.0, 1.0, 1.0, 1.0]
+    wrong = responses.clone()
+    wrong[1, 0] = (wrong[1, 0] + 1) % 10
+    wrong[2, -1] = 0  # no EOS
+    assert task.rewards(ops, wrong).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert task.render(task.sequences(ops[1:2])[0]) == "123+456=9750"
+
+
+def test_training_problems_never_hit_the_heldout_set():
+    task = AdditionTask(digits=2)
+    held = {tuple(x) for x in task.eval_operands(200, seed=0).tolist()}
+    assert len(held) > 50
+    train = task.sample_operands(20_000, torch.Generator().manual_seed(3))
+    assert not held & {tuple(x) for x in train.tolist()}
+
+
+def test_pearson_r_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=30)
+    y = 0.5 * x + rng.normal(size=30)
+    assert pearson_r(list(x), list(y)) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), rel=1e-12)
+    assert pearson_r([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    cfg = {"a": 1}
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)}, cfg)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)}, cfg)
+    monkeypatch.undo()
+    state = load_checkpoint(path, cfg)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    with pytest.warns(UserWarning, match="another configuration"):
+        assert load_checkpoint(path, {"a": 2}) is None
