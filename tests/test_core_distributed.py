@@ -52,7 +52,8 @@ def _data():
 
 def _step(ids, old, adv, mask, policy_cfg, group=None):
     """One update on (a shard of) the batch: main + MTP loss backward, λ from ``finish_update``, and
-    exact statistics over the trunk/head. Returns (flat gradient of this shard, λ, c, v², rl_norm2)."""
+    exact statistics over all parameters. Returns (flat gradient of this shard, [λ, ĉ, v̂², n] after
+    ``finish_update``, exact c, v², ||g_RL||²)."""
     model = TinyMTPModel(V=13, H=6, K=1, seed=70)
     params = list(model.parameters())
     obj = MTPObjective(OBJ_CFG, policy_cfg)
@@ -74,8 +75,10 @@ def _step(ids, old, adv, mask, policy_cfg, group=None):
     exact = exact_gradient_statistics(main_loss, [unscaled], params, group=group)
     (main_loss + mtp_term).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in params])
-    lam = obj.finish_update(group)["occ/lambda_1"]
-    return grad, lam, exact.c[0], exact.v2[0], exact.rl_norm2
+    occ = obj.finish_update(group)
+    # ĉ, v̂² and the token count as well as λ: λ is a ratio and would not see a uniformly wrong sum
+    proxies = [occ[f"occ/{k}_1"] for k in ("lambda", "c_hat", "v2_hat", "valid_tokens")]
+    return grad, proxies, exact.c[0], exact.v2[0], exact.rl_norm2
 
 
 def _worker(rank, port, out_dir):
@@ -88,9 +91,9 @@ def _worker(rank, port, out_dir):
         for size, group in ((4, None), (2, pairs[rank // 2])):
             lo, hi = SHARDS[size][rank % size]
             for name, cfg in POLICIES.items():
-                grad, lam, c, v2, rl2 = _step(ids[lo:hi], old[lo:hi], adv[lo:hi], mask[lo:hi], cfg, group)
+                grad, proxies, c, v2, rl2 = _step(ids[lo:hi], old[lo:hi], adv[lo:hi], mask[lo:hi], cfg, group)
                 dist.all_reduce(grad, group=group)  # the data-parallel gradient sum
-                results[(size, name)] = dict(grad=grad, lam=lam, c=c, v2=v2, rl2=rl2)
+                results[(size, name)] = dict(grad=grad, proxies=proxies, c=c, v2=v2, rl2=rl2)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -108,7 +111,8 @@ def test_ranks_holding_shards_equal_the_full_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     ids, old, adv, mask = _data()
     for name, cfg in POLICIES.items():
-        grad, lam, c, v2, rl2 = _step(ids, old, adv, mask, cfg)  # single process, full batch
+        grad, proxies, c, v2, rl2 = _step(ids, old, adv, mask, cfg)  # single process, full batch
+        lam = proxies[0]
         # brute-force λ over the full batch
         model = TinyMTPModel(V=13, H=6, K=1, seed=70)
         with torch.no_grad():
@@ -123,7 +127,7 @@ def test_ranks_holding_shards_equal_the_full_batch(tmp_path):
                 got = res[(size, name)]
                 where = f"{size} ranks, rank {r}, {name}"
                 torch.testing.assert_close(got["grad"], grad, msg=lambda m, w=where: f"{w}: {m}")
-                for key, want in (("lam", lam), ("c", c), ("v2", v2), ("rl2", rl2)):
+                for key, want in (("proxies", proxies), ("c", c), ("v2", v2), ("rl2", rl2)):
                     torch.testing.assert_close(
                         torch.tensor(got[key], dtype=torch.float64),
                         torch.tensor(want, dtype=torch.float64),

@@ -108,8 +108,17 @@ def test_gspo_differs_from_token_ratio():
     assert abs(float(a) - float(b)) > 1e-3
 
 
-def test_per_token_advantages_match_loop():
-    cfg = PolicyLossConfig(ratio_clip_c=2.0)
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PolicyLossConfig(ratio_clip_c=2.0),
+        # with per-token advantages the GSPO gradient (through the shared sequence ratio) differs from
+        # GSPO-token's (sg(s_i)·π_t/sg(π_t)); with one advantage per sequence they coincide
+        PolicyLossConfig(aggregation="seq_mean_token_mean", importance_ratio="sequence"),
+    ],
+    ids=["token_ratio_dual_clip", "gspo"],
+)
+def test_per_token_advantages_match_loop(cfg):
     new, old, _, _, mask = rand_batch(seed=3)
     adv = torch.randn(mask.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)  # [B, S]
     loss, grad, ref, grad_ref, _ = _both(cfg, new, old, adv, mask)

@@ -173,7 +173,8 @@ def test_two_depths_with_own_masks_and_own_old_logprobs():
     gen = torch.Generator().manual_seed(5)
     mtp2 = old + 0.4 * torch.randn(old.shape, generator=gen, dtype=old.dtype)
     olds = [old + 0.2 * torch.randn(old.shape, generator=gen, dtype=old.dtype) for _ in range(2)]
-    m1 = mask.clone()
+    # depth masks as the model gives them (not subsets of the main mask: the objective must AND them)
+    m1 = torch.ones_like(mask)
     m1[:, 0] = False
     m2 = m1.clone()
     m2[:, 1] = False
@@ -246,6 +247,49 @@ def test_wrong_depth_count_raises():
     obj = MTPObjective(NemoOCCConfig(regime="occ", num_depths=2), POLICY)
     with pytest.raises(ValueError, match="num_depths"):
         _call(obj, main, old, adv, mask, [mtp])
+
+
+@pytest.mark.parametrize("regime", ["ce", "policy", "occ"])
+def test_masked_nan_and_neg_inf_leave_term_gradient_and_lambda_finite(regime):
+    cfg = NemoOCCConfig(regime=regime, occ=OCCConfig(initial_lambda=0.5))
+    policy_cfg = AGGREGATIONS["gspo"]
+    main, old, mtp, adv, mask = rand_batch(seed=61)
+    pad = ~mask
+    assert bool(pad.any())
+    m2, o2, t2 = main.clone(), old.clone(), mtp.clone()
+    m2[pad], o2[pad], t2[pad] = float("nan"), float("-inf"), float("-inf")
+    t2[pad & (torch.arange(mask.shape[1]) % 2 == 0)] = float("nan")
+    dirty, clean = MTPObjective(cfg, policy_cfg), MTPObjective(cfg, policy_cfg)
+    lp = t2.clone().requires_grad_(True)
+    total, _ = _call(dirty, m2, o2, adv, mask, [lp])
+    (g,) = torch.autograd.grad(total, lp)
+    ref, _ = _call(clean, main, old, adv, mask, [mtp])
+    assert bool(torch.isfinite(g).all()) and bool((g[pad] == 0).all())
+    torch.testing.assert_close(total.detach(), ref)
+    a, b = dirty.finish_update(), clean.finish_update()
+    assert a == b and all(v == v for v in a.values())  # no NaN among the metrics
+
+
+def test_no_valid_token_gives_zero_term_zero_gradient_and_flags_it():
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(initial_lambda=0.5))
+    obj = MTPObjective(cfg, AGGREGATIONS["seq_mean_token_mean"])
+    main, old, mtp, adv, mask = rand_batch(seed=62)
+    empty = torch.zeros_like(mask)
+    lp = mtp.clone().requires_grad_(True)
+    total, _ = obj(
+        main_logprobs=main,
+        old_logprobs=old,
+        advantages=adv,
+        mask=empty,
+        mtp_logprobs=[lp],
+        global_valid_tokens=0,
+        global_valid_seqs=0,
+    )
+    (g,) = torch.autograd.grad(total, lp)
+    assert float(total.detach()) == 0.0 and bool((g == 0).all())
+    m = obj.finish_update()
+    assert m["occ/no_valid_tokens_1"] == 1 and m["occ/lambda_1"] == 0.0
+    assert obj.coefficients() == [0.0]
 
 
 # ---------------------------------------------------------------------------------------------
