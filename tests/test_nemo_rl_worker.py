@@ -1,0 +1,219 @@
+"""The worker extension's logic on CPU, over a stand-in for NeMo-RL's Megatron worker (same method names):
+one OCC update per optimizer step with the lagged λ, eval mode leaves λ alone, calibrator state through a
+checkpoint, the setup check for missing MTP layers, and unpacking packed MTP rows.
+
+Letters: B sequences, S tokens, T packed tokens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from nemo_occ.core.config import NemoOCCConfig
+from nemo_occ.nemo_rl import worker as worker_mod
+from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_logprobs_key
+from nemo_occ.nemo_rl.loss_config import policy_loss_config
+from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension, unpack_rows
+
+
+class MainNLL:
+    loss_type = "token_level"
+    input_type = "logprob"
+    force_on_policy_ratio = False
+
+    def __call__(self, next_token_logprobs, data, global_valid_seqs, global_valid_toks):
+        mask = data["token_mask"][:, 1:] * data["sample_mask"].unsqueeze(-1)
+        loss = -(next_token_logprobs * mask).sum() / global_valid_toks
+        return loss, {"loss": loss.item()}
+
+
+def _microbatch(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, S = 2, 8
+    data = {
+        "token_mask": torch.ones(B, S),
+        "sample_mask": torch.ones(B),
+        "prev_logprobs": -torch.rand(B, S, generator=g),
+        "advantages": torch.randn(B, S, generator=g),
+    }
+    main = data["prev_logprobs"][:, 1:] + 0.1 * torch.randn(B, S - 1, generator=g)
+    data[mtp_logprobs_key(1)] = data["prev_logprobs"][:, 1:] + 0.2 * torch.randn(B, S - 1, generator=g)
+    return main, data
+
+
+class FakeOptimizer:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+        return True, 0.0, 0
+
+
+class FakeMegatronWorker:
+    """Stand-in for MegatronPolicyWorkerImpl: per global batch, the micro-batch losses, then one step."""
+
+    def __init__(self, config, tokenizer=None, weights_path=None, optimizer_path=None, **kwargs):
+        self.cfg = config
+        self.model = torch.nn.Linear(1, 1)
+        self.optimizer = FakeOptimizer()
+        self.saved = []
+
+    def train(self, data, loss_fn, eval_mode=False, gbs=None, mbs=None):
+        for global_batch in data:
+            n_tok = sum(float(mb["token_mask"][:, 1:].sum()) for _, mb in global_batch)
+            for main, mb in global_batch:
+                loss_fn(main, mb, torch.tensor(4.0), torch.tensor(n_tok))
+            if not eval_mode:
+                self.optimizer.step()
+        return {"all_mb_metrics": {}}
+
+    def save_checkpoint(self, weights_path, optimizer_path=None, **kwargs):
+        self.saved.append(weights_path)
+
+
+class Worker(OCCWorkerExtension, FakeMegatronWorker):
+    def occ_reduction_group(self):
+        return None
+
+    def is_state_writer(self):
+        return True
+
+    def broadcast_from_last_stage(self, metrics):
+        return metrics
+
+    @contextlib.contextmanager
+    def patched_loss_post_processor(self, capture, inputs):
+        yield  # the stand-in puts the MTP log-probs into the data itself
+
+
+class NoCapture(contextlib.AbstractContextManager):
+    def __init__(self, model, *, detach_trunk):
+        self.active, self.num_depths = True, 1
+
+    def __exit__(self, *exc):
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _no_megatron(monkeypatch):
+    import nemo_occ.megatron.mtp_capture as capture_mod
+
+    monkeypatch.setattr(capture_mod, "MTPCapture", NoCapture)
+    monkeypatch.setattr(worker_mod, "ModelInputRecorder", lambda model: contextlib.nullcontext())
+
+
+def _config(regime="occ", **policy):
+    return {
+        "model_name": "tiny",
+        "megatron_cfg": {"mtp_num_layers": 1},
+        "nemo_occ": {"regime": regime},
+        **policy,
+    }
+
+
+def _loss(regime="occ"):
+    return OCCLossFn(MainNLL(), NemoOCCConfig(regime=regime), policy_loss_config({"ratio_clip_max": 0.28}))
+
+
+def _lambda_by_loops(global_batch):
+    """λ+ Σ δ_RL δ_MTP / (Σ δ_MTP² + ε) over the valid positions j >= 1, explicit loops."""
+    c = v2 = 0.0
+    for main, mb in global_batch:
+        old = mb["prev_logprobs"][:, 1:]
+        mtp = mb[mtp_logprobs_key(1)]
+        for b in range(main.shape[0]):
+            for j in range(1, main.shape[1]):
+                d_rl = float(main[b, j] - old[b, j])
+                d_mtp = float(mtp[b, j] - old[b, j])
+                c += d_rl * d_mtp
+                v2 += d_mtp * d_mtp
+    return c / (v2 + 1e-8)
+
+
+def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
+    worker = Worker(_config())
+    update_1 = [_microbatch(0), _microbatch(1)]
+    update_2 = [_microbatch(2)]
+    metrics = worker.train([update_1, update_2], _loss())
+    assert worker.optimizer.steps == 2 and worker.occ_objective.calibrator.num_updates == 2
+    lam_1, lam_2 = _lambda_by_loops(update_1), _lambda_by_loops(update_2)
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_2)  # for the next update
+    occ = metrics["mtp_metrics"]
+    assert occ["occ/lambda_1"] == pytest.approx((lam_1 + lam_2) / 2)  # mean over the step's updates
+    assert occ["occ/lambda_applied_1"] == pytest.approx((0.0 + lam_1) / 2)  # update 2 used update 1's λ
+    assert not math.isclose(lam_1, lam_2)
+
+
+def test_eval_mode_keeps_lambda_and_statistics():
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)]], _loss())
+    before = worker.occ_objective.calibrator.state_dict()
+    worker.train([[_microbatch(5)]], _loss(), eval_mode=True)
+    after = worker.occ_objective.calibrator.state_dict()
+    assert after["lambdas"] == before["lambdas"] and torch.equal(after["stats"], before["stats"])
+    assert after["num_updates"] == before["num_updates"]
+
+
+def test_worker_refuses_nemo_rls_plain_loss():
+    with pytest.raises(TypeError, match="OCCLossFn"):
+        Worker(_config()).train([[_microbatch(0)]], MainNLL())
+
+
+def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    weights = tmp_path / "step_10" / "policy" / "weights"
+    worker.save_checkpoint(str(weights))
+    assert (weights.parent / STATE_FILE).is_file()
+    assert not [p for p in weights.parent.iterdir() if p.name.startswith(".")]  # no temp file left
+    resumed = Worker(_config(), None, weights_path=str(weights))
+    assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()
+    assert resumed.occ_objective.calibrator.num_updates == 2
+
+
+def test_resume_without_state_warns(tmp_path):
+    with pytest.warns(UserWarning, match="restarts"):
+        Worker(_config(), None, weights_path=str(tmp_path / "policy" / "weights"))
+
+
+def test_setup_fails_when_the_model_has_no_mtp_layer(monkeypatch):
+    import nemo_occ.megatron.mtp_capture as capture_mod
+
+    class NoMTP(NoCapture):
+        def __init__(self, model, *, detach_trunk):
+            self.active, self.num_depths = False, 0
+
+    monkeypatch.setattr(capture_mod, "MTPCapture", NoMTP)
+    monkeypatch.setattr(Worker, "holds_output_layer", lambda self: True)
+    cfg = _config()
+    cfg["megatron_cfg"]["mtp_num_layers"] = 0
+    with pytest.raises(ValueError, match="mtp_num_layers: 1 explicitly"):
+        Worker(cfg)
+    Worker(_config(regime="none"))  # no MTP term: fine
+
+
+def test_missing_nemo_occ_block_says_how_to_launch():
+    with pytest.raises(ValueError, match="run_grpo"):
+        Worker({"model_name": "tiny"})
+
+
+def test_unpack_rows_matches_a_loop():
+    # three documents of lengths 4, 2, 5 packed with padding to multiples of 4: starts 0, 4, 8
+    cu = torch.tensor([0, 4, 6, 11])
+    cu_pad = torch.tensor([0, 4, 8, 16])
+    packed = torch.arange(15, dtype=torch.float32).reshape(1, 15).requires_grad_()  # [1, T-1]
+    width = 6
+    rows = unpack_rows(packed, cu, cu_pad, width, fill=-1.0)
+    lengths = [4, 2, 5]
+    starts = [0, 4, 8]
+    for n in range(3):
+        for j in range(width):
+            expect = float(starts[n] + j) if j < lengths[n] - 1 else -1.0
+            assert rows[n, j].item() == expect, (n, j)
+    rows.sum().backward()
+    assert packed.grad.sum().item() == sum(n - 1 for n in lengths)  # each kept position once
