@@ -46,6 +46,18 @@ class SequenceLayout:
     cp_group: object | None
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands a contiguous gradient to the collective before it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _groups(gpt):
     from megatron.core import parallel_state
 
@@ -141,7 +153,9 @@ def head_logprobs(
         )  # [s * tp, b, H]
     else:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
-    hidden = hidden.transpose(0, 1)  # [b, s_cp, H]
+    # The collectives above run in place on the incoming gradient, which after the transpose below
+    # is a non-contiguous view: gloo then reduces a copy and the result is silently wrong.
+    hidden = _ContiguousGrad.apply(hidden).transpose(0, 1)  # [b, s_cp, H]
     if hidden.shape[:2] != (layout.full_ids.shape[0], layout.local_positions.numel()):
         raise ValueError(
             f"hidden states {tuple(hidden.shape)} do not match input_ids (rows {layout.full_ids.shape[0]}, "

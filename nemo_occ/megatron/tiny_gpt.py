@@ -86,6 +86,10 @@ def build_transformer_config(cfg: TinyGPTConfig):
             moe_router_fusion=False,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
+            # Expert MLPs without biases (as in GLM-4.5/DeepSeek). With a bias, 0.16.1's expert MLP
+            # adds it in place to the output of an identity reduce (expert-TP size 1), which autograd
+            # forbids ("Output 0 of _ReduceFromModelParallelRegion is a view ... modified inplace").
+            add_bias_linear=False,
         )
     return TransformerConfig(
         num_layers=cfg.num_layers,
