@@ -88,12 +88,17 @@ def _worker(rank, port, out_dir):
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
         ids, old, adv, mask = _data()
         results = {}
-        for size, group in ((4, None), (2, pairs[rank // 2])):
+        for size, group in ((4, dist.group.WORLD), (2, pairs[rank // 2])):
             lo, hi = SHARDS[size][rank % size]
             for name, cfg in POLICIES.items():
                 grad, proxies, c, v2, rl2 = _step(ids[lo:hi], old[lo:hi], adv[lo:hi], mask[lo:hi], cfg, group)
                 dist.all_reduce(grad, group=group)  # the data-parallel gradient sum
                 results[(size, name)] = dict(grad=grad, proxies=proxies, c=c, v2=v2, rl2=rl2)
+        try:  # several processes and no group: the caller must say which ranks share the batch
+            all_reduce_sum_(torch.ones(1))
+            results["no_group_error"] = None
+        except ValueError as err:
+            results["no_group_error"] = str(err)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -109,6 +114,8 @@ def _free_port() -> int:
 def test_ranks_holding_shards_equal_the_full_batch(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for res in ranks:
+        assert res["no_group_error"] and "data-parallel" in res["no_group_error"]
     ids, old, adv, mask = _data()
     for name, cfg in POLICIES.items():
         grad, proxies, c, v2, rl2 = _step(ids, old, adv, mask, cfg)  # single process, full batch

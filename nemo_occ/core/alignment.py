@@ -11,6 +11,10 @@ Packed (THD) sequences: several documents share one row; ``cu_seqlens`` ([N+1] i
 segment boundaries over the last dim, as in ``PackedSeqParams``) keeps every shift and every target
 inside its own document.
 
+Positions after the last ``cu_seqlens`` boundary (padding of a packed row) form a segment of their
+own: shifts never mix them with a document, but they may come out "valid"; the caller's token mask
+must exclude padding, as NeMo-RL's does.
+
 Letters: B rows, S tokens per row, N packed segments.
 """
 

@@ -198,12 +198,14 @@ class OCCCalibrator:
     def update(self, group=None) -> dict[str, float]:
         """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.
 
-        Every rank of ``group`` must call it (it is a collective when torch.distributed is in use).
+        Every rank of ``group`` must call it (a collective when torch.distributed runs several
+        processes; pass the data-parallel x context-parallel group, see ``all_reduce_sum_``).
         """
         stats = self._stats.clone()
-        if group is not None or (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            device = _collective_device(group)
-            stats = all_reduce_sum_(stats.to(device), group=group).cpu()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            stats = all_reduce_sum_(stats.to(_collective_device(group)), group=group).cpu()
+        else:
+            all_reduce_sum_(stats, group=group)  # single process: validates ``group`` only
         if self._applied[0, 1] > 0:  # microbatch timing: report the mean λ the micro-batches used
             applied = (self._applied[:, 0] / self._applied[:, 1]).tolist()
         else:

@@ -89,7 +89,9 @@ class OCCConfig(_Strict):
         "signed",
         description="signed: ĉ/(v̂²+ε) over all valid tokens of the batch (OCC-NoClip, the paper's default). "
         "clipped: max(0, ĉ)/(v̂²+ε) (OCC-Clip, Appendix E). reference: mean over valid tokens of the "
-        "per-token ratios δ_RL·δ_MTP/(δ_MTP²+ε), as the public reference code does (parity only).",
+        "per-token ratios δ_RL·δ_MTP/(δ_MTP²+ε), as the public reference code does (parity only; the reference "
+        "also averages unmasked positions per micro-batch and divides by the number of MTP layers, which is 1 "
+        "in every published run).",
     )
     timing: Literal["lagged", "microbatch"] = Field(
         "lagged",

@@ -16,13 +16,23 @@ def is_distributed(group=None) -> bool:
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """In-place SUM over ``group`` (the default group when ``group`` is None and a default exists).
+    """In-place SUM over ``group``; a no-op in a single process.
 
-    No-op when torch.distributed is not initialised, so single-process code can call it freely.
+    With several processes the group must be given explicitly: the right one is the data-parallel
+    (x context-parallel) group, and the default world group would also sum over tensor- and
+    pipeline-parallel ranks that hold copies or other shards. Pass ``dist.group.WORLD`` for pure data
+    parallelism.
     """
     if not (dist.is_available() and dist.is_initialized()):
         if group is not None:
             raise ValueError("a process group was given but torch.distributed is not initialised")
         return tensor
+    if group is None:
+        if dist.get_world_size() == 1:
+            return tensor
+        raise ValueError(
+            "torch.distributed runs with several processes: pass the data-parallel (x context-parallel) "
+            "process group to reduce over (dist.group.WORLD for pure data parallelism)"
+        )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
