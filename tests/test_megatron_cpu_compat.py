@@ -1,0 +1,86 @@
+"""CPU compatibility patches and capability detection for megatron-core."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="needs megatron-core")
+
+from nemo_occ.megatron import cpu_compat  # noqa: E402
+from nemo_occ.megatron.capabilities import detect_capabilities  # noqa: E402
+
+
+def test_enable_disable_restores_everything():
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import torch_norm
+
+    before = (
+        torch.cuda.current_device,
+        tp_random.CudaRNGStatesTracker.fork,
+        vars(torch_norm.WrappedTorchNorm)["__new__"],
+    )
+    with cpu_compat.cpu_compat() as applied:
+        assert applied and cpu_compat.is_enabled()
+        assert torch.cuda.current_device() == torch.device("cpu")
+        with cpu_compat.cpu_compat():  # re-entrant: the inner exit must not undo the outer
+            pass
+        assert torch.cuda.current_device() == torch.device("cpu")
+    after = (
+        torch.cuda.current_device,
+        tp_random.CudaRNGStatesTracker.fork,
+        vars(torch_norm.WrappedTorchNorm)["__new__"],
+    )
+    assert after == before and not cpu_compat.is_enabled()
+
+
+def test_never_applied_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    original = torch.cuda.current_device
+    assert cpu_compat.enable() is False
+    assert torch.cuda.current_device is original and not cpu_compat.is_enabled()
+
+
+def test_packed_causal_mask_matches_loop():
+    cu = torch.tensor([0, 3, 5, 9])
+    mask = cpu_compat.packed_causal_mask(cu, 11)[0, 0]
+    seg = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3]  # 9, 10 are padding: their own segment
+    for t in range(11):
+        for u in range(11):
+            assert bool(mask[t, u]) == (not (seg[t] == seg[u] and u <= t)), (t, u)
+
+
+def test_capabilities_are_detected_from_code():
+    caps = detect_capabilities()
+    from megatron.core.models.gpt import gpt_model
+
+    assert caps.process_mtp_loss == hasattr(gpt_model, "process_mtp_loss")
+    if not caps.process_mtp_loss:  # 0.16.x: inline MTP loss, labels required
+        assert not caps.labels_from_input_ids and not caps.forward_without_labels
+
+
+@pytest.mark.mcore_latest
+def test_newer_core_capture_skips_process_mtp_loss(monkeypatch):
+    caps = detect_capabilities()
+    if not caps.process_mtp_loss:
+        pytest.skip(f"megatron-core {caps.version} has no process_mtp_loss (needs a newer core than 0.16.x)")
+    from megatron.core.models.gpt import gpt_model
+
+    from nemo_occ.megatron import parallel
+    from nemo_occ.megatron.mtp_capture import MTPCapture
+    from nemo_occ.megatron.tiny_gpt import build_tiny_gpt
+
+    calls = []
+    monkeypatch.setattr(gpt_model, "process_mtp_loss", lambda *a, **k: calls.append(1))
+    with cpu_compat.cpu_compat():
+        parallel.init_model_parallel()
+        try:
+            model = build_tiny_gpt(mtp_num_layers=1)
+            ids = torch.randint(0, 64, (2, 8))
+            pos = torch.arange(8).expand(2, 8)
+            with MTPCapture(model, detach_trunk=True) as cap:
+                logits = model(ids, pos, None)  # newer cores derive MTP labels from input_ids here
+                out = cap.logprobs(ids)
+            assert calls == [] and logits.shape == (2, 8, 64) and len(out.logprobs) == 1
+        finally:
+            parallel.destroy_model_parallel()
