@@ -180,15 +180,18 @@ def load_recipe(
 
 def _register_nemo_rl_resolvers() -> None:
     """The ``${mul:a,b}`` / ``${add:a,b}`` resolvers NeMo-RL registers before loading configs."""
+    import warnings
+
     from omegaconf import OmegaConf
 
-    register = (
-        getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver
-    )  # 2.4 renamed it
-    if not OmegaConf.has_resolver("mul"):
-        register("mul", lambda a, b: a * b)
-    if not OmegaConf.has_resolver("add"):
-        register("add", lambda a, b: a + b)
+    # register_new_resolver is what NeMo-RL uses (nested ${...} arguments); omegaconf 2.4 deprecates the
+    # name, while 2.3's register_resolver is the legacy kind that rejects ${...} arguments.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        if not OmegaConf.has_resolver("mul"):
+            OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
+        if not OmegaConf.has_resolver("add"):
+            OmegaConf.register_new_resolver("add", lambda a, b: a + b)
 
 
 # ---------------------------------------------------------------------------------------------
