@@ -136,7 +136,9 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 if grad_weight.dtype == hidden.dtype:
                     grad_weight.addmm_(grad_logits.t(), hidden[rows])  # [Vl, H], no temporary
                 else:
-                    grad_weight += (grad_logits.t() @ hidden[rows]).float()
+                    grad_weight += (
+                        grad_logits.t() @ hidden[rows]
+                    )  # fp32 += bf16: cast on the fly, no fp32 copy
             del logits, grad_logits  # free before the next chunk allocates (one chunk alive at a time)
         if need_weight:
             grad_weight = grad_weight.to(weight.dtype)
@@ -183,9 +185,12 @@ def token_logprobs(
         tp_group: tensor-parallel group over which the vocabulary is split; None = full vocab here.
         vocab_start: global id of this rank's first vocab row (Megatron: rank * Vl).
         chunk_size: tokens per chunk. Peak extra memory ~ chunk_size * Vl * 4 bytes (one fp32 logits
-            chunk; 1.5x that for bf16/fp16 inputs) plus the weight gradient. 512 gave 10.8x less peak
-            memory than full logits at 1.2x the time (CPU, T=4096, H=512, V=32768, see
-            bench/bench_chunked_logprobs.py); smaller saves memory, larger amortises per-chunk overhead.
+            chunk; 1.5x that for bf16/fp16 inputs) plus the gradients; for bf16/fp16 weights the weight
+            gradient is summed in an fp32 [Vl, H] buffer (plus one [Vl, H] low-precision product per
+            chunk). 512 gave 10.5x less peak memory than full logits at 1.21-1.35x the time (fp32, CPU,
+            T=4096, H=512, V=32768; bench/bench_chunked_logprobs.py). The extra time is the recomputed
+            logits matmul in backward (4 matmuls instead of 3). Smaller saves memory, larger amortises
+            per-chunk overhead.
         return_top1: also return a bool tensor, True where the target attains the maximum logit over
             the full vocabulary (ties count as hits); no gradient. Used as the MTP draft-acceptance proxy.
 
