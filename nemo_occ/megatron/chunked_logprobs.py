@@ -8,8 +8,8 @@ Shapes (one legend for this file):
     Vl  this rank's vocabulary shard: global ids [vocab_start, vocab_start + Vl)
 
 What it replaces: ``output_layer(hidden)`` -> [T, Vl] logits -> vocab-parallel cross-entropy. That keeps
-[T, Vl] fp32 logits alive for backward (plus copies made by the softmax), which for an RL batch of
-32k tokens and GLM's 151k vocabulary is tens of GB per head. Here the logits exist only one chunk of
+[T, Vl] fp32 logits alive for backward (plus copies made by the softmax): for 32k tokens and
+GLM-4.5-Air's 151,552-token vocabulary that is 18 GiB per head at TP1, 9 GiB per rank at TP2. Here the logits exist only one chunk of
 C tokens at a time, in forward and again (recomputed) in backward; what is saved for backward is
 ``hidden``, ``weight``, ``targets`` and one fp32 log-sum-exp per token. This is the idea of Cut
 Cross-Entropy / Liger's fused linear cross-entropy / NeMo-RL's chunked fused linear log-probs, written
