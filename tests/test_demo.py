@@ -177,3 +177,14 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
     with pytest.warns(UserWarning, match="another configuration"):
         assert load_checkpoint(path, {"a": 2}) is None
+
+
+def test_spearman_r_is_pearson_of_ranks_with_ties():
+    from nemo_occ.demo.report import spearman_r
+
+    x = [3.0, 1.0, 2.0, 2.0, 10.0]
+    y = [30.0, 5.0, 7.0, 6.0, 1000.0]
+    # ranks by hand: x -> [3, 0, 1.5, 1.5, 4], y -> [3, 0, 2, 1, 4]
+    rx, ry = np.array([3, 0, 1.5, 1.5, 4]), np.array([3, 0, 2, 1, 4])
+    assert spearman_r(x, y) == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]), rel=1e-12)
+    assert spearman_r(x, [v**3 for v in x]) == pytest.approx(1.0)  # monotone -> 1 whatever the scale

@@ -59,7 +59,7 @@ class WarmStartConfig(_Strict):
 class RLConfig(_Strict):
     """GRPO/DAPO loop scaled down from the paper's 128 prompts x 16 samples, minibatches of 32 prompts."""
 
-    steps: int = Field(60, gt=0, description="RL steps.")
+    steps: int = Field(200, gt=0, description="RL steps (paper: 200).")
     prompts_per_step: int = Field(32, gt=0, description="Prompts sampled per step.")
     samples_per_prompt: int = Field(8, gt=1, description="Responses per prompt (the GRPO group).")
     minibatches: int = Field(
@@ -87,7 +87,7 @@ class EvalConfig(_Strict):
         256, gt=0, description="Held-out problems (fixed by the seed, disjoint from training)."
     )
     samples: int = Field(4, gt=0, description="k of avg@k.")
-    every: int = Field(10, gt=0, description="Evaluate every N steps (and at step 0 and the last step).")
+    every: int = Field(20, gt=0, description="Evaluate every N steps (and at step 0 and the last step).")
 
 
 class DemoConfig(_Strict):
@@ -101,7 +101,9 @@ class DemoConfig(_Strict):
     rl: RLConfig = Field(default_factory=RLConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig, description="DAPO defaults.")
-    fidelity_every: int = Field(0, ge=0, description="Exact c and v² every N steps (0 = off).")
+    fidelity_every: int = Field(
+        5, ge=0, description="Exact c and v² (two extra backward passes) every N steps; 0 = off."
+    )
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default).")
 
     @model_validator(mode="after")
@@ -126,6 +128,7 @@ QUICK = {
         "minibatches": 2,
         "checkpoint_every": 2,
     },
+    "fidelity_every": 2,
     "eval": {"problems": 32, "samples": 2, "every": 2},
 }
 

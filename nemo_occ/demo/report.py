@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["build_report", "pearson_r"]
+__all__ = ["build_report", "pearson_r", "spearman_r"]
 
 _COLORS = {"none": "#7f7f7f", "detach": "#1f77b4", "ce": "#2ca02c", "policy": "#9467bd", "occ": "#d62728"}
 
@@ -26,6 +26,25 @@ def pearson_r(xs: list[float], ys: list[float]) -> float | None:
     if sxx == 0 or syy == 0:
         return None
     return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
+
+
+def _ranks(xs: list[float]) -> list[float]:
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):  # ties share their average rank
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman_r(xs: list[float], ys: list[float]) -> float | None:
+    """Spearman rank correlation (Pearson r of the ranks): robust to the heavy tails of gradient norms."""
+    return pearson_r(_ranks(xs), _ranks(ys))
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -78,6 +97,8 @@ def summarize(runs: dict[str, dict]) -> dict:
                     "points": len(xs_c),
                     "pearson_r_c": pearson_r(xs_c, ys_c),
                     "pearson_r_v2": pearson_r(xs_v, ys_v),
+                    "spearman_r_c": spearman_r(xs_c, ys_c),
+                    "spearman_r_v2": spearman_r(xs_v, ys_v),
                 }
         out["regimes"][regime] = entry
     if "occ" in runs and "detach" in runs and runs["detach"]["step_time_s"] > 0:
@@ -108,12 +129,19 @@ def summary_markdown(summary: dict, header: str) -> str:
     if fid:
         lines += [
             "",
-            "Proxy fidelity (Pearson r between the proxy and the exact gradient statistic over the run):",
+            "Proxy fidelity: correlation over the run between each proxy and the exact gradient statistic "
+            "(the paper's Fig. 8), Pearson r and Spearman ρ:",
             "",
         ]
-        lines += ["| regime | points | r(ĉ, c) | r(v̂², v²) |", "|---|---|---|---|"]
+        lines += [
+            "| regime | points | r(ĉ, c) | ρ(ĉ, c) | r(v̂², v²) | ρ(v̂², v²) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r, f in fid.items():
-            lines.append(f"| {r} | {f['points']} | {_fmt(f['pearson_r_c'])} | {_fmt(f['pearson_r_v2'])} |")
+            lines.append(
+                f"| {r} | {f['points']} | {_fmt(f['pearson_r_c'])} | {_fmt(f['spearman_r_c'])} | "
+                f"{_fmt(f['pearson_r_v2'])} | {_fmt(f['spearman_r_v2'])} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -181,20 +209,18 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for regime, pts in fid.items():
             c = _COLORS.get(regime)
-            rc = pearson_r([p[0] for p in pts], [p[1] for p in pts])
-            rv = pearson_r([p[2] for p in pts], [p[3] for p in pts])
-            axes[0].scatter(
-                [p[0] for p in pts], [p[1] for p in pts], color=c, s=12, label=f"{regime} r={_fmt(rc, '.2f')}"
-            )
-            axes[1].scatter(
-                [p[2] for p in pts], [p[3] for p in pts], color=c, s=12, label=f"{regime} r={_fmt(rv, '.2f')}"
-            )
+            xc, yc, xv, yv = ([p[i] for p in pts] for i in range(4))
+            lc = f"{regime} r={_fmt(pearson_r(xc, yc), '.2f')} ρ={_fmt(spearman_r(xc, yc), '.2f')}"
+            lv = f"{regime} r={_fmt(pearson_r(xv, yv), '.2f')} ρ={_fmt(spearman_r(xv, yv), '.2f')}"
+            axes[0].scatter(xc, yc, color=c, s=12, label=lc)
+            axes[1].scatter(xv, yv, color=c, s=12, label=lv)
         axes[0].set(
             title="alignment: proxy ĉ vs exact c", xlabel="ĉ = Σ δ_RL·δ_MTP", ylabel="c = <g_RL, g_MTP>"
         )
         axes[1].set(title="variance: proxy v̂² vs exact v²", xlabel="v̂² = Σ δ_MTP²", ylabel="v² = ||g_MTP||²")
-        axes[0].legend()
-        axes[1].legend()
+        for ax in axes:  # gradient statistics are heavy-tailed: keep the bulk of the points visible
+            ax.set_yscale("symlog", linthresh=1e-3)
+            ax.legend(fontsize=8)
         save(fig, "fidelity.png")
     return written
 

@@ -58,12 +58,14 @@ def run_demo(
                 "wall_time_s": run.wall_time_s,
                 "step_time_s": run.step_time_s,
             }
+    warm_wall = warm_metrics.get("warm_start/wall_s", 0.0)
     header = (
         f"# nemo-occ demo — {_dt.date.today().isoformat()}, {_machine()}\n\n"
         f"{cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples_per_prompt} samples, "
         f"{cfg.rl.minibatches} updates/step, seed {cfg.seed}; task: {cfg.task.digits}-digit addition; "
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {cfg.model.mtp_num_layers} MTP layer(s); "
         f"warm start main CE {warm_metrics.get('warm_start/main_ce', float('nan')):.3f}. "
-        f"Total wall time {time.perf_counter() - t0:.0f} s."
+        f"Training wall time {warm_wall + sum(r['wall_time_s'] for r in runs.values()):.0f} s "
+        f"(warm start + regimes, across resumes; this invocation {time.perf_counter() - t0:.0f} s)."
     )
     return build_report(runs, out, header)

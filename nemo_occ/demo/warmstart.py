@@ -7,6 +7,7 @@ Letters: N sequences, L sequence length.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
@@ -35,6 +36,7 @@ def warm_start(cfg: DemoConfig, path: Path, *, progress=None) -> tuple[dict, dic
     mask[:, task.prompt_len - 1 :] = True  # only the answer is predictable
     n_tok, _ = valid_counts(mask)
     metrics: dict = {}
+    t0 = time.perf_counter()
     for _ in range(cfg.warm_start.steps):
         seqs = task.sequences(task.sample_operands(cfg.warm_start.batch_size, g))
         out = policy.logprobs(seqs, detach_trunk=False)
@@ -49,6 +51,7 @@ def warm_start(cfg: DemoConfig, path: Path, *, progress=None) -> tuple[dict, dic
         metrics["warm_start/main_ce"] = float(m["loss"])
         if progress is not None:
             progress.update(1)
+    metrics["warm_start/wall_s"] = time.perf_counter() - t0
     state = policy.model.state_dict()
     save_checkpoint(path, {"model": state, "metrics": metrics}, fingerprint)
     return state, metrics

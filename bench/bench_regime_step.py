@@ -1,0 +1,115 @@
+"""Cost of one optimizer update per MTP regime, measured side by side (the paper's Fig. 5 question).
+
+Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
+megatron-core GPT with one MTP layer (CPU, through ``nemo_occ.megatron.cpu_compat``), the main
+head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer step and
+``finish_update``. ``exact`` is the ``policy`` regime plus the exact gradient statistics
+(``exact_gradient_statistics``: two extra backward passes), the full-model alternative to OCC's
+log-prob proxies.
+
+Variants are interleaved round by round (each round runs every variant once, in a rotating order) so
+that machine noise hits them alike; the table reports the median wall time per update and the ratio
+to ``detach``. The demo's per-step times also depend on how many groups DAPO's dynamic sampling
+keeps, which differs between regimes; this benchmark holds the data fixed.
+
+    python bench/bench_regime_step.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4]
+                                      [--vocab 8192] [--rounds 7] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+VARIANTS = ("none", "detach", "ce", "policy", "occ", "exact")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=256, help="sequence length S")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per update B")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
+    from nemo_occ.core.diagnostics import exact_gradient_statistics
+    from nemo_occ.megatron import cpu_compat, forward_with_mtp_logprobs
+    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+
+    cpu_compat.enable()
+    init_model_parallel(tensor_parallel=1)
+    torch.manual_seed(0)
+    cfg = TinyGPTConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_sequence_length=args.tokens,
+        mtp_num_layers=1,
+    )
+    model = build_tiny_gpt(cfg)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
+    pos = torch.arange(args.tokens)[None].expand(args.batch, -1)
+    with torch.no_grad():
+        old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
+    old_main = old.main_logprobs + 0.05 * torch.randn(old.main_logprobs.shape, generator=g)  # δ_RL != 0
+    adv = torch.randn(args.batch, generator=g)
+    mask = torch.ones_like(old_main, dtype=torch.bool)
+    n_tok, n_seq = valid_counts(mask)
+    policy_cfg = PolicyLossConfig()
+
+    def update(variant: str) -> float:
+        model.load_state_dict(init_state)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        regime = "policy" if variant == "exact" else variant
+        objective = MTPObjective(NemoOCCConfig(regime=regime), policy_cfg)
+        t0 = time.perf_counter()
+        cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=not objective.regime.trunk_gradient)
+        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
+        mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
+                                mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
+        if variant == "exact":
+            unscaled, _ = objective.regime.depth_loss(cur.mtp_logprobs[0], old_main, adv, mask & cur.mtp_masks[0],
+                                                      policy_cfg, **kw)  # fmt: skip
+            exact_gradient_statistics(main_loss, [unscaled], list(model.parameters()))
+        opt.zero_grad(set_to_none=True)
+        (main_loss + mtp_loss).backward()
+        opt.step()
+        objective.finish_update()
+        return time.perf_counter() - t0
+
+    for v in VARIANTS:  # warm-up
+        update(v)
+    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(args.rounds):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        for v in order:
+            times[v].append(update(v))
+    med = {v: statistics.median(ts) for v, ts in times.items()}
+    print(
+        f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP=1 "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
+    )
+    print(f"{'variant':<8} {'median s/update':>16} {'x detach':>9}")
+    for v in VARIANTS:
+        print(f"{v:<8} {med[v]:>16.4f} {med[v] / med['detach']:>9.3f}")
+
+
+if __name__ == "__main__":
+    main()
