@@ -61,7 +61,7 @@ def main() -> None:
         mtp_num_layers=1,
     )
     model = build_tiny_gpt(cfg)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
     pos = torch.arange(args.tokens)[None].expand(args.batch, -1)
