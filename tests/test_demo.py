@@ -40,6 +40,10 @@ def quick_run(tmp_path_factory):
 def test_quick_demo_writes_every_artifact(quick_run):
     out, rc, stdout = quick_run
     assert rc == 0
+    # the demo leaves the process as it found it: CPU patches undone, no process group left behind
+    from nemo_occ.megatron import cpu_compat
+
+    assert not cpu_compat.is_enabled() and not torch.distributed.is_initialized()
     assert stdout.strip().splitlines()[-1].startswith(f"Results are in {out.resolve()}")
     for regime in REGIMES:
         rows = _rows(out / regime / "metrics.jsonl")

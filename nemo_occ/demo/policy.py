@@ -22,7 +22,7 @@ import torch
 from nemo_occ.demo.config import DemoConfig
 from nemo_occ.demo.task import VOCAB_SIZE, AdditionTask
 
-__all__ = ["DemoPolicy", "setup_megatron_cpu"]
+__all__ = ["DemoPolicy", "setup_megatron_cpu", "teardown_megatron_cpu"]
 
 _READY = False
 
@@ -38,6 +38,19 @@ def setup_megatron_cpu() -> None:
     cpu_compat.enable()
     init_model_parallel(tensor_parallel=1)
     _READY = True
+
+
+def teardown_megatron_cpu() -> None:
+    """Undo :func:`setup_megatron_cpu` (process group, model-parallel state, CPU patches)."""
+    global _READY
+    if not _READY:
+        return
+    from nemo_occ.megatron import cpu_compat
+    from nemo_occ.megatron.parallel import destroy_model_parallel
+
+    destroy_model_parallel()
+    cpu_compat.disable()
+    _READY = False
 
 
 @dataclass

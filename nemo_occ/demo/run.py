@@ -34,15 +34,27 @@ def _machine() -> str:
 def run_demo(
     cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, *, interrupt_at: int | None = None, show_progress=True
 ) -> dict:
+    from nemo_occ.demo.policy import setup_megatron_cpu, teardown_megatron_cpu
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out.mkdir(parents=True, exist_ok=True)
+    setup_megatron_cpu()
+    try:
+        return _run(cfg, occ_cfg, out, interrupt_at=interrupt_at, show_progress=show_progress)
+    finally:  # leave the process as it was (the patches and the gloo group are process-wide)
+        teardown_megatron_cpu()
+
+
+def _run(
+    cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, *, interrupt_at: int | None, show_progress: bool
+) -> dict:
     from tqdm.auto import tqdm
 
     from nemo_occ.demo.report import build_report
     from nemo_occ.demo.trainer import run_regime
     from nemo_occ.demo.warmstart import warm_start
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with tqdm(total=cfg.warm_start.steps, desc="warm start", disable=not show_progress, leave=False) as bar:
         warm_state, warm_metrics = warm_start(cfg, out / "warmstart.pt", progress=bar)
