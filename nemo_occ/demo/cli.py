@@ -30,8 +30,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=_main)
 
 
+def _quiet_expected_megatron_warnings() -> None:
+    """On a CPU, megatron-core warns at import that TE/Apex are absent: expected here, not actionable."""
+    import warnings
+
+    for pattern in (
+        r"Transformer Engine and Apex are not installed",
+        r"Apex is not installed",
+        r"full scope is deprecated",
+    ):
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+
 def _main(args) -> int:
     import sys
+
+    _quiet_expected_megatron_warnings()
 
     from nemo_occ.core.config import ConfigError
     from nemo_occ.demo.config import load_demo_config
