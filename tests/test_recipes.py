@@ -155,7 +155,11 @@ def _check(path, *overrides, facts=True):
         ("policy.megatron_cfg.pipeline_model_parallel_size=4", "does not divide the 46 layers"),
         ("policy.megatron_cfg.expert_model_parallel_size=3", "experts"),
         ("policy.megatron_cfg.context_parallel_size=3", "not divisible by TP\\*PP\\*CP"),
-        ("policy.generation.vllm_kwargs.enable_prefix_caching=true", "prefix_caching"),
+        ("policy.generation.vllm_cfg.enable_prefix_caching=true", "prefix_caching"),
+        (
+            "policy.generation.vllm_kwargs.enable_prefix_caching=false",
+            "move it to policy.generation.vllm_cfg",
+        ),
         ("loss_fn.token_level_loss=true", "token_level_loss: false"),
         ("nemo_occ.old_logprobs=mtp", "old_logprobs: main"),
         ("policy.megatron_cfg.enabled=false", "megatron_cfg.enabled: true"),

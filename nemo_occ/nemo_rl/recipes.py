@@ -352,15 +352,22 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
                 "policy.megatron_cfg.mtp_detach_heads: true conflicts with nemo-occ's regimes: set it to false "
                 "and choose nemo_occ.regime: detach to keep MTP gradients out of the trunk"
             )
+    vllm_kwargs = _get(cfg, "policy.generation.vllm_kwargs", {}) or {}
+    if isinstance(vllm_kwargs, Mapping) and "enable_prefix_caching" in vllm_kwargs:
+        problems.append(
+            "policy.generation.vllm_kwargs.enable_prefix_caching: NeMo-RL already passes enable_prefix_caching "
+            "to vllm.LLM from vllm_cfg (vLLM init fails with a duplicate keyword): move it to "
+            "policy.generation.vllm_cfg.enable_prefix_caching"
+        )
     if drafting:
         if str(spec.get("method")) not in ("mtp", "deepseek_mtp"):
             problems.append(
                 f"speculative_config.method={spec.get('method')!r}: nemo-occ drafts with the co-trained MTP layer, "
                 "use method: mtp"
             )
-        if _get(cfg, "policy.generation.vllm_kwargs.enable_prefix_caching") is not False:
+        if _get(cfg, "policy.generation.vllm_cfg.enable_prefix_caching") is not False:
             problems.append(
-                "MTP speculative decoding: set policy.generation.vllm_kwargs.enable_prefix_caching: false "
+                "MTP speculative decoding: set policy.generation.vllm_cfg.enable_prefix_caching: false "
                 "(vLLM returned wrong log-probs with MTP drafting plus prefix caching)"
             )
 
