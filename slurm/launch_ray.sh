@@ -16,6 +16,8 @@
 #   SETUP_COMMAND  run on every node before Ray starts (e.g. "pip install --no-deps -e $NEMO_OCC_DIR")
 #   NEMO_RL_ROOT   NeMo-RL source tree inside the container (default: /opt/nemo-rl)
 #   GPUS_PER_NODE  GPUs per node (default: 8); must equal the recipe's cluster.gpus_per_node
+#   CPUS_PER_NODE  CPUs given to each node's Ray and driver step (default: $SLURM_CPUS_ON_NODE); without
+#                  it an srun step with one task is bound to one CPU on clusters that constrain cores
 #   RAY_PORT       port of the Ray head (default: 6379)
 #   RAY_WAIT_S     seconds to wait for all nodes to join Ray (default: 600)
 #   BASE_LOG_DIR   logs go to $BASE_LOG_DIR/<job id>-logs/ (default: $SLURM_SUBMIT_DIR)
@@ -31,6 +33,7 @@ COMMAND=${COMMAND:-}
 SETUP_COMMAND=${SETUP_COMMAND:-true}
 NEMO_RL_ROOT=${NEMO_RL_ROOT:-/opt/nemo-rl}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
+CPUS_PER_NODE=${CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-}}
 RAY_PORT=${RAY_PORT:-6379}
 RAY_WAIT_S=${RAY_WAIT_S:-600}
 BASE_LOG_DIR=${BASE_LOG_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
@@ -46,8 +49,9 @@ ENV_SETUP="export PYTHONPATH=$NEMO_OCC_DIR:\${PYTHONPATH:-} NEMO_RL_ROOT=$NEMO_R
 on_node() {
   local node=$1 cmd=$2
   shift 2
-  srun --nodes=1 --ntasks=1 --nodelist="$node" --container-image="$CONTAINER" \
-    --container-mounts="$MOUNTS" --container-workdir="$NEMO_OCC_DIR" "$@" bash -c "$ENV_SETUP; $cmd"
+  srun --nodes=1 --ntasks=1 ${CPUS_PER_NODE:+--cpus-per-task=$CPUS_PER_NODE} --nodelist="$node" \
+    --container-image="$CONTAINER" --container-mounts="$MOUNTS" --container-workdir="$NEMO_OCC_DIR" "$@" \
+    bash -c "$ENV_SETUP; $cmd"
 }
 
 # The recipe's cluster block must describe this allocation.
