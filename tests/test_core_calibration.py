@@ -123,7 +123,7 @@ def test_update_metrics_match_loop_and_describe_the_applied_lambda():
     n = len(pairs)
     _assert_float(m["occ/lambda_applied_1"], 0.25)  # the update just closed ran with initial_lambda
     _assert_float(m["occ/first_order_1"], 0.25 * c)
-    _assert_float(m["occ/second_order_1"], 0.25**2 * v2)
+    _assert_float(m["occ/second_order_1"], 0.5 * 0.25**2 * v2)
     _assert_float(m["occ/c_hat_mean_1"], c / n)
     _assert_float(m["occ/v2_hat_mean_1"], v2 / n)
     assert m["occ/valid_tokens_1"] == n and m["occ/no_valid_tokens_1"] == 0.0
@@ -283,3 +283,22 @@ def test_load_state_dict_with_other_depth_count_raises():
     state = OCCCalibrator(2).state_dict()
     with pytest.raises(ValueError, match="num_depths"):
         OCCCalibrator(1).load_state_dict(state)
+
+
+def test_update_without_refresh_reports_statistics_but_keeps_lambda():
+    # the first update of an RL step runs at θ = θ_old: δ_RL = 0, ĉ = 0, and it must not zero λ
+    main, old, mtp, _, mask = rand_batch(seed=31)
+    cal = OCCCalibrator(1, OCCConfig())
+    cal.accumulate(main, old, [mtp], mask)
+    cal.update()  # a real update sets λ from its statistics
+    lam = cal.lambdas[0]
+    assert lam != 0.0
+    cal.accumulate(old, old, [mtp], mask)  # on-policy: current main log-probs equal the old ones
+    m = cal.update(refresh=False)
+    assert cal.lambdas[0] == lam and m["occ/lambda_1"] == lam and m["occ/refreshed"] == 0.0
+    assert m["occ/c_hat_1"] == 0.0 and m["occ/lambda_stats_1"] == 0.0
+    _assert_float(m["occ/lambda_applied_1"], lam)
+    cal.accumulate(main, old, [mtp], mask)
+    m = cal.update()  # refreshing again takes this update's statistics
+    assert m["occ/refreshed"] == 1.0
+    _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))

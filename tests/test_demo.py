@@ -61,8 +61,15 @@ def test_quick_demo_writes_every_artifact(quick_run):
     for r in updated:
         for key in ("occ/lambda_1", "occ/c_hat_1", "occ/v2_hat_1", "occ/first_order_1", "occ/second_order_1"):
             assert key in r and math.isfinite(r[key]), key
-        # λ reported for a step is Eq. 13 applied to that step's last-update proxies
-        assert r["occ/lambda_1"] == pytest.approx(r["occ/c_hat_1"] / (r["occ/v2_hat_1"] + 1e-8), rel=1e-9)
+        # Eq. 13 applied to the step's last-update proxies; it becomes λ only when that update refreshed
+        lam = r["occ/c_hat_1"] / (r["occ/v2_hat_1"] + 1e-8)
+        assert r["occ/lambda_stats_1"] == pytest.approx(lam, rel=1e-9)
+        if r["occ/refreshed"] == 1.0:
+            assert r["occ/lambda_1"] == r["occ/lambda_stats_1"]
+    # the first update of every step runs at θ = θ_old and must not set λ: with 2 updates per step,
+    # the last update of a step with both updates is a refreshing one
+    assert any(r["occ/refreshed"] == 1.0 for r in updated if r["updates"] == 2)
+    assert all(r["occ/refreshed"] == 0.0 for r in updated if r["updates"] == 1)
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["regimes"]) == set(REGIMES)
@@ -192,3 +199,14 @@ def test_spearman_r_is_pearson_of_ranks_with_ties():
     rx, ry = np.array([3, 0, 1.5, 1.5, 4]), np.array([3, 0, 2, 1, 4])
     assert spearman_r(x, y) == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]), rel=1e-12)
     assert spearman_r(x, [v**3 for v in x]) == pytest.approx(1.0)  # monotone -> 1 whatever the scale
+
+
+def test_response_mask_scores_exactly_the_response_tokens():
+    task = AdditionTask(digits=2)
+    mask = task.response_mask(3)
+    seq = task.sequences(torch.tensor([[12, 34]]))[0]  # BOS 1 2 + 3 4 = r0 r1 r2 EOS
+    assert mask.shape == (3, len(seq) - 1)
+    for j in range(len(seq) - 1):  # index j scores tok[j+1]
+        is_response = j + 1 >= 1 + 2 + 1 + 2 + 1  # after BOS, a, '+', b, '='
+        assert bool(mask[0, j]) == is_response, j
+    assert int(mask[0].sum()) == 3 + 1  # the sum's 3 digits and EOS

@@ -142,11 +142,20 @@ def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
     metrics = worker.train([update_1, update_2], _loss())
     assert worker.optimizer.steps == 2 and worker.occ_objective.calibrator.num_updates == 2
     lam_1, lam_2 = _lambda_by_loops(update_1), _lambda_by_loops(update_2)
+    assert not math.isclose(lam_1, lam_2)
+    # the step's first update ran at θ = θ_old: reported, but it does not set λ; the second one does
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_2)  # for the next update
     occ = metrics["mtp_metrics"]
-    assert occ["occ/lambda_1"] == pytest.approx((lam_1 + lam_2) / 2)  # mean over the step's updates
-    assert occ["occ/lambda_applied_1"] == pytest.approx((0.0 + lam_1) / 2)  # update 2 used update 1's λ
-    assert not math.isclose(lam_1, lam_2)
+    assert occ["occ/lambda_stats_1"] == pytest.approx((lam_1 + lam_2) / 2)  # mean over the step's updates
+    assert occ["occ/lambda_1"] == pytest.approx((0.0 + lam_2) / 2)  # λ after each update
+    assert occ["occ/lambda_applied_1"] == pytest.approx(0.0)  # both updates ran with the initial λ
+    assert occ["occ/refreshed"] == pytest.approx(0.5)
+    # the next RL step starts with the λ the previous step ended with, and its first update keeps it
+    metrics = worker.train([[_microbatch(3)], [_microbatch(4)]], _loss())
+    occ = metrics["mtp_metrics"]
+    lam_4 = _lambda_by_loops([_microbatch(4)])
+    assert occ["occ/lambda_applied_1"] == pytest.approx(lam_2)  # both updates used the carried λ
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_4)
 
 
 def test_eval_mode_keeps_lambda_and_statistics():

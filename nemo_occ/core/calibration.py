@@ -20,13 +20,22 @@ When λ is computed and which update uses it (timing ``lagged``, the default):
   3. update u+1 (the next minibatch, or the first minibatch of the next RL step) uses that λ.
 So λ is identical on every rank and independent of how the update was split into micro-batches.
 A one-update lag is inherent: the statistics of update u exist only after its forward passes, and
-its backward cannot wait for them without a second forward. It also avoids the reference code's
-λ ≈ 0 on the first minibatch of each step (there δ_RL ≈ 0 because θ = θ_old). Before any statistics
-exist λ = ``initial_lambda``. Timing ``microbatch`` (the reference code's behaviour) instead lets
-each micro-batch use the λ of its own local statistics: see :meth:`OCCCalibrator.local_lambdas`.
+its backward cannot wait for them without a second forward.
 
-Eq. 10 with its unknown prefactors set to 1 is reported per update for the λ that was applied:
-first-order term λ·ĉ, second-order term λ²·v̂².
+The first update of every RL step runs at θ = θ_old, where δ_RL ≡ 0 and so ĉ = 0: its statistics
+carry no information, and letting them set λ would zero the coefficient of the step's second update.
+The caller therefore closes that update with ``update(refresh=False)``: its statistics are reported
+but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
+u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
+step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
+Before any statistics exist λ = ``initial_lambda``. Timing ``microbatch`` (the reference code's
+behaviour) lets each micro-batch use the λ of its own local statistics instead: see
+:meth:`OCCCalibrator.local_lambdas`.
+
+Eq. 10, Δ(λ) = η(1−Lη)·c·λ − (Lη²/2)·v²·λ², is reported per update for the λ that was applied, with
+the unknown prefactors η(1−Lη) and Lη² set to 1 (Eq. 4's ½ kept): first-order term λ·ĉ, second-order
+term ½·λ²·v̂². Under these prefactors λ = ĉ/v̂² (Eq. 13 with λ+ = 1) is the maximiser, with gain
+ĉ²/(2v̂²) ≥ 0.
 """
 
 from __future__ import annotations
@@ -195,9 +204,12 @@ class OCCCalibrator:
         return self._stats.clone()
 
     # -- closing an update -------------------------------------------------------------------------
-    def update(self, group=None) -> dict[str, float]:
+    def update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
         """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.
 
+        ``refresh=False`` reports the statistics but keeps λ: use it for an update made at θ = θ_old
+        (the first of each RL step), whose δ_RL is zero. ``occ/lambda_k`` is the λ the next update
+        will use, ``occ/lambda_stats_k`` the Eq. 13 value of this update's statistics.
         Every rank of ``group`` must call it (a collective when torch.distributed runs several
         processes; pass the data-parallel x context-parallel group, see ``all_reduce_sum_``).
         """
@@ -215,17 +227,20 @@ class OCCCalibrator:
         for k in range(self.num_depths):
             c, v2, n, _ = stats[k].tolist()
             d = k + 1
-            metrics[f"occ/lambda_{d}"] = new[k]
+            metrics[f"occ/lambda_{d}"] = new[k] if refresh else self._lambdas[k]
+            metrics[f"occ/lambda_stats_{d}"] = new[k]
             metrics[f"occ/lambda_applied_{d}"] = applied[k]
             metrics[f"occ/c_hat_{d}"] = c
             metrics[f"occ/v2_hat_{d}"] = v2
             metrics[f"occ/c_hat_mean_{d}"] = c / n if n > 0 else 0.0
             metrics[f"occ/v2_hat_mean_{d}"] = v2 / n if n > 0 else 0.0
             metrics[f"occ/first_order_{d}"] = applied[k] * c
-            metrics[f"occ/second_order_{d}"] = applied[k] ** 2 * v2
+            metrics[f"occ/second_order_{d}"] = 0.5 * applied[k] ** 2 * v2
             metrics[f"occ/valid_tokens_{d}"] = n
             metrics[f"occ/no_valid_tokens_{d}"] = float(n <= 0)
-        self._lambdas = new
+        metrics["occ/refreshed"] = float(refresh)
+        if refresh:
+            self._lambdas = new
         self._stats.zero_()
         self._applied.zero_()
         self.num_updates += 1

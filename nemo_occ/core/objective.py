@@ -118,16 +118,18 @@ class MTPObjective:
         metrics["mtp/loss_scaled"] = total.detach()
         return total, metrics
 
-    def finish_update(self, group=None) -> dict[str, float]:
+    def finish_update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
         """Close one optimizer update (a collective over ``group`` when distributed); returns OCC metrics.
 
+        Pass ``refresh=False`` for the first update of each RL step (made at θ = θ_old, so δ_RL = 0):
+        its statistics are reported but do not replace λ (see ``nemo_occ.core.calibration``).
         Under regimes without a calibrator it returns {}. Metrics are named ``occ/*`` for the occ regime
         and ``proxy/*`` when the proxies are only monitored (detach/ce/policy), where ``lambda_k`` is
         the λ that OCC would have picked.
         """
         if self.calibrator is None:
             return {}
-        metrics = self.calibrator.update(group)
+        metrics = self.calibrator.update(group, refresh=refresh)
         if self.regime.calibrated:
             return metrics
         coefs = self.coefficients()
@@ -139,7 +141,7 @@ class MTPObjective:
             d = k + 1
             out[f"proxy/lambda_applied_{d}"] = lam
             out[f"proxy/first_order_{d}"] = lam * metrics[f"occ/c_hat_{d}"]
-            out[f"proxy/second_order_{d}"] = lam**2 * metrics[f"occ/v2_hat_{d}"]
+            out[f"proxy/second_order_{d}"] = 0.5 * lam**2 * metrics[f"occ/v2_hat_{d}"]
         return out
 
     def state_dict(self) -> dict:

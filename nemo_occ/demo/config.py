@@ -6,6 +6,7 @@ block (``nemo_occ.core.config.NemoOCCConfig``; its ``regime`` is set per run by 
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -105,6 +106,16 @@ class DemoConfig(_Strict):
         5, ge=0, description="Exact c and v² (two extra backward passes) every N steps; 0 = off."
     )
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default).")
+
+    @model_validator(mode="after")
+    def _occ_needs_updates(self) -> DemoConfig:
+        if "occ" in self.regimes and self.rl.minibatches < 2:
+            warnings.warn(
+                "with rl.minibatches=1 every update runs at θ = θ_old (δ_RL = 0), so OCC never refreshes λ "
+                "and stays at occ.initial_lambda; use several minibatches per step (the paper's setup has 4)",
+                stacklevel=2,
+            )
+        return self
 
     @model_validator(mode="after")
     def _regimes(self) -> DemoConfig:

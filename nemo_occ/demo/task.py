@@ -97,6 +97,13 @@ class AdditionTask:
         """[N, L] full reference sequences (for the supervised warm start)."""
         return torch.cat([self.prompts(ops), self.answers(ops)], dim=1)
 
+    def response_mask(self, n: int) -> torch.Tensor:
+        """[N, L-1] bool: next-token index j (which scores tok[j+1]) is trained on iff tok[j+1] is
+        a response token, i.e. j + 1 >= P."""
+        mask = torch.zeros(n, self.seq_len - 1, dtype=torch.bool)
+        mask[:, self.prompt_len - 1 :] = True
+        return mask
+
     # -- verifier ------------------------------------------------------------------------------------
     def rewards(self, ops: torch.Tensor, responses: torch.Tensor) -> torch.Tensor:
         """[N] 1.0 where the response is exactly the sum's digits then EOS, else 0.0."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,17 +115,16 @@ def run_regime(
         if metrics_path.exists():  # drop what was logged after the checkpoint
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
             history = [h for h in history if h["step"] <= ckpt["step"]]
-    else:
+    else:  # a fresh start: nothing of an earlier run may survive next to the new one
         metrics_path.unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
     metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
     writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step if ckpt is not None else None)
 
     eval_ops = task.eval_operands(cfg.eval.problems, cfg.seed)
     P, G = cfg.rl.prompts_per_step, cfg.rl.samples_per_prompt
-    lp, lr_ = task.prompt_len, task.seq_len
-    # next-token index j scores tok[j+1]: the response tokens are scored at j = P-1 .. L-2
-    resp_mask = torch.zeros(P * G, lr_ - 1, dtype=torch.bool)
-    resp_mask[:, lp - 1 :] = True
+    lp = task.prompt_len
+    resp_mask = task.response_mask(P * G)  # [N, L-1]
 
     def log(row: dict) -> None:
         row = _jsonable(row)
@@ -200,11 +200,14 @@ def run_regime(
                 t_fid = time.perf_counter() - tf
             optimizer.zero_grad(set_to_none=True)
             (main_loss + mtp_loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.rl.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                policy.model.parameters(), cfg.rl.grad_clip, error_if_nonfinite=True
+            )
             optimizer.step()
             upd = {f"loss/{k}": v for k, v in main_m.items()}
             upd.update(mtp_m)
-            upd.update(objective.finish_update())
+            # the step's first update runs at θ = θ_old (δ_RL = 0): report it, keep λ
+            upd.update(objective.finish_update(refresh=u > 0))
             upd["grad_norm"] = grad_norm
             update_rows.append(_jsonable(upd))
         if update_rows:

@@ -32,8 +32,7 @@ def warm_start(cfg: DemoConfig, path: Path, *, progress=None) -> tuple[dict, dic
     policy = DemoPolicy.build(cfg, task)
     opt = torch.optim.Adam(policy.model.parameters(), lr=cfg.warm_start.lr)
     g = torch.Generator().manual_seed(cfg.seed + 1)
-    mask = torch.zeros(cfg.warm_start.batch_size, task.seq_len - 1, dtype=torch.bool)
-    mask[:, task.prompt_len - 1 :] = True  # only the answer is predictable
+    mask = task.response_mask(cfg.warm_start.batch_size)  # only the answer is predictable
     n_tok, _ = valid_counts(mask)
     metrics: dict = {}
     t0 = time.perf_counter()

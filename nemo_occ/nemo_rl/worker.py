@@ -14,7 +14,8 @@ loop and adds three things around it, for the duration of one ``train`` call:
 2. **One calibrator update per optimizer update.** ``optimizer.step`` is wrapped: after each update the
    persistent :class:`MTPObjective` closes it (``finish_update``, a SUM all-reduce of the OCC statistics
    over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
-   comes from the statistics of update u ("lagged" timing).
+   comes from the statistics of update u ("lagged" timing). The first update of each ``train`` call (one
+   RL step) runs at θ = θ_old, where δ_RL = 0: it is reported but does not refresh λ.
 3. **A persistent objective.** The loss object arrives freshly unpickled in every ``train`` call; the
    mixin binds the worker's objective into it, saves its state next to NeMo-RL's checkpoint
    (``policy/nemo_occ_state.pt``) and restores it on resume.
@@ -223,6 +224,13 @@ class OCCWorkerExtension:
             if not eval_mode:
                 stack.enter_context(self._finish_update_after_each_step())
             metrics = super().train(data, loss_fn, eval_mode, *args, **kwargs)
+        if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
+            warnings.warn(
+                "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
+                "cannot refresh λ; make policy.train_global_batch_size smaller than the step's samples "
+                "(the paper: 4 updates per step)",
+                stacklevel=2,
+            )
         occ_metrics = self.broadcast_from_last_stage(_mean_over_updates(self._occ_update_metrics))
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
@@ -235,7 +243,12 @@ class OCCWorkerExtension:
 
         def step_then_calibrate(*args: Any, **kwargs: Any):
             result = step(*args, **kwargs)
-            self._occ_update_metrics.append(self.occ_objective.finish_update(self.occ_reduction_group()))
+            # the first update of this train() call (one RL step) ran at θ = θ_old, where δ_RL = 0:
+            # report its statistics but keep λ (see nemo_occ.core.calibration)
+            refresh = bool(self._occ_update_metrics)
+            self._occ_update_metrics.append(
+                self.occ_objective.finish_update(self.occ_reduction_group(), refresh=refresh)
+            )
             return result
 
         optimizer.step = step_then_calibrate
