@@ -174,12 +174,12 @@ def _context_parallel_body(rank, world, packed: bool):
     g = torch.Generator().manual_seed(5)
     weights = [torch.rand(ids.shape[0], ids.shape[1] - 1, generator=g) for _ in heads]
 
-    def evaluate(hidden_list, input_ids):
+    def evaluate(hidden_list, input_ids, loss_scale=1.0):
         layout = sequence_layout(model, input_ids, psp)
         leaves = [h.detach().clone().requires_grad_(True) for h in hidden_list]
         results = [head_logprobs(model, h, layout, depth) for depth, h in enumerate(leaves)]
         loss = sum((lp * w).sum() for (lp, _, _), w in zip(results, weights, strict=True))
-        loss.backward()
+        (loss * loss_scale).backward()
         return [(lp.detach(), valid) for lp, valid, _ in results], [h.grad for h in leaves]
 
     reference, reference_grads = evaluate(heads, ids)
@@ -202,12 +202,14 @@ def _context_parallel_body(rank, world, packed: bool):
     assert torch.equal(local_pos, cp_local_positions(ids.shape[1], 2, cp_rank, cu_seqlens_padded=bounds))
     local_hidden = [h.index_select(0, local_pos) for h in heads]
     local_ids = shard_for_context_parallel(ids, 2, cp_rank, cu_seqlens_padded=bounds)
-    sharded, sharded_grads = evaluate(local_hidden, local_ids)
+    # NeMo-RL's convention: every CP rank computes the full-sequence loss divided by the CP size
+    sharded, sharded_grads = evaluate(local_hidden, local_ids, loss_scale=1 / 2)
     for (lp, valid), (ref_lp, ref_valid) in zip(sharded, reference, strict=True):
         torch.testing.assert_close(lp, ref_lp)  # every CP rank holds the full sequence
         assert torch.equal(valid, ref_valid)
     for grad, ref_grad in zip(sharded_grads, reference_grads, strict=True):
-        # This rank's slice of the full-sequence gradient, not summed over CP ranks.
+        # The gather's backward sums the (loss / CP) gradients over the CP ranks, so each rank ends with
+        # its slice of the full-sequence gradient.
         torch.testing.assert_close(grad, ref_grad.index_select(0, local_pos))
     ps.destroy_model_parallel()
 

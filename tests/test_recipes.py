@@ -163,6 +163,7 @@ def _check(path, *overrides, facts=True):
         ("loss_fn.token_level_loss=true", "token_level_loss: false"),
         ("nemo_occ.old_logprobs=mtp", "old_logprobs: main"),
         ("policy.megatron_cfg.enabled=false", "megatron_cfg.enabled: true"),
+        ("policy.generation.temperature=0.7", "temperature: 1.0"),
     ],
 )
 def test_checker_rejects_with_a_message_saying_what_to_set(override, match):

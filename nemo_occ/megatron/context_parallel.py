@@ -8,10 +8,12 @@ Packed (THD) rows apply the same cut to every document separately: each padded s
 2C-1-r of every document, documents in order (Transformer Engine's ``thd_get_partitioned_indices``).
 
 ``gather_context_parallel`` all-gathers per-token values and puts them back in sequence order, so
-every CP rank ends with the full-sequence tensor (what NeMo-RL hands to its loss). Its backward keeps
-this rank's slice of the incoming gradient and does NOT sum it over CP: every CP rank evaluates the
-same full-sequence loss, and megatron's gradient all-reduce over the data-parallel x CP group adds
-the per-rank parameter gradients, so summing here as well would count each token C times.
+every CP rank ends with the full-sequence tensor (what NeMo-RL hands to its loss). Its backward
+follows NeMo-RL's convention (its ``AllGatherCPTensor``): the incoming gradient is summed over the CP
+group and this rank keeps its slice. Every CP rank evaluates the same full-sequence loss, so the
+loss built on the gathered tensor must be divided by the CP size, as NeMo-RL's loss post-processor
+does (``cp_normalize``) for the main and the MTP term alike; megatron's gradient all-reduce over the
+data-parallel x CP group then adds the per-rank parameter gradients to the full-sequence gradient.
 
 Letters: B rows, L full (padded) sequence length, C context-parallel size.
 """
@@ -69,10 +71,13 @@ class _GatherContextParallel(torch.autograd.Function):
         full = local.new_empty(*local.shape[:-1], length)
         full.index_copy_(-1, positions, torch.cat(parts, dim=-1))
         ctx.local_positions = positions[cp_rank * local.shape[-1] : (cp_rank + 1) * local.shape[-1]]
+        ctx.group = group
         return full
 
     @staticmethod
     def backward(ctx, grad_full):
+        grad_full = grad_full.contiguous()
+        dist.all_reduce(grad_full, op=dist.ReduceOp.SUM, group=ctx.group)  # NeMo-RL's convention
         return grad_full.index_select(-1, ctx.local_positions), None, None
 
 

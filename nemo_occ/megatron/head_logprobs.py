@@ -30,7 +30,7 @@ import dataclasses
 import torch
 
 from nemo_occ.core.alignment import align_mtp_to_main, mtp_targets, segment_ids, shift_right
-from nemo_occ.megatron.chunked_logprobs import token_logprobs
+from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from nemo_occ.megatron.context_parallel import cp_local_positions, gather_context_parallel
 
 
@@ -134,7 +134,7 @@ def head_logprobs(
     depth: int,
     *,
     detach_weight: bool = False,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(log-probs [B, L-1] fp32, valid [B, L-1] bool, top-1 hits [B, L-1] bool or None) of one head.

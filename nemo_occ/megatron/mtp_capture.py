@@ -31,6 +31,7 @@ import dataclasses
 
 import torch
 
+from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
 from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
 from nemo_occ.megatron.model_access import swapped_config, unwrap_gpt_model
 
@@ -71,7 +72,7 @@ class CapturedMTP:
         input_ids: torch.Tensor,
         *,
         packed_seq_params=None,
-        chunk_size: int = 1024,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
     ) -> MTPHeadLogProbs:
         """Per-depth aligned MTP log-probs; ``input_ids`` exactly as passed to the model."""
@@ -184,7 +185,7 @@ class MTPCapture(contextlib.AbstractContextManager):
         input_ids: torch.Tensor,
         *,
         packed_seq_params=None,
-        chunk_size: int = 1024,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
     ) -> MTPHeadLogProbs:
         """``take().logprobs(...)``: aligned MTP log-probs of the last forward."""

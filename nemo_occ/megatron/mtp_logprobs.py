@@ -15,6 +15,7 @@ import dataclasses
 
 import torch
 
+from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
 from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
 from nemo_occ.megatron.model_access import mtp_disabled, swapped_attributes, unwrap_gpt_model
 from nemo_occ.megatron.mtp_capture import MTPCapture
@@ -40,7 +41,7 @@ def forward_with_mtp_logprobs(
     attention_mask: torch.Tensor | None = None,
     packed_seq_params=None,
     detach_trunk: bool,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
 ) -> ModelLogProbs:
     """One forward of ``model`` -> main-head and per-depth MTP log-probs with gradient.

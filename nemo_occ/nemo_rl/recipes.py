@@ -315,6 +315,14 @@ def _check_layout(cfg: Mapping, facts: ModelFacts | None, problems: list[str]) -
 
 
 def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, problems: list[str]) -> None:
+    temperature = _get(cfg, "policy.generation.temperature", 1.0)
+    if occ.uses_policy_loss and temperature is not None and float(temperature) != 1.0:
+        # NeMo-RL divides the main logits by the sampling temperature before its log-probs; the MTP
+        # log-probs are not scaled, so the MTP ratio would compare unscaled with scaled log-probs.
+        problems.append(
+            f"regime '{occ.regime}' needs policy.generation.temperature: 1.0 (got {temperature}): "
+            "nemo-occ's MTP log-probs are not temperature-scaled"
+        )
     mc = _get(cfg, "policy.megatron_cfg", {}) or {}
     mtp = mc.get("mtp_num_layers")
     spec = _get(cfg, "policy.generation.vllm_kwargs.speculative_config")

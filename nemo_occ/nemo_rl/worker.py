@@ -341,7 +341,9 @@ def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecord
                 global_valid_seqs=global_valid_seqs,
                 global_valid_toks=global_valid_toks,
             )
-            chunk = self.cfg.get("logprob_chunk_size") or 1024
+            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
+
+            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
 
             def with_mtp(output_tensor, *args, **kwargs):
                 # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
