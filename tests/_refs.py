@@ -102,6 +102,20 @@ def count_valid(mask):
     return n_tok, n_seq
 
 
+def loss_kwargs(cfg, mask):
+    """``loop_policy_loss`` keyword arguments from a PolicyLossConfig-like object (attributes only)."""
+    n_tok, n_seq = count_valid(mask)
+    return dict(
+        clip_low=cfg.ratio_clip_low,
+        clip_high=cfg.ratio_clip_high,
+        clip_c=cfg.ratio_clip_c,
+        aggregation=cfg.aggregation,
+        importance_ratio=cfg.importance_ratio,
+        n_tokens=n_tok,
+        n_seqs=n_seq,
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # OCC proxies and λ (Eq. 12-13)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _refs import TinyMTPModel, count_valid, loop_policy_loss, rand_batch
+from _refs import TinyMTPModel, count_valid, loop_policy_loss, loss_kwargs, rand_batch
 
 from nemo_occ.core.config import PolicyLossConfig
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
@@ -21,19 +21,6 @@ CLIPS = {
 }
 
 
-def _ref_kwargs(cfg: PolicyLossConfig, mask):
-    n_tok, n_seq = count_valid(mask)
-    return dict(
-        clip_low=cfg.ratio_clip_low,
-        clip_high=cfg.ratio_clip_high,
-        clip_c=cfg.ratio_clip_c,
-        aggregation=cfg.aggregation,
-        importance_ratio=cfg.importance_ratio,
-        n_tokens=n_tok,
-        n_seqs=n_seq,
-    )
-
-
 def _both(cfg: PolicyLossConfig, new, old, adv, mask):
     """(loss, grad) of the code and of the loop reference w.r.t. the current log-probs."""
     n_tok, n_seq = count_valid(mask)
@@ -43,7 +30,7 @@ def _both(cfg: PolicyLossConfig, new, old, adv, mask):
     )
     (grad,) = torch.autograd.grad(loss, lp)
     lp_ref = new.clone().requires_grad_(True)
-    ref = loop_policy_loss(lp_ref, old, adv, mask, **_ref_kwargs(cfg, mask))
+    ref = loop_policy_loss(lp_ref, old, adv, mask, **loss_kwargs(cfg, mask))
     (grad_ref,) = torch.autograd.grad(ref, lp_ref)
     return loss, grad, ref, grad_ref, metrics
 

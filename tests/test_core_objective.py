@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _refs import TinyMTPModel, count_valid, loop_lambda, loop_policy_loss, rand_batch
+from _refs import TinyMTPModel, count_valid, loop_lambda, loop_policy_loss, loss_kwargs, rand_batch
 
 from nemo_occ.core.config import REGIMES, NemoOCCConfig, OCCConfig, PolicyLossConfig
 from nemo_occ.core.losses import clipped_policy_loss
@@ -30,19 +30,6 @@ def _f(x, y):
         return torch.as_tensor(v.detach() if isinstance(v, torch.Tensor) else v, dtype=torch.float64)
 
     torch.testing.assert_close(t(x), t(y))
-
-
-def _ref_kw(cfg: PolicyLossConfig, mask):
-    n_tok, n_seq = count_valid(mask)
-    return dict(
-        clip_low=cfg.ratio_clip_low,
-        clip_high=cfg.ratio_clip_high,
-        clip_c=cfg.ratio_clip_c,
-        aggregation=cfg.aggregation,
-        importance_ratio=cfg.importance_ratio,
-        n_tokens=n_tok,
-        n_seqs=n_seq,
-    )
 
 
 def _call(obj, main, old, adv, mask, mtp, **extra):
@@ -80,7 +67,7 @@ def test_fixed_coefficient_scales_the_unscaled_loss_and_its_gradient(regime):
     # a reference that does not go through the code: loop policy loss, or the plain mean NLL
     lp3 = mtp.clone().requires_grad_(True)
     if regime == "policy":
-        ref = loop_policy_loss(lp3, old, adv, mask, **_ref_kw(POLICY, mask))
+        ref = loop_policy_loss(lp3, old, adv, mask, **loss_kwargs(POLICY, mask))
     else:
         ref = -sum(lp3[i, t] for i in range(8) for t in range(lp3.shape[1]) if mask[i, t]) / n_tok
     (g_ref,) = torch.autograd.grad(ref, lp3)
@@ -102,7 +89,7 @@ def test_occ_lagged_lambda_comes_from_the_previous_update():
     main, old, mtp, adv, mask = u
     n_tok, n_seq = count_valid(mask)
     kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
-    ref_u = loop_policy_loss(mtp, old, adv, mask, **_ref_kw(POLICY, mask))
+    ref_u = loop_policy_loss(mtp, old, adv, mask, **loss_kwargs(POLICY, mask))
     total_u = 0.0
     for sl in (slice(0, 5), slice(5, 8)):
         t, _ = obj(
@@ -126,7 +113,7 @@ def test_occ_lagged_lambda_comes_from_the_previous_update():
     total_v, _ = _call(obj, main, old, adv, mask, [lp])
     (g,) = torch.autograd.grad(total_v, lp)
     lp_ref = mtp.clone().requires_grad_(True)
-    ref_v = loop_policy_loss(lp_ref, old, adv, mask, **_ref_kw(POLICY, mask))
+    ref_v = loop_policy_loss(lp_ref, old, adv, mask, **loss_kwargs(POLICY, mask))
     (g_ref,) = torch.autograd.grad(ref_v, lp_ref)
     torch.testing.assert_close(total_v, lam_u * ref_v)
     torch.testing.assert_close(g, lam_u * g_ref)
@@ -156,7 +143,7 @@ def test_occ_microbatch_timing_uses_each_micro_batch_local_lambda():
         lam = loop_lambda(main[sl], old[sl], mtp[sl], mask[sl])
         used.append(lam)
         lp_ref = mtp[sl].clone().requires_grad_(True)
-        ref_kw = _ref_kw(POLICY, mask) | {}
+        ref_kw = loss_kwargs(POLICY, mask) | {}
         ref = loop_policy_loss(lp_ref, old[sl], adv[sl], mask[sl], **ref_kw)
         (g_ref,) = torch.autograd.grad(ref, lp_ref)
         torch.testing.assert_close(t, lam * ref)
@@ -182,7 +169,7 @@ def test_two_depths_with_own_masks_and_own_old_logprobs():
         _call(obj, main, old, adv, mask, [mtp, mtp2], mtp_masks=[m1, m2])
     total, metrics = _call(obj, main, old, adv, mask, [mtp, mtp2], mtp_masks=[m1, m2], mtp_old_logprobs=olds)
     n_tok, n_seq = count_valid(mask)  # the main head's denominators
-    kw = _ref_kw(POLICY, mask)
+    kw = loss_kwargs(POLICY, mask)
     r1 = loop_policy_loss(mtp, olds[0], adv, mask & m1, **kw)
     r2 = loop_policy_loss(mtp2, olds[1], adv, mask & m2, **kw)
     torch.testing.assert_close(total, 0.5 * r1 + 0.5 * r2)
