@@ -19,6 +19,10 @@ HAVE_BRIDGE = (
 )
 
 
+def _export_argv(ckpt, ref, out) -> list[str]:
+    return ["export", "--megatron-ckpt", str(ckpt), "--hf-model", str(ref), "--out", str(out)]
+
+
 def run(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="nemo-occ")
     cli.register(parser.add_subparsers(dest="command"))
@@ -77,34 +81,13 @@ def test_user_mistakes_print_one_error_line_and_return_1(glm_ref, tmp_path, caps
 def test_export_rejects_unsupported_models_before_loading_anything(tmp_path, glm_ref, capsys):
     config = json.loads((glm_ref / "config.json").read_text())
     (glm_ref / "config.json").write_text(json.dumps({**config, "model_type": "qwen3_moe"}))
-    assert (
-        run(
-            [
-                "export",
-                "--megatron-ckpt",
-                str(tmp_path),
-                "--hf-model",
-                str(glm_ref),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    assert run(_export_argv(tmp_path, glm_ref, tmp_path / "o")) == 1
     assert "model_type='qwen3_moe'" in capsys.readouterr().err
 
 
 def test_export_of_mimo_asks_for_trust_remote_code(tmp_path, capsys):
     make_reference_checkpoint(tmp_path / "mimo", "mimo")
-    argv = [
-        "export",
-        "--megatron-ckpt",
-        str(tmp_path),
-        "--hf-model",
-        str(tmp_path / "mimo"),
-        "--out",
-        str(tmp_path / "o"),
-    ]
+    argv = _export_argv(tmp_path, tmp_path / "mimo", tmp_path / "o")
     assert run(argv) == 1
     assert "--trust-remote-code" in capsys.readouterr().err
 
@@ -113,20 +96,7 @@ def test_export_of_mimo_asks_for_trust_remote_code(tmp_path, capsys):
     HAVE_BRIDGE, reason="Megatron-Bridge is installed; this checks the message when it is absent"
 )
 def test_export_without_megatron_bridge_says_so(tmp_path, glm_ref, capsys):
-    assert (
-        run(
-            [
-                "export",
-                "--megatron-ckpt",
-                str(tmp_path),
-                "--hf-model",
-                str(glm_ref),
-                "--out",
-                str(tmp_path / "o"),
-            ]
-        )
-        == 1
-    )
+    assert run(_export_argv(tmp_path, glm_ref, tmp_path / "o")) == 1
     err = capsys.readouterr().err
     assert "needs Megatron-Bridge" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()

@@ -199,10 +199,6 @@ class OCCCalibrator:
         self._applied[:, 1] += 1
         return lams
 
-    def pending_statistics(self) -> torch.Tensor:
-        """The sums accumulated since the last update ([K, 4], a copy)."""
-        return self._stats.clone()
-
     # -- closing an update -------------------------------------------------------------------------
     def update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
         """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.

@@ -11,10 +11,6 @@ import torch
 import torch.distributed as dist
 
 
-def is_distributed(group=None) -> bool:
-    return group is not None or (dist.is_available() and dist.is_initialized())
-
-
 def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """In-place SUM over ``group``; a no-op in a single process.
 
