@@ -5,6 +5,8 @@ Letters: B sequences, S token positions, V vocabulary.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -290,21 +292,35 @@ def test_no_valid_token_gives_zero_loss_and_zero_gradient(aggregation):
     assert float(ce.detach()) == 0.0
 
 
-@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf"), float("-inf"), torch.tensor(float("inf"))])
 def test_bad_denominator_raises(bad):
+    """inf used to pass and silently give a zero loss; NaN and negative counts are rejected too, for
+    both denominators and every aggregation (the metrics divide by global_valid_tokens)."""
     new, old, _, adv, mask = rand_batch(seed=10)
-    with pytest.raises(ValueError, match="global_valid_tokens"):
-        clipped_policy_loss(new, old, adv, mask, PolicyLossConfig(), global_valid_tokens=bad)
-    with pytest.raises(ValueError, match="global_valid_seqs"):
+    n_tok, n_seq = count_valid(mask)
+    for cfg in (PolicyLossConfig(), PolicyLossConfig(aggregation="seq_mean_token_mean")):
+        with pytest.raises(ValueError, match="global_valid_tokens must be a finite, non-negative count"):
+            clipped_policy_loss(new, old, adv, mask, cfg, global_valid_tokens=bad, global_valid_seqs=n_seq)
+        with pytest.raises(ValueError, match="global_valid_seqs must be a finite, non-negative count"):
+            clipped_policy_loss(new, old, adv, mask, cfg, global_valid_tokens=n_tok, global_valid_seqs=bad)
+    with pytest.raises(ValueError, match="global_valid_tokens must be a finite, non-negative count"):
+        cross_entropy_loss(new, mask, global_valid_tokens=bad)
+
+
+def test_denominator_of_the_wrong_kind_raises():
+    new, old, _, adv, mask = rand_batch(seed=10)
+    n_tok, _ = count_valid(mask)
+    with pytest.raises(ValueError, match=r"global_valid_tokens must be a single number.*\(2,\)"):
         clipped_policy_loss(
-            new,
-            old,
-            adv,
-            mask,
-            PolicyLossConfig(aggregation="seq_mean_token_mean"),
-            global_valid_tokens=10,
-            global_valid_seqs=bad,
+            new, old, adv, mask, PolicyLossConfig(), global_valid_tokens=torch.tensor([n_tok, 1])
         )
+    for bad in (str(n_tok), True, None):
+        with pytest.raises(TypeError, match="global_valid_tokens must be a number or a one-element tensor"):
+            cross_entropy_loss(new, mask, global_valid_tokens=bad)
+    # a one-element tensor (NeMo-RL's form) and numpy-like reals are fine
+    a, _ = cross_entropy_loss(new, mask, global_valid_tokens=torch.tensor([float(n_tok)]))
+    b, _ = cross_entropy_loss(new, mask, global_valid_tokens=n_tok)
+    torch.testing.assert_close(a, b)
 
 
 def test_global_denominator_smaller_than_the_micro_batch_raises():
@@ -318,3 +334,119 @@ def test_global_denominator_smaller_than_the_micro_batch_raises():
         clipped_policy_loss(new, old, adv, mask, PolicyLossConfig(), global_valid_tokens=n_tok - 1)
     with pytest.raises(ValueError, match="global_valid_tokens"):
         cross_entropy_loss(new, mask, global_valid_tokens=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# half precision and the log-ratio clamp
+
+_HALF = [torch.float16, torch.bfloat16]
+_LOG_RATIOS = [-25.0, -15.0, -12.0, -3.0, -0.3, -0.05, 0.0, 0.1, 0.25, 2.0, 12.0, 15.0]
+
+
+def _extreme_batch(dtype):
+    """Log-probs in ``dtype`` whose log-ratios reach far beyond fp16's exp range on both sides, in rows
+    of each advantage sign, plus -inf/NaN padding. A > 0 rows also reach +37 (clipped); A < 0 rows stop
+    at +15 (unclipped there: beyond +20 the clamp, tested below, takes over from the loop reference)."""
+    B, S = 6, len(_LOG_RATIOS) + 3
+    g = torch.Generator().manual_seed(80)
+    old = (-torch.rand(B, S, generator=g, dtype=torch.float64) * 4 - 0.5).to(dtype)  # [B, S]
+    adv = torch.tensor([1.0, -1.0, 0.7, -0.4, 1.6, -2.0], dtype=torch.float64)  # [B]
+    lr = torch.tensor(_LOG_RATIOS + [0.0] * 3, dtype=torch.float64).expand(B, S).clone()
+    lr[:, len(_LOG_RATIOS)] = torch.where(adv > 0, 25.0, 5.0)
+    # row offsets put GSPO's sequence log-ratio far out too: +12 and -12 with A > 0, -12 with A < 0
+    lr += torch.tensor([0.0, 0.0, 12.0, -12.0, -12.0, 0.0], dtype=torch.float64)[:, None]
+    new = (old.to(torch.float64) + lr).to(dtype)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[:, -2:] = False
+    new[:, -2:], old[:, -2:] = float("-inf"), float("-inf")
+    new[:, -1] = float("nan")
+    return new, old, adv.to(dtype), mask
+
+
+@pytest.mark.parametrize("dtype", _HALF, ids=["fp16", "bf16"])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        PolicyLossConfig(),
+        PolicyLossConfig(ratio_clip_c=3.0),
+        PolicyLossConfig(aggregation="seq_mean_token_mean", importance_ratio="sequence"),
+    ],
+    ids=["token_mean", "dual_clip", "gspo"],
+)
+def test_half_precision_log_probs_give_the_float32_result_and_finite_gradients(cfg, dtype):
+    """fp16's exp overflows above 11: the loss used to stay finite while backward gave 0·inf = NaN on
+    the clipped tokens (and bf16 returned a 3-digit loss). Now the value and gradient are the float32
+    ones on the same values, against the float64 loop reference."""
+    new, old, adv, mask = _extreme_batch(dtype)
+    lr = (new.double() - old.double())[mask]
+    a = adv.double()[:, None].expand_as(mask)[mask]
+    assert bool(((lr > 12) & (a > 0)).any() and ((lr > 12) & (a < 0)).any() and (lr < -12).any())
+    seq_lr = torch.stack([(new.double() - old.double())[i][mask[i]].mean() for i in range(mask.shape[0])])
+    assert float(seq_lr.max()) > 11 and float(seq_lr.min()) < -11  # GSPO's s_i overflows fp16 too
+    # a global batch of realistic size keeps every true gradient inside fp16's range (see the next test)
+    kw = dict(global_valid_tokens=20000, global_valid_seqs=500)
+    lp = new.clone().requires_grad_(True)
+    loss, metrics = clipped_policy_loss(lp, old, adv, mask, cfg, **kw)
+    (grad,) = torch.autograd.grad(loss, lp)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    assert bool(torch.isfinite(grad).all()) and bool((grad[~mask] == 0).all())
+    assert all(bool(torch.isfinite(v).all()) for v in metrics.values())
+    # the float64 loop reference on the same (rounded) values
+    lp_ref = new.double().clone().requires_grad_(True)
+    ref_kw = loss_kwargs(cfg, mask) | dict(n_tokens=20000, n_seqs=500)
+    ref = loop_policy_loss(lp_ref, old.double(), adv.double(), mask, **ref_kw)
+    (grad_ref,) = torch.autograd.grad(ref, lp_ref)
+    torch.testing.assert_close(loss, ref.to(torch.float32))
+    torch.testing.assert_close(grad, grad_ref.to(dtype))
+    # the same call on float32 copies of the values
+    lp32 = new.float().clone().requires_grad_(True)
+    loss32, _ = clipped_policy_loss(lp32, old.float(), adv.float(), mask, cfg, **kw)
+    (grad32,) = torch.autograd.grad(loss32, lp32)
+    assert torch.equal(loss.detach(), loss32.detach()) and torch.equal(grad, grad32.to(dtype))
+
+
+def test_fp16_gradient_beyond_fp16_range_is_inf_not_nan():
+    """Documented limit: with a tiny denominator, an unclipped A < 0 token at r = e^15 has a true
+    gradient |A|·r/N far above fp16's 65504; the fp16 gradient is then +inf (the float32 one rounded),
+    never NaN, and the loss is the finite float32 value."""
+    old = torch.full((1, 2), -3.0, dtype=torch.float16)
+    new = old + torch.tensor([[15.0, 0.0]], dtype=torch.float16)
+    adv = torch.tensor([-1.0], dtype=torch.float16)
+    lp = new.clone().requires_grad_(True)
+    loss, _ = clipped_policy_loss(
+        lp, old, adv, torch.ones(1, 2, dtype=torch.bool), PolicyLossConfig(), global_valid_tokens=2
+    )
+    (g,) = torch.autograd.grad(loss, lp)
+    r = math.exp(float(new[0, 0]) - float(old[0, 0]))
+    torch.testing.assert_close(loss, torch.tensor((r + 1.0) / 2, dtype=torch.float32))
+    assert g[0, 0] == float("inf") and float(g[0, 1]) == 0.5
+
+
+@pytest.mark.parametrize("dtype", _HALF, ids=["fp16", "bf16"])
+def test_half_precision_cross_entropy_sums_in_float32(dtype):
+    """4096 tokens at log-prob -20 sum to 81920, beyond fp16's range: the loss used to be inf."""
+    lp = torch.full((64, 64), -20.0, dtype=dtype, requires_grad=True)
+    mask = torch.ones(64, 64, dtype=torch.bool)
+    loss, _ = cross_entropy_loss(lp, mask, global_valid_tokens=4096)
+    (g,) = torch.autograd.grad(loss, lp)
+    assert loss.dtype == torch.float32 and float(loss.detach()) == 20.0
+    assert torch.equal(g, torch.full_like(lp, -1.0 / 4096))
+
+
+@pytest.mark.parametrize("importance_ratio", ["token", "sequence"])
+def test_log_ratio_is_clamped_to_plus_minus_20_with_zero_gradient_beyond(importance_ratio):
+    """The documented clamp (README, losses module docstring): A < 0 at log r = 30 contributes
+    |A|·e^20/N with zero gradient (unclamped it would be |A|·e^30/N); A > 0 at log r = -30 contributes
+    -A·e^-20/N, also with zero gradient."""
+    agg = "seq_mean_token_mean" if importance_ratio == "sequence" else "token_mean"
+    cfg = PolicyLossConfig(aggregation=agg, importance_ratio=importance_ratio)
+    old = torch.full((2, 1), -2.0, dtype=torch.float64)
+    lp = (old + torch.tensor([[30.0], [-30.0]], dtype=torch.float64)).requires_grad_(True)
+    adv = torch.tensor([-1.5, 0.5], dtype=torch.float64)
+    mask = torch.ones(2, 1, dtype=torch.bool)
+    loss, _ = clipped_policy_loss(lp, old, adv, mask, cfg, global_valid_tokens=2, global_valid_seqs=2)
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(
+        loss, torch.tensor((1.5 * math.exp(20) - 0.5 * math.exp(-20)) / 2, dtype=torch.float64)
+    )
+    assert bool((g == 0).all())

@@ -15,6 +15,18 @@ the whole global batch, summed over micro-batches and data-parallel ranks), so s
 losses over micro-batches and ranks gives the exact full-batch mean — the convention of NeMo-RL and
 torchtitan. Metrics are divided the same way, so they are summable too.
 
+The log-ratio is clamped to ±20 before ``exp`` (``MAX_LOG_RATIO``): r_t, and GSPO's s_i, lie in
+[e^-20, e^20] ≈ [2e-9, 4.9e8], and beyond the clamp the gradient is zero. This only departs from the
+unclamped loss for tokens the clip does not already silence: with A < 0 and r > e^20 (no dual clip)
+the token's loss is capped at |A|·e^20 and its gradient is 0 instead of |A|·r, and with A > 0 and
+r < e^-20 its gradient is 0 instead of below 2e-9·|A|. The MTP ratio against the main head's old
+log-prob can be far from 1, which is why a clamp is needed at all.
+
+Precision: the ratio, the per-token loss and the sums are computed in at least float32 whatever the
+log-probs' dtype (fp16's exp overflows above 11, and on a clipped token backward then gives 0·inf =
+NaN), so fp16/bf16 log-probs give the float32 result on their values and a float32 loss; their
+gradient is the float32 one rounded to the input dtype (±inf in fp16 where it exceeds 65504).
+
 Simplifications: no KL-to-reference term and no importance-sampling correction here; in NeMo-RL the
 main head keeps NeMo-RL's own loss and only the MTP term comes from this module.
 
@@ -23,16 +35,24 @@ Letters: B sequences, S token positions.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from nemo_occ.core.config import PolicyLossConfig
 
-__all__ = ["clipped_policy_loss", "cross_entropy_loss", "valid_counts", "check_logprob_inputs"]
+__all__ = [
+    "MAX_LOG_RATIO",
+    "clipped_policy_loss",
+    "cross_entropy_loss",
+    "valid_counts",
+    "check_logprob_inputs",
+]
 
-# exp() of a log-ratio beyond this is clamped: it keeps r finite (fp32 exp overflows at ~88) for the
-# MTP ratio against the main head's old log-prob, which can be far from 1. Outside the clamp the
-# gradient is zero, like any clipped token.
-_MAX_LOG_RATIO = 20.0
+# |log r| beyond this is clamped before exp() (see the module docstring): it keeps r finite in float32
+# (exp overflows at ~88) for the MTP ratio against the main head's old log-prob.
+MAX_LOG_RATIO = 20.0
 
 Number = float | int | torch.Tensor
 
@@ -43,10 +63,26 @@ def valid_counts(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return m.sum().to(torch.float32), m.any(dim=-1).sum().to(torch.float32)
 
 
+def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The inputs' promoted dtype, at least float32 (fp16/bf16 log-probs are upcast, float64 kept)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def _denominator(value: Number, name: str, local_count: int = 0) -> torch.Tensor | float:
-    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    if not v >= 0.0:  # also rejects NaN
-        raise ValueError(f"{name} must be a non-negative count of the global batch, got {v}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a single number, got a tensor of shape {tuple(value.shape)}")
+        v = float(value.detach())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
+    if not (math.isfinite(v) and v >= 0.0):
+        # inf would silently turn the loss into 0, NaN into NaN
+        raise ValueError(f"{name} must be a finite, non-negative count of the global batch, got {v}")
     if v < local_count:
         # e.g. global_valid_seqs left at its default 0 under seq_mean_token_mean: dividing by 1 would
         # silently turn the mean into a sum.
@@ -55,7 +91,9 @@ def _denominator(value: Number, name: str, local_count: int = 0) -> torch.Tensor
             "of the whole global batch (summed over micro-batches and data-parallel ranks)"
         )
     # An empty global batch contributes nothing: every summand is 0, so any positive divisor works.
-    return value if v > 0 else 1.0
+    if v == 0.0:
+        return 1.0
+    return value.reshape(()) if isinstance(value, torch.Tensor) else value  # [1] would make the loss [1]
 
 
 def check_logprob_inputs(
@@ -132,7 +170,8 @@ def clipped_policy_loss(
         mask: [B, S] 1 where the token is trained on.
         global_valid_tokens / global_valid_seqs: denominators of the whole global batch.
 
-    Returns ``(loss, metrics)``; ``loss`` is this micro-batch's share of the global-batch mean.
+    Returns ``(loss, metrics)``; ``loss`` is this micro-batch's share of the global-batch mean, in
+    float32 (float64 for float64 inputs), with |log r| clamped to ``MAX_LOG_RATIO`` (module docstring).
     """
     m = check_logprob_inputs(
         mask, ("logprobs", logprobs), ("old_logprobs", old_logprobs), check_finite=check_finite
@@ -140,15 +179,20 @@ def clipped_policy_loss(
     adv = _broadcast_advantages(advantages, mask)
     if check_finite and not bool(torch.isfinite(adv[m]).all()):
         raise ValueError("advantages have NaN/Inf at valid positions; check the reward normalisation")
-    zeros = torch.zeros_like(logprobs)
-    log_ratio = torch.where(m, logprobs - old_logprobs.detach(), zeros)  # [B, S], 0 where masked
-    adv = torch.where(m, adv.to(logprobs.dtype), zeros)
+    # checked up front, also where this aggregation does not divide by them (the metrics always divide
+    # by global_valid_tokens)
+    _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))
+    _denominator(global_valid_seqs, "global_valid_seqs")
+    dtype = _compute_dtype(logprobs, old_logprobs)  # >= float32: see the module docstring
+    zeros = torch.zeros(mask.shape, dtype=dtype, device=logprobs.device)
+    log_ratio = torch.where(m, logprobs.to(dtype) - old_logprobs.detach().to(dtype), zeros)  # [B, S]
+    adv = torch.where(m, adv.to(dtype), zeros)
 
     if cfg.importance_ratio == "sequence":
         n = m.sum(dim=-1, keepdim=True).clamp(min=1)
         seq_log_ratio = log_ratio.sum(dim=-1, keepdim=True) / n  # [B, 1]
         log_ratio = seq_log_ratio.expand_as(log_ratio)
-    ratio = torch.exp(log_ratio.clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO))  # [B, S]
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, S]
 
     low, high = 1.0 - cfg.ratio_clip_low, 1.0 + cfg.ratio_clip_high
     loss_unclipped = -adv * ratio
@@ -181,8 +225,12 @@ def clipped_policy_loss(
 def cross_entropy_loss(
     logprobs: torch.Tensor, mask: torch.Tensor, *, global_valid_tokens: Number, check_finite: bool = True
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Mean negative log-likelihood of the sampled tokens: -Σ_valid log π(y_t) / global_valid_tokens."""
+    """Mean negative log-likelihood of the sampled tokens: -Σ_valid log π(y_t) / global_valid_tokens.
+
+    Summed in at least float32 (an fp16 sum over a batch's tokens overflows).
+    """
     m = check_logprob_inputs(mask, ("logprobs", logprobs), check_finite=check_finite)
-    nll = torch.where(m, -logprobs, torch.zeros_like(logprobs))
+    lp = logprobs.to(_compute_dtype(logprobs))
+    nll = torch.where(m, -lp, torch.zeros_like(lp))
     loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))
     return loss, {"loss": loss.detach()}
