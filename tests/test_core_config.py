@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 import warnings
 
 import pytest
@@ -148,3 +149,39 @@ def test_settings_without_effect_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         NemoOCCConfig(regime="policy", coef=0.5)
+
+
+def _float_fields():
+    """(model, field) for every float field of the three blocks, found by annotation, not listed by hand."""
+    out = []
+    for model in (PolicyLossConfig, OCCConfig, NemoOCCConfig):
+        for name, field in model.model_fields.items():
+            if float in typing.get_args(field.annotation) or field.annotation is float:
+                out.append((model, name))
+    return out
+
+
+def test_the_float_field_list_is_not_empty():
+    names = {name for _, name in _float_fields()}
+    assert {"lambda_plus", "eps", "lambda_max", "initial_lambda", "coef", "ratio_clip_c"} <= names
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan"), "inf", "nan"])
+@pytest.mark.parametrize("model, key", _float_fields(), ids=lambda x: getattr(x, "__name__", x))
+def test_non_finite_floats_are_rejected_and_name_the_key(model, key, bad):
+    """inf/nan passed every range check they were not compared against (lambda_plus=inf gave λ = ±inf,
+    initial_lambda=nan a NaN loss)."""
+    with pytest.raises(ConfigError, match=rf"blk\.{key}: Input should be a finite number"):
+        parse_block(model, {key: bad}, "blk")
+    cfg = model()
+    with pytest.raises(ValidationError, match="finite number"):
+        setattr(cfg, key, bad)
+
+
+def test_non_finite_yaml_values_are_rejected(tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text("nemo_occ:\n  regime: policy\n  coef: .inf\n  occ: {initial_lambda: .nan}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert "nemo_occ.coef: Input should be a finite number" in str(err.value)
+    assert "nemo_occ.occ.initial_lambda: Input should be a finite number" in str(err.value)

@@ -38,7 +38,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan=False: a float field rejects inf/nan (YAML `.inf`, `.nan`, "inf"), which would
+    # otherwise pass every range check it is not compared against and turn λ or the loss into inf/NaN
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
 
 
 class PolicyLossConfig(_Strict):
@@ -97,7 +99,10 @@ class OCCConfig(_Strict):
         "lagged",
         description="lagged: statistics of update u (summed over its micro-batches and ranks) set the λ of "
         "update u+1, identical on every rank and independent of the micro-batch split. microbatch: each "
-        "micro-batch uses the λ of its own local statistics, like the reference code (not split-invariant).",
+        "micro-batch uses the λ of its own local statistics, the reference code's timing "
+        "(not split-invariant). It does not reproduce the reference code for λ < 0: this package applies "
+        "λ·L(A) (the paper's Eq. 2), the reference code L(λ·A), which agree for λ >= 0 and differ for "
+        "λ < 0 because clipping then acts on the other side (README, 'Sign convention').",
     )
     lambda_max: float | None = Field(
         None, gt=0.0, description="Optional clamp |λ_t| <= lambda_max; None (the paper) leaves λ_t unclamped."
