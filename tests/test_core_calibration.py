@@ -302,3 +302,137 @@ def test_update_without_refresh_reports_statistics_but_keeps_lambda():
     m = cal.update()  # refreshing again takes this update's statistics
     assert m["occ/refreshed"] == 1.0
     _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input leaves the calibrator unchanged
+
+
+def _snapshot(cal):
+    s = cal.state_dict()
+    return s["lambdas"], s["stats"].clone(), s["applied"].clone(), s["num_updates"]
+
+
+def _unchanged(cal, snap):
+    lambdas, stats, applied, n = _snapshot(cal)
+    return (
+        lambdas == snap[0] and torch.equal(stats, snap[1]) and torch.equal(applied, snap[2]) and n == snap[3]
+    )
+
+
+def _busy_calibrator(K=1, timing="microbatch"):
+    """A calibrator with a closed update and a pending micro-batch (so every field is non-trivial)."""
+    cal = OCCCalibrator(K, OCCConfig(timing=timing))
+    main, old, mtp, _, mask = rand_batch(seed=90)
+    for _ in range(2):
+        cal.local_lambdas(cal.accumulate(main, old, [mtp] * K, mask))
+    cal.update()
+    cal.local_lambdas(cal.accumulate(main, old, [mtp] * K, mask))
+    return cal
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (torch.tensor([[float("nan"), 1.0, 3.0, 0.0]]), "NaN/Inf"),
+        (torch.tensor([[1.0, float("inf"), 3.0, 0.0]]), "NaN/Inf"),
+        (torch.tensor([[1.0, -1.0, 3.0, 0.0]]), "negative"),
+        (torch.tensor([[1.0, 1.0, -3.0, 0.0]]), "negative"),
+        (torch.zeros(2, 4), r"\[1, 4\]"),
+        ([[1.0, 1.0, 3.0, 0.0]], "tensor"),
+    ],
+    ids=["nan_c", "inf_v2", "negative_v2", "negative_n", "two_rows_for_one_depth", "a_list"],
+)
+def test_bad_statistics_raise_and_leave_state_unchanged(bad, error):
+    """add_statistics used to take NaN (every later λ NaN); local_lambdas broadcast a [1, 4] row over
+    two depths' applied-λ record. Both now check first."""
+    for method in ("add_statistics", "local_lambdas"):
+        cal = _busy_calibrator()
+        snap = _snapshot(cal)
+        with pytest.raises((ValueError, TypeError), match=error):
+            getattr(cal, method)(bad)
+        assert _unchanged(cal, snap), method
+
+
+def test_local_lambdas_with_one_depth_row_for_two_depths_raises():
+    cal = _busy_calibrator(K=2)
+    snap = _snapshot(cal)
+    with pytest.raises(ValueError, match=r"\[2, 4\]"):
+        cal.local_lambdas(torch.tensor([[1.0, 1.0, 3.0, 0.0]]))
+    assert _unchanged(cal, snap)
+
+
+def test_a_depth_mask_that_would_broadcast_raises():
+    """mask & mtp_mask used to broadcast a [S] or [B, 1] mask silently."""
+    main, old, mtp, _, mask = rand_batch(seed=91)
+    cal = _busy_calibrator()
+    snap = _snapshot(cal)
+    for mk in (mask[0], mask[:, :1]):
+        with pytest.raises(ValueError, match=r"mtp_masks\[0\] has shape"):
+            cal.accumulate(main, old, [mtp], mask, mtp_masks=[mk])
+    assert _unchanged(cal, snap)
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda s: s.pop("num_updates"),
+        lambda s: s.__setitem__("num_updates", "three"),
+        lambda s: s.__setitem__("lambdas", [float("nan")]),
+        lambda s: s.__setitem__("lambdas", [0.1, 0.2]),
+        lambda s: s.__setitem__("stats", torch.zeros(1, 3)),
+        lambda s: s.__setitem__("stats", torch.full((1, 4), float("inf"))),
+        lambda s: s.__setitem__("applied", torch.zeros(2, 2)),
+    ],
+    ids=[
+        "no_num_updates",
+        "num_updates_not_int",
+        "nan_lambda",
+        "two_lambdas",
+        "stats_shape",
+        "inf_stats",
+        "applied_shape",
+    ],
+)
+def test_a_corrupt_state_dict_raises_and_leaves_state_unchanged(corrupt):
+    """load_state_dict used to assign λ and the sums before failing on a later key."""
+    other = OCCCalibrator(1, OCCConfig(lambda_plus=0.5))
+    main, old, mtp, _, mask = rand_batch(seed=92)
+    other.accumulate(main, old, [mtp], mask)
+    other.update()
+    state = other.state_dict()
+    corrupt(state)
+    cal = _busy_calibrator()
+    snap = _snapshot(cal)
+    with pytest.raises(ValueError):
+        cal.load_state_dict(state)
+    assert _unchanged(cal, snap)
+
+
+@pytest.mark.parametrize("timing", ["lagged", "microbatch"])
+def test_an_overflowing_lambda_raises_and_leaves_state_unchanged(timing):
+    """lambda_plus = 1e308 (finite, so the config accepts it) used to give λ = inf silently."""
+    main, old, mtp, _, mask = rand_batch(seed=93)
+    cal = OCCCalibrator(1, OCCConfig(lambda_plus=1e308, timing=timing))
+    cal.accumulate(main, old, [mtp], mask)
+    snap = _snapshot(cal)
+    with pytest.raises(ValueError, match="λ overflowed to inf.*lower occ.lambda_plus"):
+        cal.update()
+    assert _unchanged(cal, snap)
+    stats = cal.statistics(main, old, [mtp], mask)
+    with pytest.raises(ValueError, match="λ overflowed"):
+        cal.local_lambdas(stats)
+    assert _unchanged(cal, snap)
+    # λ_max keeps it finite
+    capped = OCCCalibrator(1, OCCConfig(lambda_plus=1e308, lambda_max=3.0))
+    capped.accumulate(main, old, [mtp], mask)
+    capped.update()
+    assert capped.lambdas == [3.0]
+
+
+def test_update_with_a_group_but_no_torch_distributed_raises_and_leaves_state_unchanged():
+    cal = _busy_calibrator()
+    snap = _snapshot(cal)
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        cal.update(group=object())
+    assert _unchanged(cal, snap)

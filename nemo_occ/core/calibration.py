@@ -29,8 +29,10 @@ but λ is kept. The first update of step t uses the λ of the last update of ste
 u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
 step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
 Before any statistics exist λ = ``initial_lambda``. Timing ``microbatch`` (the reference code's
-behaviour) lets each micro-batch use the λ of its own local statistics instead: see
-:meth:`OCCCalibrator.local_lambdas`.
+timing) lets each micro-batch use the λ of its own local statistics instead: see
+:meth:`OCCCalibrator.local_lambdas`. It matches the reference code only while λ ≥ 0: the MTP term
+here is λ·L(A) (Eq. 2), the reference code's L(λ·A), and for λ < 0 clipping acts on the other side
+(``nemo_occ.core.objective``).
 
 Eq. 10, Δ(λ) = η(1−Lη)·c·λ − (Lη²/2)·v²·λ², is reported per update for the λ that was applied, with
 the unknown prefactors η(1−Lη) and Lη² set to 1 (Eq. 4's ½ kept): first-order term λ·ĉ, second-order
@@ -40,6 +42,7 @@ term ½·λ²·v̂². Under these prefactors λ = ĉ/v̂² (Eq. 13 with λ+ = 1)
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -116,9 +119,12 @@ class OCCCalibrator:
         return list(self._lambdas)
 
     def lambda_from_statistics(self, stats: torch.Tensor) -> list[float]:
-        """λ_k of Eq. 13 from a [K, 4] statistics tensor; 0 for a depth without valid tokens."""
+        """λ_k of Eq. 13 from a [K, 4] statistics tensor; 0 for a depth without valid tokens.
+
+        Raises ValueError (and changes nothing) if ``stats`` is malformed or λ overflows.
+        """
         out = []
-        for c, v2, n, ratio_sum in stats.tolist():
+        for c, v2, n, ratio_sum in self._checked(stats).tolist():
             if n <= 0:
                 out.append(0.0)
                 continue
@@ -129,6 +135,11 @@ class OCCCalibrator:
                 lam = self.cfg.lambda_plus * c_eff / (v2 + self.cfg.eps)
             if self.cfg.lambda_max is not None:
                 lam = max(-self.cfg.lambda_max, min(self.cfg.lambda_max, lam))
+            if not math.isfinite(lam):  # finite statistics: only an absurd lambda_plus overflows
+                raise ValueError(
+                    f"λ overflowed to {lam} (lambda_plus={self.cfg.lambda_plus:g}); lower occ.lambda_plus "
+                    "or set occ.lambda_max"
+                )
             out.append(float(lam))
         return out
 
@@ -150,6 +161,12 @@ class OCCCalibrator:
             )
         if mtp_masks is not None and len(mtp_masks) != self.num_depths:
             raise ValueError(f"mtp_masks has {len(mtp_masks)} entries, expected {self.num_depths}")
+        for k, mk in enumerate(mtp_masks if mtp_masks is not None else []):
+            if mk.shape != mask.shape:  # `mask & mk` would broadcast a [S] or [B, 1] mask silently
+                raise ValueError(
+                    f"mtp_masks[{k}] has shape {tuple(mk.shape)} but mask has {tuple(mask.shape)}; "
+                    "they must match"
+                )
         if mtp_old_logprobs is not None and len(mtp_old_logprobs) != self.num_depths:
             raise ValueError(
                 f"mtp_old_logprobs has {len(mtp_old_logprobs)} entries, expected {self.num_depths}"
@@ -188,9 +205,20 @@ class OCCCalibrator:
 
     def add_statistics(self, stats: torch.Tensor) -> None:
         """Add precomputed [K, 4] statistics (e.g. gathered by a framework's own loop)."""
+        self._stats += self._checked(stats)
+
+    def _checked(self, stats: torch.Tensor) -> torch.Tensor:
+        """``stats`` as a float64 CPU [K, 4] tensor after checking that it can be statistics."""
+        if not isinstance(stats, torch.Tensor):
+            raise TypeError(f"statistics must be a [{self.num_depths}, 4] tensor, got {type(stats).__name__}")
         if tuple(stats.shape) != (self.num_depths, 4):
             raise ValueError(f"statistics must be [{self.num_depths}, 4], got {tuple(stats.shape)}")
-        self._stats += stats.detach().to(torch.float64).cpu()
+        s = stats.detach().to(torch.float64).cpu()
+        if not bool(torch.isfinite(s).all()):
+            raise ValueError("statistics have NaN/Inf entries; they would make every later λ NaN")
+        if bool((s[:, _V2] < 0).any() or (s[:, _N] < 0).any()):
+            raise ValueError("statistics have a negative v̂² or token count; columns are [ĉ, v̂², n, Σ ratio]")
+        return s
 
     def local_lambdas(self, stats: torch.Tensor) -> list[float]:
         """λ of one micro-batch's own statistics (timing ``microbatch``); recorded for the metrics."""
@@ -255,15 +283,32 @@ class OCCCalibrator:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if int(state["num_depths"]) != self.num_depths:
+        """Restore :meth:`state_dict`; everything is checked before anything is replaced."""
+        missing = [k for k in ("num_depths", "lambdas", "stats", "num_updates") if k not in state]
+        if missing:
+            raise ValueError(f"not an OCCCalibrator state: missing {', '.join(missing)}")
+        K = self.num_depths
+        if int(state["num_depths"]) != K:
             raise ValueError(
-                f"checkpoint calibrator has {state['num_depths']} MTP depth(s) but this run has {self.num_depths}; "
+                f"checkpoint calibrator has {state['num_depths']} MTP depth(s) but this run has {K}; "
                 "set nemo_occ.num_depths to match the checkpoint"
             )
-        self._lambdas = [float(x) for x in state["lambdas"]]
-        self._stats = state["stats"].to(torch.float64).clone()
-        self._applied = state.get("applied", torch.zeros(self.num_depths, 2, dtype=torch.float64)).clone()
-        self.num_updates = int(state["num_updates"])
+        lambdas = [float(x) for x in state["lambdas"]]
+        num_updates = int(state["num_updates"])
+        stats = torch.as_tensor(state["stats"]).to(torch.float64).clone()
+        applied = torch.as_tensor(state.get("applied", torch.zeros(K, 2))).to(torch.float64).clone()
+        for name, t, shape in (
+            ("lambdas", torch.tensor(lambdas), (K,)),
+            ("stats", stats, (K, 4)),
+            ("applied", applied, (K, 2)),
+        ):
+            if tuple(t.shape) != shape or not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"checkpoint calibrator '{name}' must be a finite {list(shape)} tensor, got shape "
+                    f"{list(t.shape)}; the checkpoint is corrupt or from another run"
+                )
+        self._lambdas, self._stats, self._applied = lambdas, stats, applied
+        self.num_updates = num_updates
 
 
 def _collective_device(group) -> torch.device:
