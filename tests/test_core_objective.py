@@ -377,3 +377,133 @@ def test_state_dict_round_trip_continues_exactly():
     assert a.coefficients() == b.coefficients()
     with pytest.raises(ValueError, match="regime 'occ'"):
         MTPObjective(NemoOCCConfig(regime="policy"), POLICY).load_state_dict(a.state_dict())
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a raising call leaves every piece of state unchanged
+
+
+def _same_state(a, b) -> bool:
+    """Nested state dicts equal, tensors compared exactly."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same_state(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def _bad_inputs(regime):
+    """(name, keyword overrides of one micro-batch call) that must raise; K = 2 depths."""
+    main, old, mtp, adv, mask = rand_batch(seed=70)
+    nan_adv = adv.clone()
+    nan_adv[0] = float("nan")  # row 0 has a valid token in every depth (rand_batch keeps >= 1)
+    nan_mtp = mtp.clone()
+    nan_mtp[0, 0] = float("nan")
+    n_tok, n_seq = count_valid(mask)
+    cases = {
+        "nan_mtp_logprob": dict(mtp_logprobs=[mtp, nan_mtp]),
+        "inf_global_valid_tokens": dict(global_valid_tokens=float("inf")),
+        "nan_global_valid_tokens": dict(global_valid_tokens=float("nan")),
+        "global_valid_tokens_below_local": dict(global_valid_tokens=n_tok - 1),
+        "one_mtp_mask_for_two_depths": dict(mtp_masks=[mask]),
+        "three_mtp_masks_for_two_depths": dict(mtp_masks=[mask, mask, mask]),
+        "mtp_mask_of_shape_S": dict(mtp_masks=[mask, mask[0]]),
+        "one_mtp_old_logprobs_for_two_depths": dict(mtp_old_logprobs=[old]),
+    }
+    if get_regime(regime).objective == "policy":
+        cases["nan_advantage"] = dict(advantages=nan_adv)
+        cases["inf_global_valid_seqs"] = dict(global_valid_seqs=float("inf"))
+    return cases
+
+
+@pytest.mark.filterwarnings("ignore:nemo_occ.old_logprobs only matters")  # detach/ce: proxies use it
+@pytest.mark.parametrize("timing", ["lagged", "microbatch"])
+@pytest.mark.parametrize("regime", ["detach", "ce", "policy", "occ"])
+def test_a_raising_call_leaves_every_piece_of_state_unchanged(regime, timing):
+    """Validate first, then move state: after a micro-batch that raises, the state dict and the next
+    update's λ and metrics are those of a twin objective that never saw the bad micro-batch."""
+    cfg = NemoOCCConfig(
+        regime=regime, num_depths=2, old_logprobs="mtp", occ=OCCConfig(timing=timing, initial_lambda=0.3)
+    )
+    main, old, mtp, adv, mask = rand_batch(seed=70)
+    gen = torch.Generator().manual_seed(71)
+    mtp2 = old + 0.3 * torch.randn(old.shape, generator=gen, dtype=old.dtype)
+    good = dict(
+        main_logprobs=main,
+        old_logprobs=old,
+        advantages=adv,
+        mask=mask,
+        mtp_logprobs=[mtp, mtp2],
+        mtp_old_logprobs=[old, old],
+        global_valid_tokens=count_valid(mask)[0],
+        global_valid_seqs=count_valid(mask)[1],
+    )
+    obj, twin = (
+        MTPObjective(cfg, AGGREGATIONS["seq_mean_token_mean"]),
+        MTPObjective(cfg, AGGREGATIONS["seq_mean_token_mean"]),
+    )
+    for o in (obj, twin):  # some state already: one closed update and one pending micro-batch
+        o(**good)
+        o.finish_update()
+        o(**good)
+    for name, bad in _bad_inputs(regime).items():
+        before = obj.state_dict()
+        with pytest.raises(ValueError):
+            obj(**(good | bad))
+        assert _same_state(obj.state_dict(), before), name
+    assert obj.coefficients() == twin.coefficients()
+    assert obj.finish_update() == twin.finish_update()
+    assert obj.coefficients() == twin.coefficients()
+
+
+def test_an_overflowing_microbatch_lambda_raises_before_any_state_moves():
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(timing="microbatch", lambda_plus=1e308))
+    obj = MTPObjective(cfg, POLICY)
+    main, old, mtp, adv, mask = rand_batch(seed=74)
+    before = obj.state_dict()
+    with pytest.raises(ValueError, match="λ overflowed"):
+        _call(obj, main, old, adv, mask, [mtp])
+    assert _same_state(obj.state_dict(), before)
+
+
+@pytest.mark.parametrize("monitor", [True, False])
+@pytest.mark.parametrize("regime", REGIMES)
+def test_mtp_masks_with_the_wrong_number_of_entries_raise_in_every_regime(regime, monitor):
+    main, old, mtp, adv, mask = rand_batch(seed=72)
+    obj = MTPObjective(NemoOCCConfig(regime=regime, num_depths=2, monitor_proxies=monitor), POLICY)
+    for masks in ([mask], [mask, mask, mask]):
+        with pytest.raises(
+            ValueError, match=rf"mtp_masks has {len(masks)} entries but there are 2 MTP depth"
+        ):
+            _call(obj, main, old, adv, mask, [mtp, mtp], mtp_masks=masks)
+    with pytest.raises(ValueError, match=r"mtp_masks\[1\] has shape \(7,\)"):  # would broadcast
+        _call(obj, main, old, adv, mask, [mtp, mtp], mtp_masks=[mask, mask[0]])
+    _call(obj, main, old, adv, mask, [mtp, mtp], mtp_masks=[mask, mask])  # the right count passes
+
+
+def test_negative_lambda_applies_lambda_times_the_loss_not_the_loss_of_lambda_times_advantages():
+    """The documented sign convention (README, config ``timing``): the MTP term is λ·L(A), Eq. 2 of the
+    paper; the reference code's L(λ·A) agrees for λ >= 0 and differs for λ < 0, where clipping acts
+    on the other side."""
+    cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(timing="microbatch"))
+    main, old, mtp, adv, mask = rand_batch(seed=73)
+    main = old - (main - old)  # δ_RL mirrored: ĉ < 0, so the signed λ is negative
+    lam = loop_lambda(main, old, mtp, mask)
+    assert lam < -0.05
+    total, _ = _call(MTPObjective(cfg, POLICY), main, old, adv, mask, [mtp])
+    kw = loss_kwargs(POLICY, mask)
+    eq2 = lam * loop_policy_loss(mtp, old, adv, mask, **kw)
+    reference_code = loop_policy_loss(mtp, old, lam * adv, mask, **kw)
+    torch.testing.assert_close(total, eq2)
+    assert abs(float(eq2) - float(reference_code)) > 1e-3  # the two conventions really differ here
+    # and agree for λ >= 0 (here λ = |λ|)
+    torch.testing.assert_close(
+        -lam * loop_policy_loss(mtp, old, adv, mask, **kw), loop_policy_loss(mtp, old, -lam * adv, mask, **kw)
+    )
+
+
+def test_the_microbatch_timing_description_says_where_it_departs_from_the_reference_code():
+    text = OCCConfig.model_fields["timing"].description
+    assert "λ < 0" in text and "L(λ·A)" in text

@@ -6,6 +6,14 @@ calibrator's λ_t (Eq. 13 of the OCC paper). The caller adds the returned term t
 policy loss and back-propagates the sum, so the MTP term's gradient is exactly λ_k times the
 unscaled one.
 
+Sign convention: the term is λ_k · L(A), Eq. 2 of the paper. The public reference code computes
+L(λ·A) (it scales the advantages inside the clipped loss). The two agree for λ >= 0; for λ < 0,
+which the signed estimator often gives, clipping acts on the other side: λ·L(A) silences the tokens
+past the clip bound in A's direction and bounds the move against A only through the dual clip,
+while L(λ·A) bounds the move against A like a policy loss with advantages λ·A. So
+``timing: microbatch`` reproduces the reference code's coefficient timing but not its MTP loss when
+λ < 0.
+
 Denominators: the MTP term uses the main head's global denominators (valid tokens / sequences of
 the global batch). Any fixed global denominator keeps micro-batch and rank invariance; using the
 main head's gives λ the same meaning as in the reference code (a weight relative to the main loss).
@@ -61,15 +69,16 @@ class MTPObjective:
         global_valid_tokens: Number,
         global_valid_seqs: Number = 0,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """(Σ_k λ_k L_MTP,k, metrics) of one micro-batch; metrics with a ``mtp/`` prefix are summable."""
+        """(Σ_k λ_k L_MTP,k, metrics) of one micro-batch; metrics with a ``mtp/`` prefix are summable.
+
+        All inputs are validated before any state moves: a call that raises adds nothing to the
+        calibrator's sums (nor, under ``timing: microbatch``, to the record of applied λ).
+        Regime ``none`` returns 0 and only checks that the per-depth lists agree in length.
+        """
         K = self.cfg.num_depths
+        self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
         if self.regime.objective == "none":
             return main_logprobs.new_zeros(()), {}
-        if len(mtp_logprobs) != K:
-            raise ValueError(
-                f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "
-                "set num_depths to the model's mtp_num_layers"
-            )
         if mtp_masks is None:
             mtp_masks = [mask] * K
         masks = [mask.bool() & mk.bool() for mk in mtp_masks]
@@ -83,9 +92,10 @@ class MTPObjective:
         else:
             olds = [old_logprobs] * K
 
+        # 1. everything that can raise: the micro-batch's statistics (pure) and each depth's loss
         stats = None
         if self.calibrator is not None:
-            stats = self.calibrator.accumulate(
+            stats = self.calibrator.statistics(
                 main_logprobs,
                 old_logprobs,
                 mtp_logprobs,
@@ -93,15 +103,8 @@ class MTPObjective:
                 mtp_masks=mtp_masks,
                 mtp_old_logprobs=olds if self.cfg.old_logprobs == "mtp" else None,
             )
-        if self.regime.calibrated and self.cfg.occ.timing == "microbatch":
-            coefs = self.calibrator.local_lambdas(stats)
-        else:
-            coefs = self.coefficients()
-
-        total = main_logprobs.new_zeros(())
-        metrics: dict[str, torch.Tensor | float] = {}
-        for k in range(K):
-            loss_k, m_k = self.regime.depth_loss(
+        depth_losses = [
+            self.regime.depth_loss(
                 mtp_logprobs[k],
                 olds[k],
                 advantages,
@@ -110,6 +113,22 @@ class MTPObjective:
                 global_valid_tokens=global_valid_tokens,
                 global_valid_seqs=global_valid_seqs,
             )
+            for k in range(K)
+        ]
+        microbatch_lambdas = self.regime.calibrated and self.cfg.occ.timing == "microbatch"
+        if microbatch_lambdas:
+            self.calibrator.lambda_from_statistics(stats)  # raises, before any state moves, if λ overflows
+        # 2. only then move state
+        if stats is not None:
+            self.calibrator.add_statistics(stats)
+        if microbatch_lambdas:
+            coefs = self.calibrator.local_lambdas(stats)
+        else:
+            coefs = self.coefficients()
+
+        total = main_logprobs.new_zeros(())
+        metrics: dict[str, torch.Tensor | float] = {}
+        for k, (loss_k, m_k) in enumerate(depth_losses):
             total = total + coefs[k] * loss_k
             d = k + 1
             metrics[f"mtp/loss_{d}"] = m_k["loss"]
@@ -117,6 +136,28 @@ class MTPObjective:
                 metrics[f"mtp/clip_fraction_{d}"] = m_k["clip_fraction"]
         metrics["mtp/loss_scaled"] = total.detach()
         return total, metrics
+
+    def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
+        """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
+        # regime none reads no MTP input: its lists need only agree with each other
+        K = self.cfg.num_depths if self.regime.objective != "none" else len(mtp_logprobs)
+        if len(mtp_logprobs) != K:
+            raise ValueError(
+                f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "
+                "set num_depths to the model's mtp_num_layers"
+            )
+        for name, entries in (("mtp_masks", mtp_masks), ("mtp_old_logprobs", mtp_old_logprobs)):
+            if entries is not None and len(entries) != K:
+                raise ValueError(
+                    f"{name} has {len(entries)} entries but there are {K} MTP depth(s) "
+                    f"(mtp_logprobs has {len(mtp_logprobs)}); pass one per depth, depth 1 first"
+                )
+        for k, mk in enumerate(mtp_masks if mtp_masks is not None else []):
+            if mk.shape != mask.shape:
+                raise ValueError(
+                    f"mtp_masks[{k}] has shape {tuple(mk.shape)} but mask has {tuple(mask.shape)}; "
+                    "each depth's mask must be [B, S] like the main mask"
+                )
 
     def finish_update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
         """Close one optimizer update (a collective over ``group`` when distributed); returns OCC metrics.
