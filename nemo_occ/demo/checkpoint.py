@@ -1,20 +1,19 @@
 """Atomic checkpoints of a demo run: a crash mid-save never leaves a corrupt or half-written file.
 
-The state is written to a temporary file in the same folder, flushed to disk, then renamed over the
-previous checkpoint (``os.replace`` is atomic on POSIX). A fingerprint of the run's configuration
-is stored with it, so a checkpoint of a different configuration is never resumed by mistake.
+The state is written with :func:`nemo_occ.demo.output.atomic_write` (temporary file in the same
+folder, fsync, ``os.replace``). A fingerprint of the run's configuration is stored with it, so a
+checkpoint of a different configuration is never resumed by mistake.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+
+from nemo_occ.demo.output import DemoOutputError, atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "fingerprint_of"]
 
@@ -27,29 +26,22 @@ def save_checkpoint(path: Path, state: dict, config: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"fingerprint": fingerprint_of(config), **state}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path: Path, config: dict) -> dict | None:
-    """The checkpoint at ``path`` if it exists and belongs to ``config``; None otherwise."""
+    """The checkpoint at ``path`` if it exists (None otherwise); it must belong to ``config``.
+
+    The output folder's run.json already matched the configuration before any checkpoint is read,
+    so a mismatch here means the folder was assembled by hand: refuse rather than start over.
+    """
     path = Path(path)
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("fingerprint") != fingerprint_of(config):
-        warnings.warn(
-            f"{path} was written by a run with another configuration; starting this regime from scratch "
-            "(use a new --out folder to keep both)",
-            stacklevel=2,
+        raise DemoOutputError(
+            f"{path} was written by a run with another configuration than its folder's run.json; "
+            "add --overwrite to start fresh or choose another --out"
         )
-        return None
     return state

@@ -124,6 +124,9 @@ class DemoConfig(_Strict):
             raise ValueError(f"unknown regime(s) {bad}; choose from {', '.join(REGIMES)}")
         if not self.regimes:
             raise ValueError("regimes is empty; name at least one of " + ", ".join(REGIMES))
+        twice = sorted({r for r in self.regimes if self.regimes.count(r) > 1})
+        if twice:  # each regime has one output folder: a second run of it would only resume the first
+            raise ValueError(f"regime(s) {twice} listed more than once; name each once")
         return self
 
 
@@ -158,20 +161,56 @@ def _merge(base: dict, override: dict) -> dict:
 def load_demo_config(
     path: str | Path | None = None, *, quick: bool = False, overrides: dict | None = None
 ) -> tuple[DemoConfig, NemoOCCConfig]:
-    """(demo config, nemo_occ block) from an optional YAML file, the quick preset and CLI overrides."""
-    data: dict = {}
-    if path is not None:
-        import yaml
+    """(demo config, nemo_occ block) from an optional YAML file, the quick preset and CLI overrides.
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        unknown = set(data) - {"demo", "nemo_occ"}
-        if unknown:
-            raise ConfigError(
-                f"{p}: unknown top-level key(s) {sorted(unknown)}; the demo reads 'demo:' and 'nemo_occ:'"
-            )
+    Every error is a :class:`ConfigError`; with a file, its message starts with the file's path
+    (and, for YAML syntax, the line and column).
+    """
+    if path is None:
+        return _resolve({}, quick, overrides)
+    p = Path(path)
+    try:
+        return _resolve(_read_yaml(p), quick, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{p}: {err}") from None
+
+
+def _read_yaml(p: Path) -> dict:
+    import yaml
+
+    if not p.is_file():
+        raise ConfigError("no such file" if not p.exists() else "not a file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark, ctx = err.problem_mark or err.context_mark, err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        started = (
+            f" ({err.context} at line {ctx.line + 1})" if err.context and ctx and ctx is not mark else ""
+        )
+        raise ConfigError(f"{where}invalid YAML: {err.problem or err.context}{started}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML: {err}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read it: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"expected 'demo:' and/or 'nemo_occ:' blocks at the top, got a {type(data).__name__}"
+        )
+    unknown = set(data) - {"demo", "nemo_occ"}
+    if unknown:
+        raise ConfigError(
+            f"unknown top-level key(s) {sorted(map(str, unknown))}; the demo reads 'demo:' and 'nemo_occ:'"
+        )
+    for key in ("demo", "nemo_occ"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"'{key}:' must be a mapping of settings, got {type(data[key]).__name__}")
+    return data
+
+
+def _resolve(data: dict, quick: bool, overrides: dict | None) -> tuple[DemoConfig, NemoOCCConfig]:
     demo = data.get("demo") or {}
     if quick:
         demo = _merge(QUICK, demo)

@@ -10,6 +10,8 @@ import json
 import math
 from pathlib import Path
 
+from nemo_occ.demo.output import atomic_write
+
 __all__ = ["build_report", "pearson_r", "spearman_r"]
 
 _COLORS = {"none": "#7f7f7f", "detach": "#1f77b4", "ce": "#2ca02c", "policy": "#9467bd", "occ": "#d62728"}
@@ -156,8 +158,10 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
     def save(fig, name):
         p = out_dir / name
         fig.tight_layout()
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        try:  # the temporary file's name ends in .tmp: the format must be named
+            atomic_write(p, lambda f: fig.savefig(f, format="png", dpi=110))
+        finally:
+            plt.close(fig)
         written.append(p)
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -228,6 +232,7 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
 def build_report(runs: dict[str, dict], out_dir: Path, header: str) -> dict:
     summary = summarize(runs)
     summary["plots"] = [p.name for p in plot(runs, out_dir)]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out_dir / "summary.md").write_text(summary_markdown(summary, header))
+    text_json, text_md = json.dumps(summary, indent=2) + "\n", summary_markdown(summary, header)
+    atomic_write(out_dir / "summary.json", lambda f: f.write(text_json.encode()))
+    atomic_write(out_dir / "summary.md", lambda f: f.write(text_md.encode()))
     return summary

@@ -2,69 +2,144 @@
 
 Output folder layout::
 
+    OUT/run.json                        demo marker: resolved configuration, seed, and per invocation
+                                        the command, package versions and machine (output.py)
     OUT/warmstart.pt                    shared supervised warm start (cached)
     OUT/<regime>/metrics.jsonl          one JSON object per RL step (step 0: evaluation before RL)
     OUT/<regime>/tb/                    TensorBoard event files
     OUT/<regime>/checkpoint.pt          last checkpoint (atomic); a rerun resumes from it
-    OUT/summary.json, OUT/summary.md    final numbers per regime, step-time ratio occ/detach
+    OUT/summary.json, OUT/summary.md    final numbers per finished regime, step-time ratio occ/detach
     OUT/curves.png, OUT/occ_proxies.png, OUT/fidelity.png
+
+Every file is written atomically. A rerun of the same configuration resumes; ``output.py`` says
+what "same" means and what ``--overwrite`` deletes.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
+import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from nemo_occ.core.config import NemoOCCConfig
+from nemo_occ.core.config import REGIMES, NemoOCCConfig
 from nemo_occ.demo.config import DemoConfig
+from nemo_occ.demo.output import prepare_output, regime_fingerprint, results_config, run_settings
 
-__all__ = ["run_demo"]
+__all__ = ["run_demo", "package_versions"]
 
 
 def _machine() -> str:
-    import os
-
     return f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} (threads {torch.get_num_threads()})"
 
 
+def package_versions() -> dict[str, str | None]:
+    """Versions of what decides the numbers: python, torch, megatron-core, nemo-occ."""
+    from importlib import metadata
+
+    import nemo_occ
+
+    try:
+        mcore = metadata.version("megatron-core")
+    except metadata.PackageNotFoundError:  # a source checkout on PYTHONPATH
+        from megatron.core import package_info
+
+        mcore = package_info.__version__
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "megatron-core": mcore,
+        "nemo-occ": nemo_occ.__version__,
+    }
+
+
 def run_demo(
-    cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, *, interrupt_at: int | None = None, show_progress=True
+    cfg: DemoConfig,
+    occ_cfg: NemoOCCConfig,
+    out: Path,
+    *,
+    overwrite: bool = False,
+    command: str | None = None,
+    show_progress: bool = True,
+    say: Callable[[str], None] = print,
 ) -> dict:
-    from nemo_occ.demo.policy import setup_megatron_cpu, teardown_megatron_cpu
+    """Train the unfinished regimes of ``cfg.regimes`` into ``out`` and report every finished regime.
+
+    Raises ``DemoOutputError`` (nothing touched) when ``out`` may not be used; see ``output.py``.
+    ``say`` receives one line on what happens to earlier results (resumed, already complete).
+    """
+    from nemo_occ.demo.trainer import regime_progress
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out.mkdir(parents=True, exist_ok=True)
+    invocation = {
+        "command": command,
+        "cwd": os.getcwd(),
+        "started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": run_settings(cfg),
+        "versions": package_versions(),
+        "machine": _machine(),
+    }
+    _, resumed = prepare_output(out, results_config(cfg, occ_cfg), invocation, overwrite=overwrite)
+    done = {r: regime_progress(out / r, regime_fingerprint(cfg, occ_cfg, r)) for r in REGIMES}
+    steps = cfg.rl.steps
+    if resumed and all(done[r] == steps for r in cfg.regimes) and _summary_covers(out, done, steps):
+        say(
+            f"nemo-occ demo: already complete in {out} ({', '.join(cfg.regimes)}: {steps} of {steps} steps); "
+            "add --overwrite to start fresh"
+        )
+        return json.loads((out / "summary.json").read_text())
+    if resumed:
+        states = [
+            f"{r}: "
+            + ("complete" if s == steps else f"resuming from step {s} of {steps}" if s else "not started")
+            for r, s in done.items()
+            if r in cfg.regimes
+        ]
+        say(f"nemo-occ demo: resuming in {out} ({'; '.join(states)})")
+    from nemo_occ.demo.policy import setup_megatron_cpu, teardown_megatron_cpu
+
     setup_megatron_cpu()
     try:
-        return _run(cfg, occ_cfg, out, interrupt_at=interrupt_at, show_progress=show_progress)
+        return _run(cfg, occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress)
     finally:  # leave the process as it was (the patches and the gloo group are process-wide)
         teardown_megatron_cpu()
 
 
-def _run(
-    cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, *, interrupt_at: int | None, show_progress: bool
-) -> dict:
+def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:
+    """Whether summary.json reports exactly the folder's finished regimes (a kill may have cut the report)."""
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return list(summary.get("regimes", {})) == [r for r, s in done.items() if s == steps]
+
+
+def _run(cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], show_progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from nemo_occ.demo.report import build_report
-    from nemo_occ.demo.trainer import run_regime
+    from nemo_occ.demo.trainer import finished_run, run_regime
     from nemo_occ.demo.warmstart import warm_start
 
     t0 = time.perf_counter()
     with tqdm(total=cfg.warm_start.steps, desc="warm start", disable=not show_progress, leave=False) as bar:
         warm_state, warm_metrics = warm_start(cfg, out / "warmstart.pt", progress=bar)
+    todo_in_order = [r for r in cfg.regimes if r in todo]
+    with tqdm(
+        total=cfg.rl.steps * len(todo_in_order), desc="RL", disable=not show_progress, unit="step"
+    ) as bar:
+        for regime in todo_in_order:
+            run_regime(regime, cfg, occ_cfg, warm_state, out / regime, progress=bar)
     runs = {}
-    total = cfg.rl.steps * len(cfg.regimes)
-    with tqdm(total=total, desc="RL", disable=not show_progress, unit="step") as bar:
-        for regime in cfg.regimes:
-            run = run_regime(
-                regime, cfg, occ_cfg, warm_state, out / regime, progress=bar, interrupt_at=interrupt_at
-            )
+    for regime in REGIMES:  # every finished regime of this folder, from what it recorded
+        run = finished_run(regime, out / regime, regime_fingerprint(cfg, occ_cfg, regime), cfg.rl.steps)
+        if run is not None:
             runs[regime] = {
                 "metrics": run.metrics,
                 "wall_time_s": run.wall_time_s,

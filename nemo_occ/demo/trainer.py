@@ -36,10 +36,11 @@ from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.demo.config import DemoConfig
+from nemo_occ.demo.output import DemoOutputError, atomic_write, regime_fingerprint
 from nemo_occ.demo.policy import DemoPolicy
 from nemo_occ.demo.task import AdditionTask
 
-__all__ = ["RegimeRun", "run_regime"]
+__all__ = ["RegimeRun", "finished_run", "regime_progress", "run_regime"]
 
 
 def _seed(*parts: int) -> int:
@@ -60,16 +61,47 @@ class RegimeRun:
     )
 
 
-class _Interrupted(RuntimeError):
-    """Raised by the test hook that simulates a crash right after a checkpoint."""
-
-
 def _jsonable(metrics: dict) -> dict:
     out = {}
     for k, v in metrics.items():
         v = float(v.detach()) if isinstance(v, torch.Tensor) else v
         out[k] = v if not isinstance(v, float) or math.isfinite(v) else None
     return out
+
+
+def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """Rows of ``path`` up to step ``upto``. Rows are appended before the checkpoint that covers them,
+    so a last line cut short by a kill belongs to a step after the checkpoint and is dropped."""
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1:
+                raise DemoOutputError(
+                    f"{path}, line {i + 1}: not JSON; add --overwrite to start fresh or choose another --out"
+                ) from None
+    return [r for r in rows if r["step"] <= upto]
+
+
+def regime_progress(out_dir: Path, fingerprint: dict) -> int:
+    """The last checkpointed RL step of the regime in ``out_dir`` (0: nothing to resume)."""
+    ckpt = load_checkpoint(out_dir / "checkpoint.pt", fingerprint)
+    return 0 if ckpt is None else int(ckpt["step"])
+
+
+def finished_run(regime: str, out_dir: Path, fingerprint: dict, steps: int) -> RegimeRun | None:
+    """The regime's run as its checkpoint and metrics.jsonl recorded it if all ``steps`` are done
+    (None otherwise); no model is built."""
+    ckpt = load_checkpoint(out_dir / "checkpoint.pt", fingerprint)
+    if ckpt is None or ckpt["step"] != steps:
+        return None
+    times = list(ckpt["step_times"])
+    metrics = _read_metrics(out_dir / "metrics.jsonl", ckpt["step"])
+    return RegimeRun(regime, out_dir, metrics, ckpt["elapsed"], sum(times) / max(len(times), 1))
 
 
 def evaluate(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, ops: torch.Tensor, step: int) -> float:
@@ -89,19 +121,18 @@ def run_regime(
     out_dir: Path,
     *,
     progress=None,
-    interrupt_at: int | None = None,
 ) -> RegimeRun:
     """Train one regime from the shared warm start, resuming from ``out_dir/checkpoint.pt`` if present."""
     from torch.utils.tensorboard import SummaryWriter
 
     out_dir.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(cfg.task.digits)
+    fingerprint = regime_fingerprint(cfg, occ_cfg, regime)
     occ_cfg = occ_cfg.model_copy(update={"regime": regime})
     policy = DemoPolicy.build(cfg, task)
     policy.model.load_state_dict(warm_state)
     optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
     objective = MTPObjective(occ_cfg, cfg.policy_loss)
-    fingerprint = {"demo": cfg.model_dump(), "nemo_occ": occ_cfg.model_dump()}
 
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = []
@@ -112,13 +143,11 @@ def run_regime(
         optimizer.load_state_dict(ckpt["optimizer"])
         objective.load_state_dict(ckpt["objective"])
         start_step, elapsed, step_times = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["step_times"])
-        if metrics_path.exists():  # drop what was logged after the checkpoint
-            history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            history = [h for h in history if h["step"] <= ckpt["step"]]
-    else:  # a fresh start: nothing of an earlier run may survive next to the new one
-        metrics_path.unlink(missing_ok=True)
+        history = _read_metrics(metrics_path, ckpt["step"])  # drop what was logged after the checkpoint
+    else:  # no checkpoint yet (same configuration: the output folder checked it): start this regime over
         shutil.rmtree(out_dir / "tb", ignore_errors=True)
-    metrics_path.write_text("".join(json.dumps(h) + "\n" for h in history))
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    atomic_write(metrics_path, lambda f: f.write(text.encode()))
     writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step if ckpt is not None else None)
 
     eval_ops = task.eval_operands(cfg.eval.problems, cfg.seed)
@@ -250,9 +279,6 @@ def run_regime(
                 },
                 fingerprint,
             )
-            if interrupt_at is not None and step >= interrupt_at:
-                writer.close()
-                raise _Interrupted(f"simulated interruption after the checkpoint of step {step}")
     writer.close()
     wall = time.perf_counter() - t_run
     return RegimeRun(regime, out_dir, history, wall, sum(step_times) / max(len(step_times), 1))
