@@ -45,8 +45,19 @@ from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
 
-__all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "unpack_rows", "attach_mtp_to_batch"]
+__all__ = [
+    "OCCWorkerExtension",
+    "ModelInputRecorder",
+    "STATE_FILE",
+    "WORKER_FQN",
+    "unpack_rows",
+    "attach_mtp_to_batch",
+]
 
+# The Ray actor class NeMo-RL instantiates, for Policy(worker_extension_cls_fqn=...) and the actor registry.
+# A plain string, so the driver (whose venv has no megatron, Bridge or TE) never imports megatron_worker,
+# which imports NeMo-RL's Megatron worker.
+WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
 POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
 
