@@ -18,7 +18,11 @@ The pipeline for one head, following megatron's own output layer step by step:
 
 Packed rows (THD): ``cu_seqlens_q`` gives the documents, ``cu_seqlens_q_padded`` (if set) where
 each padded document starts; padding tokens between documents are their own segments, so no target
-and no shift ever crosses a document or lands on padding.
+and no shift computed here ever crosses a document or lands on padding. That covers the main head in
+any layout. The MTP depths' hidden states come from megatron's MTP layers, whose input roll reads
+``cu_seqlens_q`` as row positions: with ``cu_seqlens_q != cu_seqlens_q_padded`` they are wrong for
+every document after the first, so ``MTPCapture`` refuses that layout (pass the padded bounds as
+``cu_seqlens_q`` too, as NeMo-RL does for GPT models).
 
 Letters: B rows, L full (padded) sequence length, s local sequence length, H hidden, V vocabulary.
 """
