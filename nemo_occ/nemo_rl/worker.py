@@ -242,10 +242,27 @@ class OCCWorkerExtension:
                 "(the paper: 4 updates per step)",
                 stacklevel=2,
             )
-        occ_metrics = self.broadcast_from_last_stage(_mean_over_updates(self._occ_update_metrics))
+        occ_metrics = _mean_over_updates(self._occ_update_metrics)
+        occ_metrics.update(self.mtp_accuracy(loss_fn.pop_acceptance_counts()))
+        occ_metrics = self.broadcast_from_last_stage(occ_metrics)
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
         return metrics
+
+    def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
+        """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
+
+        Megatron's ``mtp_{d}_acceptance_rate`` / 100 (same tokens: loss mask and an MTP target). Only the
+        stage holding the loss has counts, and every DP rank of it does, so the collective is matched.
+        """
+        if counts is None:
+            return {}
+        from nemo_occ.core.distributed import all_reduce_sum_
+
+        all_reduce_sum_(counts, self.occ_reduction_group())
+        hits, tokens = counts.unbind(-1)
+        accuracy = (hits / tokens.clamp(min=1)).tolist()  # Megatron's clamp: 0 when nothing was valid
+        return {f"accuracy_{d}": value for d, value in enumerate(accuracy, start=1)}
 
     @contextlib.contextmanager
     def _finish_update_after_each_step(self) -> Iterator[None]:
