@@ -18,12 +18,22 @@ def shift_left_rows(x: torch.Tensor, d: int) -> torch.Tensor:
     return out
 
 
+def mtp_block_layer(layer) -> torch.nn.Module:
+    """The transformer layer inside an MTP layer: ``transformer_layer`` (0.16) / ``mtp_model_layer`` (0.20)."""
+    inner = getattr(layer, "mtp_model_layer", None)
+    return inner if inner is not None else layer.transformer_layer
+
+
 def reference_logprobs(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor, num_depths: int):
     """Return (main [B, S-1], mtp list of K [B, S-1], mtp valid list) from full logits, loops.
 
-    Single-rank model (TP=1), unpacked rows; learned absolute positions; causal default mask.
+    Single-rank model (TP=1), unpacked rows; learned absolute positions; causal default mask. The MTP
+    logits get megatron's own output scaling (``GPTModel._scale_logits``: MuP, newer cores) like the main
+    logits, which come out of megatron's forward.
     """
     from nemo_occ.megatron.mtp_logprobs import forward_main_logits
+
+    scale_logits = getattr(gpt, "_scale_logits", lambda logits: logits)
 
     captured = {}
     handle = gpt.decoder.register_forward_hook(lambda m, a, out: captured.__setitem__("h", out))
@@ -52,9 +62,9 @@ def reference_logprobs(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor,
         )  # [S, B, H]: embedding of tok[i + d] at position i
         x = torch.cat([layer.enorm(emb), layer.hnorm(hidden)], dim=-1)
         x, _ = layer.eh_proj(x)
-        x, _ = layer.transformer_layer(x, attention_mask=None)
+        x, _ = mtp_block_layer(layer)(x, attention_mask=None)
         hidden = layer.final_layernorm(x)
-        logp = F.log_softmax((hidden @ weight.t()).float(), dim=-1)  # [S, B, V]
+        logp = F.log_softmax(scale_logits(hidden @ weight.t()).float(), dim=-1)  # [S, B, V]
         aligned = torch.zeros(batch, seq - 1)
         ok = torch.zeros(batch, seq - 1, dtype=torch.bool)
         for b in range(batch):

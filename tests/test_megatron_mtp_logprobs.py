@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
+from _mcore_compat import mtp_buildable_without_te  # noqa: E402
 from _megatron_reference import reference_logprobs  # noqa: E402
 
 from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
@@ -22,7 +23,7 @@ V = 48
 @pytest.fixture(scope="module")
 def single_rank():
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    with cpu_compat.cpu_compat():
+    with cpu_compat.cpu_compat(), mtp_buildable_without_te():
         parallel.init_model_parallel()
         try:
             yield
@@ -157,3 +158,106 @@ def test_bad_inputs_raise(model2):
         pytest.raises(ValueError, match="no MTP hidden states"),
     ):
         cap.take()
+
+
+def _padded_slot_batch():
+    """Documents of lengths 5, 7, 4 in slots padded to multiples of 4: starts 0, 8, 16; row of 20."""
+    lengths, slots = [5, 7, 4], [8, 8, 4]
+    g = torch.Generator().manual_seed(6)
+    docs = [torch.randint(0, V, (1, n), generator=g) for n in lengths]
+    ids = torch.cat(
+        [
+            torch.cat([d, torch.randint(0, V, (1, s - d.shape[1]), generator=g)], dim=1)
+            for d, s in zip(docs, slots, strict=True)
+        ],
+        dim=1,
+    )  # [1, 20]: each document followed by padding tokens
+    pos = torch.cat([torch.arange(s) for s in slots])[None]
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)  # real lengths, as if unpadded
+    cu_pad = torch.tensor([0, 8, 16, 20], dtype=torch.int32)
+    return docs, ids, pos, cu, cu_pad
+
+
+def test_padded_slots_with_real_lengths_are_refused(model2):
+    """cu_seqlens_q (real lengths) != cu_seqlens_q_padded: megatron's MTP roll would misplace documents 2+."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    _, ids, pos, cu, cu_pad = _padded_slot_batch()
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu,
+        cu_seqlens_kv=cu,
+        cu_seqlens_q_padded=cu_pad,
+        cu_seqlens_kv_padded=cu_pad,
+        max_seqlen_q=8,
+        max_seqlen_kv=8,
+    )
+    with pytest.raises(ValueError, match="cu_seqlens_q = cu_seqlens_q_padded"):
+        forward_with_mtp_logprobs(model2, ids, pos, packed_seq_params=psp, detach_trunk=False)
+    with pytest.raises(ValueError, match="cu_seqlens_q = cu_seqlens_q_padded"):
+        with MTPCapture(model2, detach_trunk=True):
+            model2(ids, pos, None, packed_seq_params=psp)
+    # nothing stays behind: hooks removed, the model's own config back
+    assert model2.config.mtp_num_layers == 2 and not model2.mtp._forward_hooks
+    assert not model2.mtp._forward_pre_hooks
+
+
+def test_padded_slots_passed_as_cu_seqlens_q_equal_separate_rows(model2):
+    """The layout the refusal asks for (NeMo-RL's): padded bounds as cu_seqlens_q; real positions are exact."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    docs, ids, pos, _, cu_pad = _padded_slot_batch()
+    psp = PackedSeqParams(
+        qkv_format="thd",
+        cu_seqlens_q=cu_pad,
+        cu_seqlens_kv=cu_pad,
+        cu_seqlens_q_padded=cu_pad,
+        cu_seqlens_kv_padded=cu_pad,
+        max_seqlen_q=8,
+        max_seqlen_kv=8,
+    )
+    packed = forward_with_mtp_logprobs(model2, ids, pos, packed_seq_params=psp, detach_trunk=False)
+    for k, doc in enumerate(docs):
+        n, start = doc.shape[1], int(cu_pad[k])
+        row = forward_with_mtp_logprobs(model2, doc, torch.arange(n)[None], detach_trunk=False)
+        sl = slice(start, start + n - 1)
+        torch.testing.assert_close(packed.main_logprobs[:, sl], row.main_logprobs)
+        for d in range(2):
+            valid = row.mtp_masks[d]
+            assert packed.mtp_masks[d][:, sl][valid].all()
+            torch.testing.assert_close(packed.mtp_logprobs[d][:, sl][valid], row.mtp_logprobs[d][valid])
+
+
+def test_detach_cuts_the_block_input_wherever_a_depth_reads_it(model2):
+    """Newer cores' ``mtp_hsm`` also feeds the MTP block's input into depths >= 2 (rolled and mixed with
+    the previous depth's output). Stand-in for that read: depth 2's input mixed with whatever the block
+    received after every pre-hook. Under detach the trunk must still get no MTP gradient at all."""
+    block = model2.mtp
+    original = block.forward
+
+    def forward_reading_the_block_input_at_depth_2(*args, **kwargs):
+        block_input = kwargs["hidden_states"]
+
+        def mix(module, layer_args, layer_kwargs):
+            layer_kwargs["hidden_states"] = 0.5 * (layer_kwargs["hidden_states"] + block_input)
+            return layer_args, layer_kwargs
+
+        handle = block.layers[1].register_forward_pre_hook(mix, with_kwargs=True, prepend=True)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            handle.remove()
+
+    block.forward = forward_reading_the_block_input_at_depth_2
+    try:
+        ids, pos = _batch(seed=5)
+        model2.zero_grad(set_to_none=True)
+        out = forward_with_mtp_logprobs(model2, ids, pos, detach_trunk=True)
+        sum((lp * m).sum() for lp, m in zip(out.mtp_logprobs, out.mtp_masks, strict=True)).backward()
+    finally:
+        del block.forward
+    grads = _grads(model2)
+    model2.zero_grad(set_to_none=True)
+    leaked = [n for n, g in grads.items() if not n.startswith("mtp.") and g.abs().sum() > 0]
+    assert leaked == [], f"MTP gradient reached the trunk: {leaked}"
+    assert all(grads[n].abs().sum() > 0 for n in grads if n.startswith("mtp.layers.1.eh_proj"))

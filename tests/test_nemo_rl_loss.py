@@ -182,21 +182,27 @@ def test_policy_regime_adds_coef_times_clipped_mtp_loss():
     assert data[mtp_logprobs_key(1)].grad is not None and data[mtp_logprobs_key(1)].grad.abs().sum() > 0
 
 
-def test_mtp_accuracy_and_valid_fraction_are_divided_by_global_tokens():
-    main_lp, data = _batch()
+def test_valid_fraction_is_divided_by_global_tokens_and_acceptance_is_counted():
     fn = _loss(regime="ce")
-    n_tok = _local_tokens(data) + 2.0
-    _, metrics = fn(main_lp, data, torch.tensor(2.0), torch.tensor(n_tok))
-    width = main_lp.shape[1]
-    mask = _ref_mask(data, 1, width)
     hits = valid = 0
-    for b in range(len(mask)):
-        for j in range(width):
-            if mask[b][j]:
-                valid += 1
-                hits += bool(data[mtp_correct_key(1)][b, j])
-    assert metrics["mtp/accuracy_1"] == pytest.approx(hits / n_tok)
-    assert metrics["mtp/valid_fraction_1"] == pytest.approx(valid / n_tok)
+    for seed in (0, 1):  # two micro-batches: the counts add up until popped
+        main_lp, data = _batch(seed=seed)
+        n_tok = _local_tokens(data) + 2.0
+        _, metrics = fn(main_lp, data, torch.tensor(2.0), torch.tensor(n_tok))
+        width = main_lp.shape[1]
+        mask = _ref_mask(data, 1, width)
+        valid_mb = 0
+        for b in range(len(mask)):
+            for j in range(width):
+                if mask[b][j]:
+                    valid_mb += 1
+                    hits += bool(data[mtp_correct_key(1)][b, j])
+        valid += valid_mb
+        assert metrics["mtp/valid_fraction_1"] == pytest.approx(valid_mb / n_tok)
+        assert "mtp/accuracy_1" not in metrics  # its denominator is global: the worker reports it
+    assert pickle.loads(pickle.dumps(fn)).pop_acceptance_counts() is None  # not shipped to workers
+    assert fn.pop_acceptance_counts().tolist() == [[hits, valid]]
+    assert fn.pop_acceptance_counts() is None
 
 
 def test_explicit_validity_masks_out_positions():

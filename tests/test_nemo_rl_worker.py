@@ -15,7 +15,7 @@ import torch
 
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.nemo_rl import worker as worker_mod
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_logprobs_key
+from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
 from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension, unpack_rows
 
@@ -42,6 +42,7 @@ def _microbatch(seed):
     }
     main = data["prev_logprobs"][:, 1:] + 0.1 * torch.randn(B, S - 1, generator=g)
     data[mtp_logprobs_key(1)] = data["prev_logprobs"][:, 1:] + 0.2 * torch.randn(B, S - 1, generator=g)
+    data[mtp_correct_key(1)] = torch.rand(B, S - 1, generator=g) > 0.4
     return main, data
 
 
@@ -156,6 +157,21 @@ def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
     lam_4 = _lambda_by_loops([_microbatch(4)])
     assert occ["occ/lambda_applied_1"] == pytest.approx(lam_2)  # both updates used the carried λ
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_4)
+
+
+def test_mtp_accuracy_is_hits_over_mtp_valid_tokens_of_the_whole_step():
+    """Megatron's mtp_{d}_acceptance_rate / 100, which skipping its MTP loss would otherwise drop."""
+    worker = Worker(_config(regime="ce"))
+    step = [[_microbatch(0), _microbatch(1)], [_microbatch(2)]]
+    metrics = worker.train(step, _loss(regime="ce"))
+    hits = tokens = 0
+    for update in step:
+        for _, mb in update:
+            for b in range(mb["token_mask"].shape[0]):
+                for j in range(1, mb["token_mask"].shape[1] - 1):  # j = 0 has no depth-1 target
+                    tokens += 1
+                    hits += bool(mb[mtp_correct_key(1)][b, j])
+    assert metrics["mtp_metrics"]["accuracy_1"] == pytest.approx(hits / tokens)
 
 
 def test_eval_mode_keeps_lambda_and_statistics():

@@ -13,12 +13,16 @@ The pipeline for one head, following megatron's own output layer step by step:
 2. targets: computed on the full sequence (CP shards of ``input_ids`` are all-gathered first) with
    ``alignment.mtp_targets`` inside each packed document, then cut to this CP rank's positions.
 3. ``chunked_logprobs.token_logprobs`` against this rank's vocab shard of the output weight
-   (never a [T, V] logits tensor).
+   (never a [T, V] logits tensor), with the logits scaled like megatron's (:func:`logit_scale`).
 4. CP re-assembly (``context_parallel.gather_context_parallel``) and alignment to main positions.
 
 Packed rows (THD): ``cu_seqlens_q`` gives the documents, ``cu_seqlens_q_padded`` (if set) where
 each padded document starts; padding tokens between documents are their own segments, so no target
-and no shift ever crosses a document or lands on padding.
+and no shift computed here ever crosses a document or lands on padding. That covers the main head in
+any layout. The MTP depths' hidden states come from megatron's MTP layers, whose input roll reads
+``cu_seqlens_q`` as row positions: with ``cu_seqlens_q != cu_seqlens_q_padded`` they are wrong for
+every document after the first, so ``MTPCapture`` refuses that layout (pass the padded bounds as
+``cu_seqlens_q`` too, as NeMo-RL does for GPT models).
 
 Letters: B rows, L full (padded) sequence length, s local sequence length, H hidden, V vocabulary.
 """
@@ -127,6 +131,19 @@ def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+def logit_scale(gpt: torch.nn.Module) -> float:
+    """The factor megatron multiplies the output layer's logits by, main head and MTP depths alike.
+
+    MuP (``use_mup``, newer cores): ``GPTModel._scale_logits`` multiplies by ``mup_output_mult``
+    (1 / width multiplier unless set), and ``process_mtp_loss`` applies the same function to the MTP
+    logits. 1 otherwise. Applied here to the hidden states: (m h) W^T = m (h W^T).
+    """
+    config = gpt.config
+    if not getattr(config, "use_mup", False):
+        return 1.0
+    return float(config.mup_output_mult)
+
+
 def head_logprobs(
     gpt: torch.nn.Module,
     hidden: torch.Tensor,
@@ -147,6 +164,9 @@ def head_logprobs(
     tp_group, _ = _groups(gpt)
     tp_size = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = torch.distributed.get_rank(tp_group) if tp_size > 1 else 0
+    scale = logit_scale(gpt)
+    if scale != 1.0:  # on this rank's shard, before the TP gather makes it tp times larger
+        hidden = hidden * scale
     if gpt.config.sequence_parallel and tp_size > 1:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(
             hidden, tensor_parallel_output_grad=True, group=tp_group

@@ -14,11 +14,21 @@ What the context changes in the forward, all undone on exit (hooks removed, attr
   newer ``process_mtp_loss`` sit behind ``if self.config.mtp_num_layers`` in ``_postprocess``.
   The main head's logits / loss come out exactly as without MTP.
 * ``detach_trunk=True`` (the ``detach`` regime) cuts every path from the MTP log-probs into
-  the trunk: the hidden states entering the first MTP depth are detached (the chain between MTP
-  depths keeps its gradient: those are MTP parameters), the shared embedding's output inside
-  the MTP layers is detached, and the log-probs use the output weight detached. Only ``mtp.*``
-  parameters receive gradient from the MTP term. Megatron >= 0.19's ``mtp_detach_heads`` does the
-  same three cuts; it is not needed here, and it must be off for the joint regimes (checked).
+  the trunk: the MTP block's input (the trunk's hidden states) is detached, the shared embedding's
+  output inside the MTP layers is detached, and the log-probs use the output weight detached. Only
+  ``mtp.*`` parameters receive gradient from the MTP term. The cut is at the block's input, not the
+  first depth's, because newer cores' ``mtp_hsm`` (hidden-state mixing, training only) also feeds the
+  block input into depths >= 2; the main head still reads the un-detached hidden states. Megatron
+  >= 0.19's ``mtp_detach_heads`` does the same three cuts; it is not needed here, and it must be off
+  for the joint regimes (checked).
+
+Packed rows (THD) whose documents sit in padded slots with ``cu_seqlens_q`` (real lengths) different
+from ``cu_seqlens_q_padded`` are refused: megatron's MTP layer rolls its input ids inside the
+documents of ``cu_seqlens_q`` taken as row positions (``roll_tensor`` / ``_roll_tensor_packed_seq`` in
+``transformer/multi_token_prediction.py``, 0.16 and 0.20), so every document after the first would be
+rolled at the wrong place. Passing the padded boundaries as ``cu_seqlens_q`` too (NeMo-RL's layout for
+GPT models) is exact for every real token: the roll then stays inside each slot, and a real token sees
+padding only after itself.
 
 Pipeline parallelism: MTP lives on the last stage. On a stage without an MTP block the context
 installs nothing and ``active`` is False.
@@ -34,6 +44,22 @@ import torch
 from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
 from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
 from nemo_occ.megatron.model_access import swapped_config, unwrap_gpt_model
+
+
+def refuse_padded_slots(packed_seq_params) -> None:
+    """Raise when packed documents sit in padded slots given by real-length ``cu_seqlens_q`` (module doc)."""
+    if packed_seq_params is None or getattr(packed_seq_params, "qkv_format", "thd") != "thd":
+        return
+    real, padded = packed_seq_params.cu_seqlens_q, getattr(packed_seq_params, "cu_seqlens_q_padded", None)
+    if padded is None or padded is real:
+        return
+    if real.shape != padded.shape or not torch.equal(real.to(padded.device, padded.dtype), padded):
+        raise ValueError(
+            "packed_seq_params has cu_seqlens_q != cu_seqlens_q_padded (documents in padded slots): "
+            "megatron's MTP layers roll their inputs at the cu_seqlens_q row positions, which is wrong for "
+            "every document after the first. Set cu_seqlens_q = cu_seqlens_q_padded (and cu_seqlens_kv = "
+            "cu_seqlens_kv_padded), as NeMo-RL does, and mask the padding in the loss"
+        )
 
 
 @dataclasses.dataclass
@@ -120,33 +146,35 @@ class MTPCapture(contextlib.AbstractContextManager):
         self.num_depths = int(self.gpt.config.mtp_num_layers or 0) if self.active else 0
         self._handles: list = []
         self._stack: contextlib.ExitStack | None = None
-        self._layer_calls = 0
+        self._block_input: torch.Tensor | None = None
         self._captured: CapturedMTP | None = None
 
     # -- hooks -----------------------------------------------------------------------------------
     def _block_pre_hook(self, module, args, kwargs):
-        self._layer_calls = 0
-        if self.detach_trunk and kwargs.get("embedding") is not None:
-            kwargs["embedding"] = _DetachedOutput(kwargs["embedding"])
-        return args, kwargs
-
-    def _layer_pre_hook(self, module, args, kwargs):
-        # Only the first depth reads the trunk; later depths read the previous MTP depth.
-        if self.detach_trunk and self._layer_calls == 0:
-            hidden = kwargs["hidden_states"].detach()
+        refuse_padded_slots(kwargs.get("packed_seq_params"))
+        self._block_input = None
+        if self.detach_trunk:
+            if kwargs.get("embedding") is not None:
+                kwargs["embedding"] = _DetachedOutput(kwargs["embedding"])
+            # Every MTP depth reads the trunk only through the block input (the first depth directly,
+            # later ones under mtp_hsm); the main head gets the original back in _block_hook.
+            self._block_input = kwargs["hidden_states"]
+            hidden = self._block_input.detach()
             if torch.is_grad_enabled():
                 # Megatron's viewless-tensor / checkpoint helpers expect an input that requires grad.
                 hidden.requires_grad_(True)
             kwargs["hidden_states"] = hidden
-        self._layer_calls += 1
         return args, kwargs
 
     def _block_hook(self, module, args, kwargs, output):
+        # [h_main, h_1, ..., h_K] along the sequence; h_main is the block input (all MTP on this stage).
         chunks = torch.chunk(output, 1 + self.num_depths, dim=0)
+        main = chunks[0] if self._block_input is None else self._block_input
+        self._block_input = None
         self._captured = CapturedMTP(
-            gpt=self.gpt, main_hidden=chunks[0], mtp_hidden=list(chunks[1:]), detach_trunk=self.detach_trunk
+            gpt=self.gpt, main_hidden=main, mtp_hidden=list(chunks[1:]), detach_trunk=self.detach_trunk
         )
-        return chunks[0]
+        return main
 
     # -- context -------------------------------------------------------------------------------
     def __enter__(self) -> MTPCapture:
@@ -157,14 +185,13 @@ class MTPCapture(contextlib.AbstractContextManager):
         block = self.gpt.mtp
         self._handles.append(block.register_forward_pre_hook(self._block_pre_hook, with_kwargs=True))
         self._handles.append(block.register_forward_hook(self._block_hook, with_kwargs=True))
-        for layer in block.layers:
-            self._handles.append(layer.register_forward_pre_hook(self._layer_pre_hook, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._block_input = None
         if self._stack is not None:
             self._stack.close()
             self._stack = None

@@ -53,8 +53,11 @@ class TinyGPTConfig(BaseModel):
         return self
 
 
-def build_transformer_config(cfg: TinyGPTConfig):
-    """The megatron ``TransformerConfig`` of ``cfg`` with the CPU-safe flags and current parallel sizes."""
+def build_transformer_config(cfg: TinyGPTConfig, **fields):
+    """The megatron ``TransformerConfig`` of ``cfg`` with the CPU-safe flags and current parallel sizes.
+
+    ``fields`` are further ``TransformerConfig`` fields (e.g. ``use_mup=True`` on newer cores).
+    """
     from megatron.core import parallel_state
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -117,13 +120,15 @@ def build_transformer_config(cfg: TinyGPTConfig):
         persist_layer_norm=False,
         attention_backend=AttnBackend.local,
         **moe,
+        **fields,
     )
 
 
-def build_tiny_gpt(cfg: TinyGPTConfig | None = None, **overrides):
+def build_tiny_gpt(cfg: TinyGPTConfig | None = None, *, transformer_fields: dict | None = None, **overrides):
     """A megatron-core ``GPTModel`` (+ MTP block on the last pipeline stage) built from ``cfg``.
 
-    ``overrides`` are TinyGPTConfig fields, e.g. ``build_tiny_gpt(mtp_num_layers=2)``.
+    ``overrides`` are TinyGPTConfig fields, e.g. ``build_tiny_gpt(mtp_num_layers=2)``;
+    ``transformer_fields`` go to megatron's ``TransformerConfig`` as they are.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -131,7 +136,7 @@ def build_tiny_gpt(cfg: TinyGPTConfig | None = None, **overrides):
 
     cfg = (cfg or TinyGPTConfig()).model_copy(update=overrides) if overrides else (cfg or TinyGPTConfig())
     cfg = TinyGPTConfig.model_validate(cfg.model_dump())
-    config = build_transformer_config(cfg)
+    config = build_transformer_config(cfg, **(transformer_fields or {}))
     layer_spec = get_gpt_layer_local_spec(num_experts=cfg.num_experts, moe_grouped_gemm=False)
     mtp_spec = None
     if cfg.mtp_num_layers:

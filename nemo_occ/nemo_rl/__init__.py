@@ -1,5 +1,7 @@
 """Thin NeMo-RL glue: recipe checks, the loss function, the Megatron worker extension, the entry point.
 
-Importing this package (and ``recipes``, ``loss_config``, ``loss``, ``worker``, ``cli``) needs no NeMo-RL;
-``megatron_worker`` and the training path of ``run_grpo`` import it (they run in the NeMo-RL container).
+Driver side (NeMo-RL's driver venv has no megatron, Megatron-Bridge or Transformer Engine): ``recipes``,
+``loss_config``, ``loss``, ``worker``, ``cli`` and ``run_grpo`` import none of them, nor NeMo-RL's worker
+modules (``tests/test_nemo_rl_driver.py`` refuses those imports and runs the registration path). Only
+``megatron_worker``, imported by the Ray worker from ``worker.WORKER_FQN``, imports NeMo-RL's Megatron worker.
 """

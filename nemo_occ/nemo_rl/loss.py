@@ -21,6 +21,12 @@ validity and argmax-correctness next to them. This object is pickled to the Ray 
 ``train()`` call; the calibrator state must outlive that, so the worker binds its persistent
 :class:`MTPObjective` with :meth:`OCCLossFn.bind_objective` (unpickled copies start unbound).
 
+Draft acceptance (``mtp/accuracy_d``): the share of tokens with an MTP target (and in the loss mask)
+where depth d's arg-max is the sampled token, Megatron's ``mtp_{d}_acceptance_rate`` / 100. Its
+denominator is not a global count NeMo-RL hands the loss, so the loss only counts hits and tokens
+(:meth:`OCCLossFn.pop_acceptance_counts`); the worker sums them over the step and the data-parallel
+ranks and reports the ratio (megatron's own metric is gone: its MTP loss is skipped).
+
 Letters: B sequences of the micro-batch, S tokens per sequence, K MTP depths.
 """
 
@@ -69,6 +75,7 @@ class OCCLossFn:
         self.loss_type = main_loss.loss_type
         self.input_type = main_loss.input_type
         self._objective: MTPObjective | None = None
+        self._acceptance: torch.Tensor | None = None  # [K, 2] float64: (arg-max hits, MTP-valid tokens)
         self.metric_normalizations = dict(getattr(main_loss, "metric_normalizations", {}) or {})
         self.metric_normalizations.update(self._our_normalizations())
 
@@ -81,6 +88,7 @@ class OCCLossFn:
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["_objective"] = None  # the calibrator lives in the worker, not in each pickled copy
+        state["_acceptance"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -119,7 +127,6 @@ class OCCLossFn:
         for d in range(1, self.occ_cfg.num_depths + 1):
             out[f"mtp/loss_{d}"] = loss_norm
             out[f"mtp/clip_fraction_{d}"] = MetricNormalizer.TOKENS
-            out[f"mtp/accuracy_{d}"] = MetricNormalizer.TOKENS
             out[f"mtp/valid_fraction_{d}"] = MetricNormalizer.TOKENS
         return out
 
@@ -171,8 +178,21 @@ class OCCLossFn:
                 m = mask & valid_d
                 metrics[f"mtp/valid_fraction_{d}"] = float(m.sum()) / n_tok
                 if correct_d is not None:
-                    metrics[f"mtp/accuracy_{d}"] = float((correct_d.bool() & m).sum()) / n_tok
+                    self._count_acceptance(d, (correct_d.bool() & m).sum(), m.sum())
         return loss + mtp_loss, metrics
+
+    def _count_acceptance(self, depth: int, hits: torch.Tensor, tokens: torch.Tensor) -> None:
+        if self._acceptance is None:
+            self._acceptance = torch.zeros(
+                self.occ_cfg.num_depths, 2, dtype=torch.float64, device=hits.device
+            )
+        self._acceptance[depth - 1, 0] += hits
+        self._acceptance[depth - 1, 1] += tokens
+
+    def pop_acceptance_counts(self) -> torch.Tensor | None:
+        """[K, 2] float64 (arg-max hits, MTP-valid loss tokens) per depth since the last pop; None if none."""
+        counts, self._acceptance = self._acceptance, None
+        return counts
 
     def _mtp_inputs(self, data: Mapping[str, Any], width: int, device: torch.device):
         """Per depth: aligned log-probs [B, S-1], validity [B, S-1], argmax-correctness [B, S-1] or None."""

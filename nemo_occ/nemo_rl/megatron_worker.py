@@ -2,8 +2,9 @@
 
 NeMo-RL's ``Policy(..., worker_extension_cls_fqn=FQN)`` accepts a subclass of the default worker; the
 ``@ray.remote`` class cannot be subclassed, so (as NeMo-RL's ``research/template_project`` does) we
-subclass the plain ``MegatronPolicyWorkerImpl`` and decorate our own class. This module imports NeMo-RL
-at import time and is only imported inside a NeMo-RL environment (the Ray worker, or the entry point).
+subclass the plain ``MegatronPolicyWorkerImpl`` and decorate our own class. This module imports NeMo-RL's
+Megatron worker (and so megatron-core, Megatron-Bridge and Transformer Engine) at import time: only the Ray
+worker imports it, from its FQN (``nemo_occ.nemo_rl.worker.WORKER_FQN``); the driver never does.
 """
 
 from __future__ import annotations
@@ -12,11 +13,9 @@ import ray
 from nemo_rl.models.policy.utils import get_runtime_env_for_policy_worker
 from nemo_rl.models.policy.workers.megatron_policy_worker import MegatronPolicyWorkerImpl
 
-from nemo_occ.nemo_rl.worker import OCCWorkerExtension
+from nemo_occ.nemo_rl.worker import WORKER_FQN, OCCWorkerExtension
 
 __all__ = ["WORKER_FQN", "OCCMegatronPolicyWorkerImpl", "OCCMegatronPolicyWorker"]
-
-WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 
 
 class OCCMegatronPolicyWorkerImpl(OCCWorkerExtension, MegatronPolicyWorkerImpl):

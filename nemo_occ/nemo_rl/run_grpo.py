@@ -77,13 +77,14 @@ def register_worker() -> str:
     NeMo-RL names worker virtualenvs after the actor class; mapping a new FQN to the ``uv run`` Megatron
     executable would build a fresh venv. Mapping it to the existing venv's python reuses the container's.
     ``nemo_occ`` must be importable there (``PYTHONPATH``, which NeMo-RL forwards to its workers).
+    Runs on the driver: reads the FQN as a string and imports nothing of the worker (no megatron there).
     """
     from nemo_rl.distributed.ray_actor_environment_registry import (
         ACTOR_ENVIRONMENT_REGISTRY,
         MCORE_EXECUTABLE,
     )
 
-    from nemo_occ.nemo_rl.megatron_worker import WORKER_FQN
+    from nemo_occ.nemo_rl.worker import WORKER_FQN
 
     default_fqn = "nemo_rl.models.policy.workers.megatron_policy_worker.MegatronPolicyWorker"
     executable = ACTOR_ENVIRONMENT_REGISTRY.get(default_fqn, MCORE_EXECUTABLE)

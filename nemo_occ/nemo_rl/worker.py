@@ -45,8 +45,19 @@ from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
 
-__all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "unpack_rows", "attach_mtp_to_batch"]
+__all__ = [
+    "OCCWorkerExtension",
+    "ModelInputRecorder",
+    "STATE_FILE",
+    "WORKER_FQN",
+    "unpack_rows",
+    "attach_mtp_to_batch",
+]
 
+# The Ray actor class NeMo-RL instantiates, for Policy(worker_extension_cls_fqn=...) and the actor registry.
+# A plain string, so the driver (whose venv has no megatron, Bridge or TE) never imports megatron_worker,
+# which imports NeMo-RL's Megatron worker.
+WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
 POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
 
@@ -231,10 +242,27 @@ class OCCWorkerExtension:
                 "(the paper: 4 updates per step)",
                 stacklevel=2,
             )
-        occ_metrics = self.broadcast_from_last_stage(_mean_over_updates(self._occ_update_metrics))
+        occ_metrics = _mean_over_updates(self._occ_update_metrics)
+        occ_metrics.update(self.mtp_accuracy(loss_fn.pop_acceptance_counts()))
+        occ_metrics = self.broadcast_from_last_stage(occ_metrics)
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
         return metrics
+
+    def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
+        """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
+
+        Megatron's ``mtp_{d}_acceptance_rate`` / 100 (same tokens: loss mask and an MTP target). Only the
+        stage holding the loss has counts, and every DP rank of it does, so the collective is matched.
+        """
+        if counts is None:
+            return {}
+        from nemo_occ.core.distributed import all_reduce_sum_
+
+        all_reduce_sum_(counts, self.occ_reduction_group())
+        hits, tokens = counts.unbind(-1)
+        accuracy = (hits / tokens.clamp(min=1)).tolist()  # Megatron's clamp: 0 when nothing was valid
+        return {f"accuracy_{d}": value for d, value in enumerate(accuracy, start=1)}
 
     @contextlib.contextmanager
     def _finish_update_after_each_step(self) -> Iterator[None]:
