@@ -16,6 +16,7 @@ _COMMAND_MODULES = (
     "nemo_occ.demo.cli",  # demo
     "nemo_occ.nemo_rl.cli",  # train
     "nemo_occ.export.cli",  # export, verify-export
+    "nemo_occ.info",  # info
 )
 
 

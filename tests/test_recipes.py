@@ -25,6 +25,8 @@ from nemo_occ.nemo_rl.recipes import (
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml"))
+PAPER_RUNS = [p for p in RECIPES if not p.stem.endswith("-smoke")]
+SMOKE_RUNS = [p for p in RECIPES if p.stem.endswith("-smoke")]
 
 # Architecture facts from the models' Hugging Face configs (REFERENCE.md section 7).
 MODEL_FACTS = {
@@ -34,11 +36,15 @@ MODEL_FACTS = {
     "XiaomiMiMo/MiMo-7B-RL": ModelFacts(
         num_layers=36, num_attention_heads=32, num_query_groups=8, mtp_layers=1
     ),
+    # Public model cards: 47 layers with MLA (20 heads, no KV grouping), 64 routed experts, MTP at layer 47.
+    "zai-org/GLM-4.7-Flash": ModelFacts(
+        num_layers=47, num_attention_heads=20, num_query_groups=20, num_experts=64, mtp_layers=1
+    ),
 }
 
 NAME = re.compile(
-    r"^(?P<algo>dapo|gspo)-(?P<regime>occ|detach|ce|policy)-(?P<model>glm4\.5-air|mimo-7b-rl)-"
-    r"(?P<nodes>\d+)n(?P<gpus>\d+)g-(?P<gpu>h100|h20)-(?P<par>[a-z0-9]+?)(?P<fp8>-fp8)?$"
+    r"^(?P<algo>dapo|gspo|grpo)-(?P<regime>occ|detach|ce|policy)-(?P<model>glm4\.5-air|glm4\.7-flash|mimo-7b-rl)-"
+    r"(?P<nodes>\d+)n(?P<gpus>\d+)g-(?P<gpu>h100|h20)-(?P<par>[a-z0-9]+?)(?P<fp8>-fp8)?(?P<smoke>-smoke)?$"
 )
 
 
@@ -70,7 +76,8 @@ def test_recipe_is_valid_for_its_model(path: Path):
     assert facts.num_attention_heads % lay.tp == 0 and facts.num_query_groups % lay.tp == 0
     assert facts.num_layers % lay.pp == 0
     if facts.num_experts:
-        assert facts.num_experts % lay.ep == 0 and cfg["policy"]["megatron_cfg"]["sequence_parallel"] is True
+        assert facts.num_experts % lay.ep == 0
+        assert lay.tp == 1 or cfg["policy"]["megatron_cfg"]["sequence_parallel"] is True  # MoE + TP needs SP
     assert cfg["policy"]["train_global_batch_size"] % lay.dp == 0
 
 
@@ -100,26 +107,50 @@ def test_file_name_states_the_topology(path: Path):
     assert gspo == (m["algo"] == "gspo")
     if m["algo"] == "dapo":
         assert cfg["loss_fn"]["ratio_clip_max"] == 0.28 and cfg["grpo"]["use_dynamic_sampling"] is True
-    else:
+    elif m["algo"] == "gspo":
         assert cfg["loss_fn"]["token_level_loss"] is False
+    else:  # plain GRPO: symmetric clip, no dynamic sampling
+        assert cfg["loss_fn"]["ratio_clip_min"] == cfg["loss_fn"]["ratio_clip_max"]
+        assert not cfg["grpo"].get("use_dynamic_sampling", False)
+
+
+def _header(path: Path) -> str:
+    lines = []
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _header_launch(path: Path) -> tuple[int, list[str]]:
+    """The node count and overrides of the header's ``slurm/submit.sh <recipe> <nodes> [override ...] --``."""
+    m = re.search(
+        rf"slurm/submit\.sh recipes/{re.escape(path.name)} (\d+)((?: [^-\s]\S*)*) --", _header(path)
+    )
+    assert m, f"{path.name}: the header gives no `slurm/submit.sh recipes/{path.name} <nodes> ... --` command"
+    return int(m[1]), m[2].split()
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_header_gives_the_launch_command(path: Path):
-    header = []
-    for line in path.read_text().splitlines():
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    text = "\n".join(header)
-    assert f"python -m nemo_occ.nemo_rl.run_grpo --config recipes/{path.name}" in text
-    sbatch = re.search(r"sbatch (slurm/\S+\.sbatch)", text)
-    assert sbatch and (RECIPES_DIR.parent / sbatch[1]).is_file(), (
-        f"{path.name}: header names no existing sbatch"
-    )
+    assert f"python -m nemo_occ.nemo_rl.run_grpo --config recipes/{path.name}" in _header(path)
+    nodes, overrides = _header_launch(path)
+    assert _load(path, overrides=overrides).config["cluster"]["num_nodes"] == nodes
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_passes_check_with_its_own_overrides(path: Path, capsys, monkeypatch):
+    """`nemo-occ train --check --strict` with the header's overrides, as slurm/submit.sh runs it."""
+    from nemo_occ.cli import main
+
+    monkeypatch.chdir(RECIPES_DIR.parent)
+    _, overrides = _header_launch(path)
+    assert main(["train", "--config", f"recipes/{path.name}", "--check", "--strict", *overrides]) == 0
+    assert "recipe OK" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", PAPER_RUNS, ids=lambda p: p.stem)
 def test_paper_hyperparameters(path: Path):
     cfg = _load(path).config
     assert cfg["grpo"]["max_num_steps"] == 200
@@ -133,6 +164,31 @@ def test_paper_hyperparameters(path: Path):
         assert cfg["nemo_occ"]["coef"] == 0.1
     spec = cfg["policy"]["generation"]["vllm_kwargs"]["speculative_config"]
     assert spec["method"] == "mtp" and spec["num_speculative_tokens"] >= 1
+
+
+@pytest.mark.parametrize("path", SMOKE_RUNS, ids=lambda p: p.stem)
+def test_smoke_runs_are_short_one_node_occ_runs_that_refresh_lambda(path: Path):
+    cfg = _load(path).config
+    assert cfg["cluster"]["num_nodes"] == 1 and cfg["nemo_occ"]["regime"] == "occ"
+    assert cfg["grpo"]["max_num_steps"] <= 20
+    assert cfg["policy"]["generation"]["max_new_tokens"] <= 2048
+    samples = cfg["grpo"]["num_prompts_per_step"] * cfg["grpo"]["num_generations_per_prompt"]
+    assert samples // cfg["policy"]["train_global_batch_size"] >= 2  # OCC refreshes lambda from update 2 on
+    assert cfg["policy"]["max_total_sequence_length"] >= (
+        cfg["data"]["max_input_seq_length"] + cfg["policy"]["generation"]["max_new_tokens"]
+    )
+
+
+def test_there_is_a_one_node_smoke_run_per_model_family():
+    families = {_load(p).config["policy"]["model_name"].split("/")[0] for p in SMOKE_RUNS}
+    assert families == {"XiaomiMiMo", "zai-org"}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_colocated_vllm_pins_its_kv_cache(path: Path):
+    """NeMo-RL's colocated vLLM 0.25 recipes pin kv_cache_memory_bytes under vllm_kwargs (wake-up OOM)."""
+    kwargs = _load(path).config["policy"]["generation"]["vllm_kwargs"]
+    assert isinstance(kwargs.get("kv_cache_memory_bytes"), int) and kwargs["kv_cache_memory_bytes"] >= 2**30
 
 
 # -- the checker catches what it claims to catch ---------------------------------------------------
@@ -164,12 +220,34 @@ def _check(path, *overrides, facts=True):
         ("nemo_occ.old_logprobs=mtp", "old_logprobs: main"),
         ("policy.megatron_cfg.enabled=false", "megatron_cfg.enabled: true"),
         ("policy.generation.temperature=0.7", "temperature: 1.0"),
+        ("~policy.megatron_cfg.env_vars", "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"),
+        ("policy.megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1", "a quoted string"),
+        (
+            "policy.megatron_cfg.optimizer.use_precision_aware_optimizer=true",
+            "use_precision_aware_optimizer: false",
+        ),
+        (
+            "~policy.megatron_cfg.optimizer.use_precision_aware_optimizer",
+            "use_precision_aware_optimizer: false",
+        ),
     ],
 )
 def test_checker_rejects_with_a_message_saying_what_to_set(override, match):
     path = "recipes/gspo-occ-mimo-7b-rl-4n8g-h100-tp2.yaml" if "token_level" in override else GLM
     with pytest.raises(RecipeError, match=match):
         _check(path, override)
+
+
+def test_blockwise_fp8_by_default_recipe_needs_the_upstream_settings_too():
+    """fp8_recipe left out is NeMo-RL's base default (blockwise); other recipes need neither setting."""
+    with pytest.raises(RecipeError, match="NVTE_FP8_BLOCK_SCALING_FP32_SCALES"):
+        _check(GLM, "~policy.megatron_cfg.fp8_cfg.fp8_recipe", "~policy.megatron_cfg.env_vars")
+    _check(
+        GLM,
+        "policy.megatron_cfg.fp8_cfg.fp8_recipe=tensorwise",
+        "~policy.megatron_cfg.env_vars",
+        "policy.megatron_cfg.optimizer.use_precision_aware_optimizer=true",
+    )
 
 
 def test_a_model_without_mtp_layers_is_rejected_for_joint_regimes():

@@ -70,11 +70,12 @@ def find_nemo_rl_root() -> Path | None:
 
 @dataclass
 class Recipe:
-    """A resolved recipe: the merged mapping and the parents that could not be read."""
+    """A resolved recipe: the merged mapping, the parents that could not be read, and override notes."""
 
     path: Path
     config: dict[str, Any]
     skipped_parents: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # overrides that could not be fully checked
 
 
 def _merge(base, child):
@@ -92,6 +93,23 @@ def _merge(base, child):
     return OmegaConf.merge(base, child)
 
 
+def _load_yaml(path: Path):
+    """``OmegaConf.load`` with a YAML syntax error turned into one line: ``file:line:column: problem``."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.load(path)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        context = getattr(err, "context", None)
+        raise RecipeError(
+            f"{where}: YAML syntax error: {problem}" + (f" ({context})" if context else "")
+        ) from None
+
+
 def _load_tree(path: Path, nemo_rl_root: Path | None, skipped: list[str], chain: tuple[Path, ...]):
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -100,7 +118,7 @@ def _load_tree(path: Path, nemo_rl_root: Path | None, skipped: list[str], chain:
         raise RecipeError(f"recipe inheritance cycle: {' -> '.join(str(p) for p in (*chain, path))}")
     if not path.is_file():
         raise RecipeError(f"recipe file not found: {path}")
-    cfg = OmegaConf.load(path)
+    cfg = _load_yaml(path)
     if not isinstance(cfg, DictConfig):
         raise RecipeError(f"{path}: a recipe must be a mapping at the top level")
     if "defaults" not in cfg:
@@ -148,15 +166,18 @@ def load_recipe(
     nemo_rl_root: str | Path | None | bool = True,
     resolve: bool = True,
 ) -> Recipe:
-    """Load ``path`` with its ``defaults`` chain and ``key=value`` overrides; see the module docstring.
+    """Load ``path`` with its ``defaults`` chain and NeMo-RL overrides; see the module docstring.
 
     ``nemo_rl_root=True`` looks the NeMo-RL tree up (:func:`find_nemo_rl_root`) and raises if a recipe
     needs it and there is none; ``None`` or ``False`` skips ``nemo_rl:`` parents (they are listed in
-    ``Recipe.skipped_parents``); a path uses that tree. Overrides use OmegaConf's dotlist syntax
-    (``policy.megatron_cfg.tensor_model_parallel_size=8``); the entry point applies NeMo-RL's own Hydra
-    override parser instead, which also understands ``++key=value`` and ``~key``.
+    ``Recipe.skipped_parents``); a path uses that tree. Overrides are parsed as a launch parses them
+    (:func:`nemo_occ.nemo_rl.overrides.apply_overrides`: ``key=v``, ``+key=v``, ``++key=v``, ``~key``).
+    With skipped parents a ``key=v`` whose key the recipe's own files lack is added and noted in
+    ``Recipe.notes`` (it may exist in NeMo-RL's base, which was not loaded).
     """
     from omegaconf import OmegaConf
+
+    from nemo_occ.nemo_rl.overrides import OverrideError, apply_overrides
 
     if nemo_rl_root is True:
         root = find_nemo_rl_root()
@@ -171,15 +192,19 @@ def load_recipe(
             f"{path} inherits {skipped[0]!r} from NeMo-RL, but no NeMo-RL source tree was found: "
             "run inside the NeMo-RL container or set NEMO_RL_ROOT to a NeMo-RL checkout"
         )
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     _register_nemo_rl_resolvers()
+    notes: list[str] = []
+    if overrides:
+        try:
+            cfg, notes = apply_overrides(cfg, overrides, lenient_new_keys=bool(skipped))
+        except OverrideError as err:
+            raise RecipeError(str(err)) from None
     data = OmegaConf.to_container(cfg, resolve=resolve and not skipped)
-    return Recipe(path=Path(path), config=data, skipped_parents=skipped)
+    return Recipe(path=Path(path), config=data, skipped_parents=skipped, notes=notes)
 
 
 def _register_nemo_rl_resolvers() -> None:
-    """The ``${mul:a,b}`` / ``${add:a,b}`` resolvers NeMo-RL registers before loading configs."""
+    """The resolvers NeMo-RL's ``register_omegaconf_resolvers`` adds before loading configs (same lambdas)."""
     import warnings
 
     from omegaconf import OmegaConf
@@ -192,6 +217,10 @@ def _register_nemo_rl_resolvers() -> None:
             OmegaConf.register_new_resolver("mul", lambda a, b: a * b)
         if not OmegaConf.has_resolver("add"):
             OmegaConf.register_new_resolver("add", lambda a, b: a + b)
+        if not OmegaConf.has_resolver("div"):
+            OmegaConf.register_new_resolver("div", lambda a, b: a / b)
+        if not OmegaConf.has_resolver("max"):
+            OmegaConf.register_new_resolver("max", lambda a, b: max(a, b))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,6 +409,33 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
             )
 
 
+def _check_fp8(cfg: Mapping, problems: list[str]) -> None:
+    """Blockwise FP8 needs the two settings every NeMo-RL blockwise-FP8 Megatron recipe carries.
+
+    NeMo-RL's ``grpo_math_*_megatron_fp8.yaml`` and its FP8 ``recipes/llm/*`` set
+    ``megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES: "1"`` (FP32 block scales in Transformer
+    Engine) and ``megatron_cfg.optimizer.use_precision_aware_optimizer: false``, while its
+    ``grpo_math_1B.yaml`` base sets the optimizer flag to true. A missing ``fp8_recipe`` is that base's
+    default, blockwise.
+    """
+    fp8 = _get(cfg, "policy.megatron_cfg.fp8_cfg")
+    if not isinstance(fp8, Mapping) or fp8.get("enabled") is not True:
+        return
+    if fp8.get("fp8_recipe", "blockwise") != "blockwise":
+        return
+    scales = _get(cfg, "policy.megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES")
+    if scales != "1":
+        problems.append(
+            'blockwise FP8: set policy.megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES: "1" (a quoted '
+            f"string; got {scales!r}), as every NeMo-RL blockwise-FP8 Megatron recipe does"
+        )
+    if _get(cfg, "policy.megatron_cfg.optimizer.use_precision_aware_optimizer") is not False:
+        problems.append(
+            "blockwise FP8: set policy.megatron_cfg.optimizer.use_precision_aware_optimizer: false "
+            "(NeMo-RL's grpo_math_1B.yaml sets true; its blockwise-FP8 Megatron recipes all turn it off)"
+        )
+
+
 def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> NemoOCCConfig:
     """Validate a resolved recipe; return its :class:`NemoOCCConfig` or raise :class:`RecipeError`."""
     from nemo_occ.nemo_rl.loss_config import check_loss_settings
@@ -412,6 +468,7 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             "log-probs): set old_logprobs: main"
         )
     _check_mtp(cfg, occ, facts, problems)
+    _check_fp8(cfg, problems)
     try:
         check_loss_settings(cfg.get("loss_fn") or {}, occ)
     except ConfigError as err:
@@ -423,17 +480,23 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
 
 
 def _main(argv: Sequence[str] | None = None) -> int:
-    """``python -m nemo_occ.nemo_rl.recipes nodes <recipe>``: print ``<num_nodes> <gpus_per_node>``.
+    """``python -m nemo_occ.nemo_rl.recipes nodes <recipe> [override ...]``: print ``<num_nodes> <gpus_per_node>``.
 
-    The Slurm scripts compare it with the allocation before starting Ray.
+    ``slurm/submit.sh`` compares it with the node count it is asked for before calling sbatch.
     """
     import argparse
+    import sys
 
     parser = argparse.ArgumentParser(prog="python -m nemo_occ.nemo_rl.recipes")
     parser.add_argument("what", choices=["nodes"])
     parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
-    cfg = load_recipe(args.recipe, nemo_rl_root=False, resolve=False).config
+    try:
+        cfg = load_recipe(args.recipe, args.overrides, nemo_rl_root=find_nemo_rl_root() or False).config
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(_int(_get(cfg, "cluster.num_nodes"), 0), _int(_get(cfg, "cluster.gpus_per_node"), 0))
     return 0
 

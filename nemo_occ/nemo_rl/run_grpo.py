@@ -43,6 +43,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         action="store_true",
         help="load and check the recipe (with overrides), print the result and exit; needs no GPU or Ray",
     )
+    parser.add_argument(
+        "--print-config", action="store_true", help="with --check: also print the whole resolved config"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="with --check: fail on keys NeMo-RL's config types do not know"
+    )
     return parser.parse_known_args(argv)
 
 
@@ -51,20 +57,27 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     from omegaconf import OmegaConf
 
     from nemo_occ.nemo_rl.loss_config import policy_loss_config
+    from nemo_occ.nemo_rl.overrides import OverrideError, apply_overrides
+    from nemo_occ.nemo_rl.preflight import nemo_rl_unknown_keys
+    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root
     from nemo_occ.nemo_rl.worker import POLICY_CONFIG_KEY
 
     try:
-        from nemo_rl.utils.config import parse_hydra_overrides, register_omegaconf_resolvers
+        from nemo_rl.utils.config import register_omegaconf_resolvers
     except ImportError as err:
         raise SystemExit(
             f"NeMo-RL is not importable ({err}); run inside the NeMo-RL container (see docs/nemo_rl.md)"
         ) from None
     register_omegaconf_resolvers()
     cfg = load_recipe_tree(config_path)
-    if overrides:
-        cfg = parse_hydra_overrides(cfg, list(overrides))
+    try:  # NeMo-RL's parse_hydra_overrides, one override at a time so an error names it
+        cfg, _ = apply_overrides(cfg, overrides)
+    except OverrideError as err:
+        raise RecipeError(str(err)) from None
     config = OmegaConf.to_container(cfg, resolve=True)
     occ = check_recipe(config)
+    for key in nemo_rl_unknown_keys(config, find_nemo_rl_root()) or []:
+        print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL will ignore it", file=sys.stderr)
     config.pop("nemo_occ")
     config["policy"][POLICY_CONFIG_KEY] = occ.model_dump()
     policy_loss_config(config["loss_fn"])  # raises early on a GSPO/token-level mismatch
@@ -100,29 +113,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     try:
         if args.check:
-            return check_only(args.config, overrides)
+            return check_only(args.config, overrides, print_config=args.print_config, strict=args.strict)
         config = load_and_check(args.config, overrides)
     except RecipeError as err:
-        print(err, file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     return train(config, args.config)
 
 
-def check_only(config_path: str, overrides: Sequence[str]) -> int:
-    """``--check``: the recipe checks without NeMo-RL (its ``nemo_rl:`` parents are used when found)."""
-    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root, load_recipe, parallel_layout
+def check_only(
+    config_path: str, overrides: Sequence[str], *, print_config: bool = False, strict: bool = False
+) -> int:
+    """``--check``: what a launch would see (:mod:`nemo_occ.nemo_rl.preflight`), without NeMo-RL or a GPU.
 
-    root = find_nemo_rl_root()
-    recipe = load_recipe(config_path, overrides, nemo_rl_root=root or False)
-    occ = check_recipe(recipe)
-    lay = parallel_layout(recipe.config)
-    print(f"recipe OK: {config_path}")
-    print(f"  nemo_occ: {occ.model_dump()}")
-    print(
-        f"  GPUs {lay.world} = DP {lay.dp} x TP {lay.tp} x PP {lay.pp} x CP {lay.cp}; EP {lay.ep}, ETP {lay.etp}"
-    )
-    if recipe.skipped_parents:
-        print(f"  not checked (no NeMo-RL tree; set NEMO_RL_ROOT): {', '.join(recipe.skipped_parents)}")
+    ``print_config`` prints the whole resolved config as YAML; ``strict`` turns keys NeMo-RL's types do
+    not know into an error (exit 2), which is how ``slurm/submit.sh`` checks before asking for GPUs.
+    """
+    from omegaconf import OmegaConf
+
+    from nemo_occ.nemo_rl.preflight import preflight, print_report
+
+    result = preflight(config_path, overrides)
+    if print_config:
+        print(OmegaConf.to_yaml(OmegaConf.create(result.recipe.config)), end="")
+    print_report(result)
+    if strict and result.unknown:
+        print(
+            f"error: {len(result.unknown)} key(s) NeMo-RL does not know (see the warnings): fix the spelling, "
+            "or drop --strict if NeMo-RL reads them without declaring them",
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -1,0 +1,86 @@
+"""``nemo-occ train --check``: everything a launch would reject or silently ignore, found without a GPU.
+
+A launch (``nemo_occ.nemo_rl.run_grpo``) loads the recipe with NeMo-RL's inheritance rules, applies the
+command-line overrides with NeMo-RL's Hydra parser, checks the result (:func:`check_recipe`) and hands it
+to ``MasterConfig``, which accepts unknown keys and ignores them. :func:`preflight` does the same steps
+(the same override parser: :mod:`nemo_occ.nemo_rl.overrides`) and adds what the launch does not do:
+every key NeMo-RL's config types do not declare (:mod:`nemo_occ.nemo_rl.config_schema`).
+
+Where no NeMo-RL source tree is found (``$NEMO_RL_ROOT``, or the checkout of an importable ``nemo_rl``),
+the recipe's ``nemo_rl:`` parents and the key check are skipped and the report says so.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+from nemo_occ.core.config import NemoOCCConfig
+from nemo_occ.nemo_rl.config_schema import UnknownKey, load_nemo_rl_schema, unknown_keys
+from nemo_occ.nemo_rl.recipes import (
+    Recipe,
+    check_recipe,
+    find_nemo_rl_root,
+    load_recipe,
+    parallel_layout,
+)
+
+__all__ = ["Preflight", "preflight", "nemo_rl_unknown_keys", "print_report"]
+
+OUR_BLOCK = "nemo_occ"  # checked strictly by NemoOCCConfig; NeMo-RL never reads it
+
+
+@dataclass
+class Preflight:
+    """The checked recipe and what could not be verified or is not known to NeMo-RL."""
+
+    recipe: Recipe
+    occ: NemoOCCConfig
+    nemo_rl_root: Path | None
+    unknown: list[UnknownKey] = field(default_factory=list)
+    keys_checked: bool = False
+
+
+def nemo_rl_unknown_keys(config: dict, root: Path | None) -> list[UnknownKey] | None:
+    """Keys of ``config`` NeMo-RL's ``MasterConfig`` types do not know; None without a NeMo-RL tree."""
+    schema = load_nemo_rl_schema(root) if root is not None else None
+    if schema is None:
+        return None
+    return unknown_keys(config, schema.master, ignore={OUR_BLOCK}, read_keys=schema.read_keys)
+
+
+def preflight(config_path: str | Path, overrides: Sequence[str] = ()) -> Preflight:
+    """Load ``config_path`` with ``overrides`` as a launch does and check it; raises ``RecipeError``."""
+    root = find_nemo_rl_root()
+    recipe = load_recipe(config_path, overrides, nemo_rl_root=root or False)
+    occ = check_recipe(recipe)
+    unknown = nemo_rl_unknown_keys(recipe.config, root if not recipe.skipped_parents else None)
+    return Preflight(recipe, occ, root, unknown or [], keys_checked=unknown is not None)
+
+
+def print_report(result: Preflight, out: TextIO | None = None, err: TextIO | None = None) -> None:
+    """What ``--check`` prints: OK line, our block, the GPU layout; warnings and unchecked parts on stderr."""
+    out = out or sys.stdout
+    err = err or sys.stderr
+    lay = parallel_layout(result.recipe.config)
+    print(f"recipe OK: {result.recipe.path}", file=out)
+    print(f"  nemo_occ: {result.occ.model_dump()}", file=out)
+    print(
+        f"  GPUs {lay.world} = DP {lay.dp} x TP {lay.tp} x PP {lay.pp} x CP {lay.cp}; EP {lay.ep}, ETP {lay.etp}",
+        file=out,
+    )
+    for key in result.unknown:
+        print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL would ignore it", file=err)
+    for note in result.recipe.notes:
+        print(f"note: {note}", file=err)
+    if result.recipe.skipped_parents:
+        print(
+            "note: not checked (no NeMo-RL source tree; set NEMO_RL_ROOT to a NeMo-RL checkout): "
+            f"{', '.join(result.recipe.skipped_parents)} and NeMo-RL's key names",
+            file=err,
+        )
+    elif not result.keys_checked:
+        print("note: NeMo-RL's key names not checked (no MasterConfig in the NeMo-RL tree)", file=err)
