@@ -10,13 +10,53 @@ but holds no weights: only the stand-in can "load" it.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import sys
+import textwrap
 import types
 from pathlib import Path
 
 import torch
 
 from nemo_occ.export.synthetic import bridge_like_stream
+
+_STALLED_EXPORT = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from nemo_occ.export.checkpoint import read_reference
+    from nemo_occ.export.hf_export import write_hf_export
+    from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
+
+    ref, out = Path(sys.argv[1]), Path(sys.argv[2])
+    trained = train_like(make_reference_checkpoint(ref, "glm4_moe"))
+
+    def stream():
+        for i, item in enumerate(bridge_like_stream(trained, "glm4_moe")):
+            if i == 15:  # the first shard is written
+                print("writing", flush=True)
+                time.sleep(300)
+            yield item
+
+    write_hf_export(stream(), read_reference(ref), out, source="ckpt", show_progress=False)
+    """
+)
+
+
+def start_stalled_export(ref: Path, out: Path) -> subprocess.Popen:
+    """An export to ``out`` in a child process, stopped mid-write (after it printed ``writing``)."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", _STALLED_EXPORT, str(ref), str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = child.stdout.readline().strip()
+    if line != "writing":
+        child.kill()
+        raise RuntimeError(f"the export child did not start: {line!r} {child.stderr.read()}")
+    return child
 
 
 def make_megatron_folder(path: Path, iterations: tuple[int, ...] = (10,)) -> Path:

@@ -5,14 +5,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from _export_stand_in import install_stand_in_bridge, make_megatron_folder
+from _export_stand_in import install_stand_in_bridge, make_megatron_folder, start_stalled_export
 from safetensors.torch import load_file
 
 from nemo_occ.export import cli
@@ -207,40 +205,48 @@ def test_overwrite_refuses_a_folder_without_a_manifest(bridge, glm_ref, ckpt, tm
     assert run(_export_argv(ckpt, glm_ref, out, "--overwrite", "--no-progress")) == 0
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
 def test_leftovers_of_killed_runs_are_reported_and_removed_only_when_asked(
     bridge, glm_ref, ckpt, tmp_path, capsys
 ):
-    host = socket.gethostname()
     out = tmp_path / "glm"
-    dead = tmp_path / f".glm.partial-{host}-{_dead_pid()}-abcd1234"  # e.g. killed by the OOM killer
-    alive = tmp_path / f".glm.partial-{host}-{os.getppid()}-efgh5678"  # an export still running here
-    elsewhere = tmp_path / ".glm.partial-node-b-77-ijkl9012"
-    moved = tmp_path / ".glm.old-0123abcd"
-    for folder in (dead, alive, elsewhere, moved):
-        folder.mkdir()
-        (folder / "model-00001-of-00003.safetensors").write_bytes(b"partial")
+    killed = start_stalled_export(tmp_path / "ref-killed", out)  # then killed outright, as by the OOM killer
+    killed.kill()
+    killed.wait()
+    running = start_stalled_export(
+        tmp_path / "ref-running", out
+    )  # an export to the same --out, still running
+    try:
+        (dead,) = set(tmp_path.glob(".glm.partial-*")) - {
+            p for p in tmp_path.glob(f".glm.partial-*-{running.pid}-*")
+        }
+        (alive,) = tmp_path.glob(f".glm.partial-*-{running.pid}-*")
+        elsewhere = tmp_path / ".glm.partial-node-b-77-ijkl9012"  # written from another host
+        moved = tmp_path / ".glm.old-0123abcd"  # an --overwrite interrupted between its two renames
+        for folder in (elsewhere, moved):
+            folder.mkdir()
+            (folder / "model-00001-of-00003.safetensors").write_bytes(b"partial")
 
-    assert run(_export_argv(ckpt, glm_ref, out, "--no-progress")) == 0
-    err = capsys.readouterr().err
-    assert f"nemo-occ: warning: found {dead}: unfinished export (process" in err
-    assert "no longer running); --remove-stale-partial deletes it" in err
-    assert f"found {alive}: unfinished export (process {os.getppid()} on this host, still running)\n" in err
-    assert f"found {elsewhere}: unfinished export (process 77 on host node-b; cannot tell" in err
-    assert f"found {moved}: an earlier export moved aside" in err
-    assert all(f.is_dir() for f in (dead, alive, elsewhere, moved))  # reported, nothing deleted
+        assert run(_export_argv(ckpt, glm_ref, out, "--no-progress")) == 0
+        err = capsys.readouterr().err
+        assert (
+            f"nemo-occ: warning: found {dead}: unfinished export (process {killed.pid} on this host, no longer running); --remove-stale-partial deletes it\n"
+            in err
+        )
+        assert (
+            f"found {alive}: unfinished export (process {running.pid} on this host, still running)\n" in err
+        )
+        assert f"found {elsewhere}: unfinished export (process 77 on host node-b; cannot tell" in err
+        assert f"found {moved}: an earlier export moved aside" in err
+        assert all(f.is_dir() for f in (dead, alive, elsewhere, moved))  # reported, nothing deleted
 
-    assert (
-        run(_export_argv(ckpt, glm_ref, out, "--overwrite", "--remove-stale-partial", "--no-progress")) == 0
-    )
-    assert f"nemo-occ: warning: removed {dead}" in capsys.readouterr().err
-    assert not dead.exists() and not elsewhere.exists()
-    assert alive.is_dir() and moved.is_dir()  # a running export's folder and a complete export: kept
+        argv = _export_argv(ckpt, glm_ref, out, "--overwrite", "--remove-stale-partial", "--no-progress")
+        assert run(argv) == 0
+        assert f"nemo-occ: warning: removed {dead}" in capsys.readouterr().err
+        assert not dead.exists() and not elsewhere.exists()
+        assert alive.is_dir() and moved.is_dir()  # a running export's folder and a complete export: kept
+    finally:
+        running.kill()
+        running.wait()
 
 
 def test_out_must_be_writable_before_the_model_is_loaded(bridge, glm_ref, ckpt, capsys):

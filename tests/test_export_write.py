@@ -7,13 +7,11 @@ import json
 import os
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from _export_stand_in import start_stalled_export
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -417,38 +415,10 @@ def test_sigterm_removes_the_partial_folder_exits_143_and_restores_the_handler(g
 
 
 def test_sigterm_from_outside_leaves_no_partial_folder(tmp_path):
-    script = textwrap.dedent(
-        """
-        import sys, time
-        from pathlib import Path
-        from nemo_occ.export.checkpoint import read_reference
-        from nemo_occ.export.hf_export import write_hf_export
-        from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
-
-        ref, out = Path(sys.argv[1]), Path(sys.argv[2])
-        trained = train_like(make_reference_checkpoint(ref, "glm4_moe"))
-
-        def stream():
-            for i, item in enumerate(bridge_like_stream(trained, "glm4_moe")):
-                if i == 15:
-                    print("writing", flush=True)
-                    time.sleep(120)
-                yield item
-
-        write_hf_export(stream(), read_reference(ref), out, source="ckpt", show_progress=False)
-        """
-    )
     exports = tmp_path / "exports"
     exports.mkdir()
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(tmp_path / "ref"), str(exports / "glm")],
-        cwd=Path(__file__).resolve().parents[1],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    child = start_stalled_export(tmp_path / "ref", exports / "glm")
     try:
-        assert child.stdout.readline().strip() == "writing"
         assert len(os.listdir(exports)) == 1  # the partial folder
         child.send_signal(signal.SIGTERM)
         assert child.wait(timeout=60) == 128 + signal.SIGTERM
