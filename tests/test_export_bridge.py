@@ -7,105 +7,40 @@ installed (marker ``megatron_bridge``): the real signatures and MTP mappings thi
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
-import sys
-import types
 
 import pytest
 import torch
+from _export_stand_in import ToyMegatron, install_stand_in_bridge, make_megatron_folder
 from safetensors.torch import load_file
 
 from nemo_occ.export.bridge_export import export_megatron_to_hf, megatron_eh_proj_weights
-from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint
-
-
-class _MTPLayer(torch.nn.Module):
-    def __init__(self, weight: torch.Tensor):
-        super().__init__()
-        self.eh_proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-        with torch.no_grad():
-            self.eh_proj.weight.copy_(weight)
-
-
-class _ToyMegatron(torch.nn.Module):
-    """Holds ``module.mtp.layers.0.eh_proj.weight`` like a Float16Module-wrapped GPTModel."""
-
-    def __init__(self, eh_proj: torch.Tensor):
-        super().__init__()
-        self.module = torch.nn.Module()
-        self.module.mtp = torch.nn.Module()
-        self.module.mtp.layers = torch.nn.ModuleList([_MTPLayer(eh_proj)])
-        self.module.output_layer = torch.nn.Linear(2, 2)
+from nemo_occ.export.synthetic import make_reference_checkpoint, train_like
 
 
 def test_eh_proj_weights_are_found_by_name_through_wrappers():
     w = torch.randn(4, 8)
-    found = megatron_eh_proj_weights([_ToyMegatron(w)])
+    found = megatron_eh_proj_weights([ToyMegatron(w)])
     assert list(found) == [0] and torch.equal(found[0], w)
-
-
-def _fake_bridge(tensors, model_type, eh_proj, calls):
-    """A stand-in ``megatron.bridge`` with AutoBridge's real method signatures (Megatron-Bridge 0.4+)."""
-
-    class AutoBridge:
-        @classmethod
-        def from_hf_pretrained(cls, path, **kwargs):
-            calls["from_hf_pretrained"] = (path, kwargs)
-            return cls()
-
-        def load_megatron_model(self, path, *, mp_overrides=None, **kwargs):
-            calls["load_megatron_model"] = path
-            return [_ToyMegatron(eh_proj)]
-
-        def export_hf_weights(
-            self,
-            model,
-            cpu=False,
-            show_progress=True,
-            conversion_tasks=None,
-            merge_adapter_weights=True,
-            weight_dtype=None,
-        ):
-            calls["export_hf_weights"] = {"cpu": cpu, "show_progress": show_progress}
-            # the real bridge passes input_proj through unchanged in this scenario
-            return bridge_like_stream(tensors, model_type, swap_input_proj=False)
-
-    @contextlib.contextmanager
-    def temporary_distributed_context(backend="gloo"):
-        calls["backend"] = backend
-        yield
-
-    bridge = types.ModuleType("megatron.bridge")
-    bridge.AutoBridge = AutoBridge
-    training = types.ModuleType("megatron.bridge.training")
-    load_save = types.ModuleType("megatron.bridge.training.model_load_save")
-    load_save.temporary_distributed_context = temporary_distributed_context
-    return {
-        "megatron.bridge": bridge,
-        "megatron.bridge.training": training,
-        "megatron.bridge.training.model_load_save": load_save,
-    }
 
 
 def test_export_glue_with_a_stand_in_bridge(tmp_path, monkeypatch):
     ref = tmp_path / "ref"
-    tensors = make_reference_checkpoint(ref, "mimo")
-    hf_w = tensors["model.mtp_layers.0.input_proj.weight"]
+    trained = train_like(make_reference_checkpoint(ref, "mimo"))
+    hf_w = trained["model.mtp_layers.0.input_proj.weight"]
     h = hf_w.shape[0]
     megatron_w = torch.cat([hf_w[:, h:], hf_w[:, :h]], dim=1).float()
-    calls: dict = {}
-    for name, module in _fake_bridge(tensors, "mimo", megatron_w, calls).items():
-        monkeypatch.setitem(sys.modules, name, module)
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
+    calls = install_stand_in_bridge(monkeypatch, trained, "mimo", eh_proj=megatron_w)
+    # iteration 9 sorts after 10 as text, and "iter_best" is not a number: 10 is the newest
+    ckpt = make_megatron_folder(tmp_path / "ckpt", iterations=(9, 10))
+    (ckpt / "iter_best").mkdir()
     out = tmp_path / "hf"
 
     result = export_megatron_to_hf(ckpt, ref, out, trust_remote_code=True, show_progress=False)
 
     assert calls["from_hf_pretrained"] == (str(ref), {"trust_remote_code": True})
-    assert calls["load_megatron_model"] == str(ckpt)
+    assert calls["load_megatron_model"] == str(ckpt / "iter_0000010")
     assert calls["export_hf_weights"] == {"cpu": True, "show_progress": False}
     assert calls["backend"] == "gloo"
     assert result.report.ok
@@ -116,6 +51,8 @@ def test_export_glue_with_a_stand_in_bridge(tmp_path, monkeypatch):
     manifest = json.loads((out / "nemo_occ_export.json").read_text())
     assert manifest["fixups"][0]["action"] == "swapped by nemo-occ"
     assert "megatron_bridge_version" in manifest
+    assert manifest["megatron_iteration_dir"] == "iter_0000010"
+    assert manifest["source_checkpoint"] == str((ckpt / "iter_0000010").absolute())
 
 
 # ---- real Megatron-Bridge --------------------------------------------------------------------------

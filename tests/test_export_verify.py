@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nemo_occ.export.checkpoint import read_local_checkpoint, read_reference
-from nemo_occ.export.synthetic import make_reference_checkpoint
-from nemo_occ.export.verify import ExportVerificationError, compare_checkpoints, verify_export
+from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
+from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
+from nemo_occ.export.verify import ExportVerificationError, ValueLimits, compare_checkpoints, verify_export
 
 INDEX = "model.safetensors.index.json"
 MTP_SHARD = "model-00003-of-00003.safetensors"
@@ -20,11 +22,12 @@ MTP_SHARD = "model-00003-of-00003.safetensors"
 
 @pytest.fixture()
 def ref_and_copy(tmp_path: Path) -> tuple[Path, Path]:
-    """A toy GLM reference and an identical 'export' of it, to be broken by each test."""
+    """A toy GLM reference and a fresh nemo-occ export of a "trained" copy, to be broken by each test."""
     ref = tmp_path / "ref"
-    make_reference_checkpoint(ref, "glm4_moe")
+    trained = train_like(make_reference_checkpoint(ref, "glm4_moe"))
     export = tmp_path / "export"
-    shutil.copytree(ref, export)
+    stream = bridge_like_stream(trained, "glm4_moe")
+    write_hf_export(stream, read_reference(ref), export, source="ckpt", show_progress=False)
     return ref, export
 
 
@@ -40,12 +43,23 @@ def _edit_index(folder: Path, edit) -> None:
     (folder / INDEX).write_text(json.dumps(index))
 
 
-def test_identical_copy_passes(ref_and_copy):
+def test_a_fresh_export_passes(ref_and_copy):
     ref, export = ref_and_copy
     report = verify_export(export, ref)
     assert report.ok and report.num_exported == report.num_reference == 25
     assert report.num_mtp_reference == 12  # counted by hand from the toy layout: layer 2 has 12 tensors
-    assert "PASSED" in report.format()
+    assert "PASSED" in report.format() and not report.notes
+    assert "MTP layer vs reference: relative change median" in report.format()
+
+
+def test_a_plain_copy_of_the_reference_is_an_untrained_mtp_layer(ref_and_copy, tmp_path):
+    ref, _ = ref_and_copy
+    copy = tmp_path / "copy"
+    shutil.copytree(ref, copy)
+    report = verify_export(copy, ref, raise_on_failure=False)
+    assert not report.ok and report.mtp_unchanged
+    assert f"no {MANIFEST_FILE}: per-tensor checksums not checked" in report.format()
+    assert verify_export(copy, ref, limits=ValueLimits(allow_unchanged_mtp=True)).ok
 
 
 def test_missing_mtp_tensors_are_named_first(ref_and_copy):
@@ -123,15 +137,17 @@ def test_stray_shard_not_in_index_is_reported(ref_and_copy):
     assert report.unindexed == [("model.layers.2.hidden", "model-extra.safetensors")]
 
 
-def test_reference_without_shards_checks_key_set_and_says_what_it_skipped(ref_and_copy, tmp_path):
+@pytest.mark.parametrize("shards", ["one", "all"])
+def test_incomplete_reference_is_an_error_naming_the_shard(ref_and_copy, tmp_path, shards):
     ref, export = ref_and_copy
-    index_only = tmp_path / "index_only"
-    index_only.mkdir()
-    for name in (INDEX, "config.json"):
-        shutil.copy(ref / name, index_only / name)
-    report = verify_export(export, index_only)
-    assert report.ok and len(report.unchecked) == 25
-    assert "shape/dtype not checked for 25 tensors" in report.format()
+    partial = tmp_path / "partial"
+    shutil.copytree(ref, partial)
+    for path in partial.glob("*.safetensors"):
+        if shards == "all" or path.name == MTP_SHARD:
+            path.unlink()
+    # before the fix: the tensors of the absent shards were "not checked" and the export passed
+    with pytest.raises(ValueError, match=f"incomplete: shard\\(s\\) .*{MTP_SHARD}"):
+        verify_export(export, partial)
 
 
 def test_single_file_checkpoint_without_index(tmp_path):
@@ -238,7 +254,9 @@ def test_hub_reference_reads_small_files_and_remote_headers_only(ref_and_copy, t
     info = read_reference("zai-org/GLM-4.5-Air")
     assert not any(p.endswith(".safetensors") for p in calls["allow_patterns"])  # no weights downloaded
     assert [p.name for p in info.side_files] == ["config.json", "tokenizer_config.json"]
-    assert verify_export(export, "zai-org/GLM-4.5-Air").ok
+    report = verify_export(export, "zai-org/GLM-4.5-Air")
+    assert report.ok and not report.mtp_changes  # the values are not at hand: said, not passed silently
+    assert "MTP change against the reference not checked" in report.format()
     assert info.tensors["model.layers.2.eh_proj.weight"].shape == (8, 16)
 
 
@@ -254,3 +272,131 @@ def test_hub_errors_become_one_readable_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "huggingface_hub", hub)
     with pytest.raises(ValueError, match="network unreachable.*or pass a local checkpoint folder"):
         read_reference("zai-org/GLM-4.5-Air")
+
+
+# ---- values, config and tokenizer files ----------------------------------------------------------
+
+
+def _flip_low_bit(folder: Path, shard: str, name: str) -> None:
+    """Flip the lowest mantissa bit of a tensor's first element in place (header untouched, still finite)."""
+    path = folder / shard
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    start = 8 + n + json.loads(data[8 : 8 + n])[name]["data_offsets"][0]
+    data[start] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_changed_bytes_fail_the_recorded_checksum(ref_and_copy):
+    ref, export = ref_and_copy
+    name = "model.layers.0.input_layernorm.weight"
+    _flip_low_bit(export, "model-00001-of-00003.safetensors", name)
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.checksum_problems == [(name, "bytes differ from the checksum recorded at export")]
+    assert not (report.non_finite or report.missing or report.dtype_mismatches)  # nothing else sees it
+    assert f"1 tensors failing the checksums of {MANIFEST_FILE}" in report.format()
+
+
+def test_manifest_and_export_must_list_the_same_tensors(ref_and_copy):
+    ref, export = ref_and_copy
+    manifest = json.loads((export / MANIFEST_FILE).read_text())
+    tensors = manifest["checksums"]["tensors"]
+    tensors["model.layers.9.ghost.weight"] = tensors.pop("model.norm.weight")
+    (export / MANIFEST_FILE).write_text(json.dumps(manifest))
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.checksum_problems == [
+        ("model.layers.9.ghost.weight", "recorded in the manifest but not in the export"),
+        ("model.norm.weight", "not recorded in the manifest"),
+    ]
+
+
+def test_unreadable_manifest_names_the_file(ref_and_copy):
+    ref, export = ref_and_copy
+    (export / MANIFEST_FILE).write_text('{"nemo_occ_version": "0.1", "checks')
+    with pytest.raises(ValueError, match=f"{export / MANIFEST_FILE} is not valid JSON"):
+        verify_export(export, ref)
+
+
+def test_nan_written_into_a_shard_is_reported(ref_and_copy):
+    ref, export = ref_and_copy
+
+    def poison(t):
+        t["model.layers.2.hnorm.weight"] = t["model.layers.2.hnorm.weight"].clone()
+        t["model.layers.2.hnorm.weight"][3] = float("nan")
+
+    _rewrite_shard(export, MTP_SHARD, poison)
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.non_finite == ["model.layers.2.hnorm.weight"]
+    assert "model.layers.2.hnorm.weight  [MTP]" in report.format()
+
+
+def test_alias_copy_that_differs_from_its_source_by_one_bit(ref_and_copy):
+    ref, export = ref_and_copy
+    _flip_low_bit(export, MTP_SHARD, "model.layers.2.shared_head.head.weight")
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.alias_mismatches == [("model.layers.2.shared_head.head.weight", "lm_head.weight")]
+
+
+def test_swapped_eh_proj_halves_in_an_export_and_the_configurable_limit(ref_and_copy):
+    ref, export = ref_and_copy
+
+    def swap(t):
+        t["model.layers.2.eh_proj.weight"] = torch.cat(
+            t["model.layers.2.eh_proj.weight"].chunk(2, dim=1)[::-1], dim=1
+        )
+
+    _rewrite_shard(export, MTP_SHARD, swap)
+    (export / MANIFEST_FILE).unlink()  # an export written by another tool: no checksums to fail
+    report = verify_export(export, ref, raise_on_failure=False)
+    ((name, change),) = report.mtp_too_far
+    assert name == "model.layers.2.eh_proj.weight" and change > 1.0
+    assert verify_export(export, ref, limits=ValueLimits(max_mtp_change=2.0)).ok
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_nextn_predict_layers", 0),
+        ("model_type", "glm4"),
+        ("architectures", ["Glm4ForCausalLM"]),
+        ("torch_dtype", "float32"),
+    ],
+)
+def test_config_fields_must_match_the_reference(ref_and_copy, field, value):
+    ref, export = ref_and_copy
+    config = json.loads((export / "config.json").read_text())
+    reference_value = config[field]
+    (export / "config.json").write_text(json.dumps({**config, field: value}))
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.config_mismatches == [(field, value, reference_value)]
+
+
+def test_missing_config_is_reported(ref_and_copy):
+    ref, export = ref_and_copy
+    (export / "config.json").unlink()
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.config_mismatches == [("config.json", None, "present")]
+    assert "config.json is missing" in report.format()
+
+
+@pytest.mark.parametrize("damage", ["missing", "differs from the reference"])
+def test_tokenizer_files_must_be_there_unchanged(ref_and_copy, damage):
+    ref, export = ref_and_copy
+    if damage == "missing":
+        (export / "tokenizer_config.json").unlink()
+    else:
+        (export / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    (export / "generation_config.json").unlink()  # not a tokenizer file: not required
+    report = verify_export(export, ref, raise_on_failure=False)
+    assert report.side_file_problems == [("tokenizer_config.json", damage)]
+
+
+@pytest.mark.parametrize("where", ["export", "reference"])
+@pytest.mark.parametrize("damage", ["corrupt header", "truncated"])
+def test_unreadable_shard_names_the_file(ref_and_copy, where, damage):
+    ref, export = ref_and_copy
+    path = (export if where == "export" else ref) / MTP_SHARD
+    data = path.read_bytes()
+    path.write_bytes(data[:8] + b"#" + data[9:] if damage == "corrupt header" else data[:-7])
+    with pytest.raises(ValueError, match=f"{path} is not a readable safetensors file"):
+        verify_export(export, ref)

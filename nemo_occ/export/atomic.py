@@ -1,18 +1,29 @@
 """Make an output folder appear only when it is complete.
 
-Files are written into a temporary sibling folder (same file system, so the final ``rename`` is
-atomic); on success it is renamed into place, on any exception it is deleted. An existing output is
-never touched unless ``overwrite=True``, in which case it is moved aside, replaced, then deleted.
+Files are written into a temporary sibling folder ``.{name}.partial-{host}-{pid}-{random}`` (same file
+system, so the final ``rename`` is atomic); on success it is renamed into place. On any exception, and
+on SIGTERM (what Slurm sends at a job's time limit), it is deleted. A process killed outright (SIGKILL,
+the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next run,
+which reports them and removes them only when asked. The host and pid in the name tell a leftover
+from the folder of an export still running on this host.
+
+An existing output is never touched unless ``overwrite=True`` (and the caller's ``check_replaceable``
+accepts it); it is then moved aside to ``.{name}.old-{random}``, replaced, and deleted.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import signal
+import socket
 import tempfile
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -30,39 +41,151 @@ def _normal_permissions(root: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
-def check_output_free(out: str | Path, *, overwrite: bool) -> Path:
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+
+
+def _partial_prefix(name: str) -> str:
+    return f".{name}.partial-"
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A folder an earlier run left next to ``out``: an unfinished export, or an export moved aside."""
+
+    path: Path
+    kind: str
+    """'partial' (unfinished, safe to delete) or 'moved-aside' (a complete earlier export)."""
+    host: str | None = None
+    pid: int | None = None
+
+    def running(self) -> bool:
+        """Does it belong to an export still running on this host? (Then it must not be touched.)"""
+        if self.pid is None or self.host != _host():
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True  # someone else's live process
+        return self.pid != os.getpid()
+
+    def describe(self) -> str:
+        if self.kind == "moved-aside":
+            return (
+                f"{self.path}: an earlier export moved aside by an --overwrite that was interrupted; if --out is "
+                "missing, rename this folder back to it, else delete it"
+            )
+        if self.pid is None:
+            owner = "owner unknown"
+        elif self.host == _host():
+            owner = f"process {self.pid} on this host, {'still running' if self.running() else 'no longer running'}"
+        else:
+            owner = f"process {self.pid} on host {self.host}; cannot tell from here whether it still runs"
+        return f"{self.path}: unfinished export ({owner})"
+
+
+_PARTIAL = re.compile(r"\.partial-(?:(?P<host>.+)-(?P<pid>\d+)-)?[a-z0-9_]+$")
+
+
+def find_leftovers(out: str | Path) -> list[Leftover]:
+    """Unfinished (``.partial-``) and moved-aside (``.old-``) sibling folders of ``out`` from earlier runs."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for path in sorted(out.parent.iterdir()):
+        if not path.is_dir() or not path.name.startswith(f".{out.name}."):
+            continue
+        rest = path.name[len(out.name) + 1 :]
+        match = _PARTIAL.fullmatch(rest)
+        if match:
+            pid = match.group("pid")
+            found.append(Leftover(path, "partial", match.group("host"), int(pid) if pid else None))
+        elif re.fullmatch(r"\.old-[0-9a-f]{8}", rest):
+            found.append(Leftover(path, "moved-aside"))
+    return found
+
+
+def check_output_free(
+    out: str | Path, *, overwrite: bool, check_replaceable: Callable[[Path], None] | None = None
+) -> Path:
     """Fail early, before any expensive work, when ``out`` exists and may not be replaced."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a directory; remove it or choose another --out.")
     if out.exists() and not overwrite:
         raise FileExistsError(
             f"{out} already exists; choose another --out or pass --overwrite to replace it."
         )
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} exists and is not a directory; remove it or choose another --out.")
+    if out.exists() and check_replaceable is not None:
+        check_replaceable(out)
     return out
 
 
+class _SigtermCleanup:
+    """While active (main thread only): SIGTERM deletes ``tmp`` and exits with 128 + 15.
+
+    During the final renames the signal is held back and acted on afterwards, so that an export is
+    never left half moved. The previous handler is restored on exit.
+    """
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.committing = False
+        self.pending = False
+        self.previous = None
+
+    def __enter__(self) -> _SigtermCleanup:
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous is not None:  # None: installed outside Python, could not be restored
+                self.previous = previous
+                signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.committing:
+            self.pending = True
+            return
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        raise SystemExit(128 + signum)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
 @contextmanager
-def atomic_directory(out: str | Path, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_directory(
+    out: str | Path, *, overwrite: bool = False, check_replaceable: Callable[[Path], None] | None = None
+) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; it becomes ``out`` only if the block succeeds."""
-    out = check_output_free(out, overwrite=overwrite).absolute()
+    out = check_output_free(out, overwrite=overwrite, check_replaceable=check_replaceable).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        _normal_permissions(tmp)
-        check_output_free(out, overwrite=overwrite)  # someone may have created it meanwhile
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-            try:
+    prefix = f"{_partial_prefix(out.name)}{_host()}-{os.getpid()}-"
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    with _SigtermCleanup(tmp) as sigterm:
+        try:
+            yield tmp
+            _normal_permissions(tmp)
+            # someone may have created it meanwhile
+            check_output_free(out, overwrite=overwrite, check_replaceable=check_replaceable)
+            sigterm.committing = True
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)  # put the previous export back
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)  # put the previous export back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if sigterm.pending:  # arrived while the export was being moved into place: it is complete, now stop
+        raise SystemExit(128 + signal.SIGTERM)

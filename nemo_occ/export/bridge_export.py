@@ -4,7 +4,7 @@ Megatron-Bridge does the conversion; nemo-occ writes and checks the result:
 
     bridge = AutoBridge.from_hf_pretrained(hf_model)
     with temporary_distributed_context("gloo"):              # single-process CPU export
-        model = bridge.load_megatron_model(megatron_ckpt)     # collapses TP/PP/EP to 1
+        model = bridge.load_megatron_model(iteration_dir)     # collapses TP/PP/EP to 1
         stream = bridge.export_hf_weights(model, cpu=True)    # (hf_name, tensor) pairs
         write_hf_export(stream, reference, out, ...)          # fix-ups, shards, verify, rename
 
@@ -25,12 +25,51 @@ from pathlib import Path
 
 import torch
 
-from nemo_occ.export.atomic import check_output_free
 from nemo_occ.export.checkpoint import read_reference
 from nemo_occ.export.hf_export import ExportResult, write_hf_export
 from nemo_occ.export.models import mtp_layout
+from nemo_occ.export.target import check_export_target, check_room
+from nemo_occ.export.verify import ValueLimits
 
 _EH_PROJ = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.eh_proj\.weight$")
+# What makes a folder a loadable checkpoint: Bridge's run config, or a torch_dist checkpoint's metadata.
+_CHECKPOINT_MARKERS = ("run_config.yaml", "metadata.json")
+_WHERE = "NeMo-RL writes it to <results>/step_<N>/policy/weights"
+
+
+def _iteration_number(folder: Path) -> int:
+    try:
+        return int(folder.name.removeprefix("iter_"))
+    except ValueError:
+        return -1
+
+
+def resolve_iteration_dir(megatron_ckpt: str | Path) -> Path:
+    """The ``iter_*`` folder an export loads: the highest-numbered one inside ``megatron_ckpt``, else itself.
+
+    The same rule as Megatron-Bridge's ``AutoBridge.load_megatron_model`` (names that are not
+    ``iter_<int>`` rank last); resolving it here lets the manifest record the folder actually loaded
+    and lets a folder that is not a checkpoint fail before anything is loaded.
+    """
+    given = Path(megatron_ckpt)
+    if not given.is_dir():
+        raise FileNotFoundError(f"--megatron-ckpt {given} is not a directory ({_WHERE}).")
+    iterations = [f for f in given.iterdir() if f.is_dir() and f.name.startswith("iter_")]
+    folder = max(iterations, key=_iteration_number) if iterations else given
+    if not any((folder / marker).is_file() for marker in _CHECKPOINT_MARKERS):
+        hint = next(
+            (
+                f" {c} exists: pass that."
+                for c in (given / "policy" / "weights", given / "weights")
+                if c.is_dir()
+            ),
+            "",
+        )
+        raise ValueError(
+            f"--megatron-ckpt {given} is not a Megatron checkpoint: {folder} has no "
+            f"{' or '.join(_CHECKPOINT_MARKERS)}. Pass the folder holding the iter_* folders ({_WHERE}).{hint}"
+        )
+    return folder
 
 
 def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
@@ -61,25 +100,31 @@ def export_megatron_to_hf(
     overwrite: bool = False,
     show_progress: bool = True,
     trust_remote_code: bool = False,
+    limits: ValueLimits | None = None,
+    remove_stale_partials: bool = False,
 ) -> ExportResult:
     """Export ``megatron_ckpt`` as an HF checkpoint shaped like ``hf_model`` into ``out``, MTP included.
 
     ``megatron_ckpt`` is a Megatron-Bridge/NeMo-RL checkpoint folder (an ``iter_*`` folder, or its
     parent: the newest iteration is taken). ``hf_model`` is the HF checkpoint the model was trained
-    from (local folder, or Hub id). Raises ``ExportVerificationError`` if the result does not match.
+    from (local folder, or Hub id). Everything that can be checked without the model (inputs, ``out``,
+    space) is checked before it is loaded. Raises ``ExportVerificationError`` if the result does not
+    match.
     """
-    megatron_ckpt = Path(megatron_ckpt)
-    if not megatron_ckpt.is_dir():
-        raise FileNotFoundError(f"--megatron-ckpt {megatron_ckpt} is not a directory.")
-    check_output_free(out, overwrite=overwrite)
+    iteration_dir = resolve_iteration_dir(megatron_ckpt)
     reference = read_reference(hf_model)
+    reference.check_complete("--hf-model")
     layout = mtp_layout(reference.config)
+    inputs = {"--hf-model": reference.directory, "--megatron-ckpt": Path(megatron_ckpt)}
+    check_export_target(out, inputs=inputs, overwrite=overwrite)
     if layout.model_type == "mimo" and not trust_remote_code:
         raise ValueError("MiMo's Hugging Face config and model are remote code: add --trust-remote-code.")
+    check_room(out, reference=reference, remove_stale_partials=remove_stale_partials)
 
     try:
         from megatron.bridge import AutoBridge
         from megatron.bridge.training.model_load_save import temporary_distributed_context
+        from megatron.core.dist_checkpointing.core import CheckpointingException
     except ImportError as err:
         raise ImportError(
             f"nemo-occ export needs Megatron-Bridge (>= 0.4 for MiMo), which could not be imported ({err}). "
@@ -88,16 +133,29 @@ def export_megatron_to_hf(
 
     bridge = AutoBridge.from_hf_pretrained(str(hf_model), trust_remote_code=trust_remote_code)
     with temporary_distributed_context(backend="gloo"):
-        model = bridge.load_megatron_model(str(megatron_ckpt))
+        try:
+            model = bridge.load_megatron_model(str(iteration_dir))
+        except CheckpointingException as err:
+            message = str(err).replace("\n", " ")
+            raise ValueError(
+                f"--megatron-ckpt {megatron_ckpt}: Megatron cannot load {iteration_dir} as a checkpoint "
+                f"({message}). Pass the folder holding the iter_* folders ({_WHERE})."
+            ) from err
         eh_proj = megatron_eh_proj_weights(model) if layout.input_proj else None
         stream = bridge.export_hf_weights(model, cpu=True, show_progress=False)
         return write_hf_export(
             stream,
             reference,
             out,
-            source=str(megatron_ckpt.absolute()),
+            source=str(iteration_dir.absolute()),
             megatron_eh_proj=eh_proj,
             overwrite=overwrite,
             show_progress=show_progress,
-            extra_manifest={"megatron_bridge_version": _bridge_version()},
+            limits=limits,
+            inputs=inputs,
+            extra_manifest={
+                "megatron_checkpoint": str(Path(megatron_ckpt).absolute()),
+                "megatron_iteration_dir": iteration_dir.name,
+                "megatron_bridge_version": _bridge_version(),
+            },
         )

@@ -12,8 +12,10 @@ weights are downloaded.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from math import prod
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,30 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h
 _WEIGHT_INDEXES = (INDEX_FILE, "pytorch_model.bin.index.json")
 # Small files fetched from the Hub for a reference given by name.
 _HUB_SMALL_FILES = ["*.json", "*.py", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*"]
+# Side files that make up the tokenizer (transformers' save_pretrained names, plus tiktoken/jinja files).
+_TOKENIZER_NAMES = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt")
+_TOKENIZER_SUFFIXES = (".model", ".tiktoken", ".jinja")
+# Bytes per element of each safetensors dtype string (to size a checkpoint without an index total).
+DTYPE_BYTES = {
+    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
+}  # fmt: skip
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Is a side file (by name) part of the tokenizer, so that an export must carry it unchanged?"""
+    return name.startswith("tokenizer") or name in _TOKENIZER_NAMES or name.endswith(_TOKENIZER_SUFFIXES)
+
+
+@contextmanager
+def open_safetensors(path: str | Path) -> Iterator[Any]:
+    """``safe_open`` whose errors name the file (safetensors' own message does not)."""
+    try:
+        handle = safe_open(str(path), framework="pt")
+    except Exception as err:  # SafetensorError, OSError: both mean the file cannot be used as it is
+        raise ValueError(f"{path} is not a readable safetensors file ({err}).") from err
+    with handle as f:
+        yield f
 
 
 @dataclass(frozen=True)
@@ -45,6 +71,10 @@ class CheckpointInfo:
     config: dict[str, Any]
     weight_map: dict[str, str]
     """tensor name -> shard file name, as a loader sees it."""
+    directory: Path | None = None
+    """The local folder (None for a Hub checkpoint, whose tensor values are not at hand)."""
+    index_total_size: int | None = None
+    """``metadata.total_size`` of the index, if it has one (bytes of all tensors)."""
     tensors: dict[str, TensorMeta] = field(default_factory=dict)
     """Metadata of the tensors whose shard could be read (may be a subset of ``weight_map``)."""
     shard_keys: dict[str, set[str]] = field(default_factory=dict)
@@ -53,6 +83,31 @@ class CheckpointInfo:
     """Shards listed in the weight map that do not exist (local checkpoints only)."""
     side_files: list[Path] = field(default_factory=list)
     """Config, tokenizer and remote-code files to copy next to exported weights."""
+
+    def total_bytes(self) -> int:
+        """Bytes of all tensors: the index's ``total_size``, else summed from the shard headers."""
+        if self.index_total_size is not None:
+            return self.index_total_size
+        return sum(DTYPE_BYTES.get(m.dtype, 4) * prod(m.shape) for m in self.tensors.values())
+
+    def check_complete(self, role: str) -> None:
+        """Raise unless every shard of the index exists and holds the tensors the index puts there.
+
+        An export takes each tensor's dtype from the reference's shard headers and verification compares
+        against them; a reference with a shard missing would silently pass those tensors unchecked.
+        """
+        if self.missing_shards:
+            raise ValueError(
+                f"{role} {self.source} is incomplete: shard(s) {', '.join(self.missing_shards)} listed in its "
+                f"{INDEX_FILE} do not exist. Restore them (e.g. download the checkpoint again) and rerun."
+            )
+        absent = sorted(name for name in self.weight_map if name not in self.tensors)
+        if absent:
+            shard = self.weight_map[absent[0]]
+            raise ValueError(
+                f"{role} {self.source} is inconsistent: {len(absent)} tensor(s) of its index are not in the shard "
+                f"it names, e.g. {absent[0]} in {shard}. Restore the checkpoint and rerun."
+            )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -84,6 +139,16 @@ def _weight_map_from_index(index: Mapping[str, Any], *, where: str) -> dict[str,
     return {str(name): check_shard_name(file, where=where) for name, file in weight_map.items()}
 
 
+def _total_size(index: Mapping[str, Any], *, where: str) -> int | None:
+    metadata = index.get("metadata")
+    total = metadata.get("total_size") if isinstance(metadata, dict) else None
+    if total is None:
+        return None
+    if not isinstance(total, int) or isinstance(total, bool) or total < 0:
+        raise ValueError(f"{where}: metadata.total_size must be a non-negative integer, got {total!r}.")
+    return total
+
+
 def read_local_checkpoint(directory: str | Path, *, require_config: bool = True) -> CheckpointInfo:
     """Describe a local HF checkpoint folder (index, shard headers, side files)."""
     directory = Path(directory)
@@ -98,21 +163,30 @@ def read_local_checkpoint(directory: str | Path, *, require_config: bool = True)
         config = {}
 
     index_path = directory / INDEX_FILE
+    total_size = None
     if index_path.is_file():
-        weight_map = _weight_map_from_index(_read_json(index_path), where=str(index_path))
+        index = _read_json(index_path)
+        weight_map = _weight_map_from_index(index, where=str(index_path))
+        total_size = _total_size(index, where=str(index_path))
     elif (directory / SINGLE_FILE).is_file():
-        with safe_open(directory / SINGLE_FILE, framework="pt") as f:
+        with open_safetensors(directory / SINGLE_FILE) as f:
             weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
     else:
         raise FileNotFoundError(f"{directory} has neither {INDEX_FILE} nor {SINGLE_FILE}.")
 
-    info = CheckpointInfo(source=str(directory), config=config, weight_map=weight_map)
+    info = CheckpointInfo(
+        source=str(directory),
+        config=config,
+        weight_map=weight_map,
+        directory=directory,
+        index_total_size=total_size,
+    )
     for shard in sorted(set(weight_map.values())):
         path = directory / shard
         if not path.is_file():
             info.missing_shards.append(shard)
             continue
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             keys = set(f.keys())
             info.shard_keys[shard] = keys
             for key in keys:

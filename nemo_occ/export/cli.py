@@ -1,21 +1,54 @@
 """``nemo-occ export`` and ``nemo-occ verify-export``.
 
-Registration imports nothing heavy; handlers import their modules when they run. User mistakes
-(missing folders, unsupported models, a failed verification, Megatron-Bridge absent) are printed as
-one readable error and exit code 1; anything else is a bug and keeps its traceback.
+Registration imports nothing heavy; handlers import their modules when they run. Exit codes: 0 done,
+1 the export does not match its reference (the report lists what), 2 a user mistake (missing or
+wrong folders, an ``--out`` that may not be written or replaced, Megatron-Bridge absent), printed as
+one line. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, ImportError)
+_USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
+USER_ERROR, VERIFICATION_FAILED = 2, 1
 
 
 def _fail(err: BaseException) -> int:
-    print(f"nemo-occ: error: {err}", file=sys.stderr)
-    return 1
+    message = " ".join(str(err).split("\n"))
+    print(f"nemo-occ: error: {message}", file=sys.stderr)
+    return USER_ERROR
+
+
+@contextmanager
+def _one_line_warnings() -> Iterator[None]:
+    """Print the export's own warnings (leftover folders) as ``nemo-occ: warning: ...`` when they occur."""
+    from nemo_occ.export.target import ExportWarning
+
+    original = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, ExportWarning):
+            print(f"nemo-occ: warning: {message}", file=sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", ExportWarning)
+        warnings.showwarning = show
+        yield
+
+
+def _limits(args: argparse.Namespace):
+    from nemo_occ.export.verify import ValueLimits
+
+    given = {} if args.max_mtp_change is None else {"max_mtp_change": args.max_mtp_change}
+    return ValueLimits(allow_unchanged_mtp=args.allow_unchanged_mtp, **given)
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -23,24 +56,27 @@ def _export(args: argparse.Namespace) -> int:
     from nemo_occ.export.verify import ExportVerificationError
 
     try:
-        result = export_megatron_to_hf(
-            args.megatron_ckpt,
-            args.hf_model,
-            args.out,
-            overwrite=args.overwrite,
-            show_progress=not args.no_progress,
-            trust_remote_code=args.trust_remote_code,
-        )
+        with _one_line_warnings():
+            result = export_megatron_to_hf(
+                args.megatron_ckpt,
+                args.hf_model,
+                args.out,
+                overwrite=args.overwrite,
+                show_progress=not args.no_progress,
+                trust_remote_code=args.trust_remote_code,
+                limits=_limits(args),
+                remove_stale_partials=args.remove_stale_partial,
+            )
     except ExportVerificationError as err:
         print(err.report.format(), file=sys.stderr)
         print(f"nemo-occ: error: export NOT written to {args.out} (verification failed).", file=sys.stderr)
-        return 1
+        return VERIFICATION_FAILED
     except _USER_ERRORS as err:
         return _fail(err)
     print(result.report.format())
     print(
-        f"Exported {result.manifest['num_tensors']} tensors ({result.manifest['num_mtp_tensors']} MTP) to "
-        f"{result.out}; details in {result.out}/nemo_occ_export.json"
+        f"Exported {result.manifest['num_tensors']} tensors ({result.manifest['num_mtp_tensors']} MTP) from "
+        f"{result.manifest['megatron_iteration_dir']} to {result.out}; details in {result.out}/nemo_occ_export.json"
     )
     return 0
 
@@ -49,12 +85,37 @@ def _verify(args: argparse.Namespace) -> int:
     from nemo_occ.export.verify import verify_export
 
     try:
-        report = verify_export(args.export_dir, args.reference, raise_on_failure=False)
+        report = verify_export(args.export_dir, args.reference, limits=_limits(args), raise_on_failure=False)
     except _USER_ERRORS as err:
         return _fail(err)
     text = report.format(limit=None if args.show_all else 50)
     print(text, file=sys.stdout if report.ok else sys.stderr)
-    return 0 if report.ok else 1
+    return 0 if report.ok else VERIFICATION_FAILED
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _add_value_limits(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--max-mtp-change",
+        type=_positive_float,
+        metavar="R",
+        help="Largest allowed relative change ||W - W_ref|| / ||W_ref|| of any MTP tensor against the reference "
+        "(default 0.5; a zeroed tensor gives 1, swapped eh_proj halves or an unrelated tensor about 1.41).",
+    )
+    parser.add_argument(
+        "--allow-unchanged-mtp",
+        action="store_true",
+        help="Accept an MTP layer identical to the reference's (trained with the MTP layer frozen).",
+    )
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -77,9 +138,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME_OR_PATH",
         help="The Hugging Face checkpoint the model was trained from (local folder preferred, or Hub id).",
     )
-    export.add_argument("--out", required=True, metavar="DIR", help="Output folder (must not exist).")
     export.add_argument(
-        "--overwrite", action="store_true", help="Replace --out if it exists (after success only)."
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="Output folder: must not exist, nor be or lie inside --hf-model or --megatron-ckpt.",
+    )
+    export.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace --out if it is an earlier nemo-occ export (it holds nemo_occ_export.json) or empty; "
+        "the old one is deleted only after the new one succeeded.",
+    )
+    export.add_argument(
+        "--remove-stale-partial",
+        action="store_true",
+        help="Delete unfinished export folders (.<out>.partial-*) that killed runs left next to --out "
+        "(reported either way; one whose export still runs on this host is never deleted).",
     )
     export.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     export.add_argument(
@@ -87,15 +162,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="Allow the reference's remote code (required for MiMo).",
     )
+    _add_value_limits(export)
     export.set_defaults(func=_export)
 
     verify = subparsers.add_parser(
         "verify-export",
-        help="Check an exported HF checkpoint (key set, shapes, dtypes, shards) against a reference.",
+        help="Check an exported HF checkpoint (names, shapes, dtypes, values, checksums) against a reference.",
         description=(
-            "Compare an exported checkpoint's tensors with the reference checkpoint's index and shard headers; "
-            "list missing or unexpected tensors (MTP ones first), shape/dtype mismatches and missing shards. "
-            "Exit code 1 on any mismatch."
+            "Compare an exported checkpoint with the reference checkpoint: tensor names, shapes, dtypes and "
+            "shards; config.json and tokenizer files; every tensor finite; GLM MTP alias copies bit-identical; "
+            "each tensor's SHA-256 against nemo_occ_export.json; the MTP layer's change against the reference. "
+            "Lists what is wrong, MTP tensors first. Exit code 1 on any mismatch, 2 on unusable input."
         ),
     )
     verify.add_argument("export_dir", metavar="DIR", help="The exported checkpoint folder.")
@@ -108,4 +185,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     verify.add_argument(
         "--show-all", action="store_true", help="List every mismatching tensor, not the first 50."
     )
+    _add_value_limits(verify)
     verify.set_defaults(func=_verify)

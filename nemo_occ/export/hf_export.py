@@ -3,7 +3,8 @@
     stream (Megatron-Bridge export_hf_weights) -> fix-ups (GLM aliases, MiMo input_proj halves)
       -> cast to the reference dtype -> shards laid out like the reference index
       -> config/tokenizer/remote-code files copied from the reference
-      -> verification against the reference -> nemo_occ_export.json -> rename into place
+      -> verification against the reference, values read back from disk (``verify.verify_folder``)
+      -> nemo_occ_export.json with every tensor's checksum -> rename into place
 
 Nothing here imports Megatron-Bridge: ``bridge_export`` feeds the stream, tests feed synthetic ones.
 If any step fails, including verification, the output folder does not appear.
@@ -23,14 +24,14 @@ import torch
 from tqdm import tqdm
 
 from nemo_occ import __version__
-from nemo_occ.export.atomic import atomic_directory, check_output_free
-from nemo_occ.export.checkpoint import CheckpointInfo, TensorMeta, read_local_checkpoint
+from nemo_occ.export.atomic import atomic_directory
+from nemo_occ.export.checkpoint import CheckpointInfo, TensorMeta
 from nemo_occ.export.fixups import FixupLog, apply_fixups
+from nemo_occ.export.manifest import CHECKSUM_ALGORITHM, MANIFEST_FILE
 from nemo_occ.export.models import mtp_layout
-from nemo_occ.export.verify import ExportVerificationError, VerificationReport, compare_checkpoints
+from nemo_occ.export.target import check_export_target, check_replaceable
+from nemo_occ.export.verify import ExportVerificationError, ValueLimits, VerificationReport, verify_folder
 from nemo_occ.export.writer import ShardedSafetensorsWriter
-
-MANIFEST_FILE = "nemo_occ_export.json"
 
 # safetensors dtype strings of the floating formats a plain cast may convert between.
 _FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -65,19 +66,26 @@ def write_hf_export(
     megatron_eh_proj: Mapping[int, torch.Tensor] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    limits: ValueLimits | None = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write ``stream`` as an HF checkpoint shaped like ``reference`` into ``out``; verify; commit.
 
-    Raises ``ExportVerificationError`` (listing missing/unexpected tensors, MTP first) when the result
-    does not match the reference; ``out`` is then left untouched.
+    Refuses (before touching ``stream``) an incomplete reference and an ``out`` that would endanger the
+    reference or the ``inputs`` folders (``target.check_export_target``); the front end checks space.
+    Raises ``ExportVerificationError`` (listing what is wrong, MTP first) when the result does not match
+    the reference; ``out`` is then left untouched.
     """
     layout = mtp_layout(reference.config)
-    out = check_output_free(out, overwrite=overwrite)
+    limits = limits or ValueLimits()
+    reference.check_complete("reference")
+    inputs = {"--hf-model": reference.directory, **dict(inputs or {})}
+    out = check_export_target(out, inputs=inputs, overwrite=overwrite)
     log = FixupLog()
     casts: dict[str, list[str]] = {}
     num_mtp_streamed = 0  # MTP tensors that came from the converter, not from our aliases
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, check_replaceable=check_replaceable) as tmp:
         writer = ShardedSafetensorsWriter(tmp, reference.weight_map)
         fixed = apply_fixups(
             stream, layout, reference_names=reference.weight_map, megatron_eh_proj=megatron_eh_proj, log=log
@@ -95,9 +103,8 @@ def write_hf_export(
         for path in reference.side_files:
             shutil.copy2(path, tmp / path.name)
 
-        exported = read_local_checkpoint(tmp)
-        exported.source = str(out)
-        report = compare_checkpoints(exported, reference)
+        report, scan = verify_folder(tmp, reference, limits=limits, check_manifest=False)
+        report.export = str(out)
         if not report.ok:
             report.export = f"{out} (not written)"
             num_added = sum(e["action"] == "added by nemo-occ" for e in log.entries)
@@ -116,18 +123,24 @@ def write_hf_export(
             "model_type": layout.model_type,
             "num_mtp_layers": layout.num_mtp_layers,
             "num_tensors": report.num_exported,
-            "num_mtp_tensors": sum(map(layout.is_mtp, exported.weight_map)),
+            "num_mtp_tensors": sum(map(layout.is_mtp, scan.digests)),
             "fixups": log.entries,
             "dtype_casts": {kind: len(names) for kind, names in sorted(casts.items())},
+            **dict(extra_manifest or {}),
             "verification": {
                 "passed": True,
-                "shape_dtype_checked": report.num_exported - len(report.unchecked),
-                "shape_dtype_unchecked": len(report.unchecked),
+                "checks": "names, shapes, dtypes, shards, config.json, tokenizer files, finite values, "
+                "GLM alias copies bit-identical, MTP change against the reference",
+                "mtp_change_limits": {
+                    "max_per_tensor": limits.max_mtp_change,
+                    "allow_unchanged": limits.allow_unchanged_mtp,
+                },
+                "mtp_relative_change": report.mtp_changes or None,
+                "notes": report.notes,
             },
-            **dict(extra_manifest or {}),
+            "checksums": {"algorithm": CHECKSUM_ALGORITHM, "tensors": scan.digests},
         }
         with open(tmp / MANIFEST_FILE, "w") as f:
             json.dump(manifest, f, indent=2)
             f.write("\n")
-    report.export = str(out)
     return ExportResult(out=out, report=report, manifest=manifest)

@@ -2,8 +2,9 @@
 
 The tensor names are written out by hand from the released checkpoints' indexes (a few tensors per
 layer kind, not all of them), in three shards, with an MTP layer after ``num_hidden_layers=2`` decoder
-layers. ``bridge_like_stream`` yields what Megatron-Bridge's GLM45Bridge / MimoBridge would yield for
-it, MTP aliases left out, so the whole export pipeline can run without Megatron-Bridge.
+layers. ``train_like`` moves every tensor a little, as training would; ``bridge_like_stream`` yields
+what Megatron-Bridge's GLM45Bridge / MimoBridge would yield for such tensors, MTP aliases left out, so
+the whole export pipeline can run without Megatron-Bridge.
 
 Letters: V vocab (16), H hidden (8), E experts (2).
 """
@@ -79,7 +80,18 @@ def _mimo_tensors() -> dict[str, tuple[str, tuple[int, ...], torch.dtype]]:
     return spec
 
 
-GLM_ALIASES = ("model.layers.2.embed_tokens.weight", "model.layers.2.shared_head.head.weight")
+GLM_ALIAS_SOURCES = {
+    "model.layers.2.embed_tokens.weight": "model.embed_tokens.weight",
+    "model.layers.2.shared_head.head.weight": "lm_head.weight",
+}
+GLM_ALIASES = tuple(GLM_ALIAS_SOURCES)
+
+
+def _copy_glm_aliases(tensors: dict[str, torch.Tensor]) -> None:
+    """The checkpoint's MTP copies equal the shared embedding and head."""
+    if GLM_ALIASES[0] in tensors:
+        for alias, source in GLM_ALIAS_SOURCES.items():
+            tensors[alias] = tensors[source].clone()
 
 
 def make_reference_checkpoint(
@@ -93,9 +105,7 @@ def make_reference_checkpoint(
     spec = _glm_tensors() if model_type == "glm4_moe" else _mimo_tensors()
     gen = torch.Generator().manual_seed(seed)
     tensors = {name: torch.randn(shape, generator=gen).to(dtype) for name, (_, shape, dtype) in spec.items()}
-    if model_type == "glm4_moe":  # the checkpoint's MTP copies equal the shared embedding and head
-        tensors["model.layers.2.embed_tokens.weight"] = tensors["model.embed_tokens.weight"].clone()
-        tensors["model.layers.2.shared_head.head.weight"] = tensors["lm_head.weight"].clone()
+    _copy_glm_aliases(tensors)
     shards: dict[str, dict[str, torch.Tensor]] = {}
     for name, (shard, _, _) in spec.items():
         shards.setdefault(shard, {})[name] = tensors[name]
@@ -114,11 +124,30 @@ def make_reference_checkpoint(
         "hidden_size": H,
         "vocab_size": V,
         "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
     }
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     (directory / "generation_config.json").write_text(json.dumps({"do_sample": True}))
     (directory / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128}))
     return tensors
+
+
+def train_like(
+    tensors: dict[str, torch.Tensor], *, seed: int = 1, scale: float = 0.01
+) -> dict[str, torch.Tensor]:
+    """A "trained" copy: each tensor plus ``scale`` times its RMS times N(0, 1) noise, in its own dtype.
+
+    The GLM MTP copies stay bit-identical to the (moved) embedding and head they copy, as in a real
+    checkpoint. ``scale=0.01`` is a relative change of about 0.01 per tensor.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    trained = {}
+    for name, tensor in tensors.items():
+        rms = tensor.float().square().mean().sqrt()
+        noise = torch.randn(tensor.shape, generator=gen)
+        trained[name] = (tensor.float() + scale * rms * noise).to(tensor.dtype)
+    _copy_glm_aliases(trained)
+    return trained
 
 
 def bridge_like_stream(

@@ -3,23 +3,70 @@
 Checks (each failure is listed by name, MTP tensors first):
 
 - key set: every reference tensor is exported (``missing``) and nothing else is (``unexpected``);
-- shape and dtype of every tensor whose reference metadata is known;
+- shape and dtype of every tensor;
 - the export is self-consistent: every shard its index lists exists (``missing_shards``), every
   indexed tensor is in the shard the index names (``misplaced``), and no shard holds tensors the
-  index does not list (``unindexed``; a loader would never see them).
+  index does not list (``unindexed``; a loader would never see them);
+- ``config.json`` agrees with the reference on ``model_type``, ``architectures``,
+  ``num_nextn_predict_layers`` and the dtype field, and every tokenizer file is there, byte-identical;
+- values (every tensor read once, ``values.scan_values``): every floating tensor is finite; GLM's
+  MTP alias copies are bit-identical to the embedding/head they copy; each tensor's SHA-256 equals
+  the one the export recorded in ``nemo_occ_export.json`` (when it has one); and the MTP layer moved
+  by a plausible amount from the reference (``ValueLimits``).
 
-Reference tensors whose shard headers could not be read are counted as ``unchecked`` (key set
-still checked) and reported, never silently passed.
+The reference must be complete (every shard of its index present): it is what the export is judged
+against, so a missing shard is an error, not a tensor quietly left unchecked.
 """
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from nemo_occ.export.checkpoint import CheckpointInfo, TensorMeta, read_local_checkpoint, read_reference
-from nemo_occ.export.models import mtp_predicate
+from nemo_occ.export.checkpoint import (
+    CheckpointInfo,
+    TensorMeta,
+    is_tokenizer_file,
+    open_safetensors,
+    read_local_checkpoint,
+    read_reference,
+)
+from nemo_occ.export.manifest import MANIFEST_FILE, read_manifest, recorded_checksums
+from nemo_occ.export.models import mtp_layout, mtp_predicate
+from nemo_occ.export.values import ValueScan, file_digest, scan_values
+
+# config.json fields an export must share with its reference (the dtype lives under either name).
+CONFIG_FIELDS = ("model_type", "architectures", "num_nextn_predict_layers", "torch_dtype", "dtype")
+
+
+@dataclass(frozen=True)
+class ValueLimits:
+    """The plausible range of the MTP layer's change ``r = ||W - W_ref||_F / ||W_ref||_F`` per tensor.
+
+    - ``0 < r`` for the layer: at least one MTP tensor differs from the reference. A layer identical to
+      the reference was not trained (or the export took the reference's weights). Training that leaves
+      the MTP layer untouched on purpose (OCC regime ``none``) sets ``allow_unchanged_mtp``.
+    - ``r <= max_mtp_change`` (default 0.5) for every MTP tensor. Reference points: a zeroed tensor has
+      ``r = 1``; a tensor replaced by an unrelated one of similar norm, or a ``[H, 2H]`` projection whose
+      two input halves were swapped, has ``r`` near ``sqrt(2) = 1.41`` (two uncorrelated halves). Adam
+      moves an element by at most about the learning rate per step, so 200 RL steps at 1e-6 change
+      weights of typical size 1e-2 by ``r`` of a few percent at most (an estimate, not a measurement):
+      0.5 lies far from both. A tensor whose reference norm is near zero (a bias) can exceed it
+      legitimately; raise the limit then (``--max-mtp-change``).
+    """
+
+    max_mtp_change: float = 0.5
+    allow_unchanged_mtp: bool = False
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_mtp_change, (int, float)) and math.isfinite(self.max_mtp_change)):
+            raise ValueError(f"max_mtp_change must be a finite number, got {self.max_mtp_change!r}.")
+        if self.max_mtp_change <= 0:
+            raise ValueError(f"max_mtp_change must be > 0, got {self.max_mtp_change}.")
 
 
 class ExportVerificationError(RuntimeError):
@@ -44,7 +91,23 @@ class VerificationReport:
     missing_shards: list[str] = field(default_factory=list)
     misplaced: list[tuple[str, str]] = field(default_factory=list)
     unindexed: list[tuple[str, str]] = field(default_factory=list)
-    unchecked: list[str] = field(default_factory=list)
+    config_mismatches: list[tuple[str, Any, Any]] = field(default_factory=list)
+    """(config field, exported value, reference value); ('config.json', None, 'present') if absent."""
+    side_file_problems: list[tuple[str, str]] = field(default_factory=list)
+    """(tokenizer file of the reference, 'missing' or 'differs from the reference')."""
+    non_finite: list[str] = field(default_factory=list)
+    alias_mismatches: list[tuple[str, str]] = field(default_factory=list)
+    """(alias, source) pairs of GLM MTP copies that are not bit-identical."""
+    checksum_problems: list[tuple[str, str]] = field(default_factory=list)
+    """(tensor, what is wrong) against the checksums recorded in the export's manifest."""
+    mtp_changes: dict[str, float] = field(default_factory=dict)
+    """MTP tensor -> relative change against the reference (empty if the reference values are remote)."""
+    mtp_too_far: list[tuple[str, float]] = field(default_factory=list)
+    mtp_unchanged: bool = False
+    """Every MTP tensor equals the reference's (a failure unless ``limits.allow_unchanged_mtp``)."""
+    limits: ValueLimits = field(default_factory=ValueLimits)
+    notes: list[str] = field(default_factory=list)
+    """Checks that could not run, and why (shown, never silently passed)."""
     hints: list[str] = field(default_factory=list)
     """Likely causes, added by the caller that knows more (e.g. the export pipeline)."""
     is_mtp: Callable[[str], bool] = field(default=lambda name: False, repr=False)
@@ -59,6 +122,13 @@ class VerificationReport:
             or self.missing_shards
             or self.misplaced
             or self.unindexed
+            or self.config_mismatches
+            or self.side_file_problems
+            or self.non_finite
+            or self.alias_mismatches
+            or self.checksum_problems
+            or self.mtp_too_far
+            or (self.mtp_unchanged and not self.limits.allow_unchanged_mtp)
         )
 
     def _names(self, title: str, items: list, render: Callable, limit: int | None) -> list[str]:
@@ -72,6 +142,17 @@ class VerificationReport:
             lines.append(f"    ... and {len(items) - len(shown)} more (verify-export --show-all lists them)")
         return lines
 
+    def mtp_change_summary(self) -> str | None:
+        if not self.mtp_changes:
+            return None
+        worst = max(self.mtp_changes, key=self.mtp_changes.__getitem__)
+        return (
+            f"MTP layer vs reference: relative change median {statistics.median(self.mtp_changes.values()):.3g}, "
+            f"max {self.mtp_changes[worst]:.3g} ({worst}) over {len(self.mtp_changes)} tensors; "
+            f"allowed: > 0 for the layer{' (or 0)' if self.limits.allow_unchanged_mtp else ''}, "
+            f"<= {self.limits.max_mtp_change:g} per tensor."
+        )
+
     def format(self, limit: int | None = 50) -> str:
         """A readable summary; lists are cut at ``limit`` names (MTP ones come first)."""
         mtp = self.is_mtp
@@ -79,26 +160,22 @@ class VerificationReport:
         def tag(name: str) -> str:
             return f"{name}  [MTP]" if mtp(name) else name
 
+        def pair(x) -> str:
+            return f"{tag(x[0])}: {x[1]} != reference {x[2]}"
+
         head = "PASSED" if self.ok else "FAILED"
         lines = [
             f"Export verification {head}: {self.export} against {self.reference}",
             f"  {self.num_exported} tensors exported, {self.num_reference} in the reference "
             f"({self.num_mtp_reference} in MTP layers).",
         ]
+        summary = self.mtp_change_summary()
+        if summary:
+            lines.append(f"  {summary}")
         lines += self._names("tensors missing from the export", self.missing, tag, limit)
         lines += self._names("unexpected tensors (not in the reference)", self.unexpected, tag, limit)
-        lines += self._names(
-            "shape mismatches",
-            self.shape_mismatches,
-            lambda x: f"{tag(x[0])}: {x[1]} != reference {x[2]}",
-            limit,
-        )
-        lines += self._names(
-            "dtype mismatches",
-            self.dtype_mismatches,
-            lambda x: f"{tag(x[0])}: {x[1]} != reference {x[2]}",
-            limit,
-        )
+        lines += self._names("shape mismatches", self.shape_mismatches, pair, limit)
+        lines += self._names("dtype mismatches", self.dtype_mismatches, pair, limit)
         if self.missing_shards:
             lines.append(f"  {len(self.missing_shards)} shard files listed in the index do not exist:")
             lines += [f"    - {s}" for s in self.missing_shards]
@@ -114,11 +191,47 @@ class VerificationReport:
             lambda x: f"{tag(x[0])} in {x[1]}",
             limit,
         )
-        if self.unchecked:
+        if self.config_mismatches:
+            lines.append(f"  {len(self.config_mismatches)} config.json fields differ from the reference:")
+            lines += [
+                f"    - {k} is missing"
+                if got is None and k == "config.json"
+                else f"    - {k}: {got!r} != reference {ref!r}"
+                for k, got, ref in self.config_mismatches
+            ]
+        if self.side_file_problems:
+            lines.append(f"  {len(self.side_file_problems)} tokenizer files not as in the reference:")
+            lines += [f"    - {name}: {what}" for name, what in self.side_file_problems]
+        lines += self._names("tensors with NaN or inf values", self.non_finite, tag, limit)
+        lines += self._names(
+            "MTP alias copies not bit-identical to their source",
+            self.alias_mismatches,
+            lambda x: f"{tag(x[0])} != {x[1]}",
+            limit,
+        )
+        lines += self._names(
+            f"tensors failing the checksums of {MANIFEST_FILE}",
+            self.checksum_problems,
+            lambda x: f"{tag(x[0])}: {x[1]}",
+            limit,
+        )
+        lines += self._names(
+            f"MTP tensors changed by more than {self.limits.max_mtp_change:g} of their reference norm",
+            self.mtp_too_far,
+            lambda x: f"{tag(x[0])}: relative change {x[1]:.3g}",
+            limit,
+        )
+        if self.mtp_too_far:
             lines.append(
-                f"  note: shape/dtype not checked for {len(self.unchecked)} tensors whose reference shard "
-                "headers were not available (key set still checked)."
+                "  hint: 1.0 is a zeroed tensor; about 1.41 an unrelated tensor or swapped input halves of "
+                "eh_proj/input_proj. If the change is real (e.g. a bias near zero), raise --max-mtp-change."
             )
+        if self.mtp_unchanged and not self.limits.allow_unchanged_mtp:
+            lines.append(
+                "  every MTP tensor equals the reference's: the MTP layer was not trained, or the export took "
+                "the reference's weights. If it was frozen on purpose, pass --allow-unchanged-mtp."
+            )
+        lines += [f"  note: {note}" for note in self.notes]
         lines += [f"  hint: {hint}" for hint in self.hints]
         return "\n".join(lines)
 
@@ -132,7 +245,7 @@ def _mtp_first(names, is_mtp: Callable[[str], bool]) -> list:
 
 
 def compare_checkpoints(exported: CheckpointInfo, reference: CheckpointInfo) -> VerificationReport:
-    """Compare two checkpoint descriptions (pure: no file access)."""
+    """Compare two checkpoint descriptions: names, shapes, dtypes, shards, config (pure: no file access)."""
     is_mtp = mtp_predicate(reference.config or exported.config)
     exported_names, reference_names = set(exported.weight_map), set(reference.weight_map)
     report = VerificationReport(
@@ -145,22 +258,18 @@ def compare_checkpoints(exported: CheckpointInfo, reference: CheckpointInfo) -> 
     )
     report.missing = _mtp_first(reference_names - exported_names, is_mtp)
     report.unexpected = _mtp_first(exported_names - reference_names, is_mtp)
-    shapes, dtypes, unchecked = [], [], []
+    shapes, dtypes = [], []
     for name in exported_names & reference_names:
         ref: TensorMeta | None = reference.tensors.get(name)
         got: TensorMeta | None = exported.tensors.get(name)
-        if ref is None:
-            unchecked.append(name)
-            continue
-        if got is None:
-            continue  # its shard is missing or lacks it: reported below
+        if ref is None or got is None:
+            continue  # the reference is checked complete by the caller; the export's gaps are below
         if got.shape != ref.shape:
             shapes.append((name, got.shape, ref.shape))
         if got.dtype != ref.dtype:
             dtypes.append((name, got.dtype, ref.dtype))
     report.shape_mismatches = _mtp_first(shapes, is_mtp)
     report.dtype_mismatches = _mtp_first(dtypes, is_mtp)
-    report.unchecked = sorted(unchecked)
 
     report.missing_shards = sorted(exported.missing_shards)
     misplaced, unindexed = [], []
@@ -172,32 +281,142 @@ def compare_checkpoints(exported: CheckpointInfo, reference: CheckpointInfo) -> 
         unindexed += [(name, shard) for name in keys if exported.weight_map.get(name) != shard]
     report.misplaced = _mtp_first(misplaced, is_mtp)
     report.unindexed = _mtp_first(unindexed, is_mtp)
+
+    if not exported.config:
+        report.config_mismatches.append(("config.json", None, "present"))
+    else:
+        report.config_mismatches = [
+            (key, exported.config.get(key), reference.config[key])
+            for key in CONFIG_FIELDS
+            if key in reference.config and exported.config.get(key) != reference.config[key]
+        ]
     return report
 
 
 def _stray_shards(export_dir: Path, exported: CheckpointInfo) -> CheckpointInfo:
     """Also read ``*.safetensors`` files the index does not mention, to report their tensors."""
-    from safetensors import safe_open
-
     listed = set(exported.weight_map.values())
     for path in sorted(export_dir.glob("*.safetensors")):
         if path.name not in listed:
-            with safe_open(path, framework="pt") as f:
+            with open_safetensors(path) as f:
                 exported.shard_keys[path.name] = set(f.keys())
     return exported
 
 
+def _check_side_files(report: VerificationReport, export_dir: Path, reference: CheckpointInfo) -> None:
+    for path in reference.side_files:
+        if not is_tokenizer_file(path.name):
+            continue
+        exported = export_dir / path.name
+        if not exported.is_file():
+            report.side_file_problems.append((path.name, "missing"))
+        elif file_digest(exported) != file_digest(path):
+            report.side_file_problems.append((path.name, "differs from the reference"))
+
+
+def _aliases(reference: CheckpointInfo) -> tuple[tuple[str, str], ...]:
+    """(alias, source) copies the reference's architecture stores (none for one nemo-occ does not export)."""
+    try:
+        return mtp_layout(reference.config).aliases
+    except ValueError:
+        return ()
+
+
+def _judge_values(
+    report: VerificationReport,
+    scan: ValueScan,
+    exported: CheckpointInfo,
+    reference: CheckpointInfo,
+    recorded: dict[str, str] | None,
+) -> None:
+    is_mtp = report.is_mtp
+    report.non_finite = _mtp_first(scan.non_finite, is_mtp)
+    for alias, source in _aliases(reference):
+        if alias in scan.digests and source in scan.digests:
+            same_meta = exported.tensors.get(alias) == exported.tensors.get(source)
+            if not same_meta or scan.digests[alias] != scan.digests[source]:
+                report.alias_mismatches.append((alias, source))
+
+    if recorded is not None:
+        problems = []
+        for name, digest in scan.digests.items():
+            if name not in recorded:
+                problems.append((name, "not recorded in the manifest"))
+            elif recorded[name] != digest:
+                problems.append((name, "bytes differ from the checksum recorded at export"))
+        problems += [
+            (n, "recorded in the manifest but not in the export") for n in recorded.keys() - scan.digests
+        ]
+        report.checksum_problems = _mtp_first(problems, is_mtp)
+
+    report.mtp_changes = dict(sorted(scan.changes.items()))
+    limit = report.limits.max_mtp_change
+    report.mtp_too_far = _mtp_first([(n, r) for n, r in scan.changes.items() if not r <= limit], is_mtp)
+    report.mtp_unchanged = bool(scan.changes) and all(r == 0.0 for r in scan.changes.values())
+    if reference.directory is None:
+        report.notes.append(
+            f"MTP change against the reference not checked: {reference.source} is read from the Hub, where its "
+            "values are not at hand. Pass the local reference folder to check it."
+        )
+    elif report.mtp_unchanged and report.limits.allow_unchanged_mtp:
+        report.notes.append("every MTP tensor equals the reference's (allowed by --allow-unchanged-mtp).")
+
+
+def verify_folder(
+    export_dir: str | Path,
+    reference: CheckpointInfo,
+    *,
+    limits: ValueLimits | None = None,
+    check_manifest: bool = True,
+) -> tuple[VerificationReport, ValueScan]:
+    """Run every check on ``export_dir`` against a reference already read (and checked complete).
+
+    ``check_manifest=False`` is for the export pipeline, which is about to write the manifest.
+    """
+    export_dir = Path(export_dir)
+    limits = limits or ValueLimits()
+    exported = _stray_shards(export_dir, read_local_checkpoint(export_dir, require_config=False))
+    # read first: a broken manifest fails before the long read of every tensor
+    manifest = read_manifest(export_dir) if check_manifest else None
+    recorded = recorded_checksums(manifest) if manifest is not None else None
+    report = compare_checkpoints(exported, reference)
+    report.limits = limits
+    _check_side_files(report, export_dir, reference)
+    readable: dict[str, set[str]] = {}
+    for name, shard in exported.weight_map.items():
+        if name in exported.shard_keys.get(shard, ()):
+            readable.setdefault(shard, set()).add(name)
+    # The MTP layer's own tensors; GLM's copies of the embedding/head are checked against their source.
+    aliases = {alias for alias, _ in _aliases(reference)}
+    scan = scan_values(
+        export_dir, readable, reference=reference, compare=lambda n: report.is_mtp(n) and n not in aliases
+    )
+    if check_manifest:
+        if manifest is None:
+            report.notes.append(
+                f"no {MANIFEST_FILE}: per-tensor checksums not checked (not a nemo-occ export)."
+            )
+        elif recorded is None:
+            report.notes.append(f"{MANIFEST_FILE} records no checksums (older nemo-occ): not checked.")
+    _judge_values(report, scan, exported, reference, recorded)
+    return report, scan
+
+
 def verify_export(
-    export_dir: str | Path, reference: str | Path | CheckpointInfo, *, raise_on_failure: bool = True
+    export_dir: str | Path,
+    reference: str | Path | CheckpointInfo,
+    *,
+    limits: ValueLimits | None = None,
+    raise_on_failure: bool = True,
 ) -> VerificationReport:
     """Verify ``export_dir`` against ``reference`` (folder, Hub id or a description already read).
 
-    Raises ``ExportVerificationError`` when a check fails (unless ``raise_on_failure=False``).
+    Raises ``ExportVerificationError`` when a check fails (unless ``raise_on_failure=False``), and
+    ``ValueError`` when the reference itself is incomplete.
     """
-    export_dir = Path(export_dir)
-    exported = _stray_shards(export_dir, read_local_checkpoint(export_dir, require_config=False))
     ref = reference if isinstance(reference, CheckpointInfo) else read_reference(reference)
-    report = compare_checkpoints(exported, ref)
+    ref.check_complete("reference")
+    report, _ = verify_folder(export_dir, ref, limits=limits)
     if raise_on_failure and not report.ok:
         raise ExportVerificationError(report)
     return report
