@@ -8,9 +8,17 @@ head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer
 log-prob proxies.
 
 Variants are interleaved round by round (each round runs every variant once, in a rotating order) so
-that machine noise hits them alike; the table reports the median wall time per update and the ratio
-to ``detach``. The demo's per-step times also depend on how many groups DAPO's dynamic sampling
-keeps, which differs between regimes; this benchmark holds the data fixed.
+that machine noise hits them alike; the table reports the median wall time per update and its ratio
+to ``detach`` and to ``policy`` (OCC's own overhead is occ / policy: the proxy sums and the
+calibrator; the joint regimes' cost over detach is occ / detach). The demo's per-step times also
+depend on how many groups DAPO's dynamic sampling keeps, which differs between regimes; this
+benchmark holds the data fixed.
+
+How large the MTP part is decides the ratios: the header prints the trunk's, the MTP layer's and the
+output heads' shares of the forward matmul FLOPs (2 per weight per token, plus 4 S H per attention layer).
+With L layers the MTP layer alone is about 1 / (L + 1) of the transformer compute, as in the paper's
+models (GLM-4.5-Air: 46 + 1); a small L or a vocabulary head that dominates a small hidden size
+inflates every joint-regime ratio.
 
     python bench/bench_regime_step.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4]
                                       [--vocab 8192] [--rounds 7] [--threads 0]
@@ -61,6 +69,18 @@ def main() -> None:
         mtp_num_layers=1,
     )
     model = build_tiny_gpt(cfg)
+    # Forward matmul FLOPs per token: 2 per matmul weight, 4 S H per attention layer (scores and values).
+    attn = 4 * args.tokens * args.hidden
+    weights = {
+        part: sum(p.numel() for n, p in model.named_parameters() if n.startswith(part) and p.dim() == 2)
+        for part in ("decoder.", "mtp.")
+    }
+    flops = {
+        "trunk": 2 * weights["decoder."] + args.layers * attn,
+        "main head": 2 * args.vocab * args.hidden,
+        "mtp layer": 2 * weights["mtp."] + attn,
+        "mtp head": 2 * args.vocab * args.hidden,
+    }
     init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
@@ -106,9 +126,11 @@ def main() -> None:
         f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP=1 "
         f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
     )
-    print(f"{'variant':<8} {'median s/update':>16} {'x detach':>9}")
+    total = sum(flops.values())
+    print("forward matmul FLOPs: " + ", ".join(f"{k} {v / total:.1%}" for k, v in flops.items()))
+    print(f"{'variant':<8} {'median s/update':>16} {'x detach':>9} {'x policy':>9}")
     for v in VARIANTS:
-        print(f"{v:<8} {med[v]:>16.4f} {med[v] / med['detach']:>9.3f}")
+        print(f"{v:<8} {med[v]:>16.4f} {med[v] / med['detach']:>9.3f} {med[v] / med['policy']:>9.3f}")
 
 
 if __name__ == "__main__":
