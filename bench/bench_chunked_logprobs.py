@@ -1,8 +1,14 @@
-"""Benchmark: chunked token log-probs vs naive full logits, forward + backward, on the CPU.
+"""Benchmark: chunked token log-probs vs full logits, forward + backward, on the CPU.
 
 Compares ``nemo_occ.megatron.chunked_logprobs.token_logprobs`` (one [C, V] logits chunk at a time,
-recomputed in backward) with the naive ``log_softmax(hidden @ weight.T).gather(targets)`` + autograd,
-both computing log-probs and the gradients of hidden and weight for a random upstream gradient.
+recomputed in backward) with two full-logits baselines, all computing log-probs and the gradients of
+hidden and weight for a random upstream gradient:
+
+* ``naive``: ``log_softmax(hidden @ weight.T).gather(targets)`` + autograd;
+* ``megatron``: Megatron's own ``tensor_parallel.vocab_parallel_cross_entropy`` on the fp32 logits (what
+  its output layer feeds; it works in place on the logits, so it keeps fewer [T, V] copies than
+  ``log_softmax``), with a TP group of one (gloo, one process). The fused variant
+  (``fusions.fused_cross_entropy``) is the same arithmetic JIT-compiled for CUDA and is not run here.
 
 Memory, measured honestly for CPU torch: each (variant, chunk size) runs in a FRESH subprocess that
 builds the inputs and runs the variant once on a tiny shape (so one-time library workspaces are paid
@@ -35,6 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -62,12 +69,29 @@ def make_inputs(tokens, hidden_size, vocab, dtype, seed=0):
     return hidden, weight, targets, grad_out
 
 
+def megatron_logprobs(hidden, weight, targets):
+    """Full [T, V] fp32 logits -> -vocab_parallel_cross_entropy (megatron-core, TP group of one)."""
+    from megatron.core import tensor_parallel
+
+    logits = (hidden @ weight.t()).float().unsqueeze(1)  # [T, 1, V]: megatron's [s, b, V/tp]
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets.unsqueeze(1)).squeeze(1)
+
+
+def init_single_rank_megatron() -> None:
+    """gloo world of one + megatron's parallel state: vocab_parallel_cross_entropy all-reduces over TP."""
+    from nemo_occ.megatron.parallel import init_model_parallel
+
+    init_model_parallel(tensor_parallel=1)
+
+
 def step(variant, chunk_size, hidden, weight, targets, grad_out):
-    """Forward + backward; returns the gradients so their memory counts for both variants."""
+    """Forward + backward; returns the gradients so their memory counts for every variant."""
     h = hidden.detach().requires_grad_(True)
     w = weight.detach().requires_grad_(True)
     if variant == "naive":
         lp = naive_logprobs(h, w, targets)
+    elif variant == "megatron":
+        lp = megatron_logprobs(h, w, targets)
     else:
         lp = token_logprobs(h, w, targets, chunk_size=chunk_size)
     (lp * grad_out).sum().backward()
@@ -90,6 +114,8 @@ def _reset_peak_rss() -> None:
 def measure_memory_child(args) -> None:
     """Runs in a fresh process; prints one JSON line with the peak extra bytes."""
     dtype = DTYPES[args.dtype]
+    if args.variant == "megatron":
+        init_single_rank_megatron()
     small = make_inputs(8, args.hidden, 64, dtype)
     step(args.variant, args.chunk_size, *small)  # warm up kernels/workspaces on a tiny shape
     inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype)
@@ -119,8 +145,24 @@ def measure_memory(args, variant, chunk_size) -> int:
         "--dtype",
         args.dtype,
     ]
+    if args.threads is not None:
+        cmd += ["--threads", str(args.threads)]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_extra_bytes"]
+
+
+def check_same_logprobs(args, variants) -> None:
+    """Every variant computes the same log-probs (small shape): the table compares like with like."""
+    hidden, weight, targets, _ = make_inputs(64, args.hidden, 1024, DTYPES[args.dtype], seed=1)
+    reference = naive_logprobs(hidden, weight, targets)
+    for variant, chunk_size in variants:
+        if variant == "naive":
+            continue
+        if variant == "megatron":
+            got = megatron_logprobs(hidden, weight, targets)
+        else:
+            got = token_logprobs(hidden, weight, targets, chunk_size=chunk_size)
+        torch.testing.assert_close(got, reference, msg=lambda m, v=variant: f"{v}: {m}")
 
 
 def measure_time(args, variants) -> dict[tuple[str, int], tuple[float, float]]:
@@ -166,13 +208,14 @@ def main(argv=None) -> int:
     p.add_argument("--variant", default="naive", help=argparse.SUPPRESS)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # no TE / APEX here
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args._child_memory:
         measure_memory_child(args)
         return 0
 
-    variants = [("naive", 0)] + [("chunked", c) for c in args.chunk_sizes]
+    variants = [("naive", 0), ("megatron", 0)] + [("chunked", c) for c in args.chunk_sizes]
     mib = 2**20
     floor = (args.tokens + args.vocab) * args.hidden * torch.finfo(DTYPES[args.dtype]).bits // 8
     print(
@@ -184,18 +227,21 @@ def main(argv=None) -> int:
         f"gradient outputs (floor): {floor / mib:.0f} MiB"
     )
     memory = {v: measure_memory(args, *v) for v in variants}
+    init_single_rank_megatron()
+    check_same_logprobs(args, variants)
     seconds = measure_time(args, variants)
-    naive = ("naive", 0)
+    naive, megatron = ("naive", 0), ("megatron", 0)
     print(
         f"{'variant':<16}{'peak extra MiB':>15}{'wall s':>9}{'cpu s':>9}"
-        f"{'mem naive/x':>13}{'wall x/naive':>14}{'cpu x/naive':>13}"
+        f"{'mem naive/x':>13}{'mem mcore/x':>13}{'cpu x/naive':>13}{'cpu x/mcore':>13}"
     )
     for v in variants:
-        name = "naive" if v == naive else f"chunked C={v[1]}"
-        (w, c), (w0, c0) = seconds[v], seconds[naive]
+        name = v[0] if v[0] != "chunked" else f"chunked C={v[1]}"
+        (w, c), c0, c1 = seconds[v], seconds[naive][1], seconds[megatron][1]
         print(
             f"{name:<16}{memory[v] / mib:>15.1f}{w:>9.2f}{c:>9.2f}"
-            f"{memory[naive] / memory[v]:>13.2f}{w / w0:>14.2f}{c / c0:>13.2f}"
+            f"{memory[naive] / memory[v]:>13.2f}{memory[megatron] / memory[v]:>13.2f}"
+            f"{c / c0:>13.2f}{c / c1:>13.2f}"
         )
     return 0
 

@@ -8,9 +8,18 @@ head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer
 log-prob proxies.
 
 Variants are interleaved round by round (each round runs every variant once, in a rotating order) so
-that machine noise hits them alike; the table reports the median wall time per update and the ratio
-to ``detach``. The demo's per-step times also depend on how many groups DAPO's dynamic sampling
-keeps, which differs between regimes; this benchmark holds the data fixed.
+that machine noise hits them alike; the table reports the median wall time and process CPU time
+(user + sys of all threads) per update and their ratios to ``detach`` and to ``policy`` (OCC's own overhead is occ / policy: the proxy sums and the
+calibrator; the joint regimes' cost over detach is occ / detach). The demo's per-step times also
+depend on how many groups DAPO's dynamic sampling keeps, which differs between regimes; this
+benchmark holds the data fixed. On a shared machine CPU time is the steadier of the two (it does not
+count the time other processes held the cores; use ``--threads 1`` so that no thread waits for another).
+
+How large the MTP part is decides the ratios: the header prints the trunk's, the MTP layer's and the
+output heads' shares of the forward matmul FLOPs (2 per weight per token, plus 4 S H per attention layer).
+With L layers the MTP layer alone is about 1 / (L + 1) of the transformer compute, as in the paper's
+models (GLM-4.5-Air: 46 + 1); a small L or a vocabulary head that dominates a small hidden size
+inflates every joint-regime ratio.
 
     python bench/bench_regime_step.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4]
                                       [--vocab 8192] [--rounds 7] [--threads 0]
@@ -61,6 +70,18 @@ def main() -> None:
         mtp_num_layers=1,
     )
     model = build_tiny_gpt(cfg)
+    # Forward matmul FLOPs per token: 2 per matmul weight, 4 S H per attention layer (scores and values).
+    attn = 4 * args.tokens * args.hidden
+    weights = {
+        part: sum(p.numel() for n, p in model.named_parameters() if n.startswith(part) and p.dim() == 2)
+        for part in ("decoder.", "mtp.")
+    }
+    flops = {
+        "trunk": 2 * weights["decoder."] + args.layers * attn,
+        "main head": 2 * args.vocab * args.hidden,
+        "mtp layer": 2 * weights["mtp."] + attn,
+        "mtp head": 2 * args.vocab * args.hidden,
+    }
     init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
@@ -73,12 +94,12 @@ def main() -> None:
     n_tok, n_seq = valid_counts(mask)
     policy_cfg = PolicyLossConfig()
 
-    def update(variant: str) -> float:
+    def update(variant: str) -> tuple[float, float]:
         model.load_state_dict(init_state)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         regime = "policy" if variant == "exact" else variant
         objective = MTPObjective(NemoOCCConfig(regime=regime), policy_cfg)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=not objective.regime.trunk_gradient)
         kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
         main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
@@ -92,23 +113,30 @@ def main() -> None:
         (main_loss + mtp_loss).backward()
         opt.step()
         objective.finish_update()
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for v in VARIANTS:  # warm-up
         update(v)
-    times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
         order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
         for v in order:
             times[v].append(update(v))
-    med = {v: statistics.median(ts) for v, ts in times.items()}
+    wall = {v: statistics.median(t[0] for t in ts) for v, ts in times.items()}
+    cpu = {v: statistics.median(t[1] for t in ts) for v, ts in times.items()}
     print(
         f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP=1 "
         f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
     )
-    print(f"{'variant':<8} {'median s/update':>16} {'x detach':>9}")
+    total = sum(flops.values())
+    print("forward matmul FLOPs: " + ", ".join(f"{k} {v / total:.1%}" for k, v in flops.items()))
+    print(f"{'':<8} {'median s/update':>17} {'x detach':>15} {'x policy':>15}")
+    print(f"{'variant':<8} {'wall':>8} {'cpu':>8} {'wall':>7} {'cpu':>7} {'wall':>7} {'cpu':>7}")
     for v in VARIANTS:
-        print(f"{v:<8} {med[v]:>16.4f} {med[v] / med['detach']:>9.3f}")
+        print(
+            f"{v:<8} {wall[v]:>8.3f} {cpu[v]:>8.3f} {wall[v] / wall['detach']:>7.3f} {cpu[v] / cpu['detach']:>7.3f}"
+            f" {wall[v] / wall['policy']:>7.3f} {cpu[v] / cpu['policy']:>7.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -128,6 +128,75 @@ def test_low_precision_inputs(dtype):
     assert rel_err(gw) <= 1.5 * rel_err(ref_gw), (rel_err(gw), rel_err(ref_gw))
 
 
+# ---------------------------------------------------------------------------------------------------
+# Megatron DDP's main_grad: the weight gradient is added into it (fp32), and .grad receives zeros.
+
+
+def _with_main_grad(weight, main_dtype=torch.float32, seed=9):
+    """A leaf weight carrying a pre-filled ``main_grad`` (earlier micro-batches' sum), as DDP gives it."""
+    w = weight.detach().clone().requires_grad_(True)
+    w.main_grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)).to(main_dtype)
+    return w, w.main_grad.clone()
+
+
+def test_fp32_weight_gradient_is_added_into_main_grad():
+    hidden, weight, targets, grad_out = _inputs(seed=10)
+    w, before = _with_main_grad(weight)
+    h = hidden.clone().requires_grad_(True)
+    (token_logprobs(h, w, targets, chunk_size=6) * grad_out).sum().backward()
+    _, ref_gh, ref_gw, _ = _naive(hidden, weight, targets, grad_out)
+    torch.testing.assert_close(w.main_grad, before + ref_gw)
+    assert torch.equal(w.grad, torch.zeros_like(weight))  # nothing left for DDP's hook to add twice
+    torch.testing.assert_close(h.grad, ref_gh)
+
+
+def test_low_precision_heads_are_summed_in_fp32_main_grad():
+    # Two heads on one bf16 weight (main + MTP), fp32 main_grad (grad_reduce_in_fp32): each head adds in
+    # fp32, so the sum is never rounded to bf16. Judged against an fp64 truth like the naive path.
+    hidden, weight, targets, grad_out = _inputs(seed=11, t=300, dtype=torch.bfloat16)
+    w, before = _with_main_grad(weight)
+    upstream = (grad_out, -0.5 * grad_out)  # two heads, different losses
+    for g in upstream:
+        (token_logprobs(hidden, w, targets, chunk_size=8) * g).sum().backward()
+    naive = sum(_naive(hidden, weight, targets, g)[2] for g in upstream)  # bf16 sum, as autograd adds
+    true = sum(_naive(hidden.double(), weight.double(), targets, g.double())[2] for g in upstream)
+    assert w.main_grad.dtype == torch.float32 and torch.equal(w.grad, torch.zeros_like(weight))
+
+    def rel_err(x):
+        return ((x.double() - true).norm() / true.norm()).item()
+
+    got = w.main_grad - before
+    assert rel_err(got) <= 1.5 * rel_err(naive), (rel_err(got), rel_err(naive))
+
+
+class _StandInWgradKernel:
+    """CPU stand-in for APEX/TE's ``fused_weight_gradient_mlp_cuda.wgrad_gemm_accum_fp32(input,
+    d_output, d_weight)``: d_weight [out, in] (fp32) += d_output^T @ input, operands in one dtype."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wgrad_gemm_accum_fp32(self, total_input, grad_output, main_grad):
+        self.calls.append((total_input.dtype, grad_output.dtype, tuple(total_input.shape), main_grad))
+        main_grad.add_(grad_output.float().t() @ total_input.float())
+
+
+def test_low_precision_uses_megatrons_fused_wgrad_kernel(monkeypatch):
+    layers = pytest.importorskip("megatron.core.tensor_parallel.layers", reason="needs megatron-core")
+    kernel = _StandInWgradKernel()
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", kernel, raising=False)
+    hidden, weight, targets, grad_out = _inputs(seed=12, t=40, dtype=torch.bfloat16)
+    w, before = _with_main_grad(weight)
+    (token_logprobs(hidden, w, targets, chunk_size=16) * grad_out).sum().backward()
+    # one call per chunk, bf16 operands, accumulating into the weight's own fp32 buffer
+    assert [c[:3] for c in kernel.calls] == [(torch.bfloat16, torch.bfloat16, (n, H)) for n in (16, 16, 8)]
+    assert all(c[3] is w.main_grad for c in kernel.calls)
+    true = _naive(hidden.double(), weight.double(), targets, grad_out.double())[2]
+    naive = _naive(hidden, weight, targets, grad_out)[2]
+    got = w.main_grad - before
+    assert ((got.double() - true).norm() <= (naive.double() - true).norm()).item()
+
+
 def test_empty_input():
     hidden, weight, _, _ = _inputs()
     h = hidden[:0].clone().requires_grad_(True)
@@ -190,6 +259,8 @@ def test_bad_shapes_and_dtypes_raise():
         token_logprobs(hidden.double(), weight, targets)
     with pytest.raises(ValueError, match="vocab_start != 0 needs tp_group"):
         token_logprobs(hidden, weight, targets, vocab_start=5)
+    with pytest.raises(TypeError, match="sequence_parallel must be a bool"):
+        token_logprobs(hidden, weight, targets, sequence_parallel="yes")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -200,6 +271,9 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SP_ROWS, SP_TOKENS = 12, 36  # the sequence-parallel check's [S, B] = [12, 3] layout (S divisible by tp)
 
 
 def _shard_worker(rank, world_size, port, shard_sizes, data_path, out_dir):
@@ -222,8 +296,31 @@ def _shard_worker(rank, world_size, port, shard_sizes, data_path, out_dir):
             error = ""
         except ValueError as exc:
             error = str(exc)
+        # Sequence parallel: this rank holds rows [S/tp * rank, S/tp * (rank + 1)) of a [S, B, H] layout.
+        seq = hidden[:SP_TOKENS].view(SP_ROWS, -1, H).chunk(world_size)[rank]  # [S / tp, B, H]
+        h_sp = seq.clone().requires_grad_(True)
+        w_sp = shard.clone().requires_grad_(True)
+        lp_sp = token_logprobs(
+            h_sp,
+            w_sp,
+            targets[:SP_TOKENS].view(SP_ROWS, -1),
+            tp_group=dist.group.WORLD,
+            vocab_start=vocab_start,
+            chunk_size=5,
+            sequence_parallel=True,
+        )  # [S, B]
+        (lp_sp * grad_out[:SP_TOKENS].view(SP_ROWS, -1)).sum().backward()
         torch.save(
-            {"lp": lp.detach(), "top1": top1, "grad_hidden": h.grad, "grad_weight": w.grad, "error": error},
+            {
+                "lp": lp.detach(),
+                "top1": top1,
+                "grad_hidden": h.grad,
+                "grad_weight": w.grad,
+                "error": error,
+                "sp_lp": lp_sp.detach(),
+                "sp_grad_hidden": h_sp.grad,
+                "sp_grad_weight": w_sp.grad,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -255,3 +352,12 @@ def test_vocab_parallel_equals_full_vocab(tmp_path, shard_sizes):
     torch.testing.assert_close(torch.cat([res["grad_weight"] for res in results]), ref_gw)
     # each rank's hidden grad is a partial sum, not the full gradient
     assert not torch.allclose(results[0]["grad_hidden"], ref_gh)
+
+    # sequence parallel: every rank gets all log-probs and the complete gradient of its own rows
+    sp = slice(0, SP_TOKENS)
+    sp_lp, sp_gh, sp_gw, _ = _naive(hidden[sp], weight, targets[sp], grad_out[sp])
+    sp_gh = sp_gh.view(SP_ROWS, -1, H).chunk(world_size)
+    for rank, res in enumerate(results):
+        torch.testing.assert_close(res["sp_lp"].reshape(-1), sp_lp)
+        torch.testing.assert_close(res["sp_grad_hidden"], sp_gh[rank])
+    torch.testing.assert_close(torch.cat([res["sp_grad_weight"] for res in results]), sp_gw)

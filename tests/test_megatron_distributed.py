@@ -221,3 +221,43 @@ def _context_parallel_both(rank, world):
 
 def test_context_parallel_2_reassembly_rows_and_packed():
     run_ranks(_context_parallel_both, 2)
+
+
+def _sequence_parallel_saved_tensors_body(rank, world):
+    """Under TP=2+SP a head keeps only this rank's sequence shard of its hidden states for backward."""
+    from megatron.core import parallel_state as ps
+
+    from nemo_occ.megatron.head_logprobs import head_logprobs, output_weight, sequence_layout
+    from nemo_occ.megatron.mtp_capture import MTPCapture
+    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.megatron.tiny_gpt import build_tiny_gpt
+
+    ids, pos, _ = _inputs(packed=False)
+    init_model_parallel(rank=rank, world_size=world, tensor_parallel=2)
+    torch.manual_seed(0)
+    model = build_tiny_gpt(vocab_size=V, mtp_num_layers=1, sequence_parallel=True)
+    with MTPCapture(model, detach_trunk=False) as cap:
+        model(ids, pos, None)
+        captured = cap.take()
+    weight = output_weight(model)
+    layout = sequence_layout(model, ids)
+    for depth, hidden in enumerate([captured.main_hidden] + captured.mtp_hidden):
+        shard = hidden.detach().clone().requires_grad_(True)  # [s / tp, b, H]
+        assert shard.shape[0] * 2 == ids.shape[1]
+        saved = []
+
+        def pack(t, saved=saved, hidden_size=shard.shape[-1]):
+            if t.dim() and t.shape[-1] == hidden_size and t.data_ptr() != weight.data_ptr():
+                saved.append(t.numel())  # hidden-sized tensors (the output weight excluded)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            lp, valid, _ = head_logprobs(model, shard, layout, depth, chunk_size=5)
+        assert saved and max(saved) == shard.numel(), (depth, saved, shard.numel())
+        (lp * valid).sum().backward()
+        assert shard.grad is not None and shard.grad.shape == shard.shape
+    ps.destroy_model_parallel()
+
+
+def test_sequence_parallel_heads_save_the_local_shard_only():
+    run_ranks(_sequence_parallel_saved_tensors_body, 2)

@@ -261,3 +261,18 @@ def test_detach_cuts_the_block_input_wherever_a_depth_reads_it(model2):
     leaked = [n for n, g in grads.items() if not n.startswith("mtp.") and g.abs().sum() > 0]
     assert leaked == [], f"MTP gradient reached the trunk: {leaked}"
     assert all(grads[n].abs().sum() > 0 for n in grads if n.startswith("mtp.layers.1.eh_proj"))
+
+
+def test_hidden_in_another_dtype_than_the_output_weight_raises(model2):
+    """No silent [V, H] copy of the output weight: a dtype mismatch is the caller's to fix."""
+    from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
+
+    ids, pos = _batch(seed=5)
+    with MTPCapture(model2, detach_trunk=False) as cap:
+        model2(ids, pos, None)
+        hidden = cap.take().mtp_hidden[0]  # [S, B, H] fp32, like the model
+    layout = sequence_layout(model2, ids)
+    with pytest.raises(
+        TypeError, match="hidden states are torch.bfloat16 but the output weight is torch.float32"
+    ):
+        head_logprobs(model2, hidden.to(torch.bfloat16), layout, 1)

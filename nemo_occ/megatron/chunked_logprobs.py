@@ -11,14 +11,19 @@ What it replaces: ``output_layer(hidden)`` -> [T, Vl] logits -> vocab-parallel c
 [T, Vl] fp32 logits alive for backward (plus copies made by the softmax): for 32k tokens and
 GLM-4.5-Air's 151,552-token vocabulary that is 18 GiB per head at TP1, 9 GiB per rank at TP2. Here the logits exist only one chunk of
 C tokens at a time, in forward and again (recomputed) in backward; what is saved for backward is
-``hidden``, ``weight``, ``targets`` and one fp32 log-sum-exp per token. This is the idea of Cut
+``hidden`` (with sequence parallelism only this rank's sequence shard, gathered again in backward as
+Megatron's output layer does), ``weight``, ``targets`` and one fp32 log-sum-exp per token. Where Megatron's
+DDP keeps an fp32 ``weight.main_grad``, the weight gradient is added into it directly (see
+``token_logprobs``), never through a second [Vl, H] buffer. This is the idea of Cut
 Cross-Entropy / Liger's fused linear cross-entropy / NeMo-RL's chunked fused linear log-probs, written
 here for Megatron's vocab-parallel layout and the MTP heads (see REFERENCE.md section 8).
 
 Simplifications: the matmul ``hidden @ weight.T`` runs in the inputs' dtype, exactly like Megatron's
 ``ColumnParallelLinear`` output layer (BF16 logits with fp32 accumulation on GPU), so the log-probs equal
 the ones of the unchunked Megatron path; everything after the matmul is fp32. No context parallelism
-and no sequence-parallel handling inside: the caller gathers ``hidden`` first (see ``token_logprobs``).
+inside (the caller re-assembles CP shards of the result); the all-reduce of the partial input gradient
+without sequence parallelism is the caller's (see ``token_logprobs``). Megatron-FSDP's parameters (whose
+``main_grad`` is fetched per use) are not handled.
 """
 
 from __future__ import annotations
@@ -46,11 +51,72 @@ def _chunk_logits(hidden_c: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float32 else logits.float()
 
 
+def _gather_tokens(local: torch.Tensor, group) -> torch.Tensor:
+    """[Tl, H] sequence shard -> [tp * Tl, H]: the shards of all ranks of ``group``, rank-major.
+
+    The forward of Megatron's ``gather_from_sequence_parallel_region`` (all-gather along dim 0).
+    """
+    full = local.new_empty(_world_size(group) * local.shape[0], local.shape[1])
+    dist.all_gather_into_tensor(full, local.contiguous(), group=group)
+    return full
+
+
+def _reduce_scatter_tokens(full: torch.Tensor, group) -> torch.Tensor:
+    """[tp * Tl, H] partial sums -> [Tl, H]: this rank's slice of their sum over ``group``.
+
+    The backward of Megatron's ``gather_from_sequence_parallel_region(tensor_parallel_output_grad=True)``.
+    """
+    local = full.new_empty(full.shape[0] // _world_size(group), full.shape[1])
+    dist.reduce_scatter_tensor(local, full.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return local
+
+
+def _main_grad(weight: torch.Tensor) -> torch.Tensor | None:
+    """Megatron DDP's gradient buffer view of ``weight`` ([Vl, H], fp32 or the param dtype), if any.
+
+    ``DistributedDataParallel`` gives every trainable parameter a ``main_grad``; its backward hook adds
+    ``.grad`` into it unless ``grad_added_to_main_grad`` is set (the output layer sets that flag after
+    its fused weight-gradient kernel wrote into ``main_grad``) and ``zero_out_wgrad`` is not.
+    """
+    main_grad = getattr(weight, "main_grad", None)
+    if isinstance(main_grad, torch.Tensor) and main_grad.shape == weight.shape:
+        return main_grad
+    return None
+
+
+def _fused_wgrad_kernel():
+    """The kernel module Megatron's output layer uses for fused fp32 weight-gradient accumulation.
+
+    ``megatron/core/tensor_parallel/layers.py`` imports ``fused_weight_gradient_mlp_cuda`` (APEX / TE
+    builds) at module level when it exists; None without it (CPU, or no APEX/TE).
+    """
+    try:
+        from megatron.core.tensor_parallel import layers
+    except ImportError:
+        return None
+    return getattr(layers, "fused_weight_gradient_mlp_cuda", None)
+
+
+def _add_weight_grad(out: torch.Tensor, grad_logits: torch.Tensor, hidden_c: torch.Tensor, kernel) -> None:
+    """out [Vl, H] += grad_logits[C, Vl]^T @ hidden_c [C, H], accumulated in ``out``'s dtype."""
+    if out.dtype == hidden_c.dtype:
+        out.addmm_(grad_logits.t(), hidden_c)  # no temporary
+    elif out.dtype == torch.float32 and kernel is not None:
+        # Low-precision operands, fp32 accumulation in one GEMM, no [Vl, H] temporary: the call
+        # Megatron's output layer makes (wgrad_gemm_accum_fp32(input, grad_output, main_grad)).
+        kernel.wgrad_gemm_accum_fp32(hidden_c.contiguous(), grad_logits.contiguous(), out)
+    else:
+        out += grad_logits.t() @ hidden_c  # one low-precision [Vl, H] product per chunk
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     """log p = z_y - logsumexp(z), z = hidden @ weight.T over the full (vocab-parallel) vocabulary."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, vocab_start, chunk_size):
+    def forward(ctx, hidden_in, weight, targets, tp_group, vocab_start, chunk_size, sequence_parallel):
+        # With sequence parallelism hidden_in is this rank's [Tl, H] shard: gathered here without
+        # autograd, and only the shard is saved (backward gathers again).
+        hidden = _gather_tokens(hidden_in, tp_group) if sequence_parallel else hidden_in  # [T, H]
         num_tokens = hidden.shape[0]
         vocab_local = weight.shape[0]
         local_ids = targets - vocab_start  # [T]
@@ -72,6 +138,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 shard_max[rows] = row_max
                 shard_sumexp[rows] = logits.sub_(row_max.unsqueeze(1)).exp_().sum(dim=1)  # in place: no copy
                 del logits  # free before the next chunk's matmul allocates, or two chunks coexist
+        del hidden  # the gathered copy (SP) is not kept
 
         global_max = shard_max.clone()  # [T]
         if tp_group is not None:
@@ -104,8 +171,13 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         # ranks adds only zeros to the owner's value.
         is_top1 = target_logit >= global_max  # [T]
 
-        ctx.save_for_backward(hidden, weight, safe_ids, in_shard, logsumexp)
+        ctx.save_for_backward(hidden_in, weight, safe_ids, in_shard, logsumexp)
         ctx.chunk_size = chunk_size
+        ctx.tp_group = tp_group
+        ctx.sequence_parallel = sequence_parallel
+        # Read at forward time, as Megatron's output layer does (not saved as a tensor: the buffer is
+        # written in place by other layers' backward, which save_for_backward's version check forbids).
+        ctx.main_grad = _main_grad(weight) if weight.requires_grad else None
         ctx.mark_non_differentiable(is_top1)
         return logprobs, is_top1
 
@@ -113,13 +185,23 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_logprobs, _grad_top1):
         # d log p_t / d z_tv = 1[v == y_t] - softmax(z_t)_v, restricted to this shard's columns v.
-        hidden, weight, safe_ids, in_shard, logsumexp = ctx.saved_tensors
+        hidden_in, weight, safe_ids, in_shard, logsumexp = ctx.saved_tensors
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        no_grads = (None,) * 5  # targets, tp_group, vocab_start, chunk_size, sequence_parallel
+        if grad_logprobs is None:
+            zeros = (torch.zeros_like(hidden_in) if need_hidden else None, None)
+            return zeros + no_grads  # (a zero weight gradient is the same as none)
+        hidden = _gather_tokens(hidden_in, ctx.tp_group) if ctx.sequence_parallel else hidden_in  # [T, H]
         grad_hidden = torch.zeros_like(hidden) if need_hidden else None  # [T, H]
-        # fp32 accumulator for low-precision weights: chunks are added up in fp32, rounded once at the end.
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None  # [Vl, H]
-        if grad_logprobs is None or not (need_hidden or need_weight):
-            return grad_hidden, grad_weight, None, None, None, None
+        main_grad = ctx.main_grad if need_weight else None
+        wgrad = None  # [Vl, H] where the weight gradient is summed
+        if main_grad is not None:
+            wgrad = main_grad  # Megatron DDP's buffer: added in its own dtype (fp32 with grad_reduce_in_fp32)
+        elif need_weight:
+            # fp32 accumulator for low-precision weights: chunks are added up in fp32, rounded once at the end.
+            wgrad = torch.zeros_like(weight, dtype=torch.float32)
+        mixed = wgrad is not None and wgrad.dtype == torch.float32 and hidden.dtype != torch.float32
+        kernel = _fused_wgrad_kernel() if mixed else None
         grad_logprobs = grad_logprobs.to(torch.float32)  # [T]
 
         for start in range(0, hidden.shape[0], ctx.chunk_size):
@@ -137,16 +219,23 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             if need_hidden:
                 grad_hidden[rows] = grad_logits @ weight  # [C, H] this shard's partial sum only
             if need_weight:
-                if grad_weight.dtype == hidden.dtype:
-                    grad_weight.addmm_(grad_logits.t(), hidden[rows])  # [Vl, H], no temporary
-                else:
-                    grad_weight += (
-                        grad_logits.t() @ hidden[rows]
-                    )  # fp32 += bf16: cast on the fly, no fp32 copy
+                _add_weight_grad(wgrad, grad_logits, hidden[rows], kernel)
             del logits, grad_logits  # free before the next chunk allocates (one chunk alive at a time)
-        if need_weight:
-            grad_weight = grad_weight.to(weight.dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        del hidden
+
+        grad_weight = None
+        if main_grad is not None:
+            # The gradient is in main_grad already. A zero .grad (not None) keeps DDP's hook firing on
+            # the backward thread; whatever else reaches .grad (the tied embedding's gradient) is added
+            # by that hook or not according to grad_added_to_main_grad / zero_out_wgrad, which this
+            # function leaves to their owners: setting the flag would drop a tied embedding's .grad
+            # wherever Megatron did not set zero_out_wgrad.
+            grad_weight = torch.zeros_like(weight)
+        elif need_weight:
+            grad_weight = wgrad.to(weight.dtype)
+        if need_hidden and ctx.sequence_parallel:
+            grad_hidden = _reduce_scatter_tokens(grad_hidden, ctx.tp_group)  # [Tl, H]
+        return (grad_hidden, grad_weight) + no_grads
 
 
 def token_logprobs(
@@ -158,6 +247,7 @@ def token_logprobs(
     vocab_start: int = 0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
+    sequence_parallel: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(y_t | h_t) = z_{t,y_t} - log sum_{v<V} exp(z_{t,v}),   z_t = W h_t,   W = concat_r W_r.
 
@@ -166,37 +256,51 @@ def token_logprobs(
     global ids ``[vocab_start, vocab_start + Vl)``; the per-token max is all-reduced with MAX and the
     rescaled sum of exponentials and the target logit (present on exactly one rank) with SUM. Only one
     [C, Vl] fp32 logits chunk exists at a time; backward recomputes it from ``hidden`` and ``weight``
-    (saved: hidden, weight, targets and the fp32 log-sum-exp per token).
+    (saved: hidden as passed, i.e. this rank's sequence shard under ``sequence_parallel``, weight,
+    targets and the fp32 log-sum-exp per token).
 
     GRADIENT SEMANTICS (same as Megatron's ColumnParallelLinear output layer):
-      * ``hidden.grad`` receives only THIS RANK'S PARTIAL contribution, sum_{v in shard} dL/dz_v W_v.
-        The caller must sum it over the TP group by passing the hidden states through megatron's
-        ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward) or, with
-        sequence parallelism, ``gather_from_sequence_parallel_region`` (all-gather forward,
-        reduce-scatter backward) before calling this function, exactly as ``output_layer`` does.
-        Without that wrapper the trunk gradient is silently wrong under TP > 1.
-      * ``weight.grad`` is the gradient of this rank's shard (no reduction needed).
+      * ``sequence_parallel=False``: ``hidden.grad`` receives only THIS RANK'S PARTIAL contribution,
+        sum_{v in shard} dL/dz_v W_v. The caller must sum it over the TP group by passing the hidden
+        states through megatron's ``copy_to_tensor_model_parallel_region`` (identity forward,
+        all-reduce backward) first, exactly as ``output_layer`` does. Without that wrapper the trunk
+        gradient is silently wrong under TP > 1.
+      * ``sequence_parallel=True``: ``hidden`` is this rank's shard of the tokens along dim 0 (Megatron's
+        sequence-parallel layout); it is all-gathered over ``tp_group`` in forward and again in backward,
+        and the partial input gradients are reduce-scattered, as ``output_layer`` with sequence
+        parallelism does: ``hidden.grad`` is complete, and only the shard is kept for backward.
+      * Weight: the gradient of this rank's shard (no reduction needed). Where Megatron's DDP gave the
+        weight a ``main_grad`` buffer, it is added into ``weight.main_grad`` in that buffer's dtype
+        (fp32 with ``grad_reduce_in_fp32``; bf16 operands go through Megatron's fused fp32-accumulating
+        wgrad kernel where it is installed) and ``.grad`` receives zeros. With
+        ``gradient_accumulation_fusion`` the output layer marks the weight ``grad_added_to_main_grad``
+        and DDP then ignores ``.grad``: a gradient returned through ``.grad`` would be dropped for an
+        untied output weight.
       * Pass ``weight.detach()`` (e.g. the frozen-output-weight regime) and the weight gradient is not
         computed at all; likewise for ``hidden`` when it does not require grad.
 
     Args:
-        hidden: [T, H] (or [..., H]) hidden states, identical on all ranks of ``tp_group``.
+        hidden: [T, H] (or [..., H]) hidden states, identical on all ranks of ``tp_group``; with
+            ``sequence_parallel`` this rank's [T / tp, ...] slice along dim 0.
         weight: [Vl, H] this rank's vocab shard of the output weight ([V, H] without ``tp_group``);
             same dtype as ``hidden``. The matmul runs in that dtype (as Megatron's output layer),
             softmax and log-probs in fp32.
-        targets: [T] (or [...]) integer global vocab ids in [0, V). Padding must be a valid id (mask the
-            result); an id owned by no shard raises ValueError (checked once per call, one host sync).
+        targets: [T] (or [...]) integer global vocab ids in [0, V), shaped like ``hidden`` without H (with
+            ``sequence_parallel``: the gathered shape, dim 0 tp times longer). Padding must be a valid id
+            (mask the result); an id owned by no shard raises ValueError (checked once per call, one
+            host sync).
         tp_group: tensor-parallel group over which the vocabulary is split; None = full vocab here.
         vocab_start: global id of this rank's first vocab row (Megatron: rank * Vl).
         chunk_size: tokens per chunk. Peak extra memory ~ chunk_size * Vl * 4 bytes (one fp32 logits
-            chunk; 1.5x that for bf16/fp16 inputs) plus the gradients; for bf16/fp16 weights the weight
-            gradient is summed in an fp32 [Vl, H] buffer (plus one [Vl, H] low-precision product per
-            chunk). 512 gave 10.5x less peak memory than full logits at 1.21-1.35x the time (fp32, CPU,
+            chunk; 1.5x that for bf16/fp16 inputs) plus the gradients; for bf16/fp16 weights without a
+            ``main_grad`` the weight gradient is summed in an fp32 [Vl, H] buffer (plus one [Vl, H]
+            low-precision product per chunk where the fused kernel is missing). 512 gave 10.5x less peak memory than full logits at 1.21-1.35x the time (fp32, CPU,
             T=4096, H=512, V=32768; bench/bench_chunked_logprobs.py). The extra time is the recomputed
             logits matmul in backward (4 matmuls instead of 3). Smaller saves memory, larger amortises
             per-chunk overhead.
         return_top1: also return a bool tensor, True where the target attains the maximum logit over
             the full vocabulary (ties count as hits); no gradient. Used as the MTP draft-acceptance proxy.
+        sequence_parallel: ``hidden`` is this rank's sequence shard (see GRADIENT SEMANTICS).
 
     Returns:
         fp32 log-probs shaped like ``targets``; with ``return_top1`` a tuple (log-probs, is_top1).
@@ -210,10 +314,18 @@ def token_logprobs(
             f"token_logprobs: need hidden [..., H] and weight [V_local, H] with the same H; got hidden "
             f"{tuple(hidden.shape)}, weight {tuple(weight.shape)}"
         )
-    if tuple(targets.shape) != tuple(hidden.shape[:-1]):
+    if not isinstance(sequence_parallel, bool):
+        raise TypeError(f"token_logprobs: sequence_parallel must be a bool; got {sequence_parallel!r}")
+    tp_size = _world_size(tp_group)
+    lead_shape = tuple(hidden.shape[:-1])
+    if sequence_parallel:
+        if hidden.dim() < 2:
+            raise ValueError("token_logprobs: with sequence_parallel, hidden must be [S/tp, ..., H]")
+        lead_shape = (hidden.shape[0] * tp_size, *lead_shape[1:])
+    if tuple(targets.shape) != lead_shape:
         raise ValueError(
-            f"token_logprobs: targets must have hidden's leading shape {tuple(hidden.shape[:-1])}; "
-            f"got {tuple(targets.shape)}"
+            f"token_logprobs: targets must have shape {lead_shape} (hidden's leading shape"
+            f"{', dim 0 gathered over the TP group' if sequence_parallel else ''}); got {tuple(targets.shape)}"
         )
     if hidden.dtype != weight.dtype or not hidden.is_floating_point():
         raise TypeError(
@@ -228,17 +340,21 @@ def token_logprobs(
         raise ValueError(
             "token_logprobs: vocab_start != 0 needs tp_group (without a group the weight is the full vocab)"
         )
-    if _world_size(tp_group) == 1:
+    if tp_size == 1:
         tp_group = None  # a group of one needs no collectives
+        sequence_parallel = False
 
     lead_shape = targets.shape
+    # Flattening a dim-0 shard gives a contiguous run of the flat tokens: the all-gather of the flat
+    # shards is the flat gathered tensor.
     logprobs, is_top1 = _ChunkedTokenLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]),  # [T, H]
+        hidden.reshape(-1, hidden.shape[-1]),  # [T, H] or this rank's [T / tp, H]
         weight,
         targets.reshape(-1).long(),  # [T]
         tp_group,
         vocab_start,
         chunk_size,
+        sequence_parallel,
     )
     logprobs = logprobs.view(lead_shape)
     if return_top1:

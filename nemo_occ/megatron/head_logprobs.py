@@ -6,14 +6,18 @@ tok[j+1] given tok[<=j], NeMo-RL's ``next_token_logprobs`` convention, and has l
 
 The pipeline for one head, following megatron's own output layer step by step:
 
-1. hidden [s, b, H] (sequence-parallel shard of this CP rank's tokens) -> all-gather over TP with
-   SP (``gather_from_sequence_parallel_region``: reduce-scatter in backward), or
-   ``copy_to_tensor_model_parallel_region`` without SP (all-reduce in backward): the vocab-parallel
-   log-prob below only returns this rank's partial input gradient, exactly like the output layer.
+1. hidden [s, b, H] (sequence-parallel shard of this CP rank's tokens): with SP it goes to step 3 as
+   the shard, which all-gathers it over TP in forward and again in backward and reduce-scatters the
+   input gradient (what the output layer does with SP: only the shard is kept for backward, not the
+   TP-times larger gathered tensor); without SP through ``copy_to_tensor_model_parallel_region``
+   (all-reduce in backward): the vocab-parallel log-prob only returns this rank's partial input
+   gradient, exactly like the output layer.
 2. targets: computed on the full sequence (CP shards of ``input_ids`` are all-gathered first) with
    ``alignment.mtp_targets`` inside each packed document, then cut to this CP rank's positions.
 3. ``chunked_logprobs.token_logprobs`` against this rank's vocab shard of the output weight
-   (never a [T, V] logits tensor), with the logits scaled like megatron's (:func:`logit_scale`).
+   (never a [T, V] logits tensor), in Megatron's token order [s, b], with the logits scaled like
+   megatron's (:func:`logit_scale`); its weight gradient goes into Megatron DDP's ``main_grad``
+   where there is one (see there).
 4. CP re-assembly (``context_parallel.gather_context_parallel``) and alignment to main positions.
 
 Packed rows (THD): ``cu_seqlens_q`` gives the documents, ``cu_seqlens_q_padded`` (if set) where
@@ -48,18 +52,6 @@ class SequenceLayout:
     local_positions: torch.Tensor  # [L / C] global positions held by this CP rank, local order
     cu_seqlens_padded: torch.Tensor | None  # [N+1] padded document starts (CP layout), packed only
     cp_group: object | None
-
-
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward hands a contiguous gradient to the collective before it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous()
 
 
 def _groups(gpt):
@@ -167,36 +159,45 @@ def head_logprobs(
     scale = logit_scale(gpt)
     if scale != 1.0:  # on this rank's shard, before the TP gather makes it tp times larger
         hidden = hidden * scale
-    if gpt.config.sequence_parallel and tp_size > 1:
-        hidden = tensor_parallel.gather_from_sequence_parallel_region(
-            hidden, tensor_parallel_output_grad=True, group=tp_group
-        )  # [s * tp, b, H]
-    else:
+    sequence_parallel = bool(gpt.config.sequence_parallel) and tp_size > 1
+    if not sequence_parallel:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
-    # The collectives above run in place on the incoming gradient, which after the transpose below
-    # is a non-contiguous view: gloo then reduces a copy and the result is silently wrong.
-    hidden = _ContiguousGrad.apply(hidden).transpose(0, 1)  # [b, s_cp, H]
-    if hidden.shape[:2] != (layout.full_ids.shape[0], layout.local_positions.numel()):
+    tokens = hidden.shape[0] * (tp_size if sequence_parallel else 1)  # s_cp: this CP rank's positions
+    if hidden.dim() != 3 or (tokens, hidden.shape[1]) != (
+        layout.local_positions.numel(),
+        layout.full_ids.shape[0],
+    ):
         raise ValueError(
-            f"hidden states {tuple(hidden.shape)} do not match input_ids (rows {layout.full_ids.shape[0]}, "
-            f"{layout.local_positions.numel()} local tokens): pass the input_ids the model was called with"
+            f"hidden states {tuple(hidden.shape)} (sequence-parallel: {sequence_parallel}) do not match "
+            f"input_ids (rows {layout.full_ids.shape[0]}, {layout.local_positions.numel()} local tokens): "
+            f"pass the input_ids the model was called with"
         )
     weight = output_weight(gpt)
+    if weight.dtype != hidden.dtype:
+        # A cast would copy the whole [V / tp, H] shard (and cut its gradient off main_grad); Megatron's
+        # output layer multiplies the two as they are and fails on a mismatch too.
+        raise TypeError(
+            f"hidden states are {hidden.dtype} but the output weight is {weight.dtype}: run the model in "
+            f"the output layer's dtype (megatron's Float16Module casts both to bf16/fp16)"
+        )
     if detach_weight:
         weight = weight.detach()
 
     targets, has_target = mtp_targets(layout.full_ids, depth, cu_seqlens=layout.boundaries)  # [B, L]
     local_targets = targets.index_select(-1, layout.local_positions)  # [B, L / C]
     result = token_logprobs(
-        hidden,
-        weight.to(hidden.dtype) if weight.dtype != hidden.dtype else weight,
-        local_targets,
+        hidden,  # [s, b, H] (SP: this TP rank's s / tp rows)
+        weight,
+        local_targets.t(),  # [L / C, B]: Megatron's sequence-first token order
         tp_group=tp_group if tp_size > 1 else None,
         vocab_start=tp_rank * weight.shape[0],
         chunk_size=chunk_size,
         return_top1=return_top1,
+        sequence_parallel=sequence_parallel,
     )
     local_lp, local_top1 = result if return_top1 else (result, None)
+    local_lp = local_lp.t()  # [B, L / C]
+    local_top1 = local_top1.t() if local_top1 is not None else None
     logprobs = gather_context_parallel(local_lp, layout.cp_group, cu_seqlens_padded=layout.cu_seqlens_padded)
     top1 = None
     if local_top1 is not None:
