@@ -18,6 +18,7 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
+from nemo_occ.nemo_rl.worker import OCCWorkerExtension
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "nemo_rl.md"
@@ -48,6 +49,13 @@ class _MainLoss:
         return loss, {"loss": loss.item()}
 
 
+class _SingleRank:
+    """The worker's view of a run without data parallelism (its reduction group is None)."""
+
+    def occ_reduction_group(self):
+        return None
+
+
 def _emitted(regime: str) -> set[str]:
     """Logged names of one update under ``regime``: loss metrics + the calibrator's per-update metrics."""
     torch.manual_seed(0)
@@ -67,6 +75,8 @@ def _emitted(regime: str) -> set[str]:
     update_metrics = fn.objective.finish_update()
     names = {f"train/{k}" for k in loss_metrics if k.startswith("mtp/")}  # all_mb_metrics -> train/<key>
     names |= {f"train/mtp/{k}" for k in update_metrics}  # mtp_metrics -> train/mtp/<key>
+    accuracy = OCCWorkerExtension.mtp_accuracy(_SingleRank(), fn.pop_acceptance_counts())
+    names |= {f"train/mtp/{k}" for k in accuracy}  # the worker's step-level counts, also in mtp_metrics
     return {re.sub(r"_1$", "_<d>", n) for n in names}
 
 
