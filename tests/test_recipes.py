@@ -28,7 +28,7 @@ RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml"))
 PAPER_RUNS = [p for p in RECIPES if not p.stem.endswith("-smoke")]
 SMOKE_RUNS = [p for p in RECIPES if p.stem.endswith("-smoke")]
 
-# Architecture facts from the models' Hugging Face configs (REFERENCE.md section 7).
+# Architecture facts from the models' config.json on the Hugging Face Hub.
 MODEL_FACTS = {
     "zai-org/GLM-4.5-Air": ModelFacts(
         num_layers=46, num_attention_heads=96, num_query_groups=8, num_experts=128, mtp_layers=1
