@@ -223,6 +223,8 @@ def _check(path, *overrides, facts=True):
         ("policy.generation.top_p=0.7", "top_p: 1.0"),
         ("policy.generation.top_k=20", "top_k: null"),
         ("policy.megatron_cfg.use_fused_linear_logprobs=true", "use_fused_linear_logprobs: true skips"),
+        ("grpo.async_grpo.enabled=true", "async_grpo.enabled: false"),
+        ("++data_plane.enabled=true", "data_plane.enabled: false"),
         ("~policy.megatron_cfg.env_vars", "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"),
         ("policy.megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1", "a quoted string"),
         (

@@ -480,6 +480,15 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             problems.append(
                 f"set {key} explicitly (an integer); the Slurm scripts check it against the allocation"
             )
+    # run_grpo drives NeMo-RL's synchronous grpo_train only (the worker wraps its train(), not the
+    # split-API train_microbatch that async GRPO and the TransferQueue trainer use).
+    if _get(cfg, "grpo.async_grpo.enabled") is True:
+        problems.append("nemo-occ runs the synchronous GRPO trainer only: set grpo.async_grpo.enabled: false")
+    if _get(cfg, "data_plane.enabled") is True:
+        problems.append(
+            "nemo-occ runs NeMo-RL's legacy synchronous trainer only: set data_plane.enabled: false "
+            "(the TransferQueue trainer is not supported)"
+        )
     if occ.old_logprobs == "mtp" and occ.has_mtp_term:
         problems.append(
             "nemo_occ.old_logprobs: mtp is not supported on NeMo-RL yet (its GRPO loop carries no old MTP "
