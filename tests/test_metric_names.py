@@ -3,8 +3,8 @@ matches what the loss and the calibrator emit, mapped the way NeMo-RL's grpo_tra
 comments and the docs name only documented metrics.
 
 Mapping (NeMo-RL ``grpo_train``): loss metrics reach ``train/<key>`` through ``all_mb_metrics``; the
-worker's per-update metrics reach ``train/mtp/<key>`` through ``mtp_metrics``. The nemo_rl-marked test
-reads those lines in NeMo-RL's source.
+worker's per-update and per-step metrics reach ``train/mtp/<key>`` through ``mtp_metrics``. The
+nemo_rl-marked test reads those lines in NeMo-RL's source.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
+from nemo_occ.nemo_rl.worker import OCCWorkerExtension
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "nemo_rl.md"
@@ -48,6 +49,16 @@ class _MainLoss:
         return loss, {"loss": loss.item()}
 
 
+class _SingleProcessWorker(OCCWorkerExtension):
+    """The worker's own metric code (``mtp_accuracy``) without a model: one process, no reduction group."""
+
+    def __init__(self):
+        pass
+
+    def occ_reduction_group(self):
+        return None
+
+
 def _emitted(regime: str) -> set[str]:
     """Logged names of one update under ``regime``: loss metrics + the calibrator's per-update metrics."""
     torch.manual_seed(0)
@@ -65,8 +76,9 @@ def _emitted(regime: str) -> set[str]:
     }
     _, loss_metrics = fn(-torch.rand(B, S - 1), data, torch.tensor(2.0), torch.tensor(float(B * (S - 1))))
     update_metrics = fn.objective.finish_update()
+    step_metrics = _SingleProcessWorker().mtp_accuracy(fn.pop_acceptance_counts())  # the worker's, per step
     names = {f"train/{k}" for k in loss_metrics if k.startswith("mtp/")}  # all_mb_metrics -> train/<key>
-    names |= {f"train/mtp/{k}" for k in update_metrics}  # mtp_metrics -> train/mtp/<key>
+    names |= {f"train/mtp/{k}" for k in (*update_metrics, *step_metrics)}  # mtp_metrics -> train/mtp/<key>
     return {re.sub(r"_1$", "_<d>", n) for n in names}
 
 
