@@ -19,7 +19,7 @@ from nemo_occ.core.config import (
 
 
 def test_defaults_are_the_papers():
-    """REFERENCE.md §1: λ+ = 1.0, ε = 1e-8, signed λ (OCC-NoClip), fixed λ = 0.1, DAPO clip 0.2/0.28."""
+    """The OCC paper's defaults (arXiv 2605.28184): λ+ = 1.0, ε = 1e-8, signed λ (OCC-NoClip), fixed λ = 0.1, DAPO clip 0.2/0.28."""
     occ = OCCConfig()
     assert (occ.lambda_plus, occ.eps, occ.estimator, occ.lambda_max) == (1.0, 1e-8, "signed", None)
     cfg = NemoOCCConfig()

@@ -218,7 +218,7 @@ def test_every_regime_name_resolves_and_unknown_names_raise():
 
 
 def test_regimes_match_the_paper_table():
-    """REFERENCE.md §1: which regimes send MTP gradient into the trunk and which calibrate."""
+    """The OCC paper's regime table (arXiv 2605.28184): which regimes send MTP gradient into the trunk and which calibrate."""
     trunk = {n: get_regime(n).trunk_gradient for n in REGIMES}
     assert trunk == {"none": False, "detach": False, "ce": True, "policy": True, "occ": True}
     assert [n for n in REGIMES if get_regime(n).calibrated] == ["occ"]

@@ -3,8 +3,8 @@ matches what the loss and the calibrator emit, mapped the way NeMo-RL's grpo_tra
 comments and the docs name only documented metrics.
 
 Mapping (NeMo-RL ``grpo_train``): loss metrics reach ``train/<key>`` through ``all_mb_metrics``; the
-worker's per-update metrics reach ``train/mtp/<key>`` through ``mtp_metrics``. The nemo_rl-marked test
-reads those lines in NeMo-RL's source.
+worker's per-update and per-step metrics reach ``train/mtp/<key>`` through ``mtp_metrics``. The
+nemo_rl-marked test reads those lines in NeMo-RL's source.
 """
 
 from __future__ import annotations
@@ -49,8 +49,11 @@ class _MainLoss:
         return loss, {"loss": loss.item()}
 
 
-class _SingleRank:
-    """The worker's view of a run without data parallelism (its reduction group is None)."""
+class _SingleProcessWorker(OCCWorkerExtension):
+    """The worker's own metric code (``mtp_accuracy``) without a model: one process, no reduction group."""
+
+    def __init__(self):
+        pass
 
     def occ_reduction_group(self):
         return None
@@ -73,10 +76,9 @@ def _emitted(regime: str) -> set[str]:
     }
     _, loss_metrics = fn(-torch.rand(B, S - 1), data, torch.tensor(2.0), torch.tensor(float(B * (S - 1))))
     update_metrics = fn.objective.finish_update()
+    step_metrics = _SingleProcessWorker().mtp_accuracy(fn.pop_acceptance_counts())  # the worker's, per step
     names = {f"train/{k}" for k in loss_metrics if k.startswith("mtp/")}  # all_mb_metrics -> train/<key>
-    names |= {f"train/mtp/{k}" for k in update_metrics}  # mtp_metrics -> train/mtp/<key>
-    accuracy = OCCWorkerExtension.mtp_accuracy(_SingleRank(), fn.pop_acceptance_counts())
-    names |= {f"train/mtp/{k}" for k in accuracy}  # the worker's step-level counts, also in mtp_metrics
+    names |= {f"train/mtp/{k}" for k in (*update_metrics, *step_metrics)}  # mtp_metrics -> train/mtp/<key>
     return {re.sub(r"_1$", "_<d>", n) for n in names}
 
 

@@ -28,7 +28,7 @@ RECIPES = sorted(p for p in RECIPES_DIR.glob("*.yaml"))
 PAPER_RUNS = [p for p in RECIPES if not p.stem.endswith("-smoke")]
 SMOKE_RUNS = [p for p in RECIPES if p.stem.endswith("-smoke")]
 
-# Architecture facts from the models' Hugging Face configs (REFERENCE.md section 7).
+# Architecture facts from the models' config.json on the Hugging Face Hub.
 MODEL_FACTS = {
     "zai-org/GLM-4.5-Air": ModelFacts(
         num_layers=46, num_attention_heads=96, num_query_groups=8, num_experts=128, mtp_layers=1
@@ -220,6 +220,11 @@ def _check(path, *overrides, facts=True):
         ("nemo_occ.old_logprobs=mtp", "old_logprobs: main"),
         ("policy.megatron_cfg.enabled=false", "megatron_cfg.enabled: true"),
         ("policy.generation.temperature=0.7", "temperature: 1.0"),
+        ("policy.generation.top_p=0.7", "top_p: 1.0"),
+        ("policy.generation.top_k=20", "top_k: null"),
+        ("policy.megatron_cfg.use_fused_linear_logprobs=true", "use_fused_linear_logprobs: true skips"),
+        ("grpo.async_grpo.enabled=true", "async_grpo.enabled: false"),
+        ("++data_plane.enabled=true", "data_plane.enabled: false"),
         ("~policy.megatron_cfg.env_vars", "NVTE_FP8_BLOCK_SCALING_FP32_SCALES"),
         ("policy.megatron_cfg.env_vars.NVTE_FP8_BLOCK_SCALING_FP32_SCALES=1", "a quoted string"),
         (
@@ -352,3 +357,11 @@ def test_our_loader_matches_nemo_rls_loader(tmp_path):
     theirs = OmegaConf.to_container(config_mod.load_config(child))
     ours = load_recipe(child, nemo_rl_root=False).config
     assert ours == theirs
+
+
+def test_sampler_filtering_is_refused_only_where_the_mtp_ratio_uses_the_main_log_probs():
+    """ce/detach score MTP log-probs against sampled tokens only; NeMo-RL's filtered log-probs do not enter."""
+    for regime in ("ce", "detach"):
+        _check(MIMO, f"nemo_occ.regime={regime}", "policy.generation.top_p=0.7", "policy.generation.top_k=20")
+    with pytest.raises(RecipeError, match="use_fused_linear_logprobs"):
+        _check(MIMO, "nemo_occ.regime=detach", "policy.megatron_cfg.use_fused_linear_logprobs=true")

@@ -7,8 +7,8 @@ never from a separate toy implementation. Sampling uses the main head only
 
 Generation recomputes the whole (short) sequence for each new token instead of keeping a KV cache:
 responses are ``digits + 2`` tokens long, so the cache would save little, and a batched full
-forward per token keeps the loop to ``response_len`` tensor calls for the whole batch (measured in
-``docs/demo.md``).
+forward per token keeps the loop to ``response_len`` tensor calls for the whole batch (a design
+choice, not measured against a cached loop).
 
 Letters: N sequences, P prompt length, L sequence length, V vocabulary.
 """

@@ -1,6 +1,6 @@
 """Build small megatron-core ``GPTModel``s with MTP layers that run on a CPU (tests, CPU demo).
 
-The flags are the CPU-safe set of REFERENCE.md section 4: local (non-TE) layer specs, CPU
+The flags are the set that runs megatron-core on a CPU-only torch: local (non-TE) layer specs, CPU
 initialisation, every CUDA fusion off, fp32 parameters, no dropout, the all-gather MoE token
 dispatcher. Parallel sizes (TP/PP/CP/EP) are read from megatron's ``parallel_state``, which must be
 initialised first (``nemo_occ.megatron.parallel.init_model_parallel``); the CPU patches of

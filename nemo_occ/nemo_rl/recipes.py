@@ -352,7 +352,25 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
             f"regime '{occ.regime}' needs policy.generation.temperature: 1.0 (got {temperature}): "
             "nemo-occ's MTP log-probs are not temperature-scaled"
         )
+    top_k = _get(cfg, "policy.generation.top_k")
+    top_p = _get(cfg, "policy.generation.top_p", 1.0)
+    filtering = (isinstance(top_k, int) and top_k > 0) or (isinstance(top_p, (int, float)) and top_p != 1.0)
+    if occ.uses_policy_loss and filtering:
+        # NeMo-RL's training log-probs (the old ones too) are top-k/top-p filtered and renormalised like
+        # the sampler; the MTP log-probs are not, so the MTP ratio would mix the two distributions.
+        problems.append(
+            f"regime '{occ.regime}' needs policy.generation.top_k: null and top_p: 1.0 (got {top_k}, {top_p}): "
+            "NeMo-RL filters the main head's training log-probs like the sampler, nemo-occ's MTP log-probs "
+            "are not filtered"
+        )
     mc = _get(cfg, "policy.megatron_cfg", {}) or {}
+    if occ.has_mtp_term and mc.get("use_fused_linear_logprobs"):
+        # NeMo-RL's fused forward returns the main log-probs straight from the decoder's hidden states and
+        # never runs GPTModel._postprocess, where the MTP block runs: nothing would be captured.
+        problems.append(
+            "policy.megatron_cfg.use_fused_linear_logprobs: true skips the model's MTP block (NeMo-RL's fused "
+            f"forward stops after the decoder), which regime '{occ.regime}' trains: set it to false"
+        )
     mtp = mc.get("mtp_num_layers")
     spec = _get(cfg, "policy.generation.vllm_kwargs.speculative_config")
     drafting = isinstance(spec, Mapping) and _int(spec.get("num_speculative_tokens"), 0) > 0
@@ -462,6 +480,15 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             problems.append(
                 f"set {key} explicitly (an integer); the Slurm scripts check it against the allocation"
             )
+    # run_grpo drives NeMo-RL's synchronous grpo_train only (the worker wraps its train(), not the
+    # split-API train_microbatch that async GRPO and the TransferQueue trainer use).
+    if _get(cfg, "grpo.async_grpo.enabled") is True:
+        problems.append("nemo-occ runs the synchronous GRPO trainer only: set grpo.async_grpo.enabled: false")
+    if _get(cfg, "data_plane.enabled") is True:
+        problems.append(
+            "nemo-occ runs NeMo-RL's legacy synchronous trainer only: set data_plane.enabled: false "
+            "(the TransferQueue trainer is not supported)"
+        )
     if occ.old_logprobs == "mtp" and occ.has_mtp_term:
         problems.append(
             "nemo_occ.old_logprobs: mtp is not supported on NeMo-RL yet (its GRPO loop carries no old MTP "

@@ -79,7 +79,9 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     for key in nemo_rl_unknown_keys(config, find_nemo_rl_root()) or []:
         print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL will ignore it", file=sys.stderr)
     config.pop("nemo_occ")
-    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump()
+    # Only what the recipe set: train() and every worker rebuild the config from this block, and a full
+    # dump would make defaults look user-set (e.g. "coef has no effect" on every rank of an OCC run).
+    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump(exclude_unset=True)
     policy_loss_config(config["loss_fn"])  # raises early on a GSPO/token-level mismatch
     return config
 
