@@ -52,7 +52,9 @@ def reference_logprobs(gpt, input_ids: torch.Tensor, position_ids: torch.Tensor,
         )  # [S, B, H]: embedding of tok[i + d] at position i
         x = torch.cat([layer.enorm(emb), layer.hnorm(hidden)], dim=-1)
         x, _ = layer.eh_proj(x)
-        x, _ = layer.transformer_layer(x, attention_mask=None)
+        # megatron-core 0.20 renamed the MTP layer's block `transformer_layer` -> `mtp_model_layer`.
+        block = getattr(layer, "mtp_model_layer", None) or layer.transformer_layer
+        x, _ = block(x, attention_mask=None)
         hidden = layer.final_layernorm(x)
         logp = F.log_softmax((hidden @ weight.t()).float(), dim=-1)  # [S, B, V]
         aligned = torch.zeros(batch, seq - 1)
