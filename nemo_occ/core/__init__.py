@@ -13,7 +13,12 @@ from nemo_occ.core.config import (
     PolicyLossConfig,
     load_config,
 )
-from nemo_occ.core.diagnostics import GradientStatistics, exact_gradient_statistics
+from nemo_occ.core.diagnostics import (
+    GradientStatistics,
+    ProbeParameter,
+    exact_gradient_statistics,
+    gradient_statistics,
+)
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import RegimeSpec, get_regime
@@ -27,12 +32,14 @@ __all__ = [
     "OCCCalibrator",
     "OCCConfig",
     "PolicyLossConfig",
+    "ProbeParameter",
     "RegimeSpec",
     "align_mtp_to_main",
     "clipped_policy_loss",
     "cross_entropy_loss",
     "exact_gradient_statistics",
     "get_regime",
+    "gradient_statistics",
     "load_config",
     "mtp_targets",
     "proxy_statistics",
