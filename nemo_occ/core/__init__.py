@@ -19,6 +19,7 @@ from nemo_occ.core.diagnostics import (
     exact_gradient_statistics,
     gradient_statistics,
 )
+from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import RegimeSpec, get_regime
@@ -27,11 +28,13 @@ __all__ = [
     "REGIMES",
     "ConfigError",
     "GradientStatistics",
+    "HeadGap",
     "MTPObjective",
     "NemoOCCConfig",
     "OCCCalibrator",
     "OCCConfig",
     "PolicyLossConfig",
+    "ProbeHistory",
     "ProbeParameter",
     "RegimeSpec",
     "align_mtp_to_main",
@@ -45,5 +48,7 @@ __all__ = [
     "proxy_statistics",
     "shift_left",
     "shift_right",
+    "sign_agreement",
+    "spearman_interval",
     "valid_counts",
 ]

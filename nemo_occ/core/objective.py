@@ -33,6 +33,7 @@ import torch
 
 from nemo_occ.core.calibration import OCCCalibrator
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
+from nemo_occ.core.fidelity import HeadGap
 from nemo_occ.core.losses import Number
 from nemo_occ.core.regimes import get_regime
 
@@ -46,6 +47,9 @@ class MTPObjective:
         self.regime = get_regime(cfg.regime)
         wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.objective != "none")
         self.calibrator = OCCCalibrator(cfg.num_depths, cfg.occ) if wants_stats else None
+        # v̂² under both readings of δ_MTP, whenever the MTP heads' own old log-probs are given
+        self.head_gap = HeadGap(cfg.num_depths) if wants_stats else None
+        self._head_gap_seen = False
 
     # ----------------------------------------------------------------------------------------------
     def coefficients(self) -> list[float]:
@@ -115,12 +119,18 @@ class MTPObjective:
             )
             for k in range(K)
         ]
+        gap = None
+        if self.head_gap is not None and mtp_old_logprobs is not None:
+            gap = self.head_gap.statistics(mtp_logprobs, old_logprobs, mtp_old_logprobs, masks)
         microbatch_lambdas = self.regime.calibrated and self.cfg.occ.timing == "microbatch"
         if microbatch_lambdas:
             self.calibrator.lambda_from_statistics(stats)  # raises, before any state moves, if λ overflows
         # 2. only then move state
         if stats is not None:
             self.calibrator.add_statistics(stats)
+        if gap is not None:
+            self.head_gap.add(gap)
+            self._head_gap_seen = True
         if microbatch_lambdas:
             coefs = self.calibrator.local_lambdas(stats)
         else:
@@ -171,6 +181,8 @@ class MTPObjective:
         if self.calibrator is None:
             return {}
         metrics = self.calibrator.update(group, refresh=refresh)
+        if self._head_gap_seen:
+            metrics.update(self.head_gap.finish(group))
         if self.regime.calibrated:
             return metrics
         coefs = self.coefficients()
