@@ -16,7 +16,7 @@ from _refs import rand_batch
 
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig
 from nemo_occ.core.diagnostics import GradientStatistics
-from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
+from nemo_occ.core.fidelity import HeadGap, ProbeHistory, probed_update, sign_agreement, spearman_interval
 from nemo_occ.core.objective import MTPObjective
 
 
@@ -181,3 +181,10 @@ def test_head_gap_absent_without_own_old_logprobs_and_untouched_by_a_raising_cal
     gap = HeadGap(1)
     with pytest.raises(ValueError, match="shape"):
         gap.statistics([mtp], old, [old[:, :3]], [mask])
+
+
+def test_the_probed_update_is_the_first_with_a_nonzero_rl_change():
+    """The first update of a step runs at θ = θ_old (ĉ = 0): the second is probed, or the only one."""
+    assert [probed_update(n) for n in (1, 2, 4)] == [0, 1, 1]
+    with pytest.raises(ValueError, match="at least one"):
+        probed_update(0)

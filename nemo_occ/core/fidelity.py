@@ -43,9 +43,20 @@ from nemo_occ.core.diagnostics import GradientStatistics
 from nemo_occ.core.distributed import all_reduce_sum_, collective_device
 from nemo_occ.core.losses import check_logprob_inputs
 
-__all__ = ["HeadGap", "ProbeHistory", "sign_agreement", "spearman_interval"]
+__all__ = ["HeadGap", "ProbeHistory", "probed_update", "sign_agreement", "spearman_interval"]
 
 _Z95 = 1.959963984540054  # two-sided 95% normal quantile
+
+
+def probed_update(num_updates: int) -> int:
+    """Which optimizer update of a probed RL step is probed: the second, or the only one.
+
+    The step's first update runs at θ = θ_old, where δ_RL ≡ 0 and so ĉ = 0 whatever c is: probing it
+    would pair every exact c with a zero proxy.
+    """
+    if num_updates < 1:
+        raise ValueError(f"a step has at least one update, got {num_updates}")
+    return min(1, num_updates - 1)
 
 
 def spearman_interval(

@@ -11,7 +11,9 @@ One RL step, as in the paper's setup (scaled down):
   5. ``minibatches`` optimizer updates over the kept groups. Each update runs the production path:
      ``forward_with_mtp_logprobs`` (chunked vocab-parallel log-probs, trunk cut for ``detach``),
      the main head's clipped loss, ``MTPObjective`` for the regime's MTP term, one backward, an
-     Adam step, then ``MTPObjective.finish_update`` (OCC: the λ of the next update).
+     Adam step, then ``MTPObjective.finish_update`` (OCC: the λ of the next update). Every
+     ``fidelity_every`` steps one update (``nemo_occ.core.fidelity.probed_update``) is probed first:
+     exact c and v² from the same forward, recorded with that update's proxies in a ``ProbeHistory``.
 
 Determinism: every random draw of step t comes from generators seeded by (seed, t), so a run resumed
 from a checkpoint reproduces the uninterrupted run's metrics exactly (on the same machine/threads).
@@ -32,6 +34,7 @@ import torch
 
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
+from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
@@ -72,6 +75,19 @@ def _jsonable(metrics: dict) -> dict:
     return out
 
 
+def _record_probe(probes: ProbeHistory, update: dict, exact, num_depths: int) -> dict:
+    """Add a probe to the history with its update's proxies (``occ/`` or, monitored, ``proxy/``)."""
+    pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
+    depths = range(1, num_depths + 1)
+    return probes.record(
+        c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
+        v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
+        tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
+        lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
+        exact=exact,
+    )
+
+
 def evaluate(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, ops: torch.Tensor, step: int) -> float:
     """avg@k: mean over held-out problems of the fraction of k samples that are correct."""
     g = torch.Generator().manual_seed(_seed(cfg.seed, 7, step))
@@ -101,6 +117,7 @@ def run_regime(
     policy.model.load_state_dict(warm_state)
     optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
     objective = MTPObjective(occ_cfg, cfg.policy_loss)
+    probes = ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
     fingerprint = {"demo": cfg.model_dump(), "nemo_occ": occ_cfg.model_dump()}
 
     metrics_path = out_dir / "metrics.jsonl"
@@ -111,6 +128,7 @@ def run_regime(
         policy.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         objective.load_state_dict(ckpt["objective"])
+        probes.load_state_dict(ckpt["probes"])
         start_step, elapsed, step_times = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["step_times"])
         if metrics_path.exists():  # drop what was logged after the checkpoint
             history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -184,18 +202,27 @@ def run_regime(
                 mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
                 global_valid_tokens=n_tok, global_valid_seqs=n_seq,
             )  # fmt: skip
-            if fidelity_now and u == len(chunks) - 1:
+            probed = fidelity_now and u == probed_update(len(chunks))
+            if probed:
                 tf = time.perf_counter()
                 unscaled = [
-                    objective.regime.depth_loss(
-                        cur.mtp_logprobs[k],
-                        old.mtp_logprobs[k][idx] if occ_cfg.old_logprobs == "mtp" else old.main_logprobs[idx],
-                        adv[idx], mask & cur.mtp_masks[k], cfg.policy_loss,
-                        global_valid_tokens=n_tok, global_valid_seqs=n_seq,
-                    )[0]
-                    for k in range(len(cur.mtp_logprobs))
-                ]  # fmt: skip
-                exact = exact_gradient_statistics(main_loss, unscaled, list(policy.model.parameters()))
+                    loss
+                    for loss, _ in objective.depth_losses(
+                        mtp_logprobs=cur.mtp_logprobs,
+                        old_logprobs=old.main_logprobs[idx],
+                        advantages=adv[idx],
+                        mask=mask,
+                        mtp_masks=cur.mtp_masks,
+                        mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
+                        global_valid_tokens=n_tok,
+                        global_valid_seqs=n_seq,
+                    )  # fmt: skip
+                ]
+                from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+
+                exact = exact_gradient_statistics(
+                    main_loss, unscaled, probe_parameters(policy.model), stats_group=probe_statistics_group()
+                )
                 row.update(exact.metrics("exact"))
                 t_fid = time.perf_counter() - tf
             optimizer.zero_grad(set_to_none=True)
@@ -208,6 +235,8 @@ def run_regime(
             upd.update(mtp_m)
             # the step's first update runs at θ = θ_old (δ_RL = 0): report it, keep λ
             upd.update(objective.finish_update(refresh=u > 0))
+            if probed:  # the probe next to this update's own proxies
+                row.update(_record_probe(probes, upd, exact, occ_cfg.num_depths))
             upd["grad_norm"] = grad_norm
             update_rows.append(_jsonable(upd))
         if update_rows:
@@ -245,6 +274,7 @@ def run_regime(
                     "model": policy.model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "objective": objective.state_dict(),
+                    "probes": probes.state_dict(),
                     "elapsed": time.perf_counter() - t_run,
                     "step_times": step_times,
                 },
