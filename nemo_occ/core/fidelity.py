@@ -167,6 +167,19 @@ class ProbeHistory:
         out.update(self.metrics(prefix))
         return out
 
+    def record_update(self, update: dict[str, float], exact: GradientStatistics) -> dict[str, float]:
+        """:meth:`record` with the proxies read off the update's ``MTPObjective.finish_update`` metrics
+        (``occ/...``, or ``proxy/...`` when the regime only monitors them)."""
+        pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
+        depths = range(1, self.num_depths + 1)
+        return self.record(
+            c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
+            v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
+            tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
+            lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
+            exact=exact,
+        )
+
     def metrics(self, prefix: str = "fidelity") -> dict[str, float]:
         """Running metrics over all probes so far; a statistic that is undefined yet is left out."""
         out: dict[str, float] = {f"{prefix}/probes": float(len(self.records))}

@@ -75,19 +75,6 @@ def _jsonable(metrics: dict) -> dict:
     return out
 
 
-def _record_probe(probes: ProbeHistory, update: dict, exact, num_depths: int) -> dict:
-    """Add a probe to the history with its update's proxies (``occ/`` or, monitored, ``proxy/``)."""
-    pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
-    depths = range(1, num_depths + 1)
-    return probes.record(
-        c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
-        v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
-        tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
-        lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
-        exact=exact,
-    )
-
-
 def evaluate(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, ops: torch.Tensor, step: int) -> float:
     """avg@k: mean over held-out problems of the fraction of k samples that are correct."""
     g = torch.Generator().manual_seed(_seed(cfg.seed, 7, step))
@@ -236,7 +223,7 @@ def run_regime(
             # the step's first update runs at θ = θ_old (δ_RL = 0): report it, keep λ
             upd.update(objective.finish_update(refresh=u > 0))
             if probed:  # the probe next to this update's own proxies
-                row.update(_record_probe(probes, upd, exact, occ_cfg.num_depths))
+                row.update(probes.record_update(upd, exact))
             upd["grad_norm"] = grad_norm
             update_rows.append(_jsonable(upd))
         if update_rows:
