@@ -43,6 +43,7 @@ __all__ = [
     "mtp_valid_key",
     "mtp_correct_key",
     "mtp_old_logprobs_key",
+    "MTP_OLD_LOGPROBS_PREFIX",
 ]
 
 
@@ -61,10 +62,13 @@ def mtp_correct_key(depth: int) -> str:
     return f"nemo_occ_mtp_correct_{depth}"
 
 
+MTP_OLD_LOGPROBS_PREFIX = "nemo_occ_mtp_old_logprobs_"
+
+
 def mtp_old_logprobs_key(depth: int) -> str:
     """Data key of depth ``depth``'s old log-probs, [B, S] like NeMo-RL's ``prev_logprobs`` (position i
     holds the MTP head's log-prob of token i, aligned to the main head's; 0 where there is none)."""
-    return f"nemo_occ_mtp_old_logprobs_{depth}"
+    return f"{MTP_OLD_LOGPROBS_PREFIX}{depth}"
 
 
 class OCCLossFn:

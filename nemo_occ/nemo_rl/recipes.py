@@ -406,11 +406,6 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             problems.append(
                 f"set {key} explicitly (an integer); the Slurm scripts check it against the allocation"
             )
-    if occ.old_logprobs == "mtp" and occ.has_mtp_term:
-        problems.append(
-            "nemo_occ.old_logprobs: mtp is not supported on NeMo-RL yet (its GRPO loop carries no old MTP "
-            "log-probs): set old_logprobs: main"
-        )
     _check_mtp(cfg, occ, facts, problems)
     try:
         check_loss_settings(cfg.get("loss_fn") or {}, occ)

@@ -29,6 +29,14 @@ loop and adds three things around it, for the duration of one ``train`` call:
    ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into c and v², recorded with that
    update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`; then the update trains as usual.
 
+5. **The MTP heads' own old log-probs** (``old_logprobs: mtp``, or whenever probes are on: the head-gap
+   metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
+   also runs the MTP layers (:class:`MTPCapture`, its ``LogprobsPostProcessor`` swapped for a subclass)
+   and returns each depth's old log-probs next to ``logprobs`` under
+   :func:`nemo_occ.nemo_rl.loss.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
+   keeps only ``logprobs``; :class:`nemo_occ.nemo_rl.policy.OCCPolicy` carries the rest into the
+   training batch.
+
 Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
 Everything NeMo-RL-specific is reached through a few overridable methods, so the mixin runs on CPU
 against a stand-in worker in the tests; the classes Ray instantiates are in
@@ -55,7 +63,7 @@ from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.objective import MTPObjective
-from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key
 
 __all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "unpack_rows", "attach_mtp_to_batch"]
 
@@ -120,7 +128,8 @@ class OCCWorkerExtension:
 
     Hooks a subclass or a test may override: :meth:`occ_reduction_group`, :meth:`is_state_writer`,
     :meth:`broadcast_from_last_stage`, :meth:`patched_loss_post_processor`, :meth:`patched_forward_backward`,
-    :meth:`updates_in_step`, :meth:`gradient_probe_pass`.
+    :meth:`updates_in_step`, :meth:`gradient_probe_pass`, :meth:`patched_logprobs_post_processor`,
+    :meth:`broadcast_tensors_from_last_stage`.
     """
 
     occ_cfg: NemoOCCConfig
@@ -142,6 +151,7 @@ class OCCWorkerExtension:
         self._occ_update_metrics: list[dict[str, float]] = []
         self._occ_exact = None  # exact statistics of the update being trained, when it was probed
         self._occ_fidelity: dict[str, float] = {}
+        self._occ_reference_pass = False  # get_logprobs called for the reference policy
         self.check_mtp_layers(config)
         weights_path = kwargs.get("weights_path", args[1] if len(args) > 1 else None)
         if weights_path:
@@ -308,6 +318,66 @@ class OCCWorkerExtension:
 
         return forward_backward
 
+    # -- old log-probs -------------------------------------------------------------------------------
+    def wants_mtp_old_logprobs(self) -> bool:
+        """Capture the MTP heads' old log-probs with ``prev_logprobs``: for ``old_logprobs: mtp``, and for the
+        probes' head-gap metrics (``fidelity.every > 0``). It costs the MTP layers' forward in that pass."""
+        cfg = self.occ_cfg
+        return cfg.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
+
+    @contextlib.contextmanager
+    def patched_logprobs_post_processor(
+        self, capture: Any, inputs: ModelInputRecorder, sink: list
+    ) -> Iterator[None]:
+        """Make NeMo-RL's ``get_logprobs`` build our post-processor, which also fills ``sink`` (restored after)."""
+        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+
+        original = worker_module.LogprobsPostProcessor
+        worker_module.LogprobsPostProcessor = _mtp_logprobs_post_processor_class(
+            original, capture, inputs, sink
+        )
+        try:
+            yield
+        finally:
+            worker_module.LogprobsPostProcessor = original
+
+    def broadcast_tensors_from_last_stage(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The last pipeline stage's tensors on every stage (as NeMo-RL's ``get_logprobs`` does for its own)."""
+        from nemo_rl.models.megatron.pipeline_parallel import broadcast_tensors_from_last_stage
+
+        return broadcast_tensors_from_last_stage(tensors)
+
+    def get_logprobs(self, *, data: Any, micro_batch_size: int | None = None, **kwargs: Any) -> Any:
+        """NeMo-RL's ``get_logprobs``, plus each MTP depth's old log-probs from the same forward (module docstring)."""
+        if self._occ_reference_pass or not self.wants_mtp_old_logprobs():
+            return super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
+        from nemo_occ.megatron.mtp_capture import MTPCapture
+
+        sink: list[list[torch.Tensor]] = []  # per micro-batch, per depth: [B_mb, S_mb] old log-probs
+        with contextlib.ExitStack() as stack:
+            capture = stack.enter_context(MTPCapture(self.model, detach_trunk=False))
+            inputs = stack.enter_context(ModelInputRecorder(self.model))
+            stack.enter_context(self.patched_logprobs_post_processor(capture, inputs, sink))
+            result = super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
+        width = result["logprobs"].shape[1]
+        keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
+        tensors: dict[str, Any] = dict.fromkeys(keys)
+        if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
+            for d, key in enumerate(keys):
+                rows = [mb[d] for mb in sink]
+                tensors[key] = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+        for key, value in self.broadcast_tensors_from_last_stage(tensors).items():
+            result[key] = value.cpu()
+        return result
+
+    def get_reference_policy_logprobs(self, *args: Any, **kwargs: Any) -> Any:
+        """NeMo-RL's, which calls ``get_logprobs`` with the reference weights: no MTP old log-probs there."""
+        self._occ_reference_pass = True
+        try:
+            return super().get_reference_policy_logprobs(*args, **kwargs)
+        finally:
+            self._occ_reference_pass = False
+
     # -- training ----------------------------------------------------------------------------------
     def train(
         self, data: Any, loss_fn: Any, eval_mode: bool = False, *args: Any, **kwargs: Any
@@ -446,10 +516,12 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
 
         self.gpt = unwrap_gpt_model(model)
         self.input_ids: torch.Tensor | None = None
+        self.packed_seq_params: Any = None
         self._handle = None
 
     def _hook(self, module, args, kwargs):
         self.input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.packed_seq_params = kwargs.get("packed_seq_params")
 
     def __enter__(self) -> ModelInputRecorder:
         self._handle = self.gpt.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -460,6 +532,7 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
             self._handle.remove()
             self._handle = None
         self.input_ids = None
+        self.packed_seq_params = None
 
 
 def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -468,6 +541,40 @@ def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
         return {}
     keys = updates[0].keys()
     return {k: sum(u[k] for u in updates) / len(updates) for k in keys}
+
+
+def _mtp_logprobs_post_processor_class(
+    base: type, capture: Any, inputs: ModelInputRecorder, sink: list
+) -> type:
+    """A subclass of NeMo-RL's ``LogprobsPostProcessor`` that also keeps each depth's aligned old log-probs."""
+
+    class MTPLogprobsPostProcessor(base):
+        def __call__(self, data_dict, input_ids, cu_seqlens_padded):
+            main = super().__call__(
+                data_dict=data_dict, input_ids=input_ids, cu_seqlens_padded=cu_seqlens_padded
+            )
+            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
+
+            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
+
+            def with_mtp(output_tensor):
+                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
+                mtp = capture.take().logprobs(
+                    inputs.input_ids, packed_seq_params=inputs.packed_seq_params, chunk_size=chunk
+                )
+                rows = {"input_ids": data_dict["input_ids"]}
+                attach_mtp_to_batch(rows, mtp, inputs.packed_seq_params)
+                depths = range(1, len(mtp.logprobs) + 1)
+                aligned = [
+                    rows[mtp_logprobs_key(d)].float() for d in depths
+                ]  # [B, S-1], index j scores tok[j+1]
+                # prev_logprobs' layout: position i scores token i, position 0 has none
+                sink.append([torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned])
+                return main(output_tensor)
+
+            return with_mtp
+
+    return MTPLogprobsPostProcessor
 
 
 def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecorder) -> type:
