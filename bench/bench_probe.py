@@ -1,11 +1,14 @@
 """Cost of an exact-statistics probe: a probed optimizer update against an unprobed one, in one run.
 
-Both variants run the production path on identical data: ``forward_with_mtp_logprobs`` on a
+Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
 megatron-core GPT with MTP layers (CPU, through ``nemo_occ.megatron.cpu_compat``), the main head's
-clipped loss, ``MTPObjective`` (regime occ), one backward and an optimizer step. The probed update
-also computes c and v² with ``exact_gradient_statistics`` over ``probe_parameters(model)``: it reuses
-the training forward (``retain_graph``) and adds 1 + K backward passes (two for one MTP layer) and
-the per-parameter dot products.
+clipped loss, ``MTPObjective`` (regime occ), one backward and an optimizer step. A probed update also
+computes c and v² over ``probe_parameters(model)``, in one of two ways:
+
+- ``retain`` (the demo): ``exact_gradient_statistics`` reuses the training forward (``retain_graph``)
+  and adds 1 + K backward passes (two for one MTP layer) and the per-parameter dot products;
+- ``rerun`` (the NeMo-RL worker, whose pipeline schedule cannot back-propagate a retained graph twice):
+  1 + K extra forward-backward passes, one per loss component, gradients read off the parameters.
 
 The variants alternate round by round so machine noise hits them alike; the report gives the median
 time per update, the probed/unprobed ratio r, and the amortised ratio when one update in every N
@@ -46,7 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
-    from nemo_occ.core.diagnostics import exact_gradient_statistics
+    from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
     from nemo_occ.megatron import cpu_compat, forward_with_mtp_logprobs
     from nemo_occ.megatron.parallel import init_model_parallel
     from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
@@ -77,7 +80,29 @@ def main() -> None:
     policy_cfg = PolicyLossConfig()
     occ_cfg = NemoOCCConfig(regime="occ", num_depths=args.depths)
 
-    def update(probed: bool) -> float:
+    def losses(cur):
+        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
+        unscaled = [
+            objective_for_losses.regime.depth_loss(lp, old_main, adv, mask & mk, policy_cfg, **kw)[0]
+            for lp, mk in zip(cur.mtp_logprobs, cur.mtp_masks, strict=True)
+        ]
+        return main_loss, unscaled
+
+    objective_for_losses = MTPObjective(occ_cfg, policy_cfg)
+
+    def rerun_probe() -> None:
+        params = probe_parameters(model)
+        grads = []
+        for component in range(1 + args.depths):
+            model.zero_grad(set_to_none=True)
+            main_loss, unscaled = losses(forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False))
+            ([main_loss] + unscaled)[component].backward()
+            grads.append([None if pp.param.grad is None else pp.param.grad.clone() for pp in params])
+        model.zero_grad(set_to_none=True)
+        gradient_statistics(grads[0], grads[1:], params, stats_group=probe_statistics_group())
+
+    def update(probed: str | None) -> float:
         model.load_state_dict(init_state)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         objective = MTPObjective(occ_cfg, policy_cfg)
@@ -87,38 +112,41 @@ def main() -> None:
         main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
         mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
                                 mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
-        if probed:
-            unscaled = [
-                objective.regime.depth_loss(lp, old_main, adv, mask & mk, policy_cfg, **kw)[0]
-                for lp, mk in zip(cur.mtp_logprobs, cur.mtp_masks, strict=True)
-            ]
+        if probed == "retain":
+            _, unscaled = losses(cur)
             exact_gradient_statistics(
                 main_loss, unscaled, probe_parameters(model), stats_group=probe_statistics_group()
             )
+        elif probed == "rerun":
+            rerun_probe()
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_loss).backward()
         opt.step()
         objective.finish_update()
         return time.perf_counter() - t0
 
-    update(False), update(True)  # warm-up
-    times: dict[bool, list[float]] = {False: [], True: []}
+    variants = (None, "retain", "rerun")
+    for v in variants:  # warm-up
+        update(v)
+    times: dict[str | None, list[float]] = {v: [] for v in variants}
     for r in range(args.rounds):
-        for probed in (r % 2 == 0, r % 2 == 1):
-            times[probed].append(update(probed))
-    plain, probed = statistics.median(times[False]), statistics.median(times[True])
-    ratio = probed / plain
+        for v in variants[r % 3 :] + variants[: r % 3]:  # rotating order
+            times[v].append(update(v))
+    plain = statistics.median(times[None])
     n, m = args.every, args.updates_per_step
     print(
         f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP={args.depths} "
         f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
     )
-    print(f"unprobed update  {plain:.4f} s (median)")
-    print(
-        f"probed update    {probed:.4f} s (median)   ratio r = {ratio:.3f}  (extra backward passes: {1 + args.depths})"
-    )
-    print(f"amortised, one probed update every N={n} steps of M={m} updates: {1 + (ratio - 1) / (n * m):.3f}")
-    print(f"amortised, worst case M=1 (one update per step):            {1 + (ratio - 1) / n:.3f}")
+    print(f"{'update':<16} {'median s':>9} {'ratio r':>8} {f'amortised N={n} M={m}':>20} {f'N={n} M=1':>10}")
+    print(f"{'unprobed':<16} {plain:>9.4f} {1.0:>8.3f}")
+    for v, extra in (("retain", "backward"), ("rerun", "forward-backward")):
+        med = statistics.median(times[v])
+        ratio = med / plain
+        print(
+            f"{'probed, ' + v:<16} {med:>9.4f} {ratio:>8.3f} {1 + (ratio - 1) / (n * m):>20.3f} "
+            f"{1 + (ratio - 1) / n:>10.3f}   ({1 + args.depths} extra {extra} passes)"
+        )
 
 
 if __name__ == "__main__":
