@@ -69,13 +69,13 @@ def spearman_interval(
     tanh(z ± q·se), q the two-sided normal quantile of ``confidence``. None when n < 4 or either
     series is constant (ρ is then undefined).
     """
-    from scipy.stats import norm, spearmanr
-
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
     n = len(x)
     if n < 4 or np.ptp(np.asarray(x, dtype=float)) == 0 or np.ptp(np.asarray(y, dtype=float)) == 0:
         return None
+    from scipy.stats import norm, spearmanr
+
     rho = float(spearmanr(x, y).statistic)
     if not math.isfinite(rho):
         return None
