@@ -49,6 +49,9 @@ def test_defaults_are_the_papers():
         (NemoOCCConfig, {"coef": -0.1}, "coef"),
         (NemoOCCConfig, {"old_logprobs": "draft"}, "old_logprobs"),
         (NemoOCCConfig, {"occ": {"eps": 0}}, "occ.eps"),
+        (NemoOCCConfig, {"fidelity": {"every": -1}}, "fidelity.every"),
+        (NemoOCCConfig, {"fidelity": {"min_probes": 3}}, "fidelity.min_probes"),
+        (NemoOCCConfig, {"fidelity": {"evry": 10}}, "fidelity.evry"),
     ],
 )
 def test_out_of_range_values_raise_and_name_the_key(model, data, key):
@@ -139,6 +142,22 @@ def test_derived_properties_follow_the_regime_table():
         "occ",
     ]
     assert not NemoOCCConfig(regime="none").has_mtp_term
+
+
+def test_fidelity_probes_are_off_by_default_and_one_key_turns_them_on():
+    assert NemoOCCConfig().fidelity.every == 0
+    cfg = load_config({"regime": "occ", "fidelity": {"every": 10}}, key=None)
+    assert (cfg.fidelity.every, cfg.fidelity.min_probes) == (10, 5)
+
+
+def test_fidelity_without_anything_to_compare_warns():
+    with pytest.warns(UserWarning, match="no MTP loss"):
+        NemoOCCConfig(regime="none", fidelity={"every": 5})
+    with pytest.warns(UserWarning, match="monitor_proxies"):
+        NemoOCCConfig(regime="policy", monitor_proxies=False, fidelity={"every": 5})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        NemoOCCConfig(regime="policy", fidelity={"every": 5})
 
 
 def test_settings_without_effect_warn():

@@ -1,17 +1,31 @@
 """Exact gradient statistics c = <g_RL, g_MTP,k>, v² = ||g_MTP,k||² against gradients obtained by
-.backward() into .grad per loss and flattened by hand, on a tiny model (tests/_refs.py).
+.backward() into .grad per loss and flattened by hand, on a tiny model (tests/_refs.py); the split into
+the main model and the MTP layers; and, on two gloo processes, parameters sharded and replicated by
+hand (the counting and reductions that ``nemo_occ.megatron.probe_layout`` relies on; the megatron
+layouts themselves are tested in test_megatron_probes.py).
 
 Letters: B sequences, S token positions, K MTP depths.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from _refs import TinyMTPModel, flat_grad_by_backward
 
+from nemo_occ.core import diagnostics
 from nemo_occ.core.config import PolicyLossConfig
-from nemo_occ.core.diagnostics import GradientStatistics, exact_gradient_statistics
+from nemo_occ.core.diagnostics import (
+    GradientStatistics,
+    ProbeParameter,
+    exact_gradient_statistics,
+    gradient_statistics,
+)
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss
 
 
@@ -112,3 +126,110 @@ def test_metrics_names():
         "exact/c_2": -2.0,
         "exact/v2_2": 4.0,
     }
+
+
+def _f64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("chunk", [None, 7], ids=["one-chunk", "7-element-chunks"])
+def test_main_model_and_mtp_layers_are_reported_apart(monkeypatch, chunk):
+    """c, v², ||g_RL||² over the main model (emb, trunk, head) and v² over the MTP layer, separately."""
+    if chunk is not None:  # the float64 accumulation walks each tensor in chunks: same result
+        monkeypatch.setattr(diagnostics, "_CHUNK", chunk)
+    model, rl, mtp_losses = _losses(K=2)
+    main = [model.emb, model.trunk, model.head]
+    params = [ProbeParameter(p, "main") for p in main] + [ProbeParameter(p, "mtp") for p in model.mtp]
+    stats = exact_gradient_statistics(rl, mtp_losses, params)
+    g_rl = flat_grad_by_backward(rl, main)
+    for k, loss_k in enumerate(mtp_losses):
+        g_k = flat_grad_by_backward(loss_k, main)
+        torch.testing.assert_close(_f64(stats.c[k]), _f64(_dot(g_rl, g_k)))
+        torch.testing.assert_close(_f64(stats.v2[k]), _f64(_dot(g_k, g_k)))
+        g_k_mtp = flat_grad_by_backward(loss_k, list(model.mtp))
+        assert bool((g_k_mtp != 0).any())
+        torch.testing.assert_close(_f64(stats.mtp_v2[k]), _f64(_dot(g_k_mtp, g_k_mtp)))
+    torch.testing.assert_close(_f64(stats.rl_norm2), _f64(_dot(g_rl, g_rl)))
+    assert stats.mtp_c == [0.0, 0.0] and stats.mtp_rl_norm2 == 0.0  # the RL loss does not reach them
+    assert set(stats.metrics()) >= {"exact/mtp_params/v2_1", "exact/mtp_params/v2_2"}
+
+
+def test_non_finite_gradient_and_malformed_input_raise():
+    model, rl, mtp_losses = _losses(K=1)
+    params = [ProbeParameter(model.head)]
+    grad = torch.ones_like(model.head)
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        gradient_statistics([grad], [[grad * float("nan")]], params)
+    with pytest.raises(ValueError, match="entries for 1 parameters"):
+        gradient_statistics([grad, grad], [[grad]], params)
+    with pytest.raises(ValueError, match="one gradient list per MTP depth"):
+        gradient_statistics([grad], [], params)
+    with pytest.raises(ValueError, match="shape"):
+        gradient_statistics([grad[:1]], [[grad]], params)
+    with pytest.raises(ValueError, match="copies"):
+        ProbeParameter(model.head, copies=0)
+    with pytest.raises(ValueError, match="part"):
+        ProbeParameter(model.head, part="trunk")
+    with pytest.raises(TypeError, match="ProbeParameter"):
+        exact_gradient_statistics(rl, mtp_losses, ["head"])
+
+
+# -- two gloo processes: a parameter split over the ranks, one replicated, one averaged ------------
+#
+# The "model" is linear in its parameters, so every gradient is a fixed tensor and the expected
+# statistics can be written down: L_j = <A_j, W> + <a_j, b> + <m_j, M> for loss j (0 = RL, 1 = MTP).
+# W [4, 3] is split by rows (rank r holds rows 2r, 2r+1: held once); b [3] is replicated and each rank
+# sees half of the data (its gradient sums over the ranks, copies = 2); M [2] is replicated and every
+# rank computes the same-sized estimate of its gradient that training averages ("mean", copies = 2).
+
+
+def _linear_problem():
+    g = torch.Generator().manual_seed(5)
+    A = torch.randn(2, 4, 3, generator=g, dtype=torch.float64)  # [loss, rows, cols] gradient of W
+    a = torch.randn(2, 2, 3, generator=g, dtype=torch.float64)  # [loss, rank, 3]: each rank's share for b
+    m = torch.randn(2, 2, 2, generator=g, dtype=torch.float64)  # [loss, rank, 2]: each rank's estimate for M
+    return A, a, m
+
+
+def _linear_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        A, a, m = _linear_problem()
+        W = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)  # rows 2r, 2r+1
+        b = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+        M = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+        losses = [
+            (A[j, 2 * rank : 2 * rank + 2] * W).sum() + (a[j, rank] * b).sum() + (m[j, rank] * M).sum()
+            for j in range(2)
+        ]
+        world = dist.group.WORLD
+        params = [
+            ProbeParameter(W, "main", copies=1),
+            ProbeParameter(b, "main", copies=2, grad_reductions=((world, "sum"),)),
+            ProbeParameter(M, "mtp", copies=2, grad_reductions=((world, "mean"),)),
+        ]
+        stats = exact_gradient_statistics(losses[0], losses[1:], params, stats_group=world)
+        torch.save(stats, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_split_replicated_and_averaged_parameters_are_counted_once(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_linear_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    A, a, m = _linear_problem()
+    # the full gradients, written out: W's is A, b's the sum over ranks, M's the mean over ranks
+    g_main = [torch.cat([A[j].reshape(-1), a[j].sum(0)]) for j in range(2)]
+    g_mtp = [m[j].mean(0) for j in range(2)]
+    for r in range(2):
+        stats = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        torch.testing.assert_close(_f64(stats.rl_norm2), g_main[0] @ g_main[0])
+        torch.testing.assert_close(_f64(stats.c[0]), g_main[0] @ g_main[1])
+        torch.testing.assert_close(_f64(stats.v2[0]), g_main[1] @ g_main[1])
+        torch.testing.assert_close(_f64(stats.mtp_rl_norm2), g_mtp[0] @ g_mtp[0])
+        torch.testing.assert_close(_f64(stats.mtp_c[0]), g_mtp[0] @ g_mtp[1])
+        torch.testing.assert_close(_f64(stats.mtp_v2[0]), g_mtp[1] @ g_mtp[1])

@@ -90,13 +90,24 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     rows = _rows(out / "occ" / "metrics.jsonl")
     pairs = [r for r in rows if "exact/c_1" in r]
     assert [r["step"] for r in pairs] == [2, 4]
-    for r in pairs:
-        assert r["exact/v2_1"] >= 0.0
-    # the detach regime's MTP gradient lives only on MTP parameters, which the main loss never
-    # reaches: its exact c is zero whatever the data
+    for n, r in enumerate(pairs, start=1):
+        assert r["exact/v2_1"] > 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+        # the probe is recorded next to the probed update's own proxies, per token and summed
+        assert r["fidelity/probes"] == n
+        assert r["fidelity/c_1"] == r["exact/c_1"] and r["fidelity/c_hat_1"] == r["occ/c_hat_1"]
+        tokens = r["occ/valid_tokens_1"]
+        assert r["fidelity/v2_hat_per_token_1"] == pytest.approx(r["occ/v2_hat_1"] / tokens)
+        share = abs(r["occ/lambda_applied_1"]) * math.sqrt(r["exact/v2_1"] / r["exact/rl_norm2"])
+        assert r["fidelity/update_share_1"] == pytest.approx(share)
+        assert r["fidelity/trusted_1"] == 0.0  # two probes cannot show anything
+        # both readings of δ_MTP every update (the demo has the MTP heads' own old log-probs)
+        assert r["occ/v2_hat_vs_main_old_1"] == r["occ/v2_hat_1"] and r["occ/v2_hat_vs_own_old_1"] > 0
+        assert 0.0 <= r["occ/head_gap_share_1"]
+    # the detach regime's MTP gradient lives only on MTP parameters: over the main model (the paper's
+    # definition) its c and v² are zero whatever the data, over mtp.* its v² is not
     for r in _rows(out / "detach" / "metrics.jsonl"):
         if "exact/c_1" in r:
-            assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] > 0.0
+            assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] == 0.0 and r["exact/mtp_params/v2_1"] > 0.0
 
 
 def test_demo_rejects_bad_config(tmp_path, capsys):

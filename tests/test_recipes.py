@@ -217,7 +217,6 @@ def _check(path, *overrides, facts=True):
             "move it to policy.generation.vllm_cfg",
         ),
         ("loss_fn.token_level_loss=true", "token_level_loss: false"),
-        ("nemo_occ.old_logprobs=mtp", "old_logprobs: main"),
         ("policy.megatron_cfg.enabled=false", "megatron_cfg.enabled: true"),
         ("policy.generation.temperature=0.7", "temperature: 1.0"),
         ("policy.generation.top_p=0.7", "top_p: 1.0"),
@@ -269,6 +268,13 @@ def test_regime_none_without_drafting_needs_no_mtp_layer():
         "policy.megatron_cfg.mtp_num_layers=0",
         "policy.generation.vllm_kwargs.speculative_config.num_speculative_tokens=0",
     )
+
+
+def test_old_logprobs_mtp_and_probes_are_accepted_on_nemo_rl():
+    """The MTP heads' own old log-probs travel with prev_logprobs (nemo_occ.nemo_rl.policy), so both readings
+    of δ_MTP are available on NeMo-RL; the probes are one key."""
+    occ = _check(GLM, "nemo_occ.old_logprobs=mtp", "nemo_occ.fidelity.every=10")
+    assert occ.old_logprobs == "mtp" and occ.fidelity.every == 10
 
 
 def test_unknown_key_in_our_block_is_rejected():

@@ -13,7 +13,13 @@ from nemo_occ.core.config import (
     PolicyLossConfig,
     load_config,
 )
-from nemo_occ.core.diagnostics import GradientStatistics, exact_gradient_statistics
+from nemo_occ.core.diagnostics import (
+    GradientStatistics,
+    ProbeParameter,
+    exact_gradient_statistics,
+    gradient_statistics,
+)
+from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import RegimeSpec, get_regime
@@ -22,21 +28,27 @@ __all__ = [
     "REGIMES",
     "ConfigError",
     "GradientStatistics",
+    "HeadGap",
     "MTPObjective",
     "NemoOCCConfig",
     "OCCCalibrator",
     "OCCConfig",
     "PolicyLossConfig",
+    "ProbeHistory",
+    "ProbeParameter",
     "RegimeSpec",
     "align_mtp_to_main",
     "clipped_policy_loss",
     "cross_entropy_loss",
     "exact_gradient_statistics",
     "get_regime",
+    "gradient_statistics",
     "load_config",
     "mtp_targets",
     "proxy_statistics",
     "shift_left",
     "shift_right",
+    "sign_agreement",
+    "spearman_interval",
     "valid_counts",
 ]

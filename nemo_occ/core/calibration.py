@@ -48,7 +48,7 @@ from collections.abc import Sequence
 import torch
 
 from nemo_occ.core.config import OCCConfig
-from nemo_occ.core.distributed import all_reduce_sum_
+from nemo_occ.core.distributed import all_reduce_sum_, collective_device
 from nemo_occ.core.losses import check_logprob_inputs
 
 __all__ = ["OCCCalibrator", "proxy_statistics"]
@@ -239,7 +239,7 @@ class OCCCalibrator:
         """
         stats = self._stats.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = all_reduce_sum_(stats.to(_collective_device(group)), group=group).cpu()
+            stats = all_reduce_sum_(stats.to(collective_device(group)), group=group).cpu()
         else:
             all_reduce_sum_(stats, group=group)  # single process: validates ``group`` only
         if self._applied[0, 1] > 0:  # microbatch timing: report the mean λ the micro-batches used
@@ -309,11 +309,3 @@ class OCCCalibrator:
                 )
         self._lambdas, self._stats, self._applied = lambdas, stats, applied
         self.num_updates = num_updates
-
-
-def _collective_device(group) -> torch.device:
-    """gloo reduces CPU tensors, nccl needs CUDA ones."""
-    backend = torch.distributed.get_backend(group)
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")

@@ -9,6 +9,7 @@ is derived from NeMo-RL's ``loss_fn`` block in the NeMo-RL glue)::
       coef: 0.1              # fixed λ of detach / ce / policy
       old_logprobs: main     # main | mtp
       occ: {lambda_plus: 1.0, eps: 1.0e-8, estimator: signed, timing: lagged}
+      fidelity: {every: 0, min_probes: 5}   # exact-statistics probes, off by default
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "REGIMES",
     "PolicyLossConfig",
     "OCCConfig",
+    "FidelityConfig",
     "NemoOCCConfig",
     "load_config",
     "ConfigError",
@@ -112,6 +114,22 @@ class OCCConfig(_Strict):
     )
 
 
+class FidelityConfig(_Strict):
+    """Exact-statistics probes of c and v² (Eq. 7) and the proxy-trust metrics over them
+    (``nemo_occ.core.fidelity``): do ĉ and v̂² track what they estimate on this run?"""
+
+    every: int = Field(
+        0,
+        ge=0,
+        description="Probe one optimizer update (one minibatch) every N RL steps: its exact c and v² over the "
+        "main model's parameters (and v² over mtp.*), at the cost of 1 + K extra backward passes of that "
+        "update (bench/bench_probe.py). 0 (the default) turns the probes off.",
+    )
+    min_probes: int = Field(
+        5, ge=4, description="Probes needed before the trust verdict fidelity/trusted_k can be 1."
+    )
+
+
 class NemoOCCConfig(_Strict):
     """How the MTP heads are trained during RL: the ``nemo_occ:`` block of a recipe."""
 
@@ -135,6 +153,9 @@ class NemoOCCConfig(_Strict):
         "(a trust region on the head's own change; needs old MTP log-probs from the rollout-logprob pass).",
     )
     occ: OCCConfig = Field(default_factory=OCCConfig, description="OCC calibrator settings (regime occ).")
+    fidelity: FidelityConfig = Field(
+        default_factory=FidelityConfig, description="Exact-statistics probes and proxy-trust metrics."
+    )
     monitor_proxies: bool = Field(
         True,
         description="Also compute ĉ, v̂² (and the λ OCC would pick) under detach/ce/policy, for plots like "
@@ -166,6 +187,20 @@ class NemoOCCConfig(_Strict):
         if self.regime != "occ" and "occ" in fields and not self.monitor_proxies:
             warnings.warn(
                 f"nemo_occ.occ has no effect with regime '{self.regime}' and monitor_proxies: false",
+                stacklevel=2,
+            )
+        if self.fidelity.every and self.regime == "none":
+            warnings.warn(
+                "nemo_occ.fidelity has no effect with regime 'none' (there is no MTP loss)", stacklevel=2
+            )
+        if (
+            self.fidelity.every
+            and self.regime != "none"
+            and not (self.regime == "occ" or self.monitor_proxies)
+        ):
+            warnings.warn(
+                "nemo_occ.fidelity compares the exact statistics with the proxies, which regime "
+                f"'{self.regime}' computes only with monitor_proxies: true; the trust metrics stay empty",
                 stacklevel=2,
             )
         if self.regime in ("none", "detach", "ce") and "old_logprobs" in fields:

@@ -32,3 +32,10 @@ def all_reduce_sum_(tensor: torch.Tensor, group=None) -> torch.Tensor:
         )
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def collective_device(group=None) -> torch.device:
+    """Where a tensor must live to be reduced over ``group``: gloo reduces CPU tensors, nccl CUDA ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

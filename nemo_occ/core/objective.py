@@ -33,6 +33,7 @@ import torch
 
 from nemo_occ.core.calibration import OCCCalibrator
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
+from nemo_occ.core.fidelity import HeadGap
 from nemo_occ.core.losses import Number
 from nemo_occ.core.regimes import get_regime
 
@@ -46,6 +47,9 @@ class MTPObjective:
         self.regime = get_regime(cfg.regime)
         wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.objective != "none")
         self.calibrator = OCCCalibrator(cfg.num_depths, cfg.occ) if wants_stats else None
+        # v̂² under both readings of δ_MTP, whenever the MTP heads' own old log-probs are given
+        self.head_gap = HeadGap(cfg.num_depths) if wants_stats else None
+        self._head_gap_seen = False
 
     # ----------------------------------------------------------------------------------------------
     def coefficients(self) -> list[float]:
@@ -82,17 +86,18 @@ class MTPObjective:
         if mtp_masks is None:
             mtp_masks = [mask] * K
         masks = [mask.bool() & mk.bool() for mk in mtp_masks]
-        if self.cfg.old_logprobs == "mtp":
-            if mtp_old_logprobs is None:
-                raise ValueError(
-                    "nemo_occ.old_logprobs is 'mtp' but no old MTP log-probs were given; compute them with the "
-                    "rollout's old log-probs or set old_logprobs: main"
-                )
-            olds = list(mtp_old_logprobs)
-        else:
-            olds = [old_logprobs] * K
 
         # 1. everything that can raise: the micro-batch's statistics (pure) and each depth's loss
+        depth_losses = self.depth_losses(
+            mtp_logprobs=mtp_logprobs,
+            old_logprobs=old_logprobs,
+            advantages=advantages,
+            mask=mask,
+            mtp_masks=mtp_masks,
+            mtp_old_logprobs=mtp_old_logprobs,
+            global_valid_tokens=global_valid_tokens,
+            global_valid_seqs=global_valid_seqs,
+        )
         stats = None
         if self.calibrator is not None:
             stats = self.calibrator.statistics(
@@ -101,26 +106,20 @@ class MTPObjective:
                 mtp_logprobs,
                 mask,
                 mtp_masks=mtp_masks,
-                mtp_old_logprobs=olds if self.cfg.old_logprobs == "mtp" else None,
+                mtp_old_logprobs=mtp_old_logprobs if self.cfg.old_logprobs == "mtp" else None,
             )
-        depth_losses = [
-            self.regime.depth_loss(
-                mtp_logprobs[k],
-                olds[k],
-                advantages,
-                masks[k],
-                self.policy_cfg,
-                global_valid_tokens=global_valid_tokens,
-                global_valid_seqs=global_valid_seqs,
-            )
-            for k in range(K)
-        ]
+        gap = None
+        if self.head_gap is not None and mtp_old_logprobs is not None:
+            gap = self.head_gap.statistics(mtp_logprobs, old_logprobs, mtp_old_logprobs, masks)
         microbatch_lambdas = self.regime.calibrated and self.cfg.occ.timing == "microbatch"
         if microbatch_lambdas:
             self.calibrator.lambda_from_statistics(stats)  # raises, before any state moves, if λ overflows
         # 2. only then move state
         if stats is not None:
             self.calibrator.add_statistics(stats)
+        if gap is not None:
+            self.head_gap.add(gap)
+            self._head_gap_seen = True
         if microbatch_lambdas:
             coefs = self.calibrator.local_lambdas(stats)
         else:
@@ -136,6 +135,51 @@ class MTPObjective:
                 metrics[f"mtp/clip_fraction_{d}"] = m_k["clip_fraction"]
         metrics["mtp/loss_scaled"] = total.detach()
         return total, metrics
+
+    def depth_losses(
+        self,
+        *,
+        mtp_logprobs: Sequence[torch.Tensor],  # K x [B, S]
+        old_logprobs: torch.Tensor,  # [B, S] main head's old log-probs
+        advantages: torch.Tensor,  # [B] or [B, S]
+        mask: torch.Tensor,  # [B, S]
+        mtp_masks: Sequence[torch.Tensor] | None = None,  # K x [B, S]
+        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,  # K x [B, S]
+        global_valid_tokens: Number,
+        global_valid_seqs: Number = 0,
+    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Each depth's unscaled loss L_MTP,k and its metrics, before λ_k; no state moves.
+
+        What the training term scales by λ_k, and what the exact probes differentiate for g_MTP,k.
+        The ratio's old log-prob is the main head's or each MTP head's own (``old_logprobs``).
+        """
+        K = self.cfg.num_depths
+        self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
+        if self.regime.objective == "none":
+            raise ValueError("regime 'none' has no MTP loss")
+        if mtp_masks is None:
+            mtp_masks = [mask] * K
+        if self.cfg.old_logprobs == "mtp":
+            if mtp_old_logprobs is None:
+                raise ValueError(
+                    "nemo_occ.old_logprobs is 'mtp' but no old MTP log-probs were given; compute them with the "
+                    "rollout's old log-probs or set old_logprobs: main"
+                )
+            olds = list(mtp_old_logprobs)
+        else:
+            olds = [old_logprobs] * K
+        return [
+            self.regime.depth_loss(
+                mtp_logprobs[k],
+                olds[k],
+                advantages,
+                mask.bool() & mtp_masks[k].bool(),
+                self.policy_cfg,
+                global_valid_tokens=global_valid_tokens,
+                global_valid_seqs=global_valid_seqs,
+            )
+            for k in range(K)
+        ]
 
     def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
         """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
@@ -171,6 +215,8 @@ class MTPObjective:
         if self.calibrator is None:
             return {}
         metrics = self.calibrator.update(group, refresh=refresh)
+        if self._head_gap_seen:
+            metrics.update(self.head_gap.finish(group))
         if self.regime.calibrated:
             return metrics
         coefs = self.coefficients()

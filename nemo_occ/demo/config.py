@@ -103,7 +103,10 @@ class DemoConfig(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     policy_loss: PolicyLossConfig = Field(default_factory=PolicyLossConfig, description="DAPO defaults.")
     fidelity_every: int = Field(
-        5, ge=0, description="Exact c and v² (two extra backward passes) every N steps; 0 = off."
+        5,
+        ge=0,
+        description="Exact c and v² on the last update of every N-th step (1 + K extra backward passes), with "
+        "the proxy-trust metrics over them (nemo_occ.core.fidelity); 0 = off. The demo's nemo_occ.fidelity.every.",
     )
     threads: int = Field(0, ge=0, description="torch threads (0 = torch's default).")
 
@@ -217,6 +220,10 @@ def _resolve(data: dict, quick: bool, overrides: dict | None) -> tuple[DemoConfi
     demo = _merge(demo, overrides or {})
     occ_block = dict(data.get("nemo_occ") or {})
     occ_block.pop("regime", None)  # chosen per run
+    if "every" in (occ_block.get("fidelity") or {}):
+        raise ConfigError(
+            "the demo probes every demo.fidelity_every steps (--fidelity-every); remove nemo_occ.fidelity.every"
+        )
     demo_cfg = parse_block(DemoConfig, demo, "demo")
     occ_block.setdefault("num_depths", demo_cfg.model.mtp_num_layers)
     occ_cfg = parse_block(NemoOCCConfig, occ_block, "nemo_occ")

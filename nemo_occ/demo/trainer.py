@@ -11,7 +11,9 @@ One RL step, as in the paper's setup (scaled down):
   5. ``minibatches`` optimizer updates over the kept groups. Each update runs the production path:
      ``forward_with_mtp_logprobs`` (chunked vocab-parallel log-probs, trunk cut for ``detach``),
      the main head's clipped loss, ``MTPObjective`` for the regime's MTP term, one backward, an
-     Adam step, then ``MTPObjective.finish_update`` (OCC: the λ of the next update).
+     Adam step, then ``MTPObjective.finish_update`` (OCC: the λ of the next update). Every
+     ``fidelity_every`` steps one update (``nemo_occ.core.fidelity.probed_update``) is probed first:
+     exact c and v² from the same forward, recorded with that update's proxies in a ``ProbeHistory``.
 
 Determinism: every random draw of step t comes from generators seeded by (seed, t), so a run resumed
 from a checkpoint reproduces the uninterrupted run's metrics exactly (on the same machine/threads).
@@ -32,6 +34,7 @@ import torch
 
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
+from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
@@ -133,6 +136,7 @@ def run_regime(
     policy.model.load_state_dict(warm_state)
     optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
     objective = MTPObjective(occ_cfg, cfg.policy_loss)
+    probes = ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
 
     metrics_path = out_dir / "metrics.jsonl"
     history: list[dict] = []
@@ -142,6 +146,7 @@ def run_regime(
         policy.model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         objective.load_state_dict(ckpt["objective"])
+        probes.load_state_dict(ckpt["probes"])
         start_step, elapsed, step_times = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["step_times"])
         history = _read_metrics(metrics_path, ckpt["step"])  # drop what was logged after the checkpoint
     else:  # no checkpoint yet (same configuration: the output folder checked it): start this regime over
@@ -213,18 +218,27 @@ def run_regime(
                 mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
                 global_valid_tokens=n_tok, global_valid_seqs=n_seq,
             )  # fmt: skip
-            if fidelity_now and u == len(chunks) - 1:
+            probed = fidelity_now and u == probed_update(len(chunks))
+            if probed:
                 tf = time.perf_counter()
                 unscaled = [
-                    objective.regime.depth_loss(
-                        cur.mtp_logprobs[k],
-                        old.mtp_logprobs[k][idx] if occ_cfg.old_logprobs == "mtp" else old.main_logprobs[idx],
-                        adv[idx], mask & cur.mtp_masks[k], cfg.policy_loss,
-                        global_valid_tokens=n_tok, global_valid_seqs=n_seq,
-                    )[0]
-                    for k in range(len(cur.mtp_logprobs))
-                ]  # fmt: skip
-                exact = exact_gradient_statistics(main_loss, unscaled, list(policy.model.parameters()))
+                    loss
+                    for loss, _ in objective.depth_losses(
+                        mtp_logprobs=cur.mtp_logprobs,
+                        old_logprobs=old.main_logprobs[idx],
+                        advantages=adv[idx],
+                        mask=mask,
+                        mtp_masks=cur.mtp_masks,
+                        mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
+                        global_valid_tokens=n_tok,
+                        global_valid_seqs=n_seq,
+                    )  # fmt: skip
+                ]
+                from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+
+                exact = exact_gradient_statistics(
+                    main_loss, unscaled, probe_parameters(policy.model), stats_group=probe_statistics_group()
+                )
                 row.update(exact.metrics("exact"))
                 t_fid = time.perf_counter() - tf
             optimizer.zero_grad(set_to_none=True)
@@ -237,6 +251,8 @@ def run_regime(
             upd.update(mtp_m)
             # the step's first update runs at θ = θ_old (δ_RL = 0): report it, keep λ
             upd.update(objective.finish_update(refresh=u > 0))
+            if probed:  # the probe next to this update's own proxies
+                row.update(probes.record_update(upd, exact))
             upd["grad_norm"] = grad_norm
             update_rows.append(_jsonable(upd))
         if update_rows:
@@ -274,6 +290,7 @@ def run_regime(
                     "model": policy.model.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "objective": objective.state_dict(),
+                    "probes": probes.state_dict(),
                     "elapsed": time.perf_counter() - t_run,
                     "step_times": step_times,
                 },

@@ -32,7 +32,8 @@ Letters: B sequences of the micro-batch, S tokens per sequence, K MTP depths.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ __all__ = [
     "mtp_logprobs_key",
     "mtp_valid_key",
     "mtp_correct_key",
+    "mtp_old_logprobs_key",
+    "MTP_OLD_LOGPROBS_PREFIX",
 ]
 
 
@@ -65,6 +68,15 @@ def mtp_correct_key(depth: int) -> str:
     return f"nemo_occ_mtp_correct_{depth}"
 
 
+MTP_OLD_LOGPROBS_PREFIX = "nemo_occ_mtp_old_logprobs_"
+
+
+def mtp_old_logprobs_key(depth: int) -> str:
+    """Data key of depth ``depth``'s old log-probs, [B, S] like NeMo-RL's ``prev_logprobs`` (position i
+    holds the MTP head's log-prob of token i, aligned to the main head's; 0 where there is none)."""
+    return f"{MTP_OLD_LOGPROBS_PREFIX}{depth}"
+
+
 class OCCLossFn:
     """NeMo-RL ``LossFunction``: ``main_loss`` (a ``ClippedPGLossFn``) plus the regime's MTP term."""
 
@@ -76,12 +88,13 @@ class OCCLossFn:
         self.input_type = main_loss.input_type
         self._objective: MTPObjective | None = None
         self._acceptance: torch.Tensor | None = None  # [K, 2] float64: (arg-max hits, MTP-valid tokens)
+        self._probe: int | None = None
         self.metric_normalizations = dict(getattr(main_loss, "metric_normalizations", {}) or {})
         self.metric_normalizations.update(self._our_normalizations())
 
     # -- NeMo-RL reads attributes of ClippedPGLossFn off the loss object: answer with the main loss's.
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("main_loss", "_objective"):
+        if name.startswith("__") or name in ("main_loss", "_objective", "_probe"):
             raise AttributeError(name)
         return getattr(self.main_loss, name)
 
@@ -111,6 +124,18 @@ class OCCLossFn:
         if self._objective is None:
             self._objective = self.make_objective()
         return self._objective
+
+    @contextlib.contextmanager
+    def probing(self, component: int) -> Iterator[None]:
+        """For one exact-probe pass: the loss is only component 0, the main RL loss, or component k, depth
+        k's unscaled MTP loss; no calibrator statistics are taken (``nemo_occ.core.diagnostics``)."""
+        if not 0 <= component <= self.occ_cfg.num_depths:
+            raise ValueError(f"probe component must be 0 (RL) or an MTP depth 1..{self.occ_cfg.num_depths}")
+        self._probe = component
+        try:
+            yield
+        finally:
+            self._probe = None
 
     def _our_normalizations(self) -> dict[str, Any]:
         try:
@@ -146,7 +171,7 @@ class OCCLossFn:
             global_valid_toks=global_valid_toks,
             **kwargs,
         )
-        if not self.occ_cfg.has_mtp_term:
+        if not self.occ_cfg.has_mtp_term or self._probe == 0:
             return loss, metrics
 
         lp = next_token_logprobs  # [B, S-1]
@@ -158,6 +183,12 @@ class OCCLossFn:
             old = data["prev_logprobs"][:, 1:]
         advantages = data["advantages"][:, 1:]
         mtp_lps, mtp_masks, correct = self._mtp_inputs(data, width, lp.device)
+        mtp_olds = self._mtp_old_logprobs(data, width)
+        if self._probe is not None:  # depth k's unscaled loss alone: no statistics, no λ
+            return self.objective.depth_losses(
+                mtp_logprobs=mtp_lps, old_logprobs=old, advantages=advantages, mask=mask, mtp_masks=mtp_masks,
+                mtp_old_logprobs=mtp_olds, global_valid_tokens=global_valid_toks, global_valid_seqs=global_valid_seqs,
+            )[self._probe - 1][0], {}  # fmt: skip
 
         mtp_loss, mtp_metrics = self.objective(
             main_logprobs=lp,
@@ -166,6 +197,7 @@ class OCCLossFn:
             mask=mask,
             mtp_logprobs=mtp_lps,
             mtp_masks=mtp_masks,
+            mtp_old_logprobs=mtp_olds,
             global_valid_tokens=global_valid_toks,
             global_valid_seqs=global_valid_seqs,
         )
@@ -193,6 +225,20 @@ class OCCLossFn:
         """[K, 2] float64 (arg-max hits, MTP-valid loss tokens) per depth since the last pop; None if none."""
         counts, self._acceptance = self._acceptance, None
         return counts
+
+    def _mtp_old_logprobs(self, data: Mapping[str, Any], width: int) -> list[torch.Tensor] | None:
+        """Per depth the MTP heads' own old log-probs [B, S-1], or None when the batch carries none."""
+        keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
+        if all(k in data for k in keys):
+            return [data[k][:, 1 : 1 + width] for k in keys]
+        if self.occ_cfg.old_logprobs == "mtp":
+            missing = [k for k in keys if k not in data]
+            raise ValueError(
+                f"nemo_occ.old_logprobs is 'mtp' but the micro-batch has no {missing}: they are captured with "
+                "prev_logprobs by nemo-occ's policy (nemo_occ.nemo_rl.policy); launch with "
+                "`python -m nemo_occ.nemo_rl.run_grpo`"
+            )
+        return None
 
     def _mtp_inputs(self, data: Mapping[str, Any], width: int, device: torch.device):
         """Per depth: aligned log-probs [B, S-1], validity [B, S-1], argmax-correctness [B, S-1] or None."""

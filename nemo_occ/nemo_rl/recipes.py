@@ -489,11 +489,6 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             "nemo-occ runs NeMo-RL's legacy synchronous trainer only: set data_plane.enabled: false "
             "(the TransferQueue trainer is not supported)"
         )
-    if occ.old_logprobs == "mtp" and occ.has_mtp_term:
-        problems.append(
-            "nemo_occ.old_logprobs: mtp is not supported on NeMo-RL yet (its GRPO loop carries no old MTP "
-            "log-probs): set old_logprobs: main"
-        )
     _check_mtp(cfg, occ, facts, problems)
     _check_fp8(cfg, problems)
     try:

@@ -7,9 +7,11 @@ The steps are those of NeMo-RL's ``examples/run_grpo.py`` (load config + Hydra o
 ``MasterConfig`` -> ``init_ray`` -> tokenizer and generation config -> data -> ``grpo.setup`` ->
 ``grpo_train``), with:
 
-1. the policy built with ``worker_extension_cls_fqn`` = nemo-occ's Megatron worker (registered in
-   NeMo-RL's actor environment registry to the interpreter of NeMo-RL's own Megatron worker, so no new
-   worker virtualenv is built), which receives the recipe's ``nemo_occ`` block in its policy config;
+1. the policy built as :class:`nemo_occ.nemo_rl.policy.OCCPolicy` (NeMo-RL's ``Policy``, which also carries
+   the MTP heads' old log-probs from ``get_logprobs`` into ``train``) with ``worker_extension_cls_fqn`` =
+   nemo-occ's Megatron worker (registered in NeMo-RL's actor environment registry to the interpreter of
+   NeMo-RL's own Megatron worker, so no new worker virtualenv is built), which receives the recipe's
+   ``nemo_occ`` block in its policy config;
 2. ``grpo.setup``'s ``ClippedPGLossFn`` replaced by :class:`nemo_occ.nemo_rl.loss.OCCLossFn` built from
    the same ``loss_fn`` block.
 
@@ -155,11 +157,11 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
     from nemo_rl.data.utils import setup_response_data
     from nemo_rl.distributed.virtual_cluster import init_ray
     from nemo_rl.models.generation import configure_generation_config
-    from nemo_rl.models.policy.lm_policy import Policy
     from nemo_rl.utils.logger import get_next_experiment_dir
 
     from nemo_occ.core.config import load_config
     from nemo_occ.nemo_rl.loss import build_loss_fn
+    from nemo_occ.nemo_rl.policy import OCCPolicy
 
     occ = load_config(config["policy"]["nemo_occ"], key=None)
     master = MasterConfig(**config)
@@ -203,7 +205,7 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
         tokenizer,
         dataset,
         val_dataset,
-        policy_factory=functools.partial(Policy, worker_extension_cls_fqn=worker_fqn),
+        policy_factory=functools.partial(OCCPolicy, worker_extension_cls_fqn=worker_fqn),
     )
     loss_fn = build_loss_fn(
         master_config.loss_fn,

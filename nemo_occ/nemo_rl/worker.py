@@ -20,6 +20,23 @@ loop and adds three things around it, for the duration of one ``train`` call:
    mixin binds the worker's objective into it, saves its state next to NeMo-RL's checkpoint
    (``policy/nemo_occ_state.pt``) and restores it on resume.
 
+4. **Exact probes** (``nemo_occ.fidelity.every: N``, off by default). In every N-th ``train`` call (RL
+   step), the update :func:`nemo_occ.core.fidelity.probed_update` picks runs its micro-batches through
+   NeMo-RL's ``megatron_forward_backward`` 1 + K extra times first, each with a loss that is one
+   component only (the RL loss, then each depth's unscaled MTP loss; ``OCCLossFn.probing``), while
+   gradients only accumulate on this rank (:meth:`OCCWorkerExtension.gradient_probe_pass`, the hooks
+   NeMo-RL's own split-step API nulls). The accumulated gradients go through
+   ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into c and v², recorded with that
+   update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`; then the update trains as usual.
+
+5. **The MTP heads' own old log-probs** (``old_logprobs: mtp``, or whenever probes are on: the head-gap
+   metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
+   also runs the MTP layers (:class:`MTPCapture`, its ``LogprobsPostProcessor`` swapped for a subclass)
+   and returns each depth's old log-probs next to ``logprobs`` under
+   :func:`nemo_occ.nemo_rl.loss.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
+   keeps only ``logprobs``; :class:`nemo_occ.nemo_rl.policy.OCCPolicy` carries the rest into the
+   training batch.
+
 Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
 Everything NeMo-RL-specific is reached through a few overridable methods, so the mixin runs on CPU
 against a stand-in worker in the tests; the classes Ray instantiates are in
@@ -32,6 +49,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import os
 import tempfile
 import warnings
@@ -42,8 +60,10 @@ from typing import Any
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig, load_config
+from nemo_occ.core.diagnostics import gradient_statistics
+from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.objective import MTPObjective
-from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key
 
 __all__ = [
     "OCCWorkerExtension",
@@ -118,7 +138,9 @@ class OCCWorkerExtension:
     """Mixin placed before NeMo-RL's ``MegatronPolicyWorkerImpl`` (see the module docstring).
 
     Hooks a subclass or a test may override: :meth:`occ_reduction_group`, :meth:`is_state_writer`,
-    :meth:`broadcast_from_last_stage`, :meth:`patched_loss_post_processor`.
+    :meth:`broadcast_from_last_stage`, :meth:`patched_loss_post_processor`, :meth:`patched_forward_backward`,
+    :meth:`updates_in_step`, :meth:`gradient_probe_pass`, :meth:`patched_logprobs_post_processor`,
+    :meth:`broadcast_tensors_from_last_stage`.
     """
 
     occ_cfg: NemoOCCConfig
@@ -135,7 +157,12 @@ class OCCWorkerExtension:
         self.occ_cfg = load_config(dict(block), key=None)
         # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
         self.occ_objective = MTPObjective(self.occ_cfg)
+        self.occ_probes = ProbeHistory(self.occ_cfg.num_depths, self.occ_cfg.fidelity.min_probes)
+        self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
         self._occ_update_metrics: list[dict[str, float]] = []
+        self._occ_exact = None  # exact statistics of the update being trained, when it was probed
+        self._occ_fidelity: dict[str, float] = {}
+        self._occ_reference_pass = False  # get_logprobs called for the reference policy
         self.check_mtp_layers(config)
         weights_path = kwargs.get("weights_path", args[1] if len(args) > 1 else None)
         if weights_path:
@@ -208,6 +235,160 @@ class OCCWorkerExtension:
         finally:
             worker_module.LossPostProcessor = original
 
+    @contextlib.contextmanager
+    def patched_forward_backward(self, wrapper: Any) -> Iterator[None]:
+        """Make NeMo-RL's ``train`` call ``wrapper(original, **kwargs)`` for ``megatron_forward_backward``."""
+        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+
+        original = worker_module.megatron_forward_backward
+        worker_module.megatron_forward_backward = lambda **kwargs: wrapper(original, **kwargs)
+        try:
+            yield
+        finally:
+            worker_module.megatron_forward_backward = original
+
+    def updates_in_step(self, data: Any, gbs: int | None) -> int:
+        """Optimizer updates NeMo-RL's ``train`` makes over ``data`` (this rank's equal share of the batch)."""
+        from megatron.core import parallel_state
+
+        gbs = gbs or self.cfg["train_global_batch_size"]
+        return max(1, data.size * parallel_state.get_data_parallel_world_size() // gbs)
+
+    @contextlib.contextmanager
+    def gradient_probe_pass(self) -> Iterator[None]:
+        """One extra forward-backward whose gradient only accumulates on this rank, then is read and dropped.
+
+        Megatron's DDP would reduce (or reduce-scatter, with the distributed optimizer) the gradient at the
+        last micro-batch, and ``finalize_model_grads`` would also update MoE expert biases: NeMo-RL's split
+        step API (``begin_train_step``) nulls the same three hooks and runs under ``model.no_sync()``. The
+        MoE auxiliary loss is scaled to 0 (it belongs to neither c nor v²), and the model's buffers (MoE
+        token counts) are restored, so the probe leaves no trace in the update that follows.
+        """
+        model_config = getattr(self.model, "config", None)
+        hooks = ("grad_sync_func", "no_sync_func", "finalize_model_grads_func", "moe_grad_scale_func")
+        saved = (
+            {name: getattr(model_config, name, None) for name in hooks} if model_config is not None else {}
+        )
+        buffers = {name: b.detach().clone() for name, b in self.model.named_buffers()}
+        if model_config is not None:
+            model_config.grad_sync_func = None
+            model_config.no_sync_func = contextlib.nullcontext
+            model_config.finalize_model_grads_func = None
+            model_config.moe_grad_scale_func = lambda: 0.0
+        no_sync = getattr(self.model, "no_sync", None)
+        try:
+            with no_sync() if no_sync is not None else contextlib.nullcontext():
+                yield
+        finally:
+            for name, value in saved.items():
+                setattr(model_config, name, value)
+            with torch.no_grad():
+                for name, b in self.model.named_buffers():
+                    b.copy_(buffers[name])
+
+    def _probe_gradients(self, params: list[Any]) -> list[torch.Tensor | None]:
+        """This rank's accumulated gradients (megatron's ``main_grad``, else ``.grad``), copied, then zeroed."""
+        out = []
+        for pp in params:
+            g = getattr(pp.param, "main_grad", None)
+            g = pp.param.grad if g is None else g
+            out.append(None if g is None else g.detach().clone())
+        if hasattr(self.model, "zero_grad_buffer"):
+            self.model.zero_grad_buffer()
+        else:
+            self.model.zero_grad(set_to_none=True)
+        return out
+
+    def _probing_forward_backward(self, loss_fn: Any, probe_index: int):
+        """``megatron_forward_backward`` that probes the ``probe_index``-th training call first."""
+        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+
+        calls = itertools.count()
+
+        def forward_backward(original: Any, **kwargs: Any):
+            if kwargs.get("forward_only") or next(calls) != probe_index:
+                return original(**kwargs)
+            microbatches = list(kwargs.pop("data_iterator"))  # replayed by every pass
+            params = probe_parameters(self.model, gradients="local")
+            grads = []
+            for component in range(self.occ_cfg.num_depths + 1):
+                with loss_fn.probing(component), self.gradient_probe_pass():
+                    original(data_iterator=iter(microbatches), **kwargs)
+                grads.append(self._probe_gradients(params))
+            scale = (
+                float(self.optimizer.get_loss_scale()) if hasattr(self.optimizer, "get_loss_scale") else 1.0
+            )
+            if scale != 1.0:  # fp16 loss scaling: report the gradients' statistics, not the scaled ones
+                for g in itertools.chain.from_iterable(grads):
+                    if g is not None:
+                        g.div_(scale)
+            self._occ_exact = gradient_statistics(
+                grads[0], grads[1:], params, stats_group=probe_statistics_group()
+            )
+            return original(data_iterator=iter(microbatches), **kwargs)
+
+        return forward_backward
+
+    # -- old log-probs -------------------------------------------------------------------------------
+    def wants_mtp_old_logprobs(self) -> bool:
+        """Capture the MTP heads' old log-probs with ``prev_logprobs``: for ``old_logprobs: mtp``, and for the
+        probes' head-gap metrics (``fidelity.every > 0``). It costs the MTP layers' forward in that pass."""
+        cfg = self.occ_cfg
+        return cfg.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
+
+    @contextlib.contextmanager
+    def patched_logprobs_post_processor(
+        self, capture: Any, inputs: ModelInputRecorder, sink: list
+    ) -> Iterator[None]:
+        """Make NeMo-RL's ``get_logprobs`` build our post-processor, which also fills ``sink`` (restored after)."""
+        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+
+        original = worker_module.LogprobsPostProcessor
+        worker_module.LogprobsPostProcessor = _mtp_logprobs_post_processor_class(
+            original, capture, inputs, sink
+        )
+        try:
+            yield
+        finally:
+            worker_module.LogprobsPostProcessor = original
+
+    def broadcast_tensors_from_last_stage(self, tensors: dict[str, Any]) -> dict[str, Any]:
+        """The last pipeline stage's tensors on every stage (as NeMo-RL's ``get_logprobs`` does for its own)."""
+        from nemo_rl.models.megatron.pipeline_parallel import broadcast_tensors_from_last_stage
+
+        return broadcast_tensors_from_last_stage(tensors)
+
+    def get_logprobs(self, *, data: Any, micro_batch_size: int | None = None, **kwargs: Any) -> Any:
+        """NeMo-RL's ``get_logprobs``, plus each MTP depth's old log-probs from the same forward (module docstring)."""
+        if self._occ_reference_pass or not self.wants_mtp_old_logprobs():
+            return super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
+        from nemo_occ.megatron.mtp_capture import MTPCapture
+
+        sink: list[list[torch.Tensor]] = []  # per micro-batch, per depth: [B_mb, S_mb] old log-probs
+        with contextlib.ExitStack() as stack:
+            capture = stack.enter_context(MTPCapture(self.model, detach_trunk=False))
+            inputs = stack.enter_context(ModelInputRecorder(self.model))
+            stack.enter_context(self.patched_logprobs_post_processor(capture, inputs, sink))
+            result = super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
+        width = result["logprobs"].shape[1]
+        keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
+        tensors: dict[str, Any] = dict.fromkeys(keys)
+        if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
+            for d, key in enumerate(keys):
+                rows = [mb[d] for mb in sink]
+                tensors[key] = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+        for key, value in self.broadcast_tensors_from_last_stage(tensors).items():
+            result[key] = value.cpu()
+        return result
+
+    def get_reference_policy_logprobs(self, *args: Any, **kwargs: Any) -> Any:
+        """NeMo-RL's, which calls ``get_logprobs`` with the reference weights: no MTP old log-probs there."""
+        self._occ_reference_pass = True
+        try:
+            return super().get_reference_policy_logprobs(*args, **kwargs)
+        finally:
+            self._occ_reference_pass = False
+
     # -- training ----------------------------------------------------------------------------------
     def train(
         self, data: Any, loss_fn: Any, eval_mode: bool = False, *args: Any, **kwargs: Any
@@ -222,7 +403,14 @@ class OCCWorkerExtension:
         if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
             objective = copy.deepcopy(self.occ_objective)
         loss_fn.bind_objective(objective)
-        self._occ_update_metrics = []
+        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
+        every = self.occ_cfg.fidelity.every
+        probe = (
+            not eval_mode
+            and every > 0
+            and objective.calibrator is not None
+            and (self.occ_rl_steps + 1) % every == 0
+        )
         with contextlib.ExitStack() as stack:
             if self.occ_cfg.has_mtp_term:
                 from nemo_occ.megatron.mtp_capture import MTPCapture
@@ -234,7 +422,14 @@ class OCCWorkerExtension:
                 stack.enter_context(self.patched_loss_post_processor(capture, inputs))
             if not eval_mode:
                 stack.enter_context(self._finish_update_after_each_step())
+            if probe:
+                index = probed_update(self.updates_in_step(data, kwargs.get("gbs")))
+                stack.enter_context(
+                    self.patched_forward_backward(self._probing_forward_backward(loss_fn, index))
+                )
             metrics = super().train(data, loss_fn, eval_mode, *args, **kwargs)
+        if not eval_mode:
+            self.occ_rl_steps += 1
         if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
             warnings.warn(
                 "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
@@ -244,6 +439,7 @@ class OCCWorkerExtension:
             )
         occ_metrics = _mean_over_updates(self._occ_update_metrics)
         occ_metrics.update(self.mtp_accuracy(loss_fn.pop_acceptance_counts()))
+        occ_metrics.update(self._occ_fidelity)  # the probe's own update, not a mean
         occ_metrics = self.broadcast_from_last_stage(occ_metrics)
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
@@ -274,9 +470,12 @@ class OCCWorkerExtension:
             # the first update of this train() call (one RL step) ran at θ = θ_old, where δ_RL = 0:
             # report its statistics but keep λ (see nemo_occ.core.calibration)
             refresh = bool(self._occ_update_metrics)
-            self._occ_update_metrics.append(
-                self.occ_objective.finish_update(self.occ_reduction_group(), refresh=refresh)
-            )
+            update = self.occ_objective.finish_update(self.occ_reduction_group(), refresh=refresh)
+            self._occ_update_metrics.append(update)
+            if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
+                if self.holds_output_layer():  # the proxies exist where the loss is computed
+                    self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
+                self._occ_exact = None
             return result
 
         optimizer.step = step_then_calibrate
@@ -299,7 +498,13 @@ class OCCWorkerExtension:
         os.close(fd)
         try:
             torch.save(
-                {"nemo_occ": self.occ_cfg.model_dump(), "objective": self.occ_objective.state_dict()}, tmp
+                {
+                    "nemo_occ": self.occ_cfg.model_dump(),
+                    "objective": self.occ_objective.state_dict(),
+                    "probes": self.occ_probes.state_dict(),
+                    "rl_steps": self.occ_rl_steps,
+                },
+                tmp,
             )
             os.replace(tmp, path)
         except BaseException:
@@ -318,7 +523,11 @@ class OCCWorkerExtension:
                 )
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
+        probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
+        if "probes" in state:  # states written before the probes existed have none
+            probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
+        self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
         return True
 
 
@@ -334,10 +543,12 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
 
         self.gpt = unwrap_gpt_model(model)
         self.input_ids: torch.Tensor | None = None
+        self.packed_seq_params: Any = None
         self._handle = None
 
     def _hook(self, module, args, kwargs):
         self.input_ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+        self.packed_seq_params = kwargs.get("packed_seq_params")
 
     def __enter__(self) -> ModelInputRecorder:
         self._handle = self.gpt.register_forward_pre_hook(self._hook, with_kwargs=True)
@@ -348,6 +559,7 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
             self._handle.remove()
             self._handle = None
         self.input_ids = None
+        self.packed_seq_params = None
 
 
 def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
@@ -356,6 +568,40 @@ def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
         return {}
     keys = updates[0].keys()
     return {k: sum(u[k] for u in updates) / len(updates) for k in keys}
+
+
+def _mtp_logprobs_post_processor_class(
+    base: type, capture: Any, inputs: ModelInputRecorder, sink: list
+) -> type:
+    """A subclass of NeMo-RL's ``LogprobsPostProcessor`` that also keeps each depth's aligned old log-probs."""
+
+    class MTPLogprobsPostProcessor(base):
+        def __call__(self, data_dict, input_ids, cu_seqlens_padded):
+            main = super().__call__(
+                data_dict=data_dict, input_ids=input_ids, cu_seqlens_padded=cu_seqlens_padded
+            )
+            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
+
+            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
+
+            def with_mtp(output_tensor):
+                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
+                mtp = capture.take().logprobs(
+                    inputs.input_ids, packed_seq_params=inputs.packed_seq_params, chunk_size=chunk
+                )
+                rows = {"input_ids": data_dict["input_ids"]}
+                attach_mtp_to_batch(rows, mtp, inputs.packed_seq_params)
+                depths = range(1, len(mtp.logprobs) + 1)
+                aligned = [
+                    rows[mtp_logprobs_key(d)].float() for d in depths
+                ]  # [B, S-1], index j scores tok[j+1]
+                # prev_logprobs' layout: position i scores token i, position 0 has none
+                sink.append([torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned])
+                return main(output_tensor)
+
+            return with_mtp
+
+    return MTPLogprobsPostProcessor
 
 
 def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecorder) -> type:

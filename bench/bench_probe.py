@@ -1,0 +1,153 @@
+"""Cost of an exact-statistics probe: a probed optimizer update against an unprobed one, in one run.
+
+Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
+megatron-core GPT with MTP layers (CPU, through ``nemo_occ.megatron.cpu_compat``), the main head's
+clipped loss, ``MTPObjective`` (regime occ), one backward and an optimizer step. A probed update also
+computes c and v² over ``probe_parameters(model)``, in one of two ways:
+
+- ``retain`` (the demo): ``exact_gradient_statistics`` reuses the training forward (``retain_graph``)
+  and adds 1 + K backward passes (two for one MTP layer) and the per-parameter dot products;
+- ``rerun`` (the NeMo-RL worker, whose pipeline schedule cannot back-propagate a retained graph twice):
+  1 + K extra forward-backward passes, one per loss component, gradients read off the parameters.
+
+The variants alternate round by round so machine noise hits them alike; the report gives the median
+time per update, the probed/unprobed ratio r, and the amortised ratio when one update in every N
+steps of M updates is probed (``nemo_occ.fidelity.every: N``): 1 + (r - 1) / (N·M), for the given M
+and for the worst case M = 1. Updates only: a real RL step also spends time on the rollout, which the
+probe does not touch, so the step-level ratio is lower still.
+
+    python bench/bench_probe.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4] [--vocab 8192]
+                                [--depths 1] [--rounds 7] [--every 10] [--updates-per-step 4] [--threads 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=256, help="sequence length S")
+    ap.add_argument("--batch", type=int, default=16, help="sequences per update B")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--depths", type=int, default=1, help="MTP layers K")
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--every", type=int, default=10, help="N of nemo_occ.fidelity.every")
+    ap.add_argument("--updates-per-step", type=int, default=4, help="M: optimizer updates per RL step")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    args = ap.parse_args()
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
+    from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
+    from nemo_occ.megatron import cpu_compat, forward_with_mtp_logprobs
+    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+    from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+
+    cpu_compat.enable()
+    init_model_parallel(tensor_parallel=1)
+    torch.manual_seed(0)
+    cfg = TinyGPTConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_layers=args.layers,
+        num_attention_heads=args.heads,
+        max_sequence_length=args.tokens,
+        mtp_num_layers=args.depths,
+    )
+    model = build_tiny_gpt(cfg)
+    init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
+    pos = torch.arange(args.tokens)[None].expand(args.batch, -1)
+    with torch.no_grad():
+        old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
+    old_main = old.main_logprobs + 0.05 * torch.randn(old.main_logprobs.shape, generator=g)  # δ_RL != 0
+    adv = torch.randn(args.batch, generator=g)
+    mask = torch.ones_like(old_main, dtype=torch.bool)
+    n_tok, n_seq = valid_counts(mask)
+    policy_cfg = PolicyLossConfig()
+    occ_cfg = NemoOCCConfig(regime="occ", num_depths=args.depths)
+
+    def losses(cur):
+        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
+        unscaled = [
+            objective_for_losses.regime.depth_loss(lp, old_main, adv, mask & mk, policy_cfg, **kw)[0]
+            for lp, mk in zip(cur.mtp_logprobs, cur.mtp_masks, strict=True)
+        ]
+        return main_loss, unscaled
+
+    objective_for_losses = MTPObjective(occ_cfg, policy_cfg)
+
+    def rerun_probe() -> None:
+        params = probe_parameters(model)
+        grads = []
+        for component in range(1 + args.depths):
+            model.zero_grad(set_to_none=True)
+            main_loss, unscaled = losses(forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False))
+            ([main_loss] + unscaled)[component].backward()
+            grads.append([None if pp.param.grad is None else pp.param.grad.clone() for pp in params])
+        model.zero_grad(set_to_none=True)
+        gradient_statistics(grads[0], grads[1:], params, stats_group=probe_statistics_group())
+
+    def update(probed: str | None) -> float:
+        model.load_state_dict(init_state)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+        objective = MTPObjective(occ_cfg, policy_cfg)
+        t0 = time.perf_counter()
+        cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False)
+        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
+        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
+        mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
+                                mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
+        if probed == "retain":
+            _, unscaled = losses(cur)
+            exact_gradient_statistics(
+                main_loss, unscaled, probe_parameters(model), stats_group=probe_statistics_group()
+            )
+        elif probed == "rerun":
+            rerun_probe()
+        opt.zero_grad(set_to_none=True)
+        (main_loss + mtp_loss).backward()
+        opt.step()
+        objective.finish_update()
+        return time.perf_counter() - t0
+
+    variants = (None, "retain", "rerun")
+    for v in variants:  # warm-up
+        update(v)
+    times: dict[str | None, list[float]] = {v: [] for v in variants}
+    for r in range(args.rounds):
+        for v in variants[r % 3 :] + variants[: r % 3]:  # rotating order
+            times[v].append(update(v))
+    plain = statistics.median(times[None])
+    n, m = args.every, args.updates_per_step
+    print(
+        f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP={args.depths} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
+    )
+    print(f"{'update':<16} {'median s':>9} {'ratio r':>8} {f'amortised N={n} M={m}':>20} {f'N={n} M=1':>10}")
+    print(f"{'unprobed':<16} {plain:>9.4f} {1.0:>8.3f}")
+    for v, extra in (("retain", "backward"), ("rerun", "forward-backward")):
+        med = statistics.median(times[v])
+        ratio = med / plain
+        print(
+            f"{'probed, ' + v:<16} {med:>9.4f} {ratio:>8.3f} {1 + (ratio - 1) / (n * m):>20.3f} "
+            f"{1 + (ratio - 1) / n:>10.3f}   ({1 + args.depths} extra {extra} passes)"
+        )
+
+
+if __name__ == "__main__":
+    main()
