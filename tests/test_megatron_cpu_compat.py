@@ -11,27 +11,34 @@ from nemo_occ.megatron import cpu_compat  # noqa: E402
 from nemo_occ.megatron.capabilities import detect_capabilities  # noqa: E402
 
 
-def test_enable_disable_restores_everything():
+def _patched_objects():
+    from megatron.core.pipeline_parallel import schedules
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import torch_norm
 
-    before = (
+    return (
         torch.cuda.current_device,
+        torch.cuda.synchronize,
+        torch.Tensor.cuda,
+        schedules.forward_backward_no_pipelining,
+        schedules.forward_backward_pipelining_without_interleaving,
         tp_random.CudaRNGStatesTracker.fork,
         vars(torch_norm.WrappedTorchNorm)["__new__"],
     )
+
+
+def test_enable_disable_restores_everything():
+    before = _patched_objects()
     with cpu_compat.cpu_compat() as applied:
         assert applied and cpu_compat.is_enabled()
         assert torch.cuda.current_device() == torch.device("cpu")
         with cpu_compat.cpu_compat():  # re-entrant: the inner exit must not undo the outer
             pass
         assert torch.cuda.current_device() == torch.device("cpu")
-    after = (
-        torch.cuda.current_device,
-        tp_random.CudaRNGStatesTracker.fork,
-        vars(torch_norm.WrappedTorchNorm)["__new__"],
-    )
-    assert after == before and not cpu_compat.is_enabled()
+        x = torch.ones(2)
+        assert x.cuda() is x
+        torch.cuda.synchronize()
+    assert _patched_objects() == before and not cpu_compat.is_enabled()
 
 
 def test_never_applied_when_cuda_is_available(monkeypatch):
@@ -84,3 +91,34 @@ def test_newer_core_capture_skips_process_mtp_loss(monkeypatch):
             assert calls == [] and logits.shape == (2, 8, 64) and len(out.logprobs) == 1
         finally:
             parallel.destroy_model_parallel()
+
+
+@pytest.mark.mcore_latest
+def test_mtp_layer_builds_without_transformer_engine():
+    """0.20: the MTP layer's is_inference_column_parallel_linear check raises without TE unless patched."""
+    from megatron.core.tensor_parallel import inference_layers
+
+    if not hasattr(inference_layers, "is_inference_column_parallel_linear"):
+        pytest.skip("this megatron-core has no is_inference_column_parallel_linear (needs >= 0.20)")
+    if inference_layers.HAVE_TE:
+        pytest.skip("Transformer Engine is installed: the check works as is and is not patched")
+    from megatron.core.transformer import multi_token_prediction
+
+    from nemo_occ.megatron import parallel
+    from nemo_occ.megatron.tiny_gpt import build_tiny_gpt
+
+    originals = (
+        inference_layers.is_inference_column_parallel_linear,
+        multi_token_prediction.is_inference_column_parallel_linear,
+    )
+    with cpu_compat.cpu_compat():
+        parallel.init_model_parallel()
+        try:
+            model = build_tiny_gpt(mtp_num_layers=2)
+            assert len(model.mtp.layers) == 2
+        finally:
+            parallel.destroy_model_parallel()
+    assert (
+        inference_layers.is_inference_column_parallel_linear,
+        multi_token_prediction.is_inference_column_parallel_linear,
+    ) == originals

@@ -2,21 +2,32 @@
 
 Megatron-core assumes CUDA in a handful of places that have nothing to do with the maths of a
 tiny model. Each patch below replaces one such assumption with its CPU equivalent
-(REFERENCE.md section 4, verified on megatron-core 0.16.1 with gloo):
+(REFERENCE.md section 4, verified on megatron-core 0.16.1 and 0.20.0 with gloo):
 
-==============================================  ================================================
-megatron-core assumption                        CPU replacement
-==============================================  ================================================
-``torch.cuda.current_device()`` (~50 sites)     returns ``torch.device("cpu")``
-``CudaRNGStatesTracker.add/fork`` (CUDA RNG)    ``add`` is a no-op, ``fork`` a null context
-                                                (dropout is 0 in every CPU model we build)
-``get_default_causal_mask`` allocates on cuda   same mask on the CPU
-``moe_utils.te_general_gemm`` undefined w/o TE  set to ``None`` (0.16.1 bug: NameError)
-torch LayerNorm refuses sequence parallelism    built with SP off; params tagged
-                                                ``sequence_parallel=True`` like the TE norm
-local ``DotProductAttention`` rejects THD       packed ``[T, 1, ...]`` input runs as one row with
-packed sequences                                a block-diagonal causal mask from ``cu_seqlens``
-==============================================  ================================================
+=================================================  ================================================
+megatron-core assumption                           CPU replacement
+=================================================  ================================================
+``torch.cuda.current_device()`` (~50 sites)        returns ``torch.device("cpu")``
+``CudaRNGStatesTracker.add/fork`` (CUDA RNG)       ``add`` is a no-op, ``fork`` a null context
+                                                   (dropout is 0 in every CPU model we build)
+``get_default_causal_mask`` allocates on cuda      same mask on the CPU
+``moe_utils.te_general_gemm`` undefined w/o TE     set to ``None`` (0.16.1 bug: NameError)
+torch LayerNorm refuses sequence parallelism       built with SP off; params tagged
+                                                   ``sequence_parallel=True`` like the TE norm
+local ``DotProductAttention`` rejects THD          packed ``[T, 1, ...]`` input runs as one row with
+packed sequences                                   a block-diagonal causal mask from ``cu_seqlens``
+``weight.data.cuda()`` in ``LanguageModule.``      ``Tensor.cuda()`` returns the tensor itself, so
+``setup_embeddings_and_output_layer`` (PP > 1)     the first and last stage's embedding copies are
+                                                   still all-reduced (on the CPU)
+``torch.cuda.synchronize()`` after pipeline p2p    a no-op (gloo point-to-point is synchronous
+(``pipeline_parallel.p2p_communication``)          once its requests are waited on)
+``torch.zeros(..., device="cuda")`` opening        while one of those functions runs, tensor
+every ``schedules.forward_backward_*``             factories asked for "cuda" allocate on the CPU
+``is_inference_column_parallel_linear``            returns ``False``, only when Transformer Engine
+(>= 0.20, ``tensor_parallel.inference_layers``)    is absent: its ``isinstance`` names classes built
+                                                   on TE layers, a ``MagicMock`` without TE, so
+                                                   building any MTP layer raised ``TypeError``
+=================================================  ================================================
 
 What is simplified: the THD shim ignores ``cu_seqlens_*_padded`` beyond using it for the mask,
 and there is no context parallelism (the local attention has none; CP needs TE's attention).
@@ -36,6 +47,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 _LOCK = threading.Lock()
 # Each entry: (owner object, attribute name, original value or _MISSING). Restored in reverse order.
@@ -118,6 +130,70 @@ def _make_thd_attention_forward(original: Callable) -> Callable:
     return forward
 
 
+def _tensor_stays_on_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    return self
+
+
+def _no_synchronize(device: Any = None) -> None:
+    return None
+
+
+class _CudaFactoriesOnCpu(TorchFunctionMode):
+    """Calls that pass ``device="cuda"`` (or a CUDA ``torch.device``) allocate on the CPU instead."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        device = kwargs.get("device")
+        if device is not None and not isinstance(device, int) and torch.device(device).type == "cuda":
+            kwargs = {**kwargs, "device": "cpu"}
+        return func(*args, **kwargs)
+
+
+def _make_schedule_on_cpu(original: Callable) -> Callable:
+    # megatron's forward_backward_* functions open with
+    # `total_num_tokens = torch.zeros([], dtype=torch.int, device="cuda")`: a literal device string,
+    # which the current_device patch cannot reach. The mode is active only while the schedule runs.
+    @functools.wraps(original)
+    def schedule(*args, **kwargs):
+        with _CudaFactoriesOnCpu():
+            return original(*args, **kwargs)
+
+    return schedule
+
+
+_SCHEDULES = (
+    "forward_backward_no_pipelining",
+    "forward_backward_pipelining_without_interleaving",
+    "forward_backward_pipelining_with_interleaving",
+)
+
+
+def _not_an_inference_linear(module: Any) -> bool:
+    # The inference-optimized linears subclass Transformer Engine layers: without TE none can exist.
+    return False
+
+
+def _patch_inference_linear_check() -> None:
+    # megatron-core >= 0.20: MultiTokenPredictionLayer.__init__ calls
+    # tensor_parallel.inference_layers.is_inference_column_parallel_linear(self.eh_proj), imported by
+    # name into transformer.multi_token_prediction. Its isinstance names InferenceColumnParallelLinear,
+    # whose base TEColumnParallelLinear is built on the MagicMock that extensions/transformer_engine
+    # substitutes for TE, so isinstance raises TypeError. Older cores have no such function.
+    try:
+        from megatron.core.tensor_parallel import inference_layers
+    except ImportError:
+        return
+    if getattr(inference_layers, "HAVE_TE", True) or not hasattr(
+        inference_layers, "is_inference_column_parallel_linear"
+    ):
+        return
+    from megatron.core.transformer import multi_token_prediction
+
+    _patch(inference_layers, "is_inference_column_parallel_linear", _not_an_inference_linear)
+    if hasattr(multi_token_prediction, "is_inference_column_parallel_linear"):
+        _patch(multi_token_prediction, "is_inference_column_parallel_linear", _not_an_inference_linear)
+
+
 def _make_torch_norm_new(original_new: Callable) -> Callable:
     def __new__(cls, config, hidden_size, *args, **kwargs):
         if not getattr(config, "sequence_parallel", False):
@@ -144,12 +220,18 @@ def enable() -> bool:
         if _DEPTH > 1:
             return True
         from megatron.core.fusions import fused_softmax
+        from megatron.core.pipeline_parallel import schedules
         from megatron.core.tensor_parallel import random as tp_random
         from megatron.core.transformer import dot_product_attention, torch_norm
         from megatron.core.transformer import utils as transformer_utils
         from megatron.core.transformer.moe import moe_utils
 
         _patch(torch.cuda, "current_device", _cpu_current_device)
+        _patch(torch.cuda, "synchronize", _no_synchronize)
+        _patch(torch.Tensor, "cuda", _tensor_stays_on_cpu)
+        for name in _SCHEDULES:
+            if hasattr(schedules, name):
+                _patch(schedules, name, _make_schedule_on_cpu(getattr(schedules, name)))
         _patch(tp_random.CudaRNGStatesTracker, "fork", _no_fork)
         _patch(tp_random.CudaRNGStatesTracker, "add", _no_add)
         _patch(transformer_utils, "get_default_causal_mask", _cpu_default_causal_mask)
@@ -160,6 +242,7 @@ def enable() -> bool:
         _patch(attention_cls, "forward", _make_thd_attention_forward(attention_cls.forward))
         norm_cls = torch_norm.WrappedTorchNorm
         _patch(norm_cls, "__new__", _make_torch_norm_new(norm_cls.__new__))
+        _patch_inference_linear_check()
         return True
 
 

@@ -110,6 +110,7 @@ def build_transformer_config(cfg: TinyGPTConfig, **fields):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,  # dtype of activations sent between pipeline stages (PP > 1)
         use_cpu_initialization=True,
         perform_initialization=True,
         gradient_accumulation_fusion=False,
