@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,9 @@ grpo = pytest.importorskip(
     reason="needs NeMo-RL's driver-side code (its container, or a checkout on PYTHONPATH, Python >= 3.12)",
 )
 
+from nemo_occ.core.config import load_config  # noqa: E402
 from nemo_occ.nemo_rl import run_grpo  # noqa: E402
-from nemo_occ.nemo_rl.recipes import find_nemo_rl_root  # noqa: E402
+from nemo_occ.nemo_rl.recipes import find_nemo_rl_root, load_recipe  # noqa: E402
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 # The Ray actor class NeMo-RL starts for the policy (defined in nemo_occ/nemo_rl/megatron_worker.py).
@@ -104,8 +106,15 @@ def test_launch_reaches_the_ray_cluster_with_our_worker_and_loss(path: Path, tmp
         f"logger.log_dir={tmp_path / 'logs'}",
         f"checkpointing.checkpoint_dir={tmp_path / 'checkpoints'}",
     ]
-    with pytest.raises(_ReachedCluster) as reached:
+    # The warnings the recipe's own nemo_occ block earns (a setting without effect), once validated.
+    with warnings.catch_warnings(record=True) as own:
+        warnings.simplefilter("always")
+        load_config(load_recipe(path, nemo_rl_root=find_nemo_rl_root()).config["nemo_occ"], key=None)
+    with warnings.catch_warnings(record=True) as launch, pytest.raises(_ReachedCluster) as reached:
+        warnings.simplefilter("always")
         run_grpo.main(argv)
+    ours = {str(w.message) for w in launch if str(w.message).startswith("nemo_occ.")}
+    assert ours <= {str(w.message) for w in own}, "warned about settings the recipe does not make"
 
     master, tok, kwargs = calls["setup"]
     assert calls["ray"] == 1 and tok is tokenizer

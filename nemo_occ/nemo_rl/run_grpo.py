@@ -79,7 +79,9 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     for key in nemo_rl_unknown_keys(config, find_nemo_rl_root()) or []:
         print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL will ignore it", file=sys.stderr)
     config.pop("nemo_occ")
-    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump()
+    # Only what the recipe set: the block is validated again in train() and in every worker, and a
+    # full dump would make defaults look set (warnings such as "coef has no effect" for every OCC run).
+    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump(exclude_unset=True)
     policy_loss_config(config["loss_fn"])  # raises early on a GSPO/token-level mismatch
     return config
 
