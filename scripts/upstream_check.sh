@@ -138,7 +138,7 @@ run_pytest() { # name python pythonpath tests...: run, keep the log and JUnit fi
   local name=$1 python=$2 pythonpath=$3
   shift 3
   echo "running ($name): $*"
-  PYTHONPATH=$pythonpath NEMO_RL_ROOT=$NEMO_RL_ROOT "$python" -m pytest -p no:cacheprovider -q -rs \
+  PYTHONPATH=$pythonpath NEMO_RL_ROOT=$NEMO_RL_ROOT "$python" -m pytest -p no:cacheprovider -q -rfEs \
     --junitxml="$LOG_DIR/$name.xml" "$@" >"$LOG_DIR/$name.log" 2>&1 || true
   tail -n 1 "$LOG_DIR/$name.log"
 }
