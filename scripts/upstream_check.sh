@@ -130,7 +130,7 @@ fi
 
 # -- the tests --------------------------------------------------------------------------------------
 cd "$REPO"
-MCORE_TESTS=(tests/test_megatron_*.py tests/test_chunked_logprobs.py tests/test_demo.py tests/test_nemo_rl_worker.py)
+MCORE_TESTS=(tests/test_megatron_*.py tests/test_chunked_logprobs.py tests/test_demo*.py tests/test_nemo_rl_worker.py)
 NEMO_RL_TESTS=(tests/test_nemo_rl_*.py tests/test_recipes.py)
 WORKER_TESTS=(tests/test_nemo_rl_megatron_train.py)
 
@@ -164,7 +164,7 @@ EOF
 }
 changed=()
 for root in "$NEMO_RL_ROOT" "$MEGATRON_LM_ROOT"; do
-  if [[ -n "$(find "$root" -newer "$stamp" -not -path '*/.git/*' -print -quit)" ]]; then
+  if [[ -n "$(find "$root" -newer "$stamp" -not -path '*/.git' -not -path '*/.git/*' -print -quit)" ]]; then
     changed+=("$root")
   fi
 done
