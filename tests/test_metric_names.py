@@ -16,7 +16,9 @@ import pytest
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
+from nemo_occ.core.diagnostics import GradientStatistics
+from nemo_occ.core.fidelity import ProbeHistory
+from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
 from nemo_occ.nemo_rl.worker import OCCWorkerExtension
 
@@ -59,6 +61,19 @@ class _SingleProcessWorker(OCCWorkerExtension):
         return None
 
 
+def _probe_metrics() -> dict[str, float]:
+    """What the worker adds on a probe step once enough probes exist for every statistic to be defined."""
+    history = ProbeHistory(num_depths=1, min_probes=5)
+    metrics = {}
+    for i in range(6):
+        exact = GradientStatistics(c=[(-1.0) ** i * (i + 1)], v2=[2.0 + i * i], rl_norm2=3.0 + i,
+                                   mtp_c=[0.0], mtp_v2=[1.0 + i])  # fmt: skip
+        metrics = history.record(
+            c_hat=[0.5 * i - 1], v2_hat=[1.0 + i], tokens=[10.0], lambdas=[0.1], exact=exact
+        )
+    return metrics
+
+
 def _emitted(regime: str) -> set[str]:
     """Logged names of one update under ``regime``: loss metrics + the calibrator's per-update metrics."""
     torch.manual_seed(0)
@@ -73,12 +88,14 @@ def _emitted(regime: str) -> set[str]:
         "input_ids": torch.randint(0, 9, (B, S)),
         mtp_logprobs_key(1): -torch.rand(B, S - 1),
         mtp_correct_key(1): torch.rand(B, S - 1) > 0.5,
+        mtp_old_logprobs_key(1): -torch.rand(B, S),  # captured with prev_logprobs: the head-gap metrics
     }
     _, loss_metrics = fn(-torch.rand(B, S - 1), data, torch.tensor(2.0), torch.tensor(float(B * (S - 1))))
     update_metrics = fn.objective.finish_update()
     step_metrics = _SingleProcessWorker().mtp_accuracy(fn.pop_acceptance_counts())  # the worker's, per step
     names = {f"train/{k}" for k in loss_metrics if k.startswith("mtp/")}  # all_mb_metrics -> train/<key>
     names |= {f"train/mtp/{k}" for k in (*update_metrics, *step_metrics)}  # mtp_metrics -> train/mtp/<key>
+    names |= {f"train/mtp/{k}" for k in _probe_metrics()}  # a probe step's, also in mtp_metrics
     return {re.sub(r"_1$", "_<d>", n) for n in names}
 
 
