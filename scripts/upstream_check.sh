@@ -59,8 +59,16 @@ mkdir -p "$LOG_DIR"
 export PYTHONDONTWRITEBYTECODE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# nemo-occ's own dependencies (pyproject.toml) and the test runner.
-OCC_DEPS=(numpy pydantic PyYAML omegaconf safetensors matplotlib tensorboard tqdm pytest)
+# nemo-occ's own dependencies, read from pyproject.toml (less torch and megatron-core, which each
+# environment brings its own way), and the test runner. Installed on every run, so a reused environment
+# picks up a dependency added since it was built.
+mapfile -t OCC_DEPS < <("${PYTHON311:-python3.11}" -c '
+import re, sys, tomllib
+deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
+print("\n".join(d for d in deps if re.split(r"[<>=!~ \[]", d)[0] not in ("torch", "megatron-core")))
+' "$REPO/pyproject.toml")
+(( ${#OCC_DEPS[@]} > 0 )) || die "could not read nemo-occ's dependencies from $REPO/pyproject.toml"
+OCC_DEPS+=(pytest)
 # NeMo-RL's driver-side imports (its container's default venv), light enough for a CPU machine.
 NEMO_RL_DEPS=("transformers>=5.5,<5.12" requests pillow ray pyzmq nvidia-ml-py uvicorn fastapi mlflow
   swanlab wandb prometheus_client rich hydra-core torchdata datasets math-verify accelerate nvtx colored
@@ -97,6 +105,8 @@ mcore_ok() { # megatron.core imports from MEGATRON_LM_ROOT together with torch, 
 }
 if mcore_ok; then
   echo "(a) reusing $MCORE_VENV"
+  "$MCORE_VENV/bin/pip" install -q "${OCC_DEPS[@]}" >"$LOG_DIR/deps-mcore.log" 2>&1 ||
+    die "installing nemo-occ's dependencies into $MCORE_VENV failed; see $LOG_DIR/deps-mcore.log"
 else
   echo "(a) building $MCORE_VENV (log: $LOG_DIR/build-mcore.log)"
   {
@@ -119,6 +129,8 @@ nemo_rl_ok() {
 }
 if nemo_rl_ok; then
   echo "(b) reusing $NEMO_RL_VENV"
+  "$NEMO_RL_VENV/bin/pip" install -q "${OCC_DEPS[@]}" >"$LOG_DIR/deps-nemo-rl.log" 2>&1 ||
+    die "installing nemo-occ's dependencies into $NEMO_RL_VENV failed; see $LOG_DIR/deps-nemo-rl.log"
 else
   echo "(b) building $NEMO_RL_VENV (log: $LOG_DIR/build-nemo-rl.log)"
   {
