@@ -1,4 +1,4 @@
-"""Benchmark: chunked token log-probs vs full logits, forward + backward, on the CPU.
+"""Benchmark: chunked token log-probs vs full logits, forward + backward, on the CPU or one CUDA GPU.
 
 Compares ``nemo_occ.megatron.chunked_logprobs.token_logprobs`` (one [C, V] logits chunk at a time,
 recomputed in backward) with two full-logits baselines, all computing log-probs and the gradients of
@@ -22,13 +22,19 @@ printed as the floor no method can go below). tracemalloc does not see torch's C
 used. glibc serves large blocks with mmap and unmaps them on free, so the high-water mark is the real
 peak and not an allocator artefact.
 
+On CUDA (``--device cuda``) memory is the caching allocator's own count, in the one bench process:
+``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()`` minus the bytes allocated before
+the step (tensors, not the allocator's reserved-but-free blocks).
+
 Time: one long-lived process, one warm-up per variant, then ``--repeats`` rounds in which the variants
 run back to back in alternating order (so background noise is shared); medians of wall time and of
 process CPU time (user + sys of all threads) are reported. On a shared machine CPU time is the steadier
-of the two: it does not count the time other processes held the cores.
+of the two: it does not count the time other processes held the cores. On CUDA each step is bracketed by
+``torch.cuda.synchronize()`` and the ratios are of wall time (host CPU time says nothing about the GPU).
 
 Run:  /work/venv/bin/python bench/bench_chunked_logprobs.py            (defaults: T=4096, H=512, V=32768)
       /work/venv/bin/python bench/bench_chunked_logprobs.py --chunk-sizes 256 512 1024 --repeats 5 --threads 1
+      python bench/bench_chunked_logprobs.py --device cuda --tokens 8192 --hidden 1024 --vocab 65536  (bf16)
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ from nemo_occ.megatron.chunked_logprobs import token_logprobs  # noqa: E402
 
 DEFAULT_CHUNK = inspect.signature(token_logprobs).parameters["chunk_size"].default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what a GPU trains in; the CPU's fast path
 
 
 def naive_logprobs(hidden, weight, targets):
@@ -58,14 +65,14 @@ def naive_logprobs(hidden, weight, targets):
     return F.log_softmax((hidden @ weight.t()).float(), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
-def make_inputs(tokens, hidden_size, vocab, dtype, seed=0):
-    """Filled in place: no temporary copies."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden = torch.empty(tokens, hidden_size, dtype=dtype).normal_(generator=gen)  # [T, H]
-    weight = torch.empty(vocab, hidden_size, dtype=dtype).normal_(generator=gen)  # [V, H]
+def make_inputs(tokens, hidden_size, vocab, dtype, seed=0, device="cpu"):
+    """Filled in place on ``device``: no temporary copies."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    hidden = torch.empty(tokens, hidden_size, dtype=dtype, device=device).normal_(generator=gen)  # [T, H]
+    weight = torch.empty(vocab, hidden_size, dtype=dtype, device=device).normal_(generator=gen)  # [V, H]
     weight.div_(hidden_size**0.5)
-    targets = torch.randint(0, vocab, (tokens,), generator=gen)  # [T]
-    grad_out = torch.randn(tokens, generator=gen)  # [T]
+    targets = torch.randint(0, vocab, (tokens,), generator=gen, device=device)  # [T]
+    grad_out = torch.randn(tokens, generator=gen, device=device)  # [T]
     return hidden, weight, targets, grad_out
 
 
@@ -77,11 +84,12 @@ def megatron_logprobs(hidden, weight, targets):
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets.unsqueeze(1)).squeeze(1)
 
 
-def init_single_rank_megatron() -> None:
-    """gloo world of one + megatron's parallel state: vocab_parallel_cross_entropy all-reduces over TP."""
+def init_single_rank_megatron(device: str = "cpu") -> None:
+    """World of one (gloo; nccl for CUDA tensors) + megatron's parallel state: vocab_parallel_cross_entropy
+    all-reduces over TP."""
     from nemo_occ.megatron.parallel import init_model_parallel
 
-    init_model_parallel(tensor_parallel=1)
+    init_model_parallel(tensor_parallel=1, backend="nccl" if device == "cuda" else "gloo")
 
 
 def step(variant, chunk_size, hidden, weight, targets, grad_out):
@@ -127,6 +135,21 @@ def measure_memory_child(args) -> None:
     print(json.dumps({"peak_extra_bytes": after - before}))
 
 
+def measure_memory_cuda(args, variant, chunk_size) -> int:
+    """Peak bytes the CUDA caching allocator handed out during one step, beyond what was allocated before."""
+    dtype = DTYPES[args.dtype]
+    step(variant, chunk_size, *make_inputs(8, args.hidden, 64, dtype, device="cuda"))  # warm-up (cuBLAS)
+    inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    grads = step(variant, chunk_size, *inputs)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del grads, inputs
+    return peak
+
+
 def measure_memory(args, variant, chunk_size) -> int:
     cmd = [
         sys.executable,
@@ -153,21 +176,34 @@ def measure_memory(args, variant, chunk_size) -> int:
 
 def check_same_logprobs(args, variants) -> None:
     """Every variant computes the same log-probs (small shape): the table compares like with like."""
-    hidden, weight, targets, _ = make_inputs(64, args.hidden, 1024, DTYPES[args.dtype], seed=1)
+    hidden, weight, targets, _ = make_inputs(
+        64, args.hidden, 1024, DTYPES[args.dtype], seed=1, device=args.device
+    )
     reference = naive_logprobs(hidden, weight, targets)
+    tolerance = {}
+    if args.device == "cuda" and hidden.dtype != torch.float32:
+        # cuBLAS may round a chunk's low-precision logits differently from the full matmul's (another
+        # kernel per shape), so every variant is held to the fp32 truth of the same inputs instead: each
+        # logit is off by <= eps/2 |z|, so log p = z_y - logsumexp(z) by <= eps max|z| (4x margin).
+        reference = naive_logprobs(hidden.float(), weight.float(), targets)
+        bound = 4 * torch.finfo(hidden.dtype).eps * (hidden.float() @ weight.float().t()).abs().max().item()
+        tolerance = dict(rtol=0.0, atol=bound)
     for variant, chunk_size in variants:
         if variant == "naive":
-            continue
-        if variant == "megatron":
+            if not tolerance:
+                continue
+            got = naive_logprobs(hidden, weight, targets)
+        elif variant == "megatron":
             got = megatron_logprobs(hidden, weight, targets)
         else:
             got = token_logprobs(hidden, weight, targets, chunk_size=chunk_size)
-        torch.testing.assert_close(got, reference, msg=lambda m, v=variant: f"{v}: {m}")
+        torch.testing.assert_close(got, reference, **tolerance, msg=lambda m, v=variant: f"{v}: {m}")
 
 
 def measure_time(args, variants) -> dict[tuple[str, int], tuple[float, float]]:
     """Median (wall seconds, CPU seconds) of one forward + backward per variant."""
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype])
+    inputs = make_inputs(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype], device=args.device)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     wall: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
     cpu: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
     for v in variants:
@@ -175,8 +211,10 @@ def measure_time(args, variants) -> dict[tuple[str, int], tuple[float, float]]:
     for r in range(args.repeats):
         order = variants if r % 2 == 0 else variants[::-1]
         for v in order:
+            sync()
             start, start_cpu = time.perf_counter(), time.process_time()
             step(*v, *inputs)
+            sync()
             wall[v].append(time.perf_counter() - start)
             cpu[v].append(time.process_time() - start_cpu)
     return {v: (statistics.median(wall[v]), statistics.median(cpu[v])) for v in variants}
@@ -187,7 +225,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=4096, help="T, tokens per call")
     p.add_argument("--hidden", type=int, default=512, help="H, hidden size")
     p.add_argument("--vocab", type=int, default=32768, help="V, vocabulary size (one rank)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--device", choices=sorted(DEFAULT_DTYPE), default="cpu", help="where to run (default cpu)"
+    )
+    p.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda"
+    )
     p.add_argument(
         "--chunk-sizes",
         type=int,
@@ -209,6 +252,10 @@ def main(argv=None) -> int:
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")  # no TE / APEX here
+    if args.dtype is None:
+        args.dtype = DEFAULT_DTYPE[args.device]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: torch sees no CUDA device; run on a GPU machine or use --device cpu")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args._child_memory:
@@ -218,30 +265,40 @@ def main(argv=None) -> int:
     variants = [("naive", 0), ("megatron", 0)] + [("chunked", c) for c in args.chunk_sizes]
     mib = 2**20
     floor = (args.tokens + args.vocab) * args.hidden * torch.finfo(DTYPES[args.dtype]).bits // 8
+    cuda = args.device == "cuda"
+    where = f" device={torch.cuda.get_device_name()}" if cuda else ""
     print(
         f"T={args.tokens} H={args.hidden} V={args.vocab} dtype={args.dtype} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats}"
+        f"threads={torch.get_num_threads()} repeats={args.repeats}{where}"
     )
     print(
         f"[T, V] fp32 logits alone: {args.tokens * args.vocab * 4 / mib:.0f} MiB; "
         f"gradient outputs (floor): {floor / mib:.0f} MiB"
     )
-    memory = {v: measure_memory(args, *v) for v in variants}
-    init_single_rank_megatron()
+    if cuda:
+        init_single_rank_megatron("cuda")
+        memory = {v: measure_memory_cuda(args, *v) for v in variants}
+    else:
+        memory = {v: measure_memory(args, *v) for v in variants}
+        init_single_rank_megatron()
     check_same_logprobs(args, variants)
     seconds = measure_time(args, variants)
     naive, megatron = ("naive", 0), ("megatron", 0)
+    clock = 0 if cuda else 1  # ratios of wall time on CUDA, of process CPU time on the CPU
+    label = "wall" if cuda else "cpu"
     print(
         f"{'variant':<16}{'peak extra MiB':>15}{'wall s':>9}{'cpu s':>9}"
-        f"{'mem naive/x':>13}{'mem mcore/x':>13}{'cpu x/naive':>13}{'cpu x/mcore':>13}"
+        f"{'mem naive/x':>13}{'mem mcore/x':>13}{label + ' x/naive':>13}{label + ' x/mcore':>13}"
     )
     for v in variants:
         name = v[0] if v[0] != "chunked" else f"chunked C={v[1]}"
-        (w, c), c0, c1 = seconds[v], seconds[naive][1], seconds[megatron][1]
+        (w, c), t = seconds[v], seconds[v][clock]
+        t0, t1 = seconds[naive][clock], seconds[megatron][clock]
+        digits = 4 if cuda else 2  # a GPU step takes milliseconds
         print(
-            f"{name:<16}{memory[v] / mib:>15.1f}{w:>9.2f}{c:>9.2f}"
+            f"{name:<16}{memory[v] / mib:>15.1f}{w:>9.{digits}f}{c:>9.{digits}f}"
             f"{memory[naive] / memory[v]:>13.2f}{memory[megatron] / memory[v]:>13.2f}"
-            f"{c / c0:>13.2f}{c / c1:>13.2f}"
+            f"{t / t0:>13.2f}{t / t1:>13.2f}"
         )
     return 0
 

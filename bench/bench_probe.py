@@ -15,9 +15,12 @@ time per update, the probed/unprobed ratio r, and the amortised ratio when one u
 steps of M updates is probed (``nemo_occ.fidelity.every: N``): 1 + (r - 1) / (N·M), for the given M
 and for the worst case M = 1. Updates only: a real RL step also spends time on the rollout, which the
 probe does not touch, so the step-level ratio is lower still.
+With ``--device cuda`` (bf16 parameters by default, ``--dtype float32`` for fp32) every update is
+bracketed by ``torch.cuda.synchronize()``.
 
     python bench/bench_probe.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4] [--vocab 8192]
                                 [--depths 1] [--rounds 7] [--every 10] [--updates-per-step 4] [--threads 0]
+                                [--device cpu|cuda] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -28,6 +31,9 @@ import time
 import warnings
 
 import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what a GPU trains in; the CPU's fast path
 
 
 def main() -> None:
@@ -43,7 +49,18 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=10, help="N of nemo_occ.fidelity.every")
     ap.add_argument("--updates-per-step", type=int, default=4, help="M: optimizer updates per RL step")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument(
+        "--device", choices=sorted(DEFAULT_DTYPE), default="cpu", help="where to run (default cpu)"
+    )
+    ap.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda"
+    )
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device; run on a GPU machine or use --device cpu")
+    dtype = DTYPES[args.dtype or DEFAULT_DTYPE[args.device]]
+    # CUDA runs asynchronously: a timed update ends only when the device has finished it.
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -55,8 +72,8 @@ def main() -> None:
     from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
     from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
-    cpu_compat.enable()
-    init_model_parallel(tensor_parallel=1)
+    cpu_compat.enable()  # a no-op where CUDA is available
+    init_model_parallel(tensor_parallel=1, backend="nccl" if args.device == "cuda" else "gloo")
     torch.manual_seed(0)
     cfg = TinyGPTConfig(
         vocab_size=args.vocab,
@@ -66,15 +83,20 @@ def main() -> None:
         max_sequence_length=args.tokens,
         mtp_num_layers=args.depths,
     )
-    model = build_tiny_gpt(cfg)
+    # Built on the CPU in fp32 (megatron's CPU initialisation), then moved: parameters in ``dtype`` as a
+    # bf16 GPU run keeps them (no fp32 master copy: the optimizer is plain SGD on the parameters).
+    # config.bf16 makes megatron's attention take its softmax in fp32, as in a bf16 training run.
+    bf16 = {"bf16": True} if dtype == torch.bfloat16 else {}
+    model = build_tiny_gpt(cfg, transformer_fields=bf16).to(device=args.device, dtype=dtype)
     init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
-    pos = torch.arange(args.tokens)[None].expand(args.batch, -1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)  # [B, S]
+    pos = torch.arange(args.tokens, device=args.device)[None].expand(args.batch, -1)
     with torch.no_grad():
         old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
-    old_main = old.main_logprobs + 0.05 * torch.randn(old.main_logprobs.shape, generator=g)  # δ_RL != 0
-    adv = torch.randn(args.batch, generator=g)
+    noise = 0.05 * torch.randn(old.main_logprobs.shape, generator=g).to(args.device)
+    old_main = old.main_logprobs + noise  # δ_RL != 0
+    adv = torch.randn(args.batch, generator=g).to(args.device)
     mask = torch.ones_like(old_main, dtype=torch.bool)
     n_tok, n_seq = valid_counts(mask)
     policy_cfg = PolicyLossConfig()
@@ -106,6 +128,7 @@ def main() -> None:
         model.load_state_dict(init_state)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         objective = MTPObjective(occ_cfg, policy_cfg)
+        sync()
         t0 = time.perf_counter()
         cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False)
         kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
@@ -123,6 +146,7 @@ def main() -> None:
         (main_loss + mtp_loss).backward()
         opt.step()
         objective.finish_update()
+        sync()
         return time.perf_counter() - t0
 
     variants = (None, "retain", "rerun")
@@ -136,7 +160,8 @@ def main() -> None:
     n, m = args.every, args.updates_per_step
     print(
         f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP={args.depths} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds} dtype={dtype} "
+        f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
     )
     print(f"{'update':<16} {'median s':>9} {'ratio r':>8} {f'amortised N={n} M={m}':>20} {f'N={n} M=1':>10}")
     print(f"{'unprobed':<16} {plain:>9.4f} {1.0:>8.3f}")

@@ -14,6 +14,8 @@ calibrator; the joint regimes' cost over detach is occ / detach). The demo's per
 depend on how many groups DAPO's dynamic sampling keeps, which differs between regimes; this
 benchmark holds the data fixed. On a shared machine CPU time is the steadier of the two (it does not
 count the time other processes held the cores; use ``--threads 1`` so that no thread waits for another).
+With ``--device cuda`` (bf16 parameters by default, ``--dtype float32`` for fp32) every update is
+bracketed by ``torch.cuda.synchronize()``; read the wall columns there (CPU time is the host's only).
 
 How large the MTP part is decides the ratios: the header prints the trunk's, the MTP layer's and the
 output heads' shares of the forward matmul FLOPs (2 per weight per token, plus 4 S H per attention layer).
@@ -22,7 +24,7 @@ models (GLM-4.5-Air: 46 + 1); a small L or a vocabulary head that dominates a sm
 inflates every joint-regime ratio.
 
     python bench/bench_regime_step.py [--tokens 256] [--batch 16] [--hidden 256] [--layers 4]
-                                      [--vocab 8192] [--rounds 7] [--threads 0]
+                                      [--vocab 8192] [--rounds 7] [--threads 0] [--device cpu|cuda] [--dtype]
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ import time
 import warnings
 
 import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what a GPU trains in; the CPU's fast path
 
 VARIANTS = ("none", "detach", "ce", "policy", "occ", "exact")
 
@@ -47,7 +52,18 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument(
+        "--device", choices=sorted(DEFAULT_DTYPE), default="cpu", help="where to run (default cpu)"
+    )
+    ap.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda"
+    )
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device; run on a GPU machine or use --device cpu")
+    dtype = DTYPES[args.dtype or DEFAULT_DTYPE[args.device]]
+    # CUDA runs asynchronously: a timed update ends only when the device has finished it.
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -58,8 +74,8 @@ def main() -> None:
     from nemo_occ.megatron.parallel import init_model_parallel
     from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
-    cpu_compat.enable()
-    init_model_parallel(tensor_parallel=1)
+    cpu_compat.enable()  # a no-op where CUDA is available
+    init_model_parallel(tensor_parallel=1, backend="nccl" if args.device == "cuda" else "gloo")
     torch.manual_seed(0)
     cfg = TinyGPTConfig(
         vocab_size=args.vocab,
@@ -69,7 +85,11 @@ def main() -> None:
         max_sequence_length=args.tokens,
         mtp_num_layers=1,
     )
-    model = build_tiny_gpt(cfg)
+    # Built on the CPU in fp32 (megatron's CPU initialisation), then moved: parameters in ``dtype`` as a
+    # bf16 GPU run keeps them (no fp32 master copy: the optimizer is plain SGD on the parameters).
+    # config.bf16 makes megatron's attention take its softmax in fp32, as in a bf16 training run.
+    bf16 = {"bf16": True} if dtype == torch.bfloat16 else {}
+    model = build_tiny_gpt(cfg, transformer_fields=bf16).to(device=args.device, dtype=dtype)
     # Forward matmul FLOPs per token: 2 per matmul weight, 4 S H per attention layer (scores and values).
     attn = 4 * args.tokens * args.hidden
     weights = {
@@ -84,12 +104,13 @@ def main() -> None:
     }
     init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g)  # [B, S]
-    pos = torch.arange(args.tokens)[None].expand(args.batch, -1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)  # [B, S]
+    pos = torch.arange(args.tokens, device=args.device)[None].expand(args.batch, -1)
     with torch.no_grad():
         old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
-    old_main = old.main_logprobs + 0.05 * torch.randn(old.main_logprobs.shape, generator=g)  # δ_RL != 0
-    adv = torch.randn(args.batch, generator=g)
+    noise = 0.05 * torch.randn(old.main_logprobs.shape, generator=g).to(args.device)
+    old_main = old.main_logprobs + noise  # δ_RL != 0
+    adv = torch.randn(args.batch, generator=g).to(args.device)
     mask = torch.ones_like(old_main, dtype=torch.bool)
     n_tok, n_seq = valid_counts(mask)
     policy_cfg = PolicyLossConfig()
@@ -99,6 +120,7 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         regime = "policy" if variant == "exact" else variant
         objective = MTPObjective(NemoOCCConfig(regime=regime), policy_cfg)
+        sync()
         t0, c0 = time.perf_counter(), time.process_time()
         cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=not objective.regime.trunk_gradient)
         kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
@@ -113,6 +135,7 @@ def main() -> None:
         (main_loss + mtp_loss).backward()
         opt.step()
         objective.finish_update()
+        sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
     for v in VARIANTS:  # warm-up
@@ -126,7 +149,8 @@ def main() -> None:
     cpu = {v: statistics.median(t[1] for t in ts) for v, ts in times.items()}
     print(
         f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP=1 "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds}"
+        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds} dtype={dtype} "
+        f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
     )
     total = sum(flops.values())
     print("forward matmul FLOPs: " + ", ".join(f"{k} {v / total:.1%}" for k, v in flops.items()))

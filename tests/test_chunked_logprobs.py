@@ -197,6 +197,64 @@ def test_low_precision_uses_megatrons_fused_wgrad_kernel(monkeypatch):
     assert ((got.double() - true).norm() <= (naive.double() - true).norm()).item()
 
 
+class _RecordingKernel:
+    """Passes each call on to the real ``fused_weight_gradient_mlp_cuda`` and records the buffer."""
+
+    def __init__(self, real):
+        self.real, self.main_grads = real, []
+
+    def wgrad_gemm_accum_fp32(self, total_input, grad_output, main_grad):
+        self.main_grads.append(main_grad)
+        self.real.wgrad_gemm_accum_fp32(total_input, grad_output, main_grad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_bf16_matches_fp32_reference_and_fills_fp32_main_grad(monkeypatch):
+    # What a GPU run does: bf16 hidden/weight on CUDA (cuBLAS; megatron's fused fp32 wgrad kernel where
+    # megatron-core imported it), the weight gradient added into an fp32 main_grad. Judged against
+    # F.log_softmax in fp32 of the same bf16 inputs, and the gradients against an fp64 truth relative to
+    # the naive bf16 path's error.
+    kernel = None
+    try:
+        from megatron.core.tensor_parallel import layers
+    except ImportError:
+        layers = None
+    if layers is not None and getattr(layers, "fused_weight_gradient_mlp_cuda", None) is not None:
+        kernel = _RecordingKernel(layers.fused_weight_gradient_mlp_cuda)
+        monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", kernel)
+    t, h, v = 1000, 256, 4096
+    hidden, weight, targets, grad_out = (
+        x.cuda() for x in _inputs(seed=14, t=t, h=h, v=v, dtype=torch.bfloat16)
+    )
+    w, before = _with_main_grad(weight)
+    w.main_grad, before = w.main_grad.cuda(), before.cuda()
+    x = hidden.clone().requires_grad_(True)
+    lp = token_logprobs(x, w, targets, chunk_size=128)
+    (lp * grad_out).sum().backward()
+
+    ref_lp, _, _, _ = _naive(hidden.float(), weight.float(), targets, grad_out)
+    # Each bf16 logit is off by <= eps/2 |z| (fp32 accumulation, one rounding), so
+    # log p = z_y - logsumexp(z) by <= eps max|z|; 1e-4 covers the fp32 softmax.
+    bound = torch.finfo(torch.bfloat16).eps * (hidden.float() @ weight.float().t()).abs().max().item() + 1e-4
+    assert lp.dtype == torch.float32 and lp.device.type == "cuda"
+    torch.testing.assert_close(lp, ref_lp, rtol=0.0, atol=bound)
+
+    _, naive_gh, naive_gw, _ = _naive(hidden, weight, targets, grad_out)
+    _, true_gh, true_gw, _ = _naive(hidden.double(), weight.double(), targets, grad_out.double())
+
+    def rel_err(got, true):
+        return ((got.double() - true).norm() / true.norm()).item()
+
+    assert x.grad.dtype == torch.bfloat16
+    assert rel_err(x.grad, true_gh) <= 1.5 * rel_err(naive_gh, true_gh)
+    assert w.main_grad.dtype == torch.float32 and torch.equal(w.grad, torch.zeros_like(weight))
+    got_gw = w.main_grad - before
+    assert rel_err(got_gw, true_gw) <= 1.5 * rel_err(naive_gw, true_gw)
+    if kernel is not None:  # fp32 accumulation went through megatron's kernel, into this buffer
+        assert kernel.main_grads and all(m is w.main_grad for m in kernel.main_grads)
+
+
 def test_empty_input():
     hidden, weight, _, _ = _inputs()
     h = hidden[:0].clone().requires_grad_(True)

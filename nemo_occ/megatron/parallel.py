@@ -35,12 +35,14 @@ def init_model_parallel(
     expert_tensor_parallel: int | None = None,
     seed: int = 1234,
     timeout_s: float = 120.0,
+    backend: str = "gloo",
 ) -> None:
-    """Initialise a gloo process group (if none yet) and megatron's model-parallel groups.
+    """Initialise a process group (if none yet; gloo by default) and megatron's model-parallel groups.
 
     ``world_size`` must be a multiple of tensor x pipeline x context parallel sizes; the rest is
     data parallel. Calling it again after ``destroy_model_parallel()`` re-creates only megatron's
     groups, which lets a test build a TP=1 reference and a TP=2 model in the same processes.
+    ``backend="nccl"`` is for the single-GPU benches and ``gpu`` tests, whose tensors live on CUDA.
     """
     from megatron.core import parallel_state
 
@@ -56,7 +58,7 @@ def init_model_parallel(
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ["MASTER_PORT"] = str(port if port is not None else free_port())
         dist.init_process_group(
-            backend="gloo",
+            backend=backend,
             rank=rank,
             world_size=world_size,
             timeout=timedelta(seconds=timeout_s),
