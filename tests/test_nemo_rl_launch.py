@@ -89,6 +89,7 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
 
     from nemo_occ.nemo_rl import run_grpo
     from nemo_occ.nemo_rl.loss import OCCLossFn
+    from nemo_occ.nemo_rl.policy import OCCPolicy
     from nemo_occ.nemo_rl.worker import WORKER_FQN
 
     default_fqn = "nemo_rl.models.policy.workers.megatron_policy_worker.MegatronPolicyWorker"
@@ -160,7 +161,8 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
     generation_kwargs = calls["configure_generation_config"].arguments
     assert generation_kwargs["trains_mtp"] is True and generation_kwargs["has_refit_draft_weights"] is False
     factory = calls["setup"].arguments["policy_factory"]
-    assert isinstance(factory, functools.partial) and factory.func is Policy
+    assert isinstance(factory, functools.partial) and factory.func is OCCPolicy
+    assert issubclass(OCCPolicy, Policy)  # NeMo-RL's Policy, carrying the MTP heads' old log-probs
     inspect.signature(Policy).bind_partial(**factory.keywords)  # a keyword Policy really takes
     assert factory.keywords == {"worker_extension_cls_fqn": WORKER_FQN}
     trained = calls["grpo_train"].arguments

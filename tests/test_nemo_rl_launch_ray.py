@@ -69,6 +69,8 @@ def test_launch_reaches_the_ray_cluster_with_our_worker_and_loss(path: Path, tmp
     from nemo_rl.distributed import ray_actor_environment_registry as registry
     from nemo_rl.models.policy.lm_policy import Policy
 
+    from nemo_occ.nemo_rl.policy import OCCPolicy
+
     calls: dict = {}
     monkeypatch.setattr(nemo_rl.distributed.virtual_cluster, "init_ray", lambda: calls.setdefault("ray", 1))
     tokenizer = types.SimpleNamespace(pad_token_id=0, eos_token_id=1)
@@ -120,7 +122,8 @@ def test_launch_reaches_the_ray_cluster_with_our_worker_and_loss(path: Path, tmp
     assert calls["ray"] == 1 and tok is tokenizer
     assert calls["data"][0] == master.data["train"]["dataset_name"]
     factory = kwargs["policy_factory"]
-    assert isinstance(factory, functools.partial) and factory.func is Policy
+    assert isinstance(factory, functools.partial) and factory.func is OCCPolicy
+    assert issubclass(OCCPolicy, Policy)  # NeMo-RL's Policy, carrying the MTP heads' old log-probs
     assert factory.keywords == {"worker_extension_cls_fqn": WORKER_FQN}
     # NeMo-RL's own lookup when it starts the worker: our FQN runs in its Megatron worker's interpreter.
     default_executable = registry.ACTOR_ENVIRONMENT_REGISTRY[DEFAULT_FQN]
