@@ -47,11 +47,17 @@ def _microbatch(seed):
 
 
 class FakeOptimizer:
+    """Megatron's ``step()`` contract: (update_successful, grad_norm, num_zeros_in_grad); the calls listed
+    in ``skip`` (0-based) report a skipped update as Megatron does on inf/NaN gradients."""
+
     def __init__(self):
         self.steps = 0
+        self.skip: set[int] = set()
 
     def step(self):
         self.steps += 1
+        if self.steps - 1 in self.skip:
+            return False, None, None
         return True, 0.0, 0
 
 
@@ -86,6 +92,9 @@ class Worker(OCCWorkerExtension, FakeMegatronWorker):
 
     def broadcast_from_last_stage(self, metrics):
         return metrics
+
+    def update_applied(self, step_result):
+        return bool(step_result[0])  # one process: nothing to AND over a model-parallel group
 
     @contextlib.contextmanager
     def patched_loss_post_processor(self, capture, inputs):
@@ -157,6 +166,31 @@ def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
     lam_4 = _lambda_by_loops([_microbatch(4)])
     assert occ["occ/lambda_applied_1"] == pytest.approx(lam_2)  # both updates used the carried λ
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_4)
+
+
+def test_a_skipped_update_keeps_lambda_and_its_statistics_set_nothing():
+    worker = Worker(_config())
+    worker.optimizer.skip = {2}  # the third update: Megatron found inf/NaN gradients and did not apply it
+    updates = [[_microbatch(10 + u)] for u in range(4)]
+    occ = worker.train(updates, _loss())["mtp_metrics"]
+    lam = [_lambda_by_loops(u) for u in updates]
+    # update 1 (θ_old) keeps λ = 0, update 2 sets λ(2), update 3 is skipped and keeps it, update 4 sets λ(4)
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(lam[3])
+    assert occ["occ/lambda_1"] == pytest.approx((0.0 + lam[1] + lam[1] + lam[3]) / 4)
+    assert occ["occ/lambda_applied_1"] == pytest.approx((0.0 + 0.0 + lam[1]) / 3)  # the applied updates'
+    assert occ["occ/lambda_stats_1"] == pytest.approx((lam[0] + lam[1] + lam[3]) / 3)
+    assert occ["occ/skipped"] == pytest.approx(1 / 4) and occ["occ/refreshed"] == pytest.approx(2 / 4)
+    assert worker.occ_objective.calibrator.num_updates == 3
+
+
+def test_updates_count_as_made_at_theta_old_until_one_is_applied():
+    worker = Worker(_config())
+    worker.optimizer.skip = {0}  # θ does not move, so the second update also runs at θ_old: δ_RL = 0
+    updates = [[_microbatch(20 + u)] for u in range(3)]
+    occ = worker.train(updates, _loss())["mtp_metrics"]
+    assert occ["occ/refreshed"] == pytest.approx(1 / 3)  # only the third update refreshes
+    assert occ["occ/lambda_applied_1"] == pytest.approx(0.0)  # the third still ran with the initial λ
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(_lambda_by_loops(updates[2]))
 
 
 def test_mtp_accuracy_is_hits_over_mtp_valid_tokens_of_the_whole_step():
