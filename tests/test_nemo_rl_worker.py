@@ -223,6 +223,44 @@ def test_worker_refuses_nemo_rls_plain_loss():
         Worker(_config()).train([[_microbatch(0)]], MainNLL())
 
 
+def _worker_state(worker):
+    state = worker.occ_objective.state_dict()["calibrator"]
+    return state["lambdas"], state["stats"].tolist(), state["num_updates"], worker.occ_objective.policy_cfg
+
+
+def test_a_loss_of_another_config_is_refused_and_changes_nothing():
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    before = _worker_state(worker)
+    other = OCCLossFn(
+        MainNLL(),
+        NemoOCCConfig(regime="occ", occ={"lambda_plus": 0.5}),
+        policy_loss_config({"ratio_clip_max": 0.5}),
+    )
+    with pytest.raises(ValueError, match="different nemo_occ config"):
+        worker.train([[_microbatch(2)], [_microbatch(3)]], other)
+    assert _worker_state(worker) == before and worker.occ_rl_steps == 1 and worker.optimizer.steps == 2
+
+
+def test_a_train_that_raises_mid_update_leaves_no_statistics_behind():
+    worker, fresh = Worker(_config()), Worker(_config())
+    for w in (worker, fresh):
+        w.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    before = _worker_state(worker)
+    broken = dict(_microbatch(3)[1])
+    del broken[
+        "advantages"
+    ]  # the second micro-batch's loss raises after the first one's statistics were taken
+    with pytest.raises(KeyError):
+        worker.train([[_microbatch(2), (_microbatch(3)[0], broken)]], _loss())
+    assert _worker_state(worker) == before and worker.occ_rl_steps == 1
+    step = [
+        [_microbatch(4)],
+        [_microbatch(5)],
+    ]  # and the next step is the one a worker without the error makes
+    assert worker.train(step, _loss())["mtp_metrics"] == fresh.train(step, _loss())["mtp_metrics"]
+
+
 def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     worker = Worker(_config())
     worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())

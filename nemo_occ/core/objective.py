@@ -238,6 +238,13 @@ class MTPObjective:
             out[f"proxy/second_order_{d}"] = 0.5 * lam**2 * metrics[f"occ/v2_hat_{d}"]
         return out
 
+    def discard_open_update(self) -> None:
+        """Drop the statistics of an update that will never be closed (its ``train`` raised); local, λ kept."""
+        if self.calibrator is not None:
+            self.calibrator.discard_open_update()
+        if self.head_gap is not None:
+            self.head_gap.discard()
+
     def state_dict(self) -> dict:
         return {
             "regime": self.cfg.regime,

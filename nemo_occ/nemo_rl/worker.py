@@ -415,18 +415,19 @@ class OCCWorkerExtension:
     def train(
         self, data: Any, loss_fn: Any, eval_mode: bool = False, *args: Any, **kwargs: Any
     ) -> dict[str, Any]:
-        """NeMo-RL's ``train`` with the MTP capture, the bound objective and one OCC update per step."""
+        """NeMo-RL's ``train`` with the MTP capture, the bound objective and one OCC update per step.
+
+        It refuses a loss that is not nemo-occ's, or was built from another nemo_occ config, before it
+        changes anything. If NeMo-RL's ``train`` raises, the statistics of the update in flight are dropped
+        and the objective's clip settings restored; the updates it completed stay (θ moved with them).
+        """
         if not hasattr(loss_fn, "bind_objective"):
             raise TypeError(
                 f"nemo-occ's worker needs nemo-occ's loss (nemo_occ.nemo_rl.loss.OCCLossFn), got {type(loss_fn).__name__}"
             )
-        self.occ_objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
         objective = self.occ_objective
         if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
             objective = copy.deepcopy(self.occ_objective)
-        loss_fn.bind_objective(objective)
-        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
-        self._occ_moved = False
         every = self.occ_cfg.fidelity.every
         probe = (
             not eval_mode
@@ -434,23 +435,20 @@ class OCCWorkerExtension:
             and objective.calibrator is not None
             and (self.occ_rl_steps + 1) % every == 0
         )
-        with contextlib.ExitStack() as stack:
-            if self.occ_cfg.has_mtp_term:
-                from nemo_occ.megatron.mtp_capture import MTPCapture
-
-                capture = stack.enter_context(
-                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
-                )
-                inputs = stack.enter_context(ModelInputRecorder(self.model))
-                stack.enter_context(self.patched_loss_post_processor(capture, inputs))
-            if not eval_mode:
-                stack.enter_context(self._finish_update_after_each_step())
-            if probe:
-                index = probed_update(self.updates_in_step(data, kwargs.get("gbs")))
-                stack.enter_context(
-                    self.patched_forward_backward(self._probing_forward_backward(loss_fn, index))
-                )
-            metrics = super().train(data, loss_fn, eval_mode, *args, **kwargs)
+        index = probed_update(self.updates_in_step(data, kwargs.get("gbs"))) if probe else None
+        # bind_objective checks the loss's config: the last step that can refuse, so nothing is changed before
+        loss_fn.bind_objective(objective)
+        policy_cfg = objective.policy_cfg
+        objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
+        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
+        self._occ_moved = False
+        try:
+            metrics = self._train_with_occ(data, loss_fn, eval_mode, index, *args, **kwargs)
+        except BaseException:
+            # the update in flight never closed: its partial statistics must not reach the next one
+            objective.discard_open_update()
+            objective.policy_cfg = policy_cfg
+            raise
         if not eval_mode:
             self.occ_rl_steps += 1
         if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
@@ -467,6 +465,27 @@ class OCCWorkerExtension:
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
         return metrics
+
+    def _train_with_occ(
+        self, data: Any, loss_fn: Any, eval_mode: bool, probe_index: int | None, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """NeMo-RL's ``train`` inside the MTP capture, the per-update calibration and the probe."""
+        with contextlib.ExitStack() as stack:
+            if self.occ_cfg.has_mtp_term:
+                from nemo_occ.megatron.mtp_capture import MTPCapture
+
+                capture = stack.enter_context(
+                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+                )
+                inputs = stack.enter_context(ModelInputRecorder(self.model))
+                stack.enter_context(self.patched_loss_post_processor(capture, inputs))
+            if not eval_mode:
+                stack.enter_context(self._finish_update_after_each_step())
+            if probe_index is not None:
+                stack.enter_context(
+                    self.patched_forward_backward(self._probing_forward_backward(loss_fn, probe_index))
+                )
+            return super().train(data, loss_fn, eval_mode, *args, **kwargs)
 
     def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
         """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
