@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -271,6 +272,24 @@ def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     resumed = Worker(_config(), None, weights_path=str(weights))
     assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()
     assert resumed.occ_objective.calibrator.num_updates == 2
+
+
+def test_resume_under_changed_settings_names_them(tmp_path):
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    weights = tmp_path / "step_10" / "policy" / "weights"
+    worker.save_checkpoint(str(weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: no warning
+        Worker(_config(), None, weights_path=str(weights))
+    cfg = _config()
+    cfg["nemo_occ"] = {"regime": "occ", "occ": {"lambda_plus": 0.5}, "fidelity": {"every": 2}}
+    with pytest.warns(UserWarning, match="changed nemo_occ settings") as record:
+        resumed = Worker(cfg, None, weights_path=str(weights))
+    (message,) = [str(w.message) for w in record if "changed" in str(w.message)]
+    assert "fidelity.every: 0 -> 2; occ.lambda_plus: 1.0 -> 0.5)" in message
+    assert f"move {weights.parent / STATE_FILE} away" in message
+    assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()  # still restored
 
 
 def test_resume_without_state_warns(tmp_path):

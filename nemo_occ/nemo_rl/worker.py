@@ -560,7 +560,14 @@ class OCCWorkerExtension:
             raise
 
     def load_occ_state(self, path: Path) -> bool:
-        """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one."""
+        """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one.
+
+        A different regime or number of depths is refused (the objective's ``load_state_dict``). Other
+        ``nemo_occ`` settings that changed since the checkpoint are named in a warning: the restored λ and
+        probe history were made under the saved ones, λ is used until the resumed run first refreshes it
+        (its first applied update after the step's first), and moving the state file away restarts the
+        calibrator at ``initial_lambda`` instead.
+        """
         if not path.is_file():
             if self.occ_objective.calibrator is not None:
                 warnings.warn(
@@ -575,6 +582,15 @@ class OCCWorkerExtension:
             probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
         self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
+        changed = _config_changes(state.get("nemo_occ", {}), self.occ_cfg.model_dump())
+        if changed and self.is_state_writer():  # one rank says it, not every rank of the job
+            warnings.warn(
+                f"resuming the OCC state of {path} under changed nemo_occ settings ({'; '.join(changed)}): "
+                "the restored λ and probe history were made under the saved ones, and λ is used until the "
+                f"run first refreshes it; to restart the calibrator at λ = {self.occ_cfg.occ.initial_lambda} "
+                f"instead, move {path} away before resuming",
+                stacklevel=2,
+            )
         return True
 
 
@@ -607,6 +623,18 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
             self._handle = None
         self.input_ids = None
         self.packed_seq_params = None
+
+
+def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"occ.lambda_plus: 1.0 -> 0.5"`` for every (nested) field whose value differs."""
+    out = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key, "(not saved)"), current.get(key, "(unset)")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += _config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old} -> {new}")
+    return out
 
 
 def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
