@@ -333,3 +333,42 @@ def test_unpack_rows_matches_a_loop():
             assert rows[n, j].item() == expect, (n, j)
     rows.sum().backward()
     assert packed.grad.sum().item() == sum(n - 1 for n in lengths)  # each kept position once
+
+
+def test_update_applied_reads_the_step_result_as_nemo_rls_train_does():
+    """The stand-ins above override ``update_applied``; its real body must do what NeMo-RL's ``train`` does
+    with ``optimizer.step()``'s result: unpack (update_successful, grad_norm, num_zeros_in_grad) and AND the
+    first over ``get_pg_collection(self.model).mp``, with the functions imported from the same modules."""
+    import ast
+    import inspect
+    import os
+    import textwrap
+    from pathlib import Path
+
+    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root
+
+    root = os.environ.get("NEMO_RL_ROOT") or find_nemo_rl_root()
+    source = Path(root or "") / "nemo_rl/models/policy/workers/megatron_policy_worker.py"
+    if not root or not source.is_file():
+        pytest.skip("needs NeMo-RL's source (set NEMO_RL_ROOT to a checkout)")
+    theirs = ast.parse(source.read_text())
+    ours = ast.parse(textwrap.dedent(inspect.getsource(OCCWorkerExtension.update_applied)))
+    wanted = {"get_pg_collection", "logical_and_across_model_parallel_group"}
+
+    def imports(tree):
+        return {
+            a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+            if a.name in wanted
+        }  # fmt: skip
+
+    assert imports(ours) == imports(theirs) and set(imports(ours)) == wanted
+    text = ast.unparse(theirs)
+    assert "update_successful, grad_norm, num_zeros_in_grad = self.optimizer.step()" in text
+    assert "logical_and_across_model_parallel_group(update_successful, mp_group=pg_collection.mp)" in text
+    assert "pg_collection = get_pg_collection(self.model)" in text
+    body = ast.unparse(ours)
+    assert "bool(step_result[0])" in body
+    assert (
+        "logical_and_across_model_parallel_group(update_successful, mp_group=get_pg_collection(self.model).mp)"
+        in body
+    )
