@@ -430,6 +430,33 @@ def test_an_overflowing_lambda_raises_and_leaves_state_unchanged(timing):
     assert capped.lambdas == [3.0]
 
 
+def test_a_skipped_update_keeps_lambda_and_its_statistics_never_count():
+    # Megatron's step() returned update_successful=False: θ did not move, nothing of the update sets a λ
+    main, old, mtp, _, mask = rand_batch(seed=32)
+    main2, old2, mtp2, _, mask2 = rand_batch(seed=33)
+    cal = OCCCalibrator(1, OCCConfig())
+    cal.accumulate(main, old, [mtp], mask)
+    cal.update()
+    lam, updates = cal.lambdas[0], cal.num_updates
+    flipped_main, _, _ = _negate_alignment(main, old, mtp)
+    cal.accumulate(flipped_main, old, [mtp], mask)  # would flip λ's sign
+    m = cal.update(skipped=True)
+    assert cal.lambdas == [lam] and cal.num_updates == updates
+    assert m == {"occ/lambda_1": lam, "occ/refreshed": 0.0, "occ/skipped": 1.0}
+    cal.accumulate(main2, old2, [mtp2], mask2)  # the next update's λ comes from its own statistics only
+    m = cal.update()
+    _assert_float(cal.lambdas[0], loop_lambda(main2, old2, mtp2, mask2))
+    assert m["occ/skipped"] == 0.0 and m["occ/lambda_applied_1"] == lam
+
+
+def test_a_skipped_update_discards_microbatch_timing_lambdas_too():
+    main, old, mtp, _, mask = rand_batch(seed=34)
+    cal = OCCCalibrator(1, OCCConfig(timing="microbatch"))
+    cal.local_lambdas(cal.accumulate(main, old, [mtp], mask))
+    cal.update(skipped=True)
+    assert cal.state_dict()["applied"].abs().sum() == 0 and cal.state_dict()["stats"].abs().sum() == 0
+
+
 def test_update_with_a_group_but_no_torch_distributed_raises_and_leaves_state_unchanged():
     cal = _busy_calibrator()
     snap = _snapshot(cal)

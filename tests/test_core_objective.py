@@ -201,6 +201,22 @@ def test_monitored_proxies_under_a_fixed_regime():
     assert quiet.finish_update() == {}
 
 
+@pytest.mark.parametrize("regime", ["occ", "policy"])
+def test_a_skipped_update_reports_lambda_only_and_drops_its_head_gap_sums(regime):
+    """With the MTP heads' own old log-probs (head-gap sums) and, for policy, monitored proxies."""
+    main, old, mtp, adv, mask = rand_batch(seed=56)
+    mtp_old = old + 0.2 * torch.randn(old.shape, generator=torch.Generator().manual_seed(2), dtype=old.dtype)
+    obj = MTPObjective(NemoOCCConfig(regime=regime, coef=0.1, monitor_proxies=True), POLICY)
+    _call(obj, main, old, adv, mask, [mtp], mtp_old_logprobs=[mtp_old])
+    pre = "occ" if regime == "occ" else "proxy"
+    assert obj.finish_update(skipped=True) == {
+        f"{pre}/lambda_1": 0.0, f"{pre}/refreshed": 0.0, f"{pre}/skipped": 1.0
+    }  # fmt: skip
+    _call(obj, main, old, adv, mask, [mtp])  # without own old log-probs: no head-gap sums added
+    m = obj.finish_update()
+    assert m[f"{pre}/skipped"] == 0.0 and m[f"{pre}/v2_hat_vs_own_old_1"] == 0.0  # the skipped sums are gone
+
+
 def test_regime_none_adds_nothing():
     main, old, mtp, adv, mask = rand_batch(seed=56)
     obj = MTPObjective(NemoOCCConfig(regime="none"), POLICY)

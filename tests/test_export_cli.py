@@ -312,3 +312,71 @@ def test_max_mtp_change_must_be_a_finite_positive_number(glm_ref, capsys, value)
         run(["verify-export", str(glm_ref), "--reference", str(glm_ref), "--max-mtp-change", value])
     assert info.value.code == 2
     assert "--max-mtp-change: must be a finite number > 0" in capsys.readouterr().err
+
+
+# ---- Ctrl-C ----------------------------------------------------------------------------------------
+
+
+def _run_catching_ctrl_c(argv: list[str]) -> int:
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped the command: it prints a traceback")
+
+
+def test_ctrl_c_mid_export_is_one_line_exit_130_and_leaves_no_partial_folder(
+    bridge, glm_ref, ckpt, tmp_path, monkeypatch, capsys
+):
+    auto_bridge = sys.modules["megatron.bridge"].AutoBridge
+    export_hf_weights = auto_bridge.export_hf_weights
+    seen = []
+
+    def interrupted_stream(self, model, **kwargs):
+        for i, item in enumerate(export_hf_weights(self, model, **kwargs)):
+            if i == 15:  # the first shard is written by now
+                seen.extend(p.name for p in tmp_path.iterdir() if p.name.startswith(".out.partial-"))
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(auto_bridge, "export_hf_weights", interrupted_stream)
+    assert _run_catching_ctrl_c(_export_argv(ckpt, glm_ref, tmp_path / "out", "--no-progress")) == 130
+    assert capsys.readouterr().err == "nemo-occ: interrupted; nothing was written\n"
+    assert len(seen) == 1  # the partial folder existed ...
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))  # ... and is gone
+
+
+def test_ctrl_c_while_the_export_is_moved_into_place_finishes_it_first(
+    bridge, glm_ref, ckpt, tmp_path, monkeypatch, capsys
+):
+    import os
+    import signal
+
+    from nemo_occ.export import atomic
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what a terminal's Ctrl-C meets
+    replace = os.replace
+
+    def replace_after_ctrl_c(src, dst):
+        if Path(dst).name == "out":
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C right at the final rename
+        replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace_after_ctrl_c)
+    assert _run_catching_ctrl_c(_export_argv(ckpt, glm_ref, tmp_path / "out", "--no-progress")) == 130
+    err = capsys.readouterr().err
+    assert (
+        err == f"nemo-occ: interrupted; the export was finished first and is complete in {tmp_path / 'out'}\n"
+    )
+    assert (tmp_path / "out" / MANIFEST_FILE).is_file() and not list(tmp_path.glob(".out.*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
+def test_ctrl_c_during_verify_export_is_one_line_exit_130(glm_ref, monkeypatch, capsys):
+    from nemo_occ.export import verify
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(verify, "verify_export", interrupted)
+    assert _run_catching_ctrl_c(["verify-export", str(glm_ref), "--reference", str(glm_ref)]) == 130
+    assert capsys.readouterr().err == "nemo-occ: interrupted; nothing was written\n"

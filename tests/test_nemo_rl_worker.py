@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -47,11 +48,17 @@ def _microbatch(seed):
 
 
 class FakeOptimizer:
+    """Megatron's ``step()`` contract: (update_successful, grad_norm, num_zeros_in_grad); the calls listed
+    in ``skip`` (0-based) report a skipped update as Megatron does on inf/NaN gradients."""
+
     def __init__(self):
         self.steps = 0
+        self.skip: set[int] = set()
 
     def step(self):
         self.steps += 1
+        if self.steps - 1 in self.skip:
+            return False, None, None
         return True, 0.0, 0
 
 
@@ -86,6 +93,9 @@ class Worker(OCCWorkerExtension, FakeMegatronWorker):
 
     def broadcast_from_last_stage(self, metrics):
         return metrics
+
+    def update_applied(self, step_result):
+        return bool(step_result[0])  # one process: nothing to AND over a model-parallel group
 
     @contextlib.contextmanager
     def patched_loss_post_processor(self, capture, inputs):
@@ -159,6 +169,31 @@ def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_4)
 
 
+def test_a_skipped_update_keeps_lambda_and_its_statistics_set_nothing():
+    worker = Worker(_config())
+    worker.optimizer.skip = {2}  # the third update: Megatron found inf/NaN gradients and did not apply it
+    updates = [[_microbatch(10 + u)] for u in range(4)]
+    occ = worker.train(updates, _loss())["mtp_metrics"]
+    lam = [_lambda_by_loops(u) for u in updates]
+    # update 1 (θ_old) keeps λ = 0, update 2 sets λ(2), update 3 is skipped and keeps it, update 4 sets λ(4)
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(lam[3])
+    assert occ["occ/lambda_1"] == pytest.approx((0.0 + lam[1] + lam[1] + lam[3]) / 4)
+    assert occ["occ/lambda_applied_1"] == pytest.approx((0.0 + 0.0 + lam[1]) / 3)  # the applied updates'
+    assert occ["occ/lambda_stats_1"] == pytest.approx((lam[0] + lam[1] + lam[3]) / 3)
+    assert occ["occ/skipped"] == pytest.approx(1 / 4) and occ["occ/refreshed"] == pytest.approx(2 / 4)
+    assert worker.occ_objective.calibrator.num_updates == 3
+
+
+def test_updates_count_as_made_at_theta_old_until_one_is_applied():
+    worker = Worker(_config())
+    worker.optimizer.skip = {0}  # θ does not move, so the second update also runs at θ_old: δ_RL = 0
+    updates = [[_microbatch(20 + u)] for u in range(3)]
+    occ = worker.train(updates, _loss())["mtp_metrics"]
+    assert occ["occ/refreshed"] == pytest.approx(1 / 3)  # only the third update refreshes
+    assert occ["occ/lambda_applied_1"] == pytest.approx(0.0)  # the third still ran with the initial λ
+    assert worker.occ_objective.coefficients()[0] == pytest.approx(_lambda_by_loops(updates[2]))
+
+
 def test_mtp_accuracy_is_hits_over_mtp_valid_tokens_of_the_whole_step():
     """Megatron's mtp_{d}_acceptance_rate / 100, which skipping its MTP loss would otherwise drop."""
     worker = Worker(_config(regime="ce"))
@@ -189,6 +224,44 @@ def test_worker_refuses_nemo_rls_plain_loss():
         Worker(_config()).train([[_microbatch(0)]], MainNLL())
 
 
+def _worker_state(worker):
+    state = worker.occ_objective.state_dict()["calibrator"]
+    return state["lambdas"], state["stats"].tolist(), state["num_updates"], worker.occ_objective.policy_cfg
+
+
+def test_a_loss_of_another_config_is_refused_and_changes_nothing():
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    before = _worker_state(worker)
+    other = OCCLossFn(
+        MainNLL(),
+        NemoOCCConfig(regime="occ", occ={"lambda_plus": 0.5}),
+        policy_loss_config({"ratio_clip_max": 0.5}),
+    )
+    with pytest.raises(ValueError, match="different nemo_occ config"):
+        worker.train([[_microbatch(2)], [_microbatch(3)]], other)
+    assert _worker_state(worker) == before and worker.occ_rl_steps == 1 and worker.optimizer.steps == 2
+
+
+def test_a_train_that_raises_mid_update_leaves_no_statistics_behind():
+    worker, fresh = Worker(_config()), Worker(_config())
+    for w in (worker, fresh):
+        w.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    before = _worker_state(worker)
+    broken = dict(_microbatch(3)[1])
+    del broken[
+        "advantages"
+    ]  # the second micro-batch's loss raises after the first one's statistics were taken
+    with pytest.raises(KeyError):
+        worker.train([[_microbatch(2), (_microbatch(3)[0], broken)]], _loss())
+    assert _worker_state(worker) == before and worker.occ_rl_steps == 1
+    step = [
+        [_microbatch(4)],
+        [_microbatch(5)],
+    ]  # and the next step is the one a worker without the error makes
+    assert worker.train(step, _loss())["mtp_metrics"] == fresh.train(step, _loss())["mtp_metrics"]
+
+
 def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     worker = Worker(_config())
     worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
@@ -199,6 +272,24 @@ def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     resumed = Worker(_config(), None, weights_path=str(weights))
     assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()
     assert resumed.occ_objective.calibrator.num_updates == 2
+
+
+def test_resume_under_changed_settings_names_them(tmp_path):
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    weights = tmp_path / "step_10" / "policy" / "weights"
+    worker.save_checkpoint(str(weights))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same settings: no warning
+        Worker(_config(), None, weights_path=str(weights))
+    cfg = _config()
+    cfg["nemo_occ"] = {"regime": "occ", "occ": {"lambda_plus": 0.5}, "fidelity": {"every": 2}}
+    with pytest.warns(UserWarning, match="changed nemo_occ settings") as record:
+        resumed = Worker(cfg, None, weights_path=str(weights))
+    (message,) = [str(w.message) for w in record if "changed" in str(w.message)]
+    assert "fidelity.every: 0 -> 2; occ.lambda_plus: 1.0 -> 0.5)" in message
+    assert f"move {weights.parent / STATE_FILE} away" in message
+    assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()  # still restored
 
 
 def test_resume_without_state_warns(tmp_path):
@@ -242,3 +333,42 @@ def test_unpack_rows_matches_a_loop():
             assert rows[n, j].item() == expect, (n, j)
     rows.sum().backward()
     assert packed.grad.sum().item() == sum(n - 1 for n in lengths)  # each kept position once
+
+
+def test_update_applied_reads_the_step_result_as_nemo_rls_train_does():
+    """The stand-ins above override ``update_applied``; its real body must do what NeMo-RL's ``train`` does
+    with ``optimizer.step()``'s result: unpack (update_successful, grad_norm, num_zeros_in_grad) and AND the
+    first over ``get_pg_collection(self.model).mp``, with the functions imported from the same modules."""
+    import ast
+    import inspect
+    import os
+    import textwrap
+    from pathlib import Path
+
+    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root
+
+    root = os.environ.get("NEMO_RL_ROOT") or find_nemo_rl_root()
+    source = Path(root or "") / "nemo_rl/models/policy/workers/megatron_policy_worker.py"
+    if not root or not source.is_file():
+        pytest.skip("needs NeMo-RL's source (set NEMO_RL_ROOT to a checkout)")
+    theirs = ast.parse(source.read_text())
+    ours = ast.parse(textwrap.dedent(inspect.getsource(OCCWorkerExtension.update_applied)))
+    wanted = {"get_pg_collection", "logical_and_across_model_parallel_group"}
+
+    def imports(tree):
+        return {
+            a.name: n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names
+            if a.name in wanted
+        }  # fmt: skip
+
+    assert imports(ours) == imports(theirs) and set(imports(ours)) == wanted
+    text = ast.unparse(theirs)
+    assert "update_successful, grad_norm, num_zeros_in_grad = self.optimizer.step()" in text
+    assert "logical_and_across_model_parallel_group(update_successful, mp_group=pg_collection.mp)" in text
+    assert "pg_collection = get_pg_collection(self.model)" in text
+    body = ast.unparse(ours)
+    assert "bool(step_result[0])" in body
+    assert (
+        "logical_and_across_model_parallel_group(update_successful, mp_group=get_pg_collection(self.model).mp)"
+        in body
+    )

@@ -58,10 +58,11 @@ def megatron_forward_backward(*, model, data_iterator, post_processing_fn, forwa
 class RecordingOptimizer:
     def __init__(self, model):
         self.model, self.grads = model, []
+        self.skip: set[int] = set()  # calls (0-based) that report a skipped update, as Megatron's step() does
 
     def step(self):  # the weights stay put, so every update sees the same model
         self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-        return True, 0.0, 0
+        return (False, None, None) if len(self.grads) - 1 in self.skip else (True, 0.0, 0)
 
 
 class MegatronStandIn:
@@ -109,6 +110,9 @@ class Worker(OCCWorkerExtension, MegatronStandIn):
 
     def updates_in_step(self, data, gbs):
         return len(data)
+
+    def update_applied(self, step_result):
+        return bool(step_result[0])
 
     @contextlib.contextmanager
     def patched_loss_post_processor(self, capture, inputs):
@@ -248,3 +252,12 @@ def test_every_second_step_and_the_history_survives_a_checkpoint(tmp_path):
     assert resumed.occ_rl_steps == 3 and resumed.occ_probes.records == worker.occ_probes.records
     metrics = resumed.train(steps[1], _loss(2))["mtp_metrics"]  # RL step 4: probed, the second probe
     assert metrics["fidelity/probes"] == 2.0
+
+
+def test_a_skipped_probed_update_records_no_probe():
+    """Megatron did not apply the probed update (inf/NaN gradients): there is nothing to pair with proxies."""
+    worker = Worker(_config(1))
+    worker.optimizer.skip = {1}  # the probed update is the step's second
+    metrics = worker.train([[_microbatch(0)], [_microbatch(1)]], _loss(1))["mtp_metrics"]
+    assert worker.occ_probes.records == [] and not any(k.startswith("fidelity/") for k in metrics)
+    assert metrics["occ/skipped"] == 0.5

@@ -28,6 +28,14 @@ The caller therefore closes that update with ``update(refresh=False)``: its stat
 but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
 u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
 step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
+
+An update the optimizer did not apply (Megatron's ``step()`` returns ``update_successful=False`` when
+fp16/bf16 loss scaling found inf/NaN gradients, or the gradient norm exceeded
+``grad_norm_skip_threshold``) is closed with ``update(skipped=True)``: θ did not move, so its statistics
+are discarded (they may be inf/NaN themselves) and λ is kept; it is reported only as ``occ/skipped``.
+The flag is summed over the group with the statistics, so one rank's skip is every rank's. Because θ
+did not move, an RL step's updates count as made at θ = θ_old until one is applied (the caller keeps
+``refresh=False`` until then).
 Before any statistics exist λ = ``initial_lambda``. Timing ``microbatch`` (the reference code's
 timing) lets each micro-batch use the λ of its own local statistics instead: see
 :meth:`OCCCalibrator.local_lambdas`. It matches the reference code only while λ ≥ 0: the MTP term
@@ -228,20 +236,32 @@ class OCCCalibrator:
         return lams
 
     # -- closing an update -------------------------------------------------------------------------
-    def update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
+    def update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
         """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.
 
         ``refresh=False`` reports the statistics but keeps λ: use it for an update made at θ = θ_old
         (the first of each RL step), whose δ_RL is zero. ``occ/lambda_k`` is the λ the next update
         will use, ``occ/lambda_stats_k`` the Eq. 13 value of this update's statistics.
+        ``skipped=True``: the optimizer did not apply this update (module docstring). If any rank of
+        ``group`` passes it, every rank discards the update's statistics, keeps λ, does not count the
+        update in ``num_updates`` and returns only ``occ/lambda_k``, ``occ/refreshed`` = 0 and
+        ``occ/skipped`` = 1.
         Every rank of ``group`` must call it (a collective when torch.distributed runs several
         processes; pass the data-parallel x context-parallel group, see ``all_reduce_sum_``).
         """
-        stats = self._stats.clone()
+        flag = torch.tensor([[float(skipped), 0.0, 0.0, 0.0]], dtype=torch.float64)
+        reduced = torch.cat([self._stats, flag])  # [K + 1, 4]: the skip flag travels with the sums
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            stats = all_reduce_sum_(stats.to(collective_device(group)), group=group).cpu()
+            reduced = all_reduce_sum_(reduced.to(collective_device(group)), group=group).cpu()
         else:
-            all_reduce_sum_(stats, group=group)  # single process: validates ``group`` only
+            all_reduce_sum_(reduced, group=group)  # single process: validates ``group`` only
+        stats, skipped = reduced[:-1], bool(reduced[-1, 0] > 0)
+        if skipped:  # θ did not move: nothing of this update may set a λ
+            metrics = {f"occ/lambda_{k}": lam for k, lam in enumerate(self._lambdas, start=1)}
+            metrics.update({"occ/refreshed": 0.0, "occ/skipped": 1.0})
+            self.discard_open_update()
+            self.last_metrics = metrics
+            return metrics
         if self._applied[0, 1] > 0:  # microbatch timing: report the mean λ the micro-batches used
             applied = (self._applied[:, 0] / self._applied[:, 1]).tolist()
         else:
@@ -263,6 +283,7 @@ class OCCCalibrator:
             metrics[f"occ/valid_tokens_{d}"] = n
             metrics[f"occ/no_valid_tokens_{d}"] = float(n <= 0)
         metrics["occ/refreshed"] = float(refresh)
+        metrics["occ/skipped"] = 0.0
         if refresh:
             self._lambdas = new
         self._stats.zero_()
@@ -270,6 +291,11 @@ class OCCCalibrator:
         self.num_updates += 1
         self.last_metrics = metrics
         return metrics
+
+    def discard_open_update(self) -> None:
+        """Drop what was accumulated since the last :meth:`update` (local; no collective), keeping λ."""
+        self._stats.zero_()
+        self._applied.zero_()
 
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict:

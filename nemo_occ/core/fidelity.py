@@ -268,6 +268,10 @@ class HeadGap:
     def add(self, stats: torch.Tensor) -> None:
         self._sums += stats
 
+    def discard(self) -> None:
+        """Drop the sums of an update that will not be finished (local; no collective)."""
+        self._sums.zero_()
+
     def finish(self, group=None, prefix: str = "occ") -> dict[str, float]:
         """Reduce over ``group`` (a collective when distributed), reset, return the update's metrics."""
         sums = self._sums.clone()

@@ -203,20 +203,25 @@ class MTPObjective:
                     "each depth's mask must be [B, S] like the main mask"
                 )
 
-    def finish_update(self, group=None, *, refresh: bool = True) -> dict[str, float]:
+    def finish_update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
         """Close one optimizer update (a collective over ``group`` when distributed); returns OCC metrics.
 
         Pass ``refresh=False`` for the first update of each RL step (made at θ = θ_old, so δ_RL = 0):
         its statistics are reported but do not replace λ (see ``nemo_occ.core.calibration``).
+        Pass ``skipped=True`` when the optimizer did not apply the update: its statistics (and head-gap
+        sums) are discarded, λ is kept, and only λ, ``refreshed`` = 0 and ``skipped`` = 1 are returned.
         Under regimes without a calibrator it returns {}. Metrics are named ``occ/*`` for the occ regime
         and ``proxy/*`` when the proxies are only monitored (detach/ce/policy), where ``lambda_k`` is
         the λ that OCC would have picked.
         """
         if self.calibrator is None:
             return {}
-        metrics = self.calibrator.update(group, refresh=refresh)
+        metrics = self.calibrator.update(group, refresh=refresh, skipped=skipped)
+        skipped = metrics["occ/skipped"] > 0  # any rank's skip, after the reduction
         if self._head_gap_seen:
-            metrics.update(self.head_gap.finish(group))
+            head_gap = self.head_gap.finish(group)  # a collective on every rank, and resets the sums
+            if not skipped:
+                metrics.update(head_gap)
         if self.regime.calibrated:
             return metrics
         coefs = self.coefficients()
@@ -224,12 +229,21 @@ class MTPObjective:
         for key, value in metrics.items():
             name = key.replace("occ/", "proxy/")
             out[name] = value
+        if skipped:
+            return out
         for k, lam in enumerate(coefs):  # Eq. 10 terms for the fixed λ actually applied
             d = k + 1
             out[f"proxy/lambda_applied_{d}"] = lam
             out[f"proxy/first_order_{d}"] = lam * metrics[f"occ/c_hat_{d}"]
             out[f"proxy/second_order_{d}"] = 0.5 * lam**2 * metrics[f"occ/v2_hat_{d}"]
         return out
+
+    def discard_open_update(self) -> None:
+        """Drop the statistics of an update that will never be closed (its ``train`` raised); local, λ kept."""
+        if self.calibrator is not None:
+            self.calibrator.discard_open_update()
+        if self.head_gap is not None:
+            self.head_gap.discard()
 
     def state_dict(self) -> dict:
         return {

@@ -1,8 +1,11 @@
 """Make an output folder appear only when it is complete.
 
 Files are written into a temporary sibling folder ``.{name}.partial-{host}-{pid}-{random}`` (same file
-system, so the final ``rename`` is atomic); on success it is renamed into place. On any exception, and
-on SIGTERM (what Slurm sends at a job's time limit), it is deleted. A process killed outright (SIGKILL,
+system, so the final ``rename`` is atomic); on success it is renamed into place. On any exception (Ctrl-C's
+``KeyboardInterrupt`` included), and on SIGTERM (what Slurm sends at a job's time limit), it is deleted.
+Both signals are held back while the folder is moved into place and acted on once it is there; a Ctrl-C
+then raises :class:`InterruptedAfterCommit`, so the caller can say the output is complete. A process
+killed outright (SIGKILL,
 the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next run,
 which reports them and removes them only when asked. The host and pid in the name tell a leftover
 from the folder of an export still running on this host.
@@ -124,20 +127,29 @@ def check_output_free(
     return out
 
 
-class _SigtermCleanup:
+class InterruptedAfterCommit(KeyboardInterrupt):
+    """Ctrl-C arrived while the output was being moved into place: it was finished first, ``out`` is complete."""
+
+    def __init__(self, out: Path):
+        super().__init__(f"interrupted after {out} was complete")
+        self.out = out
+
+
+class _SignalCleanup:
     """While active (main thread only): SIGTERM deletes ``tmp`` and exits with 128 + 15.
 
-    During the final renames the signal is held back and acted on afterwards, so that an export is
-    never left half moved. The previous handler is restored on exit.
+    During the final renames (:meth:`committing`) SIGTERM and SIGINT are held back and acted on
+    afterwards, so that an export is never left half moved. The previous handlers are restored.
     """
 
     def __init__(self, tmp: Path):
         self.tmp = tmp
-        self.committing = False
-        self.pending = False
+        self.in_commit = False
+        self.pending = False  # SIGTERM during the commit
+        self.interrupted = False  # SIGINT during the commit
         self.previous = None
 
-    def __enter__(self) -> _SigtermCleanup:
+    def __enter__(self) -> _SignalCleanup:
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGTERM)
             if previous is not None:  # None: installed outside Python, could not be restored
@@ -146,11 +158,31 @@ class _SigtermCleanup:
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.committing:
+        if self.in_commit:
             self.pending = True
             return
         shutil.rmtree(self.tmp, ignore_errors=True)
         raise SystemExit(128 + signum)
+
+    def _hold_interrupt(self, signum: int, frame: object) -> None:
+        self.interrupted = True
+
+    @contextmanager
+    def committing(self) -> Iterator[None]:
+        """Hold SIGTERM and SIGINT back for the block (SIGINT only where Python's default handler is set)."""
+        hold_int = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        )
+        if hold_int:
+            signal.signal(signal.SIGINT, self._hold_interrupt)
+        self.in_commit = True
+        try:
+            yield
+        finally:
+            self.in_commit = False
+            if hold_int:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def __exit__(self, *exc: object) -> None:
         if self.previous is not None:
@@ -166,26 +198,29 @@ def atomic_directory(
     out.parent.mkdir(parents=True, exist_ok=True)
     prefix = f"{_partial_prefix(out.name)}{_host()}-{os.getpid()}-"
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
-    with _SigtermCleanup(tmp) as sigterm:
+    with _SignalCleanup(tmp) as signals:
         try:
             yield tmp
             _normal_permissions(tmp)
             # someone may have created it meanwhile
             check_output_free(out, overwrite=overwrite, check_replaceable=check_replaceable)
-            sigterm.committing = True
-            if out.exists():
-                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(out, old)
-                try:
+            with signals.committing():
+                if out.exists():
+                    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                    os.replace(out, old)
+                    try:
+                        os.replace(tmp, out)
+                    except BaseException:
+                        os.replace(old, out)  # put the previous export back
+                        raise
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
                     os.replace(tmp, out)
-                except BaseException:
-                    os.replace(old, out)  # put the previous export back
-                    raise
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    if sigterm.pending:  # arrived while the export was being moved into place: it is complete, now stop
+    # a signal that arrived while the export was being moved into place: it is complete, now stop
+    if signals.pending:
         raise SystemExit(128 + signal.SIGTERM)
+    if signals.interrupted:
+        raise InterruptedAfterCommit(out)

@@ -3,7 +3,9 @@
 Registration imports nothing heavy; handlers import their modules when they run. Exit codes: 0 done,
 1 the export does not match its reference (the report lists what), 2 a user mistake (missing or
 wrong folders, an ``--out`` that may not be written or replaced, Megatron-Bridge absent), printed as
-one line. Anything else is a bug and keeps its traceback.
+one line, 130 Ctrl-C (one line: the unfinished folder is deleted, as on SIGTERM, so nothing was written,
+unless the export was already being moved into place: then it is finished and the line says so).
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,7 +18,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 _USER_ERRORS = (ValueError, TypeError, OSError, ImportError)
-USER_ERROR, VERIFICATION_FAILED = 2, 1
+USER_ERROR, VERIFICATION_FAILED, INTERRUPTED = 2, 1, 130
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    """Ctrl-C: one line. The export's unfinished folder is already deleted (``atomic.atomic_directory``)."""
+    from nemo_occ.export.atomic import InterruptedAfterCommit
+
+    if isinstance(err, InterruptedAfterCommit):  # Ctrl-C came while the export was moved into place
+        print(
+            f"nemo-occ: interrupted; the export was finished first and is complete in {err.out}",
+            file=sys.stderr,
+        )
+    else:
+        print("nemo-occ: interrupted; nothing was written", file=sys.stderr)
+    return INTERRUPTED
 
 
 def _fail(err: BaseException) -> int:
@@ -73,6 +89,8 @@ def _export(args: argparse.Namespace) -> int:
         return VERIFICATION_FAILED
     except _USER_ERRORS as err:
         return _fail(err)
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     print(result.report.format())
     print(
         f"Exported {result.manifest['num_tensors']} tensors ({result.manifest['num_mtp_tensors']} MTP) from "
@@ -88,6 +106,8 @@ def _verify(args: argparse.Namespace) -> int:
         report = verify_export(args.export_dir, args.reference, limits=_limits(args), raise_on_failure=False)
     except _USER_ERRORS as err:
         return _fail(err)
+    except KeyboardInterrupt as err:
+        return _interrupted(err)
     text = report.format(limit=None if args.show_all else 50)
     print(text, file=sys.stdout if report.ok else sys.stderr)
     return 0 if report.ok else VERIFICATION_FAILED

@@ -14,9 +14,11 @@ C tokens at a time, in forward and again (recomputed) in backward; what is saved
 ``hidden`` (with sequence parallelism only this rank's sequence shard, gathered again in backward as
 Megatron's output layer does), ``weight``, ``targets`` and one fp32 log-sum-exp per token. Where Megatron's
 DDP keeps an fp32 ``weight.main_grad``, the weight gradient is added into it directly (see
-``token_logprobs``), never through a second [Vl, H] buffer. This is the idea of Cut
-Cross-Entropy / Liger's fused linear cross-entropy / NeMo-RL's chunked fused linear log-probs, written
-here for Megatron's vocab-parallel layout and the MTP heads (see REFERENCE.md section 8).
+``token_logprobs``), never through a second [Vl, H] buffer. The idea is prior art: Apple's Cut
+Cross-Entropy (the ``cut-cross-entropy`` package), Liger Kernel's fused linear cross-entropy and NeMo-RL's
+fused linear log-probs (``policy.megatron_cfg.use_fused_linear_logprobs``, main head only) all avoid the
+full logits tensor the same way; it is written again here for Megatron's vocab-parallel layout and for
+the MTP heads.
 
 Simplifications: the matmul ``hidden @ weight.T`` runs in the inputs' dtype, exactly like Megatron's
 ``ColumnParallelLinear`` output layer (BF16 logits with fp32 accumulation on GPU), so the log-probs equal

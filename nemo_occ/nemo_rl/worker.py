@@ -15,7 +15,12 @@ loop and adds three things around it, for the duration of one ``train`` call:
    persistent :class:`MTPObjective` closes it (``finish_update``, a SUM all-reduce of the OCC statistics
    over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
    comes from the statistics of update u ("lagged" timing). The first update of each ``train`` call (one
-   RL step) runs at θ = θ_old, where δ_RL = 0: it is reported but does not refresh λ.
+   RL step) runs at θ = θ_old, where δ_RL = 0: it is reported but does not refresh λ. An update Megatron
+   did not apply (``optimizer.step()`` returned ``update_successful=False``: inf/NaN gradients under loss
+   scaling, or a gradient norm over ``grad_norm_skip_threshold``; ANDed over the model-parallel group as
+   NeMo-RL does, :meth:`OCCWorkerExtension.update_applied`) left θ where it was: its statistics are
+   discarded, λ is kept, it counts in ``occ/skipped``, and the step's updates count as made at θ_old
+   until one is applied.
 3. **A persistent objective.** The loss object arrives freshly unpickled in every ``train`` call; the
    mixin binds the worker's objective into it, saves its state next to NeMo-RL's checkpoint
    (``policy/nemo_occ_state.pt``) and restores it on resume.
@@ -140,7 +145,7 @@ class OCCWorkerExtension:
     Hooks a subclass or a test may override: :meth:`occ_reduction_group`, :meth:`is_state_writer`,
     :meth:`broadcast_from_last_stage`, :meth:`patched_loss_post_processor`, :meth:`patched_forward_backward`,
     :meth:`updates_in_step`, :meth:`gradient_probe_pass`, :meth:`patched_logprobs_post_processor`,
-    :meth:`broadcast_tensors_from_last_stage`.
+    :meth:`broadcast_tensors_from_last_stage`, :meth:`update_applied`.
     """
 
     occ_cfg: NemoOCCConfig
@@ -160,6 +165,7 @@ class OCCWorkerExtension:
         self.occ_probes = ProbeHistory(self.occ_cfg.num_depths, self.occ_cfg.fidelity.min_probes)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
         self._occ_update_metrics: list[dict[str, float]] = []
+        self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old
         self._occ_exact = None  # exact statistics of the update being trained, when it was probed
         self._occ_fidelity: dict[str, float] = {}
         self._occ_reference_pass = False  # get_logprobs called for the reference policy
@@ -246,6 +252,22 @@ class OCCWorkerExtension:
             yield
         finally:
             worker_module.megatron_forward_backward = original
+
+    def update_applied(self, step_result: Any) -> bool:
+        """Whether the optimizer applied the update, on every model-parallel rank.
+
+        Megatron's ``optimizer.step()`` returns ``(update_successful, grad_norm, num_zeros_in_grad)``;
+        NeMo-RL's ``train`` ANDs ``update_successful`` over the model-parallel group (a rank without
+        trainable parameters never skips), with Bridge's function used here, so every TP/PP rank keeps
+        the same λ. The calibrator then ORs the skip over the data-parallel group.
+        """
+        from megatron.bridge.training.utils.pg_utils import get_pg_collection
+        from megatron.bridge.training.utils.train_utils import logical_and_across_model_parallel_group
+
+        update_successful = bool(step_result[0])
+        return logical_and_across_model_parallel_group(
+            update_successful, mp_group=get_pg_collection(self.model).mp
+        )
 
     def updates_in_step(self, data: Any, gbs: int | None) -> int:
         """Optimizer updates NeMo-RL's ``train`` makes over ``data`` (this rank's equal share of the batch)."""
@@ -393,17 +415,19 @@ class OCCWorkerExtension:
     def train(
         self, data: Any, loss_fn: Any, eval_mode: bool = False, *args: Any, **kwargs: Any
     ) -> dict[str, Any]:
-        """NeMo-RL's ``train`` with the MTP capture, the bound objective and one OCC update per step."""
+        """NeMo-RL's ``train`` with the MTP capture, the bound objective and one OCC update per step.
+
+        It refuses a loss that is not nemo-occ's, or was built from another nemo_occ config, before it
+        changes anything. If NeMo-RL's ``train`` raises, the statistics of the update in flight are dropped
+        and the objective's clip settings restored; the updates it completed stay (θ moved with them).
+        """
         if not hasattr(loss_fn, "bind_objective"):
             raise TypeError(
                 f"nemo-occ's worker needs nemo-occ's loss (nemo_occ.nemo_rl.loss.OCCLossFn), got {type(loss_fn).__name__}"
             )
-        self.occ_objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
         objective = self.occ_objective
         if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
             objective = copy.deepcopy(self.occ_objective)
-        loss_fn.bind_objective(objective)
-        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
         every = self.occ_cfg.fidelity.every
         probe = (
             not eval_mode
@@ -411,23 +435,20 @@ class OCCWorkerExtension:
             and objective.calibrator is not None
             and (self.occ_rl_steps + 1) % every == 0
         )
-        with contextlib.ExitStack() as stack:
-            if self.occ_cfg.has_mtp_term:
-                from nemo_occ.megatron.mtp_capture import MTPCapture
-
-                capture = stack.enter_context(
-                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
-                )
-                inputs = stack.enter_context(ModelInputRecorder(self.model))
-                stack.enter_context(self.patched_loss_post_processor(capture, inputs))
-            if not eval_mode:
-                stack.enter_context(self._finish_update_after_each_step())
-            if probe:
-                index = probed_update(self.updates_in_step(data, kwargs.get("gbs")))
-                stack.enter_context(
-                    self.patched_forward_backward(self._probing_forward_backward(loss_fn, index))
-                )
-            metrics = super().train(data, loss_fn, eval_mode, *args, **kwargs)
+        index = probed_update(self.updates_in_step(data, kwargs.get("gbs"))) if probe else None
+        # bind_objective checks the loss's config: the last step that can refuse, so nothing is changed before
+        loss_fn.bind_objective(objective)
+        policy_cfg = objective.policy_cfg
+        objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
+        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
+        self._occ_moved = False
+        try:
+            metrics = self._train_with_occ(data, loss_fn, eval_mode, index, *args, **kwargs)
+        except BaseException:
+            # the update in flight never closed: its partial statistics must not reach the next one
+            objective.discard_open_update()
+            objective.policy_cfg = policy_cfg
+            raise
         if not eval_mode:
             self.occ_rl_steps += 1
         if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
@@ -444,6 +465,27 @@ class OCCWorkerExtension:
         if occ_metrics:
             metrics.setdefault("mtp_metrics", {}).update(occ_metrics)  # logged as train/mtp/occ/...
         return metrics
+
+    def _train_with_occ(
+        self, data: Any, loss_fn: Any, eval_mode: bool, probe_index: int | None, *args: Any, **kwargs: Any
+    ) -> dict[str, Any]:
+        """NeMo-RL's ``train`` inside the MTP capture, the per-update calibration and the probe."""
+        with contextlib.ExitStack() as stack:
+            if self.occ_cfg.has_mtp_term:
+                from nemo_occ.megatron.mtp_capture import MTPCapture
+
+                capture = stack.enter_context(
+                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+                )
+                inputs = stack.enter_context(ModelInputRecorder(self.model))
+                stack.enter_context(self.patched_loss_post_processor(capture, inputs))
+            if not eval_mode:
+                stack.enter_context(self._finish_update_after_each_step())
+            if probe_index is not None:
+                stack.enter_context(
+                    self.patched_forward_backward(self._probing_forward_backward(loss_fn, probe_index))
+                )
+            return super().train(data, loss_fn, eval_mode, *args, **kwargs)
 
     def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
         """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
@@ -467,13 +509,18 @@ class OCCWorkerExtension:
 
         def step_then_calibrate(*args: Any, **kwargs: Any):
             result = step(*args, **kwargs)
-            # the first update of this train() call (one RL step) ran at θ = θ_old, where δ_RL = 0:
-            # report its statistics but keep λ (see nemo_occ.core.calibration)
-            refresh = bool(self._occ_update_metrics)
-            update = self.occ_objective.finish_update(self.occ_reduction_group(), refresh=refresh)
+            applied = self.update_applied(result)
+            # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
+            # report the statistics but keep λ (see nemo_occ.core.calibration)
+            update = self.occ_objective.finish_update(
+                self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
+            )
+            skipped = update.get("occ/skipped", update.get("proxy/skipped", float(not applied))) > 0
+            self._occ_moved = self._occ_moved or not skipped
             self._occ_update_metrics.append(update)
             if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
-                if self.holds_output_layer():  # the proxies exist where the loss is computed
+                # (a skipped update's gradients were not finite or not used: no probe to record)
+                if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
                     self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
                 self._occ_exact = None
             return result
@@ -513,7 +560,14 @@ class OCCWorkerExtension:
             raise
 
     def load_occ_state(self, path: Path) -> bool:
-        """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one."""
+        """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one.
+
+        A different regime or number of depths is refused (the objective's ``load_state_dict``). Other
+        ``nemo_occ`` settings that changed since the checkpoint are named in a warning: the restored λ and
+        probe history were made under the saved ones, λ is used until the resumed run first refreshes it
+        (its first applied update after the step's first), and moving the state file away restarts the
+        calibrator at ``initial_lambda`` instead.
+        """
         if not path.is_file():
             if self.occ_objective.calibrator is not None:
                 warnings.warn(
@@ -528,6 +582,15 @@ class OCCWorkerExtension:
             probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
         self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
+        changed = _config_changes(state.get("nemo_occ", {}), self.occ_cfg.model_dump())
+        if changed and self.is_state_writer():  # one rank says it, not every rank of the job
+            warnings.warn(
+                f"resuming the OCC state of {path} under changed nemo_occ settings ({'; '.join(changed)}): "
+                "the restored λ and probe history were made under the saved ones, and λ is used until the "
+                f"run first refreshes it; to restart the calibrator at λ = {self.occ_cfg.occ.initial_lambda} "
+                f"instead, move {path} away before resuming",
+                stacklevel=2,
+            )
         return True
 
 
@@ -562,12 +625,30 @@ class ModelInputRecorder(contextlib.AbstractContextManager):
         self.packed_seq_params = None
 
 
+def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """``"occ.lambda_plus: 1.0 -> 0.5"`` for every (nested) field whose value differs."""
+    out = []
+    for key in sorted(saved.keys() | current.keys()):
+        old, new = saved.get(key, "(not saved)"), current.get(key, "(unset)")
+        if isinstance(old, Mapping) and isinstance(new, Mapping):
+            out += _config_changes(old, new, f"{prefix}{key}.")
+        elif old != new:
+            out.append(f"{prefix}{key}: {old} -> {new}")
+    return out
+
+
 def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
-    """Per-step value of per-update OCC metrics: their mean over the step's optimizer updates."""
-    if not updates:
-        return {}
-    keys = updates[0].keys()
-    return {k: sum(u[k] for u in updates) / len(updates) for k in keys}
+    """Per-step value of per-update OCC metrics: each one's mean over the step's updates that report it.
+
+    λ, ``refreshed`` and ``skipped`` are reported by every update; the statistics only by the applied ones.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for update in updates:
+        for key, value in update.items():
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {key: total / counts[key] for key, total in sums.items()}
 
 
 def _mtp_logprobs_post_processor_class(
