@@ -28,66 +28,26 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-import warnings
 
 import torch
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what a GPU trains in; the CPU's fast path
+from _setup import add_model_args, build_model, prepare  # bench/ is on sys.path when run
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=256, help="sequence length S")
-    ap.add_argument("--batch", type=int, default=16, help="sequences per update B")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--vocab", type=int, default=8192)
+    add_model_args(ap)
     ap.add_argument("--depths", type=int, default=1, help="MTP layers K")
-    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--every", type=int, default=10, help="N of nemo_occ.fidelity.every")
     ap.add_argument("--updates-per-step", type=int, default=4, help="M: optimizer updates per RL step")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    ap.add_argument(
-        "--device", choices=sorted(DEFAULT_DTYPE), default="cpu", help="where to run (default cpu)"
-    )
-    ap.add_argument(
-        "--dtype", choices=sorted(DTYPES), default=None, help="default: float32 on cpu, bfloat16 on cuda"
-    )
     args = ap.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: torch sees no CUDA device; run on a GPU machine or use --device cpu")
-    dtype = DTYPES[args.dtype or DEFAULT_DTYPE[args.device]]
-    # CUDA runs asynchronously: a timed update ends only when the device has finished it.
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    dtype, sync = prepare(ap, args)
 
     from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
     from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
-    from nemo_occ.megatron import cpu_compat, forward_with_mtp_logprobs
-    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.megatron import forward_with_mtp_logprobs
     from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
-    from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
-    cpu_compat.enable()  # a no-op where CUDA is available
-    init_model_parallel(tensor_parallel=1, backend="nccl" if args.device == "cuda" else "gloo")
-    torch.manual_seed(0)
-    cfg = TinyGPTConfig(
-        vocab_size=args.vocab,
-        hidden_size=args.hidden,
-        num_layers=args.layers,
-        num_attention_heads=args.heads,
-        max_sequence_length=args.tokens,
-        mtp_num_layers=args.depths,
-    )
-    # Built on the CPU in fp32 (megatron's CPU initialisation), then moved: parameters in ``dtype`` as a
-    # bf16 GPU run keeps them (no fp32 master copy: the optimizer is plain SGD on the parameters).
-    # config.bf16 makes megatron's attention take its softmax in fp32, as in a bf16 training run.
-    bf16 = {"bf16": True} if dtype == torch.bfloat16 else {}
-    model = build_tiny_gpt(cfg, transformer_fields=bf16).to(device=args.device, dtype=dtype)
+    model = build_model(args, dtype, mtp_num_layers=args.depths)
     init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)  # [B, S]
