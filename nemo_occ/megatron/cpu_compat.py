@@ -2,7 +2,7 @@
 
 Megatron-core assumes CUDA in a handful of places that have nothing to do with the maths of a
 tiny model. Each patch below replaces one such assumption with its CPU equivalent
-(REFERENCE.md section 4, verified on megatron-core 0.16.1 and 0.20.0 with gloo):
+(verified on megatron-core 0.16.1 and 0.20.0 with gloo; `tests/test_megatron_cpu_compat.py`):
 
 =================================================  ================================================
 megatron-core assumption                           CPU replacement
