@@ -7,14 +7,12 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from nemo_occ.cli import main
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.demo.output import DemoOutputError
-from nemo_occ.demo.report import pearson_r
 from nemo_occ.demo.task import EOS, AdditionTask
 
 REGIMES = ["none", "detach", "ce", "policy", "occ"]
@@ -108,6 +106,11 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     for r in _rows(out / "detach" / "metrics.jsonl"):
         if "exact/c_1" in r:
             assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] == 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+    # the summary quotes the run's own fidelity metrics at its last probe
+    fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
+    assert fid["probes"] == pairs[-1]["fidelity/probes"] == 2
+    assert fid["depths"]["1"]["trusted"] == pairs[-1]["fidelity/trusted_1"]
+    assert (out / "fidelity.png").read_bytes()[:8] == PNG_MAGIC
 
 
 def test_demo_rejects_bad_config(tmp_path, capsys):
@@ -146,12 +149,66 @@ def test_training_problems_never_hit_the_heldout_set():
     assert not held & {tuple(x) for x in train.tolist()}
 
 
-def test_pearson_r_matches_numpy():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=30)
-    y = 0.5 * x + rng.normal(size=30)
-    assert pearson_r(list(x), list(y)) == pytest.approx(float(np.corrcoef(x, y)[0, 1]), rel=1e-12)
-    assert pearson_r([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) is None
+def _probe_rows(last_update_c_hat: list[float], probed: list[tuple[float, float, float, float, float]]):
+    """metrics.jsonl rows of a 4-update run probed at every step, as the trainer writes them: the row's
+    occ/* keys are the step's LAST update, fidelity/* come from a ProbeHistory fed the PROBED update."""
+    from nemo_occ.core.diagnostics import GradientStatistics
+    from nemo_occ.core.fidelity import ProbeHistory
+
+    history = ProbeHistory(num_depths=1)
+    rows = [{"step": 0, "eval/accuracy": 0.5}]
+    for step, (last_c_hat, (c_hat, v2_hat, tokens, c, v2)) in enumerate(
+        zip(last_update_c_hat, probed, strict=True), 1
+    ):
+        exact = GradientStatistics(c=[c], v2=[v2], rl_norm2=4.0)
+        row = {"step": step, "reward/mean": 0.5, "mtp/accuracy_1": 0.5, "exact/c_1": c, "exact/v2_1": v2}
+        row.update({"occ/c_hat_1": last_c_hat, "occ/v2_hat_1": 1.0, "occ/lambda_1": 0.1})
+        row.update(
+            history.record(c_hat=[c_hat], v2_hat=[v2_hat], tokens=[tokens], lambdas=[0.1], exact=exact)
+        )
+        rows.append(row)
+    return rows, history
+
+
+def test_summary_quotes_the_cores_fidelity_of_the_probed_update():
+    from scipy.stats import spearmanr
+
+    from nemo_occ.demo.report import summarize, summary_markdown
+
+    # per-token proxies rank like the exact statistics; the summed ones (token counts vary) and the
+    # last update's do not
+    tokens = [40.0, 10.0, 80.0, 20.0, 60.0, 30.0]
+    c = [-0.3, 0.4, -0.1, 0.6, 0.3, 0.5]
+    v2 = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0]
+    per_token_c_hat = [-0.03, 0.04, -0.01, 0.06, 0.03, 0.05]  # c's signs and ranks
+    per_token_v2_hat = [0.1, 0.3, 0.2, 0.5, 0.4, 0.6]
+    probed = [(pc * n, pv * n, n, ci, vi) for pc, pv, n, ci, vi in
+              zip(per_token_c_hat, per_token_v2_hat, tokens, c, v2, strict=True)]  # fmt: skip
+    last_update = [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    rows, history = _probe_rows(last_update, probed)
+    run = {"metrics": rows, "wall_time_s": 1.0, "step_time_s": 0.1}
+    fid = summarize({"occ": run})["regimes"]["occ"]["fidelity"]
+
+    assert fid["probes"] == 6
+    e = fid["depths"]["1"]
+    assert e["spearman_c"] == pytest.approx(1.0)  # scipy on the per-token pairs: ranks identical
+    assert e["spearman_v2"] == pytest.approx(spearmanr(per_token_v2_hat, v2).statistic)
+    assert spearmanr([p[0] for p in probed], c).statistic < 0.9  # the summed proxies would rank otherwise
+    assert e["spearman_v2_low"] < e["spearman_v2"] < e["spearman_v2_high"]
+    # |λ|·sqrt(v²/||g_RL||²) per probe, median of six = mean of the 3rd and 4th (v² = 3 and 4)
+    assert e["trusted"] == 1.0
+    assert e["update_share_median"] == pytest.approx(0.1 * (math.sqrt(3 / 4) + math.sqrt(4 / 4)) / 2)
+    # one definition: every running statistic is the one the run's ProbeHistory computed
+    assert {f"fidelity/{k}_1": v for k, v in e.items() if k != "update_share_median"} == {
+        k: v for k, v in history.metrics().items() if k != "fidelity/probes"
+    }
+    md = summary_markdown(summarize({"occ": run}), "# h")
+    assert f"| occ | 1 | 6 | 1.00 [{e['spearman_c_low']:.2f}, 1.00] |" in md and "| yes |" in md
+
+    # detach: c ≡ 0 over the main model, so ρ is undefined, not a number, and the verdict is no
+    rows, _ = _probe_rows(last_update, [(pc, pv, n, 0.0, 0.0) for pc, pv, n, _, _ in probed])
+    fid = summarize({"detach": {**run, "metrics": rows}})["regimes"]["detach"]["fidelity"]
+    assert "spearman_c" not in fid["depths"]["1"] and fid["depths"]["1"]["trusted"] == 0.0
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -172,17 +229,6 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
     with pytest.raises(DemoOutputError, match="another configuration"):
         load_checkpoint(path, {"a": 2})
-
-
-def test_spearman_r_is_pearson_of_ranks_with_ties():
-    from nemo_occ.demo.report import spearman_r
-
-    x = [3.0, 1.0, 2.0, 2.0, 10.0]
-    y = [30.0, 5.0, 7.0, 6.0, 1000.0]
-    # ranks by hand: x -> [3, 0, 1.5, 1.5, 4], y -> [3, 0, 2, 1, 4]
-    rx, ry = np.array([3, 0, 1.5, 1.5, 4]), np.array([3, 0, 2, 1, 4])
-    assert spearman_r(x, y) == pytest.approx(float(np.corrcoef(rx, ry)[0, 1]), rel=1e-12)
-    assert spearman_r(x, [v**3 for v in x]) == pytest.approx(1.0)  # monotone -> 1 whatever the scale
 
 
 def test_response_mask_scores_exactly_the_response_tokens():

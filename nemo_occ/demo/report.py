@@ -1,52 +1,26 @@
 """Summary tables and plots of a demo run (``summary.json``, ``summary.md``, ``*.png``).
 
 Everything here reads the per-regime ``metrics.jsonl`` files, so a report can be rebuilt from a
-finished (or resumed) run without re-training.
+finished (or resumed) run without re-training. Proxy fidelity is not recomputed here: the summary
+quotes the ``fidelity/*`` metrics that the run's ``nemo_occ.core.fidelity.ProbeHistory`` logged at
+its last probe (per-token proxies of the probed update against the exact c and v² over the main
+model; Spearman ρ with its 95% interval, sign agreement, the trust verdict), the same numbers
+NeMo-RL logs under ``train/mtp/fidelity/``.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import statistics
 from pathlib import Path
 
 from nemo_occ.demo.output import atomic_write
 
-__all__ = ["build_report", "pearson_r", "spearman_r"]
+__all__ = ["build_report", "fidelity_summary"]
 
 _COLORS = {"none": "#7f7f7f", "detach": "#1f77b4", "ce": "#2ca02c", "policy": "#9467bd", "occ": "#d62728"}
-
-
-def pearson_r(xs: list[float], ys: list[float]) -> float | None:
-    """Pearson correlation; None with fewer than 3 points or a constant series."""
-    n = len(xs)
-    if n < 3:
-        return None
-    mx, my = sum(xs) / n, sum(ys) / n
-    sxx = sum((x - mx) ** 2 for x in xs)
-    syy = sum((y - my) ** 2 for y in ys)
-    if sxx == 0 or syy == 0:
-        return None
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
-
-
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):  # ties share their average rank
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2.0
-        i = j + 1
-    return ranks
-
-
-def spearman_r(xs: list[float], ys: list[float]) -> float | None:
-    """Spearman rank correlation (Pearson r of the ranks): robust to the heavy tails of gradient norms."""
-    return pearson_r(_ranks(xs), _ranks(ys))
+# ProbeHistory.metrics: the running statistics over all probes so far (the rest of fidelity/* is per probe)
+_RUNNING = ("spearman_", "sign_", "trusted")
 
 
 def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -68,6 +42,37 @@ def _proxy_prefix(regime: str) -> str:
     return "occ" if regime == "occ" else "proxy"
 
 
+def _depths(rows: list[dict]) -> list[int]:
+    return sorted({int(k.rpartition("_")[2]) for r in rows for k in r if k.startswith("fidelity/trusted_")})
+
+
+def fidelity_summary(rows: list[dict]) -> dict | None:
+    """The run's proxy fidelity as its ``ProbeHistory`` reported it at the last probe (None: no probe).
+
+    ``probes`` and, per depth ``d`` (keys ``"1"``, ...), every running ``fidelity/*`` statistic under
+    its own name without the depth (``spearman_c``, ``spearman_c_low``, ..., ``trusted``; a statistic
+    the core left undefined is absent), plus ``update_share_median``, the median over the probes of
+    ``fidelity/update_share_d``.
+    """
+    probed = [r for r in rows if r.get("fidelity/probes") is not None]
+    if not probed:
+        return None
+    last = probed[-1]
+    out: dict = {"probes": int(last["fidelity/probes"]), "depths": {}}
+    for d in _depths(probed):
+        entry = {}
+        for key, value in last.items():
+            name, _, depth = key.removeprefix("fidelity/").rpartition("_")
+            if key.startswith("fidelity/") and name.startswith(_RUNNING) and depth == str(d):
+                entry[name] = value
+        shares = [
+            r[f"fidelity/update_share_{d}"] for r in probed if r.get(f"fidelity/update_share_{d}") is not None
+        ]
+        entry["update_share_median"] = statistics.median(shares) if shares else None
+        out["depths"][str(d)] = entry
+    return out
+
+
 def summarize(runs: dict[str, dict]) -> dict:
     """runs: regime -> {"metrics": rows, "wall_time_s": float, "step_time_s": float}."""
     out: dict = {"regimes": {}}
@@ -87,21 +92,9 @@ def summarize(runs: dict[str, dict]) -> dict:
         }
         if regime != "none":
             entry["lambda_1_final"] = _last(rows, f"{pre}/lambda_1") if regime == "occ" else None
-            xs_c, ys_c, xs_v, ys_v = [], [], [], []
-            for r in rows:
-                if r.get("exact/c_1") is not None and r.get(f"{pre}/c_hat_1") is not None:
-                    xs_c.append(r[f"{pre}/c_hat_1"])
-                    ys_c.append(r["exact/c_1"])
-                    xs_v.append(r[f"{pre}/v2_hat_1"])
-                    ys_v.append(r["exact/v2_1"])
-            if xs_c:
-                entry["fidelity"] = {
-                    "points": len(xs_c),
-                    "pearson_r_c": pearson_r(xs_c, ys_c),
-                    "pearson_r_v2": pearson_r(xs_v, ys_v),
-                    "spearman_r_c": spearman_r(xs_c, ys_c),
-                    "spearman_r_v2": spearman_r(xs_v, ys_v),
-                }
+            fidelity = fidelity_summary(rows)
+            if fidelity is not None:
+                entry["fidelity"] = fidelity
         out["regimes"][regime] = entry
     if "occ" in runs and "detach" in runs and runs["detach"]["step_time_s"] > 0:
         out["step_time_ratio_occ_over_detach"] = runs["occ"]["step_time_s"] / runs["detach"]["step_time_s"]
@@ -110,6 +103,13 @@ def summarize(runs: dict[str, dict]) -> dict:
 
 def _fmt(x, spec=".3f") -> str:
     return "—" if x is None else format(x, spec)
+
+
+def _rho(entry: dict, name: str) -> str:
+    if entry.get(f"spearman_{name}") is None:
+        return "—"
+    lo, hi = entry[f"spearman_{name}_low"], entry[f"spearman_{name}_high"]
+    return f"{entry[f'spearman_{name}']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def summary_markdown(summary: dict, header: str) -> str:
@@ -131,19 +131,23 @@ def summary_markdown(summary: dict, header: str) -> str:
     if fid:
         lines += [
             "",
-            "Proxy fidelity: correlation over the run between each proxy and the exact gradient statistic "
-            "(the paper's Fig. 8), Pearson r and Spearman ρ:",
+            "Proxy fidelity (`fidelity/*` at the last probe, `nemo_occ.core.fidelity`): per-token proxies of the "
+            "probed update against the exact c and v² over the main model's parameters (the paper's Fig. 8). "
+            "Spearman ρ with its 95% interval; how often sign(ĉ) = sign(c), against chance; median "
+            "|λ|·‖g_MTP‖/‖g_RL‖; trusted = both intervals above 0 and the sign beats chance. "
+            "— : undefined (a constant series).",
             "",
-        ]
-        lines += [
-            "| regime | points | r(ĉ, c) | ρ(ĉ, c) | r(v̂², v²) | ρ(v̂², v²) |",
-            "|---|---|---|---|---|---|",
+            "| regime | depth | probes | ρ(ĉ, c) [95%] | ρ(v̂², v²) [95%] | sign(ĉ) = sign(c) (chance) "
+            "| update share | trusted |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for r, f in fid.items():
-            lines.append(
-                f"| {r} | {f['points']} | {_fmt(f['pearson_r_c'])} | {_fmt(f['spearman_r_c'])} | "
-                f"{_fmt(f['pearson_r_v2'])} | {_fmt(f['spearman_r_v2'])} |"
-            )
+            for d, e in f["depths"].items():
+                lines.append(
+                    f"| {r} | {d} | {f['probes']} | {_rho(e, 'c')} | {_rho(e, 'v2')} | "
+                    f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
+                    f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -204,24 +208,29 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
 
     fid = {}
     for regime, run in runs.items():
-        pre = _proxy_prefix(regime)
-        pts = [(r[f"{pre}/c_hat_1"], r["exact/c_1"], r[f"{pre}/v2_hat_1"], r["exact/v2_1"]) for r in run["metrics"]
-               if r.get("exact/c_1") is not None and r.get(f"{pre}/c_hat_1") is not None]  # fmt: skip
-        if pts:
-            fid[regime] = pts
+        summary = fidelity_summary(run["metrics"])
+        if summary is None or "1" not in summary["depths"]:
+            continue
+        keys = ("fidelity/c_hat_per_token_1", "fidelity/c_1", "fidelity/v2_hat_per_token_1", "fidelity/v2_1")
+        pts = [[r[k] for k in keys] for r in run["metrics"] if all(r.get(k) is not None for k in keys)]
+        fid[regime] = (pts, summary["depths"]["1"])
     if fid:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for regime, pts in fid.items():
+        for regime, (pts, stats) in fid.items():
             c = _COLORS.get(regime)
             xc, yc, xv, yv = ([p[i] for p in pts] for i in range(4))
-            lc = f"{regime} r={_fmt(pearson_r(xc, yc), '.2f')} ρ={_fmt(spearman_r(xc, yc), '.2f')}"
-            lv = f"{regime} r={_fmt(pearson_r(xv, yv), '.2f')} ρ={_fmt(spearman_r(xv, yv), '.2f')}"
-            axes[0].scatter(xc, yc, color=c, s=12, label=lc)
-            axes[1].scatter(xv, yv, color=c, s=12, label=lv)
+            axes[0].scatter(xc, yc, color=c, s=12, label=f"{regime} ρ={_rho(stats, 'c')}")
+            axes[1].scatter(xv, yv, color=c, s=12, label=f"{regime} ρ={_rho(stats, 'v2')}")
         axes[0].set(
-            title="alignment: proxy ĉ vs exact c", xlabel="ĉ = Σ δ_RL·δ_MTP", ylabel="c = <g_RL, g_MTP>"
+            title="alignment: proxy vs exact (depth 1)",
+            xlabel="ĉ / n = Σ δ_RL·δ_MTP / tokens",
+            ylabel="c = <g_RL, g_MTP> (main model)",
         )
-        axes[1].set(title="variance: proxy v̂² vs exact v²", xlabel="v̂² = Σ δ_MTP²", ylabel="v² = ||g_MTP||²")
+        axes[1].set(
+            title="variance: proxy vs exact (depth 1)",
+            xlabel="v̂² / n = Σ δ_MTP² / tokens",
+            ylabel="v² = ||g_MTP||² (main model)",
+        )
         for ax in axes:  # gradient statistics are heavy-tailed: keep the bulk of the points visible
             ax.set_yscale("symlog", linthresh=1e-3)
             ax.legend(fontsize=8)
