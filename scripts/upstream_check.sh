@@ -144,7 +144,7 @@ fi
 cd "$REPO"
 MCORE_TESTS=(tests/test_megatron_*.py tests/test_chunked_logprobs.py tests/test_demo*.py tests/test_nemo_rl_worker.py)
 NEMO_RL_TESTS=(tests/test_nemo_rl_*.py tests/test_recipes.py)
-WORKER_TESTS=(tests/test_nemo_rl_megatron_train.py)
+WORKER_TESTS=(tests/test_nemo_rl_megatron_train.py tests/test_nemo_rl_mtp_old_logprobs.py tests/test_nemo_rl_worker_probes.py)
 
 run_pytest() { # name python pythonpath tests...: run, keep the log and JUnit file, never abort the script
   local name=$1 python=$2 pythonpath=$3
