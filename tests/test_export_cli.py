@@ -346,14 +346,17 @@ def test_ctrl_c_mid_export_is_one_line_exit_130_and_leaves_no_partial_folder(
 
 
 def test_ctrl_c_while_the_export_is_moved_into_place_finishes_it_first(
-    bridge, glm_ref, ckpt, tmp_path, monkeypatch, capsys
+    bridge, glm_ref, ckpt, tmp_path, monkeypatch, capsys, request
 ):
     import os
     import signal
 
     from nemo_occ.export import atomic
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # what a terminal's Ctrl-C meets
+    # What a terminal's Ctrl-C meets. Set here, not assumed: a job started in the background by a
+    # non-interactive shell begins with SIGINT ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     replace = os.replace
 
     def replace_after_ctrl_c(src, dst):
