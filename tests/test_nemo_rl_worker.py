@@ -13,9 +13,9 @@ import warnings
 
 import pytest
 import torch
+from _worker_stand_ins import NoCapture, without_capture
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.nemo_rl import worker as worker_mod
 from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
 from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension, unpack_rows
@@ -102,20 +102,9 @@ class Worker(OCCWorkerExtension, FakeMegatronWorker):
         yield  # the stand-in puts the MTP log-probs into the data itself
 
 
-class NoCapture(contextlib.AbstractContextManager):
-    def __init__(self, model, *, detach_trunk):
-        self.active, self.num_depths = True, 1
-
-    def __exit__(self, *exc):
-        return None
-
-
 @pytest.fixture(autouse=True)
 def _no_megatron(monkeypatch):
-    import nemo_occ.megatron.mtp_capture as capture_mod
-
-    monkeypatch.setattr(capture_mod, "MTPCapture", NoCapture)
-    monkeypatch.setattr(worker_mod, "ModelInputRecorder", lambda model: contextlib.nullcontext())
+    without_capture(monkeypatch)
 
 
 def _config(regime="occ", **policy):

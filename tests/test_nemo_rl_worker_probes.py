@@ -20,6 +20,8 @@ import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
+from _worker_stand_ins import without_capture  # noqa: E402
+
 from nemo_occ.core.config import NemoOCCConfig  # noqa: E402
 from nemo_occ.core.losses import clipped_policy_loss  # noqa: E402
 from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_logprobs_key, mtp_valid_key  # noqa: E402
@@ -129,25 +131,12 @@ class Worker(OCCWorkerExtension, MegatronStandIn):
             module.megatron_forward_backward = original
 
 
-class NoCapture(contextlib.AbstractContextManager):
-    """The worker's capture around NeMo-RL's forward: the stand-in's forward captures for itself."""
-
-    def __init__(self, model, *, detach_trunk):
-        self.active, self.num_depths = True, 1
-
-    def __exit__(self, *exc):
-        return None
-
-
 @pytest.fixture(autouse=True)
 def _megatron_cpu(monkeypatch):
-    import nemo_occ.megatron.mtp_capture as capture_mod
-    from nemo_occ import nemo_rl
     from nemo_occ.megatron import cpu_compat
     from nemo_occ.megatron.parallel import model_parallel
 
-    monkeypatch.setattr(capture_mod, "MTPCapture", NoCapture)
-    monkeypatch.setattr(nemo_rl.worker, "ModelInputRecorder", lambda model: contextlib.nullcontext())
+    without_capture(monkeypatch)
     with cpu_compat.cpu_compat(), model_parallel(tensor_parallel=1):
         yield
 
