@@ -126,7 +126,7 @@ run_bench() { # step script args...
     record "$step" FAILED "exit $rc (124 = timed out after ${BENCH_TIMEOUT}s; see $step.log)"
   fi
 }
-# 8 layers + 1 MTP layer: the MTP layer is ~1/9 of the transformer compute (issue #10 item 8).
+# 8 layers + 1 MTP layer: the MTP layer is ~1/9 of the transformer compute (docs/benchmarks.md).
 run_bench bench-regime bench/bench_regime_step.py --layers 8 --hidden 1024 --heads 16 --vocab 32768 \
   --tokens 1024 --batch 8 --rounds 5
 run_bench bench-probe bench/bench_probe.py --layers 8 --hidden 1024 --heads 16 --vocab 32768 \

@@ -435,7 +435,7 @@ def test_half_precision_cross_entropy_sums_in_float32(dtype):
 
 @pytest.mark.parametrize("importance_ratio", ["token", "sequence"])
 def test_log_ratio_is_clamped_to_plus_minus_20_with_zero_gradient_beyond(importance_ratio):
-    """The documented clamp (README, losses module docstring): A < 0 at log r = 30 contributes
+    """The documented clamp (docs/library.md, losses module docstring): A < 0 at log r = 30 contributes
     |A|·e^20/N with zero gradient (unclamped it would be |A|·e^30/N); A > 0 at log r = -30 contributes
     -A·e^-20/N, also with zero gradient."""
     agg = "seq_mean_token_mean" if importance_ratio == "sequence" else "token_mean"

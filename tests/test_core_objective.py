@@ -503,7 +503,7 @@ def test_mtp_masks_with_the_wrong_number_of_entries_raise_in_every_regime(regime
 
 
 def test_negative_lambda_applies_lambda_times_the_loss_not_the_loss_of_lambda_times_advantages():
-    """The documented sign convention (README, config ``timing``): the MTP term is λ·L(A), Eq. 2 of the
+    """The documented sign convention (docs/library.md, config ``timing``): the MTP term is λ·L(A), Eq. 2 of the
     paper; the reference code's L(λ·A) agrees for λ >= 0 and differs for λ < 0, where clipping acts
     on the other side."""
     cfg = NemoOCCConfig(regime="occ", occ=OCCConfig(timing="microbatch"))
