@@ -166,3 +166,25 @@ def test_the_readme_demo_command_installs_like_the_test_command_and_runs_the_con
     assert words[words.index("-e") + 1] == "."
     assert words[-2:] == [".venv/bin/nemo-occ", "demo"]
     assert re.search(r"^nemo-occ = \"nemo_occ\.cli:main\"$", scripts, flags=re.M)
+
+
+CODE_DIRS = ("nemo_occ", "tests", "bench", "scripts", "slurm", "recipes", ".ci")
+DOCS_CITATION = re.compile(r"(NeMo-RL's\s+)?(?<![\w/])(docs/[\w./-]*\w)")
+
+
+def test_code_recipes_and_scripts_cite_only_docs_in_the_repository():
+    """A ``docs/...`` path in code, tests, recipes or scripts names a page of this repository (an upstream
+    one is introduced as ``NeMo-RL's docs/...``), and no file cites the reference notes kept outside it."""
+    outside = "REFERENCE" + ".md"  # split so that this file does not cite it either
+    wrong = []
+    for folder in CODE_DIRS:
+        for path in sorted((ROOT / folder).rglob("*")):
+            if not path.is_file() or path.suffix in {".pyc", ".png", ".pt"}:
+                continue
+            text = path.read_text(errors="replace")
+            rel = path.relative_to(ROOT)
+            wrong += [f"{rel}: {outside}"] * (outside in text)
+            for upstream, cited in DOCS_CITATION.findall(text):
+                if not upstream and not (ROOT / cited.rstrip(".")).exists():
+                    wrong.append(f"{rel}: {cited}")
+    assert not wrong, wrong
