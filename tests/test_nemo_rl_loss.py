@@ -11,6 +11,7 @@ import pickle
 
 import pytest
 import torch
+from _refs import close_metrics
 
 from nemo_occ.core.config import ConfigError, NemoOCCConfig
 from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_valid_key
@@ -228,7 +229,7 @@ def test_two_microbatches_sum_to_the_full_batch_and_give_the_same_lambda():
     whole = _loss(regime="occ")
     whole.objective.calibrator._lambdas = [0.7]  # a λ from a previous update
     loss_whole, _ = whole(main_lp, data, n_seq, n_tok)
-    lam_whole = whole.objective.finish_update()["occ/lambda_1"]
+    lam_whole = close_metrics(whole.objective)["occ/lambda_1"]
 
     split = _loss(regime="occ")
     split.objective.calibrator._lambdas = [0.7]
@@ -237,7 +238,7 @@ def test_two_microbatches_sum_to_the_full_batch_and_give_the_same_lambda():
         part = {k: v[rows] for k, v in data.items()}
         loss_part, _ = split(main_lp[rows], part, n_seq, n_tok)
         total = total + loss_part
-    lam_split = split.objective.finish_update()["occ/lambda_1"]
+    lam_split = close_metrics(split.objective)["occ/lambda_1"]
     torch.testing.assert_close(total, loss_whole)
     assert lam_split == pytest.approx(lam_whole)
 

@@ -12,7 +12,7 @@ loop and adds three things around it, for the duration of one ``train`` call:
    per-depth log-probs and puts them in the micro-batch ``data`` under ``nemo_occ_mtp_*`` keys
    (:mod:`nemo_occ.nemo_rl.loss`), unpacked to NeMo-RL's [B, S-1] rows when sequences are packed.
 2. **One calibrator update per optimizer update.** ``optimizer.step`` is wrapped: after each update the
-   persistent :class:`MTPObjective` closes it (``finish_update``, a SUM all-reduce of the OCC statistics
+   persistent :class:`MTPObjective` closes it (``close_update``, a SUM all-reduce of the OCC statistics
    over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
    comes from the statistics of update u ("lagged" timing). The first update of each ``train`` call (one
    RL step) runs at θ = θ_old, where δ_RL = 0: it is reported but does not refresh λ. An update Megatron
@@ -67,6 +67,7 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
+from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key
 
@@ -164,7 +165,7 @@ class OCCWorkerExtension:
         self.occ_objective = MTPObjective(self.occ_cfg)
         self.occ_probes = ProbeHistory(self.occ_cfg.num_depths, self.occ_cfg.fidelity.min_probes)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
-        self._occ_update_metrics: list[dict[str, float]] = []
+        self._occ_updates: list[UpdateStatistics | None] = []  # this train() call's closed updates
         self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old
         self._occ_exact = None  # exact statistics of the update being trained, when it was probed
         self._occ_fidelity: dict[str, float] = {}
@@ -213,7 +214,7 @@ class OCCWorkerExtension:
         return parallel_state.get_data_parallel_group()
 
     def is_state_writer(self) -> bool:
-        """One rank writes the calibrator state (identical on all ranks after ``finish_update``)."""
+        """One rank writes the calibrator state (identical on all ranks after ``close_update``)."""
         from megatron.core import parallel_state
 
         return (
@@ -440,7 +441,7 @@ class OCCWorkerExtension:
         loss_fn.bind_objective(objective)
         policy_cfg = objective.policy_cfg
         objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
-        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
+        self._occ_updates, self._occ_fidelity, self._occ_exact = [], {}, None
         self._occ_moved = False
         try:
             metrics = self._train_with_occ(data, loss_fn, eval_mode, index, *args, **kwargs)
@@ -451,15 +452,17 @@ class OCCWorkerExtension:
             raise
         if not eval_mode:
             self.occ_rl_steps += 1
-        if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
+        if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_updates) == 1:
             warnings.warn(
                 "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
                 "cannot refresh λ; make policy.train_global_batch_size smaller than the step's samples "
                 "(the paper: 4 updates per step)",
                 stacklevel=2,
             )
-        occ_metrics = _mean_over_updates(self._occ_update_metrics)
-        occ_metrics.update(self.mtp_accuracy(loss_fn.pop_acceptance_counts()))
+        occ_metrics = step_metrics(
+            [u for u in self._occ_updates if u is not None],
+            self.acceptance_over_ranks(loss_fn.pop_acceptance_counts()),
+        )
         occ_metrics.update(self._occ_fidelity)  # the probe's own update, not a mean
         occ_metrics = self.broadcast_from_last_stage(occ_metrics)
         if occ_metrics:
@@ -487,20 +490,17 @@ class OCCWorkerExtension:
                 )
             return super().train(data, loss_fn, eval_mode, *args, **kwargs)
 
-    def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
-        """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
+    def acceptance_over_ranks(self, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """The loss's [K, 2] draft-acceptance counts of this ``train`` call, summed over the DP ranks.
 
-        Megatron's ``mtp_{d}_acceptance_rate`` / 100 (same tokens: loss mask and an MTP target). Only the
-        stage holding the loss has counts, and every DP rank of it does, so the collective is matched.
+        Only the stage holding the loss has counts, and every DP rank of it does, so the collective is
+        matched; :func:`nemo_occ.core.metrics.step_metrics` turns them into ``accuracy_<d>``.
         """
         if counts is None:
-            return {}
+            return None
         from nemo_occ.core.distributed import all_reduce_sum_
 
-        all_reduce_sum_(counts, self.occ_reduction_group())
-        hits, tokens = counts.unbind(-1)
-        accuracy = (hits / tokens.clamp(min=1)).tolist()  # Megatron's clamp: 0 when nothing was valid
-        return {f"accuracy_{d}": value for d, value in enumerate(accuracy, start=1)}
+        return all_reduce_sum_(counts, self.occ_reduction_group())
 
     @contextlib.contextmanager
     def _finish_update_after_each_step(self) -> Iterator[None]:
@@ -512,12 +512,12 @@ class OCCWorkerExtension:
             applied = self.update_applied(result)
             # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
             # report the statistics but keep λ (see nemo_occ.core.calibration)
-            update = self.occ_objective.finish_update(
+            update = self.occ_objective.close_update(
                 self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
             )
-            skipped = update.get("occ/skipped", update.get("proxy/skipped", float(not applied))) > 0
+            skipped = update.skipped if update is not None else not applied  # any DP rank's skip
             self._occ_moved = self._occ_moved or not skipped
-            self._occ_update_metrics.append(update)
+            self._occ_updates.append(update)
             if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
                 # (a skipped update's gradients were not finite or not used: no probe to record)
                 if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
@@ -635,20 +635,6 @@ def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix
         elif old != new:
             out.append(f"{prefix}{key}: {old} -> {new}")
     return out
-
-
-def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
-    """Per-step value of per-update OCC metrics: each one's mean over the step's updates that report it.
-
-    λ, ``refreshed`` and ``skipped`` are reported by every update; the statistics only by the applied ones.
-    """
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for update in updates:
-        for key, value in update.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    return {key: total / counts[key] for key, total in sums.items()}
 
 
 def _mtp_logprobs_post_processor_class(
