@@ -438,7 +438,7 @@ def _bad_inputs(regime):
         "mtp_mask_of_shape_S": dict(mtp_masks=[mask, mask[0]]),
         "one_mtp_old_logprobs_for_two_depths": dict(mtp_old_logprobs=[old]),
     }
-    if get_regime(regime).objective == "policy":
+    if get_regime(regime).uses_policy_loss:
         cases["nan_advantage"] = dict(advantages=nan_adv)
         cases["inf_global_valid_seqs"] = dict(global_valid_seqs=float("inf"))
     return cases

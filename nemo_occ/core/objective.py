@@ -37,7 +37,6 @@ from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.fidelity import HeadGap
 from nemo_occ.core.losses import Number
 from nemo_occ.core.metrics import UpdateStatistics, step_metrics
-from nemo_occ.core.regimes import get_regime
 
 __all__ = ["MTPObjective"]
 
@@ -46,8 +45,8 @@ class MTPObjective:
     def __init__(self, cfg: NemoOCCConfig, policy_cfg: PolicyLossConfig | None = None):
         self.cfg = cfg
         self.policy_cfg = policy_cfg or PolicyLossConfig()
-        self.regime = get_regime(cfg.regime)
-        wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.objective != "none")
+        self.regime = cfg.regime_spec
+        wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.has_mtp_term)
         self.calibrator = OCCCalibrator(cfg.num_depths, cfg.occ) if wants_stats else None
         # v̂² under both readings of δ_MTP, whenever the MTP heads' own old log-probs are given
         self.head_gap = HeadGap(cfg.num_depths) if wants_stats else None
@@ -56,7 +55,7 @@ class MTPObjective:
     # ----------------------------------------------------------------------------------------------
     def coefficients(self) -> list[float]:
         """λ_k in effect for the current update (lagged timing) or the fixed coefficient."""
-        if self.regime.objective == "none":
+        if not self.regime.has_mtp_term:
             return [0.0] * self.cfg.num_depths
         if self.regime.calibrated:
             return self.calibrator.lambdas
@@ -83,7 +82,7 @@ class MTPObjective:
         """
         K = self.cfg.num_depths
         self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
-        if self.regime.objective == "none":
+        if not self.regime.has_mtp_term:
             return main_logprobs.new_zeros(()), {}
         if mtp_masks is None:
             mtp_masks = [mask] * K
@@ -157,8 +156,8 @@ class MTPObjective:
         """
         K = self.cfg.num_depths
         self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
-        if self.regime.objective == "none":
-            raise ValueError("regime 'none' has no MTP loss")
+        if not self.regime.has_mtp_term:
+            raise ValueError(f"regime '{self.regime.name}' has no MTP loss")
         if mtp_masks is None:
             mtp_masks = [mask] * K
         if self.cfg.old_logprobs == "mtp":
@@ -186,7 +185,7 @@ class MTPObjective:
     def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
         """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
         # regime none reads no MTP input: its lists need only agree with each other
-        K = self.cfg.num_depths if self.regime.objective != "none" else len(mtp_logprobs)
+        K = self.cfg.num_depths if self.regime.has_mtp_term else len(mtp_logprobs)
         if len(mtp_logprobs) != K:
             raise ValueError(
                 f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "

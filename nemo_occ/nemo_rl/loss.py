@@ -145,7 +145,7 @@ class OCCLossFn:
         seq_level = self.policy_cfg.aggregation == "seq_mean_token_mean"
         loss_norm = (
             MetricNormalizer.SEQUENCES
-            if (self.occ_cfg.uses_policy_loss and seq_level)
+            if (self.occ_cfg.regime_spec.uses_policy_loss and seq_level)
             else MetricNormalizer.TOKENS
         )
         out = {"mtp/loss_scaled": loss_norm}
@@ -171,7 +171,7 @@ class OCCLossFn:
             global_valid_toks=global_valid_toks,
             **kwargs,
         )
-        if not self.occ_cfg.has_mtp_term or self._probe == 0:
+        if not self.occ_cfg.regime_spec.has_mtp_term or self._probe == 0:
             return loss, metrics
 
         lp = next_token_logprobs  # [B, S-1]

@@ -72,7 +72,7 @@ def check_loss_settings(loss_cfg: Mapping | Any, occ: NemoOCCConfig) -> PolicyLo
     """Reject NeMo-RL loss settings the regime's MTP term cannot follow; warn on those it ignores."""
     cfg = _as_dict(loss_cfg)
     policy_cfg = policy_loss_config(cfg)
-    if not occ.uses_policy_loss:
+    if not occ.regime_spec.uses_policy_loss:
         return policy_cfg
     if cfg.get("disable_ppo_ratio"):
         raise ConfigError(
@@ -84,7 +84,7 @@ def check_loss_settings(loss_cfg: Mapping | Any, occ: NemoOCCConfig) -> PolicyLo
             f"loss_fn.use_cispo: true is not supported with regime '{occ.regime}' (the MTP term uses the clipped "
             "surrogate): set use_cispo: false or use regime detach/ce"
         )
-    if occ.regime == "occ" and cfg.get("force_on_policy_ratio"):
+    if occ.regime_spec.calibrated and cfg.get("force_on_policy_ratio"):
         raise ConfigError(
             "loss_fn.force_on_policy_ratio: true makes δ_RL = log π - log π_old identically 0, so OCC's λ_t would "
             "always be 0: set it to false (with several updates per step) or use regime policy"

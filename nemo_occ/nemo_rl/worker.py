@@ -178,11 +178,11 @@ class OCCWorkerExtension:
     # -- setup check --------------------------------------------------------------------------------
     def check_mtp_layers(self, config: Mapping[str, Any]) -> None:
         """Fail at setup when the regime needs more MTP layers than the built model has."""
-        if not self.occ_cfg.has_mtp_term:
+        if not self.occ_cfg.regime_spec.has_mtp_term:
             return
         from nemo_occ.megatron.mtp_capture import MTPCapture
 
-        capture = MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+        capture = MTPCapture(self.model, detach_trunk=not self.occ_cfg.regime_spec.trunk_gradient)
         if not capture.active and not self.holds_output_layer():
             return  # an earlier pipeline stage: MTP lives with the output layer on the last one
         if capture.num_depths < self.occ_cfg.num_depths:
@@ -357,7 +357,7 @@ class OCCWorkerExtension:
         """Capture the MTP heads' old log-probs with ``prev_logprobs``: for ``old_logprobs: mtp``, and for the
         probes' head-gap metrics (``fidelity.every > 0``). It costs the MTP layers' forward in that pass."""
         cfg = self.occ_cfg
-        return cfg.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
+        return cfg.regime_spec.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
 
     @contextlib.contextmanager
     def patched_logprobs_post_processor(
@@ -452,7 +452,7 @@ class OCCWorkerExtension:
             raise
         if not eval_mode:
             self.occ_rl_steps += 1
-        if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_updates) == 1:
+        if not eval_mode and self.occ_cfg.regime_spec.calibrated and len(self._occ_updates) == 1:
             warnings.warn(
                 "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
                 "cannot refresh λ; make policy.train_global_batch_size smaller than the step's samples "
@@ -474,11 +474,11 @@ class OCCWorkerExtension:
     ) -> dict[str, Any]:
         """NeMo-RL's ``train`` inside the MTP capture, the per-update calibration and the probe."""
         with contextlib.ExitStack() as stack:
-            if self.occ_cfg.has_mtp_term:
+            if self.occ_cfg.regime_spec.has_mtp_term:
                 from nemo_occ.megatron.mtp_capture import MTPCapture
 
                 capture = stack.enter_context(
-                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.regime_spec.trunk_gradient)
                 )
                 inputs = stack.enter_context(ModelInputRecorder(self.model))
                 stack.enter_context(self.patched_loss_post_processor(capture, inputs))
