@@ -19,8 +19,9 @@ from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import GradientStatistics
 from nemo_occ.core.fidelity import ProbeHistory
 from nemo_occ.core.metrics import step_metrics
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key
 from nemo_occ.nemo_rl.worker import OCCWorkerExtension
 
 ROOT = Path(__file__).resolve().parents[1]

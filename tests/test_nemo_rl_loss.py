@@ -14,8 +14,9 @@ import torch
 from _refs import close_metrics
 
 from nemo_occ.core.config import ConfigError, NemoOCCConfig
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import check_loss_settings, policy_loss_config
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
 
 # -- loss_fn key mapping -------------------------------------------------------------------------
 

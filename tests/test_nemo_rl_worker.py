@@ -16,9 +16,10 @@ import torch
 from _worker_stand_ins import NoCapture, without_capture
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
-from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension, unpack_rows
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, unpack_rows
+from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension
 
 
 class MainNLL:

@@ -7,10 +7,10 @@ loop and adds three things around it, for the duration of one ``train`` call:
 
 1. **MTP log-probs in the normal forward.** The model runs inside :class:`nemo_occ.megatron.mtp_capture.
    MTPCapture`, which keeps the MTP depths' hidden states (Megatron's own MTP loss is skipped) and cuts
-   the trunk for the ``detach`` regime. The loss post-processor of each micro-batch (the worker module's
-   ``LossPostProcessor`` name, swapped for a subclass while ``train`` runs) turns them into aligned
-   per-depth log-probs and puts them in the micro-batch ``data`` under ``nemo_occ_mtp_*`` keys
-   (:mod:`nemo_occ.nemo_rl.loss`), unpacked to NeMo-RL's [B, S-1] rows when sequences are packed.
+   the trunk for the ``detach`` regime. The loss post-processor of each micro-batch (NeMo-RL's
+   ``LossPostProcessor``, swapped for a subclass while ``train`` runs) turns them into aligned per-depth
+   log-probs and puts them in the micro-batch ``data`` (:mod:`nemo_occ.nemo_rl.mtp_batch`), unpacked to
+   NeMo-RL's [B, S-1] rows when sequences are packed.
 2. **One calibrator update per optimizer update.** ``optimizer.step`` is wrapped: after each update the
    persistent :class:`MTPObjective` closes it (``close_update``, a SUM all-reduce of the OCC statistics
    over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
@@ -38,11 +38,13 @@ loop and adds three things around it, for the duration of one ``train`` call:
    metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
    also runs the MTP layers (:class:`MTPCapture`, its ``LogprobsPostProcessor`` swapped for a subclass)
    and returns each depth's old log-probs next to ``logprobs`` under
-   :func:`nemo_occ.nemo_rl.loss.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
+   :func:`nemo_occ.nemo_rl.mtp_batch.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
    keeps only ``logprobs``; :class:`nemo_occ.nemo_rl.policy.OCCPolicy` carries the rest into the
    training batch.
 
-Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
+The four swaps of NeMo-RL internals (post-processors, ``megatron_forward_backward``, ``optimizer.step``)
+live in :mod:`nemo_occ.nemo_rl.megatron_policy_worker_patches`, each with the upstream behaviour it relies
+on. Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
 Everything NeMo-RL-specific is reached through a few overridable methods, so the mixin runs on CPU
 against a stand-in worker in the tests; the classes Ray instantiates are in
 :mod:`nemo_occ.nemo_rl.megatron_worker`.
@@ -69,16 +71,10 @@ from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 from nemo_occ.core.objective import MTPObjective
-from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl import megatron_policy_worker_patches as patches
+from nemo_occ.nemo_rl.mtp_batch import mtp_old_logprobs_key, stack_old_logprobs
 
-__all__ = [
-    "OCCWorkerExtension",
-    "ModelInputRecorder",
-    "STATE_FILE",
-    "WORKER_FQN",
-    "unpack_rows",
-    "attach_mtp_to_batch",
-]
+__all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "WORKER_FQN"]
 
 # The Ray actor class NeMo-RL instantiates, for Policy(worker_extension_cls_fqn=...) and the actor registry.
 # A plain string, so the driver (whose venv has no megatron, Bridge or TE) never imports megatron_worker,
@@ -86,58 +82,6 @@ __all__ = [
 WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
 POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
-
-
-def unpack_rows(
-    packed: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor | None, width: int, fill=0
-) -> torch.Tensor:
-    """[1, T-1] per-position values of a packed row -> [N, width] rows, one per document.
-
-    Document n starts at ``cu_seqlens_padded[n]`` (``cu_seqlens[n]`` when unpadded) and has
-    ``cu_seqlens[n+1] - cu_seqlens[n]`` tokens; row n holds its first ``min(len-1, width)`` positions
-    and ``fill`` after them. Differentiable (a gather).
-    """
-    starts = (cu_seqlens_padded if cu_seqlens_padded is not None else cu_seqlens)[:-1].to(packed.device)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(packed.device)  # [N]
-    cols = torch.arange(width, device=packed.device)  # [width]
-    index = starts.unsqueeze(1) + cols.unsqueeze(0)  # [N, width]
-    inside = (cols.unsqueeze(0) < (lengths - 1).unsqueeze(1)) & (index < packed.shape[-1])
-    index = torch.where(inside, index, torch.zeros_like(index))
-    rows = packed.reshape(-1)[index]  # [N, width]
-    return torch.where(inside, rows, torch.full_like(rows, fill))
-
-
-def attach_mtp_to_batch(data: Any, mtp: Any, packed_seq_params: Any = None) -> None:
-    """Put one micro-batch's MTP log-probs (``MTPHeadLogProbs``) into ``data`` as [B, S-1] rows.
-
-    ``mtp`` is in the model's layout: [B, L-1] rows, or one packed row [1, T-1] when
-    ``packed_seq_params`` is given (then unpacked per document with its ``cu_seqlens_q(_padded)``).
-    """
-    width = data["input_ids"].shape[1] - 1
-    for d, lp in enumerate(mtp.logprobs, start=1):
-        valid = mtp.masks[d - 1]
-        hit = mtp.top1[d - 1] if mtp.top1 is not None else None
-        if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q
-            cu_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
-            lp = unpack_rows(lp, cu, cu_pad, width, fill=0.0)
-            valid = unpack_rows(valid, cu, cu_pad, width, fill=False)
-            hit = None if hit is None else unpack_rows(hit, cu, cu_pad, width, fill=False)
-        else:
-            lp, valid = _fit(lp, width, 0.0), _fit(valid, width, False)
-            hit = None if hit is None else _fit(hit, width, False)
-        data[mtp_logprobs_key(d)] = lp
-        data[mtp_valid_key(d)] = valid
-        if hit is not None:
-            data[mtp_correct_key(d)] = hit
-
-
-def _fit(x: torch.Tensor, width: int, fill) -> torch.Tensor:
-    """Crop or pad [B, L-1] to [B, width] (the model may see a longer, padded sequence)."""
-    if x.shape[1] >= width:
-        return x[:, :width]
-    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad], dim=1)
 
 
 class OCCWorkerExtension:
@@ -230,29 +174,13 @@ class OCCWorkerExtension:
 
         return broadcast_loss_metrics_from_last_stage(metrics)
 
-    @contextlib.contextmanager
-    def patched_loss_post_processor(self, capture: Any, inputs: ModelInputRecorder) -> Iterator[None]:
+    def patched_loss_post_processor(self, capture: Any, inputs: ModelInputRecorder):
         """Make NeMo-RL's ``train`` build our MTP-aware post-processor (restored afterwards)."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+        return patches.loss_post_processor(capture, inputs)
 
-        original = worker_module.LossPostProcessor
-        worker_module.LossPostProcessor = _mtp_post_processor_class(original, capture, inputs)
-        try:
-            yield
-        finally:
-            worker_module.LossPostProcessor = original
-
-    @contextlib.contextmanager
-    def patched_forward_backward(self, wrapper: Any) -> Iterator[None]:
+    def patched_forward_backward(self, wrapper: Any):
         """Make NeMo-RL's ``train`` call ``wrapper(original, **kwargs)`` for ``megatron_forward_backward``."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
-
-        original = worker_module.megatron_forward_backward
-        worker_module.megatron_forward_backward = lambda **kwargs: wrapper(original, **kwargs)
-        try:
-            yield
-        finally:
-            worker_module.megatron_forward_backward = original
+        return patches.forward_backward(wrapper)
 
     def update_applied(self, step_result: Any) -> bool:
         """Whether the optimizer applied the update, on every model-parallel rank.
@@ -359,21 +287,9 @@ class OCCWorkerExtension:
         cfg = self.occ_cfg
         return cfg.regime_spec.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
 
-    @contextlib.contextmanager
-    def patched_logprobs_post_processor(
-        self, capture: Any, inputs: ModelInputRecorder, sink: list
-    ) -> Iterator[None]:
+    def patched_logprobs_post_processor(self, capture: Any, inputs: ModelInputRecorder, sink: list):
         """Make NeMo-RL's ``get_logprobs`` build our post-processor, which also fills ``sink`` (restored after)."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
-
-        original = worker_module.LogprobsPostProcessor
-        worker_module.LogprobsPostProcessor = _mtp_logprobs_post_processor_class(
-            original, capture, inputs, sink
-        )
-        try:
-            yield
-        finally:
-            worker_module.LogprobsPostProcessor = original
+        return patches.logprobs_post_processor(capture, inputs, sink)
 
     def broadcast_tensors_from_last_stage(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """The last pipeline stage's tensors on every stage (as NeMo-RL's ``get_logprobs`` does for its own)."""
@@ -393,13 +309,10 @@ class OCCWorkerExtension:
             inputs = stack.enter_context(ModelInputRecorder(self.model))
             stack.enter_context(self.patched_logprobs_post_processor(capture, inputs, sink))
             result = super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
-        width = result["logprobs"].shape[1]
         keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
         tensors: dict[str, Any] = dict.fromkeys(keys)
         if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
-            for d, key in enumerate(keys):
-                rows = [mb[d] for mb in sink]
-                tensors[key] = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+            tensors.update(stack_old_logprobs(sink, width=result["logprobs"].shape[1]))
         for key, value in self.broadcast_tensors_from_last_stage(tensors).items():
             result[key] = value.cpu()
         return result
@@ -483,7 +396,7 @@ class OCCWorkerExtension:
                 inputs = stack.enter_context(ModelInputRecorder(self.model))
                 stack.enter_context(self.patched_loss_post_processor(capture, inputs))
             if not eval_mode:
-                stack.enter_context(self._finish_update_after_each_step())
+                stack.enter_context(patches.after_each_optimizer_step(self.optimizer, self._close_occ_update))
             if probe_index is not None:
                 stack.enter_context(
                     self.patched_forward_backward(self._probing_forward_backward(loss_fn, probe_index))
@@ -502,34 +415,22 @@ class OCCWorkerExtension:
 
         return all_reduce_sum_(counts, self.occ_reduction_group())
 
-    @contextlib.contextmanager
-    def _finish_update_after_each_step(self) -> Iterator[None]:
-        optimizer = self.optimizer
-        step = optimizer.step
-
-        def step_then_calibrate(*args: Any, **kwargs: Any):
-            result = step(*args, **kwargs)
-            applied = self.update_applied(result)
-            # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
-            # report the statistics but keep λ (see nemo_occ.core.calibration)
-            update = self.occ_objective.close_update(
-                self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
-            )
-            skipped = update.skipped if update is not None else not applied  # any DP rank's skip
-            self._occ_moved = self._occ_moved or not skipped
-            self._occ_updates.append(update)
-            if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
-                # (a skipped update's gradients were not finite or not used: no probe to record)
-                if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
-                    self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
-                self._occ_exact = None
-            return result
-
-        optimizer.step = step_then_calibrate
-        try:
-            yield
-        finally:
-            optimizer.step = step
+    def _close_occ_update(self, step_result: Any) -> None:
+        """After each optimizer step: close the update in the objective (a collective over the DP group)."""
+        applied = self.update_applied(step_result)
+        # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
+        # report the statistics but keep λ (see nemo_occ.core.calibration)
+        update = self.occ_objective.close_update(
+            self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
+        )
+        skipped = update.skipped if update is not None else not applied  # any DP rank's skip
+        self._occ_moved = self._occ_moved or not skipped
+        self._occ_updates.append(update)
+        if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
+            # (a skipped update's gradients were not finite or not used: no probe to record)
+            if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
+                self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
+            self._occ_exact = None
 
     # -- checkpointing -------------------------------------------------------------------------------
     def save_checkpoint(self, weights_path: str, *args: Any, **kwargs: Any):
@@ -635,65 +536,3 @@ def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix
         elif old != new:
             out.append(f"{prefix}{key}: {old} -> {new}")
     return out
-
-
-def _mtp_logprobs_post_processor_class(
-    base: type, capture: Any, inputs: ModelInputRecorder, sink: list
-) -> type:
-    """A subclass of NeMo-RL's ``LogprobsPostProcessor`` that also keeps each depth's aligned old log-probs."""
-
-    class MTPLogprobsPostProcessor(base):
-        def __call__(self, data_dict, input_ids, cu_seqlens_padded):
-            main = super().__call__(
-                data_dict=data_dict, input_ids=input_ids, cu_seqlens_padded=cu_seqlens_padded
-            )
-            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-
-            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
-
-            def with_mtp(output_tensor):
-                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
-                mtp = capture.take().logprobs(
-                    inputs.input_ids, packed_seq_params=inputs.packed_seq_params, chunk_size=chunk
-                )
-                rows = {"input_ids": data_dict["input_ids"]}
-                attach_mtp_to_batch(rows, mtp, inputs.packed_seq_params)
-                depths = range(1, len(mtp.logprobs) + 1)
-                aligned = [
-                    rows[mtp_logprobs_key(d)].float() for d in depths
-                ]  # [B, S-1], index j scores tok[j+1]
-                # prev_logprobs' layout: position i scores token i, position 0 has none
-                sink.append([torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned])
-                return main(output_tensor)
-
-            return with_mtp
-
-    return MTPLogprobsPostProcessor
-
-
-def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecorder) -> type:
-    """A subclass of NeMo-RL's ``LossPostProcessor`` that attaches the MTP log-probs before the loss."""
-
-    class MTPLossPostProcessor(base):
-        def __call__(self, data_dict, packed_seq_params=None, global_valid_seqs=None, global_valid_toks=None):
-            compute_loss = super().__call__(
-                data_dict=data_dict,
-                packed_seq_params=packed_seq_params,
-                global_valid_seqs=global_valid_seqs,
-                global_valid_toks=global_valid_toks,
-            )
-            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-
-            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
-
-            def with_mtp(output_tensor, *args, **kwargs):
-                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
-                mtp = capture.take().logprobs(
-                    inputs.input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk, return_top1=True
-                )
-                attach_mtp_to_batch(data_dict, mtp, packed_seq_params)
-                return compute_loss(output_tensor, *args, **kwargs)
-
-            return with_mtp
-
-    return MTPLossPostProcessor
