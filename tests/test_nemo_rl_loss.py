@@ -248,7 +248,7 @@ def test_pickled_copy_keeps_config_and_drops_calibrator_state():
     fn = _loss(regime="occ")
     fn.objective.calibrator._lambdas = [0.3]
     copy = pickle.loads(pickle.dumps(fn))
-    assert copy.occ_cfg == fn.occ_cfg and copy.policy_cfg == fn.policy_cfg
+    assert copy.nemo_occ_cfg == fn.nemo_occ_cfg and copy.policy_cfg == fn.policy_cfg
     assert copy._objective is None  # the worker binds its persistent objective
     persistent = fn.objective
     copy.bind_objective(persistent)
@@ -257,7 +257,7 @@ def test_pickled_copy_keeps_config_and_drops_calibrator_state():
 
 def test_bind_rejects_an_objective_of_another_config():
     fn = _loss(regime="occ")
-    other = _loss(regime="policy").make_objective()
+    other = _loss(regime="policy").objective
     with pytest.raises(ValueError, match="different nemo_occ config"):
         fn.bind_objective(other)
 

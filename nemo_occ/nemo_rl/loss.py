@@ -51,9 +51,9 @@ __all__ = ["OCCLossFn", "build_loss_fn"]
 class OCCLossFn:
     """NeMo-RL ``LossFunction``: ``main_loss`` (a ``ClippedPGLossFn``) plus the regime's MTP term."""
 
-    def __init__(self, main_loss: Any, occ_cfg: NemoOCCConfig, policy_cfg: PolicyLossConfig):
+    def __init__(self, main_loss: Any, nemo_occ_cfg: NemoOCCConfig, policy_cfg: PolicyLossConfig):
         self.main_loss = main_loss
-        self.occ_cfg = occ_cfg
+        self.nemo_occ_cfg = nemo_occ_cfg
         self.policy_cfg = policy_cfg
         self.loss_type = main_loss.loss_type
         self.input_type = main_loss.input_type
@@ -79,12 +79,9 @@ class OCCLossFn:
         self.__dict__.update(state)
 
     # -- the MTP objective -------------------------------------------------------------------------
-    def make_objective(self) -> MTPObjective:
-        return MTPObjective(self.occ_cfg, self.policy_cfg)
-
     def bind_objective(self, objective: MTPObjective) -> None:
         """Use ``objective`` (and its calibrator state) for the MTP term from now on."""
-        if objective.cfg != self.occ_cfg:
+        if objective.cfg != self.nemo_occ_cfg:
             raise ValueError(
                 "the bound MTPObjective was built from a different nemo_occ config than this loss"
             )
@@ -92,16 +89,19 @@ class OCCLossFn:
 
     @property
     def objective(self) -> MTPObjective:
+        """The bound objective; an unbound loss (a test, or NeMo-RL's split-API trainers) builds its own."""
         if self._objective is None:
-            self._objective = self.make_objective()
+            self._objective = MTPObjective(self.nemo_occ_cfg, self.policy_cfg)
         return self._objective
 
     @contextlib.contextmanager
     def probing(self, component: int) -> Iterator[None]:
         """For one exact-probe pass: the loss is only component 0, the main RL loss, or component k, depth
         k's unscaled MTP loss; no calibrator statistics are taken (``nemo_occ.core.diagnostics``)."""
-        if not 0 <= component <= self.occ_cfg.num_depths:
-            raise ValueError(f"probe component must be 0 (RL) or an MTP depth 1..{self.occ_cfg.num_depths}")
+        if not 0 <= component <= self.nemo_occ_cfg.num_depths:
+            raise ValueError(
+                f"probe component must be 0 (RL) or an MTP depth 1..{self.nemo_occ_cfg.num_depths}"
+            )
         self._probe = component
         try:
             yield
@@ -116,11 +116,11 @@ class OCCLossFn:
         seq_level = self.policy_cfg.aggregation == "seq_mean_token_mean"
         loss_norm = (
             MetricNormalizer.SEQUENCES
-            if (self.occ_cfg.regime_spec.uses_policy_loss and seq_level)
+            if (self.nemo_occ_cfg.regime_spec.uses_policy_loss and seq_level)
             else MetricNormalizer.TOKENS
         )
         out = {"mtp/loss_scaled": loss_norm}
-        for d in range(1, self.occ_cfg.num_depths + 1):
+        for d in range(1, self.nemo_occ_cfg.num_depths + 1):
             out[f"mtp/loss_{d}"] = loss_norm
             out[f"mtp/clip_fraction_{d}"] = MetricNormalizer.TOKENS
             out[f"mtp/valid_fraction_{d}"] = MetricNormalizer.TOKENS
@@ -142,7 +142,7 @@ class OCCLossFn:
             global_valid_toks=global_valid_toks,
             **kwargs,
         )
-        if not self.occ_cfg.regime_spec.has_mtp_term or self._probe == 0:
+        if not self.nemo_occ_cfg.regime_spec.has_mtp_term or self._probe == 0:
             return loss, metrics
 
         lp = next_token_logprobs  # [B, S-1]
@@ -153,9 +153,9 @@ class OCCLossFn:
         else:
             old = data["prev_logprobs"][:, 1:]
         advantages = data["advantages"][:, 1:]
-        K = self.occ_cfg.num_depths
+        K = self.nemo_occ_cfg.num_depths
         mtp_lps, mtp_masks, correct = read_mtp_inputs(data, K, width, lp.device)
-        mtp_olds = read_mtp_old_logprobs(data, K, width, required=self.occ_cfg.old_logprobs == "mtp")
+        mtp_olds = read_mtp_old_logprobs(data, K, width, required=self.nemo_occ_cfg.old_logprobs == "mtp")
         if self._probe is not None:  # depth k's unscaled loss alone: no statistics, no λ
             return self.objective.depth_losses(
                 mtp_logprobs=mtp_lps, old_logprobs=old, advantages=advantages, mask=mask, mtp_masks=mtp_masks,
@@ -194,15 +194,15 @@ class OCCLossFn:
 
 def build_loss_fn(
     loss_cfg: Mapping | Any,
-    occ_cfg: NemoOCCConfig,
+    nemo_occ_cfg: NemoOCCConfig,
     *,
     use_fused_linear_logprobs: bool = False,
 ) -> OCCLossFn:
-    """NeMo-RL's ``ClippedPGLossFn(loss_cfg)`` wrapped with the MTP term of ``occ_cfg`` (needs NeMo-RL)."""
+    """NeMo-RL's ``ClippedPGLossFn(loss_cfg)`` wrapped with the MTP term of ``nemo_occ_cfg`` (needs NeMo-RL)."""
     from nemo_rl.algorithms.loss import ClippedPGLossConfig, ClippedPGLossFn
 
-    policy_cfg = check_loss_settings(loss_cfg, occ_cfg)
+    policy_cfg = check_loss_settings(loss_cfg, nemo_occ_cfg)
     if isinstance(loss_cfg, Mapping):
         loss_cfg = ClippedPGLossConfig(**loss_cfg)
     main = ClippedPGLossFn(loss_cfg, use_fused_linear_logprobs=use_fused_linear_logprobs)
-    return OCCLossFn(main, occ_cfg, policy_cfg)
+    return OCCLossFn(main, nemo_occ_cfg, policy_cfg)

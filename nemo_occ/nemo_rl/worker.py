@@ -93,7 +93,7 @@ class OCCWorkerExtension:
     :meth:`broadcast_tensors_from_last_stage`, :meth:`update_applied`.
     """
 
-    occ_cfg: NemoOCCConfig
+    nemo_occ_cfg: NemoOCCConfig
     occ_objective: MTPObjective
 
     def __init__(self, config: Mapping[str, Any], *args: Any, **kwargs: Any):
@@ -104,10 +104,10 @@ class OCCWorkerExtension:
                 f"policy config has no '{POLICY_CONFIG_KEY}' block: start training with "
                 "`python -m nemo_occ.nemo_rl.run_grpo --config <recipe>`, which passes the recipe's nemo_occ block"
             )
-        self.occ_cfg = load_config(dict(block), key=None)
+        self.nemo_occ_cfg = load_config(dict(block), key=None)
         # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
-        self.occ_objective = MTPObjective(self.occ_cfg)
-        self.occ_probes = ProbeHistory(self.occ_cfg.num_depths, self.occ_cfg.fidelity.min_probes)
+        self.occ_objective = MTPObjective(self.nemo_occ_cfg)
+        self.occ_probes = ProbeHistory(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity.min_probes)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
         self._occ_updates: list[UpdateStatistics | None] = []  # this train() call's closed updates
         self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old
@@ -122,20 +122,20 @@ class OCCWorkerExtension:
     # -- setup check --------------------------------------------------------------------------------
     def check_mtp_layers(self, config: Mapping[str, Any]) -> None:
         """Fail at setup when the regime needs more MTP layers than the built model has."""
-        if not self.occ_cfg.regime_spec.has_mtp_term:
+        if not self.nemo_occ_cfg.regime_spec.has_mtp_term:
             return
         from nemo_occ.megatron.mtp_capture import MTPCapture
 
-        capture = MTPCapture(self.model, detach_trunk=not self.occ_cfg.regime_spec.trunk_gradient)
+        capture = MTPCapture(self.model, detach_trunk=not self.nemo_occ_cfg.regime_spec.trunk_gradient)
         if not capture.active and not self.holds_output_layer():
             return  # an earlier pipeline stage: MTP lives with the output layer on the last one
-        if capture.num_depths < self.occ_cfg.num_depths:
+        if capture.num_depths < self.nemo_occ_cfg.num_depths:
             configured = (config.get("megatron_cfg") or {}).get("mtp_num_layers")
             raise ValueError(
-                f"nemo_occ.regime '{self.occ_cfg.regime}' trains {self.occ_cfg.num_depths} MTP depth(s), but the model "
+                f"nemo_occ.regime '{self.nemo_occ_cfg.regime}' trains {self.nemo_occ_cfg.num_depths} MTP depth(s), but the model "
                 f"built from {config.get('model_name')!r} has {capture.num_depths} MTP layer(s) "
                 f"(policy.megatron_cfg.mtp_num_layers={configured}). Set policy.megatron_cfg.mtp_num_layers: "
-                f"{self.occ_cfg.num_depths} explicitly (NeMo-RL's grpo_math_1B.yaml sets 0, which drops the layer) "
+                f"{self.nemo_occ_cfg.num_depths} explicitly (NeMo-RL's grpo_math_1B.yaml sets 0, which drops the layer) "
                 "for a model that ships MTP weights, or use nemo_occ.regime: none"
             )
 
@@ -262,7 +262,7 @@ class OCCWorkerExtension:
             microbatches = list(kwargs.pop("data_iterator"))  # replayed by every pass
             params = probe_parameters(self.model, gradients="local")
             grads = []
-            for component in range(self.occ_cfg.num_depths + 1):
+            for component in range(self.nemo_occ_cfg.num_depths + 1):
                 with loss_fn.probing(component), self.gradient_probe_pass():
                     original(data_iterator=iter(microbatches), **kwargs)
                 grads.append(self._probe_gradients(params))
@@ -284,7 +284,7 @@ class OCCWorkerExtension:
     def wants_mtp_old_logprobs(self) -> bool:
         """Capture the MTP heads' old log-probs with ``prev_logprobs``: for ``old_logprobs: mtp``, and for the
         probes' head-gap metrics (``fidelity.every > 0``). It costs the MTP layers' forward in that pass."""
-        cfg = self.occ_cfg
+        cfg = self.nemo_occ_cfg
         return cfg.regime_spec.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
 
     def patched_logprobs_post_processor(self, capture: Any, inputs: ModelInputRecorder, sink: list):
@@ -309,7 +309,7 @@ class OCCWorkerExtension:
             inputs = stack.enter_context(ModelInputRecorder(self.model))
             stack.enter_context(self.patched_logprobs_post_processor(capture, inputs, sink))
             result = super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
-        keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
+        keys = [mtp_old_logprobs_key(d) for d in range(1, self.nemo_occ_cfg.num_depths + 1)]
         tensors: dict[str, Any] = dict.fromkeys(keys)
         if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
             tensors.update(stack_old_logprobs(sink, width=result["logprobs"].shape[1]))
@@ -342,7 +342,7 @@ class OCCWorkerExtension:
         objective = self.occ_objective
         if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
             objective = copy.deepcopy(self.occ_objective)
-        every = self.occ_cfg.fidelity.every
+        every = self.nemo_occ_cfg.fidelity.every
         probe = (
             not eval_mode
             and every > 0
@@ -365,7 +365,7 @@ class OCCWorkerExtension:
             raise
         if not eval_mode:
             self.occ_rl_steps += 1
-        if not eval_mode and self.occ_cfg.regime_spec.calibrated and len(self._occ_updates) == 1:
+        if not eval_mode and self.nemo_occ_cfg.regime_spec.calibrated and len(self._occ_updates) == 1:
             warnings.warn(
                 "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
                 "cannot refresh λ; make policy.train_global_batch_size smaller than the step's samples "
@@ -387,11 +387,11 @@ class OCCWorkerExtension:
     ) -> dict[str, Any]:
         """NeMo-RL's ``train`` inside the MTP capture, the per-update calibration and the probe."""
         with contextlib.ExitStack() as stack:
-            if self.occ_cfg.regime_spec.has_mtp_term:
+            if self.nemo_occ_cfg.regime_spec.has_mtp_term:
                 from nemo_occ.megatron.mtp_capture import MTPCapture
 
                 capture = stack.enter_context(
-                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.regime_spec.trunk_gradient)
+                    MTPCapture(self.model, detach_trunk=not self.nemo_occ_cfg.regime_spec.trunk_gradient)
                 )
                 inputs = stack.enter_context(ModelInputRecorder(self.model))
                 stack.enter_context(self.patched_loss_post_processor(capture, inputs))
@@ -447,7 +447,7 @@ class OCCWorkerExtension:
         try:
             torch.save(
                 {
-                    "nemo_occ": self.occ_cfg.model_dump(),
+                    "nemo_occ": self.nemo_occ_cfg.model_dump(),
                     "objective": self.occ_objective.state_dict(),
                     "probes": self.occ_probes.state_dict(),
                     "rl_steps": self.occ_rl_steps,
@@ -473,7 +473,7 @@ class OCCWorkerExtension:
             if self.occ_objective.calibrator is not None:
                 warnings.warn(
                     f"resuming from {path.parent} without {STATE_FILE}: the OCC calibrator restarts at "
-                    f"λ = {self.occ_cfg.occ.initial_lambda}",
+                    f"λ = {self.nemo_occ_cfg.occ.initial_lambda}",
                     stacklevel=2,
                 )
             return False
@@ -483,12 +483,12 @@ class OCCWorkerExtension:
             probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
         self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
-        changed = _config_changes(state.get("nemo_occ", {}), self.occ_cfg.model_dump())
+        changed = _config_changes(state.get("nemo_occ", {}), self.nemo_occ_cfg.model_dump())
         if changed and self.is_state_writer():  # one rank says it, not every rank of the job
             warnings.warn(
                 f"resuming the OCC state of {path} under changed nemo_occ settings ({'; '.join(changed)}): "
                 "the restored λ and probe history were made under the saved ones, and λ is used until the "
-                f"run first refreshes it; to restart the calibrator at λ = {self.occ_cfg.occ.initial_lambda} "
+                f"run first refreshes it; to restart the calibrator at λ = {self.nemo_occ_cfg.occ.initial_lambda} "
                 f"instead, move {path} away before resuming",
                 stacklevel=2,
             )
