@@ -89,7 +89,7 @@ class OCCLossFn:
 
     @property
     def objective(self) -> MTPObjective:
-        """The bound objective; an unbound loss (a test, or NeMo-RL's split-API trainers) builds its own."""
+        """The bound objective; a loss that was never bound (e.g. in a test) builds its own from its config."""
         if self._objective is None:
             self._objective = MTPObjective(self.nemo_occ_cfg, self.policy_cfg)
         return self._objective
