@@ -26,15 +26,15 @@ its backward cannot wait for them without a second forward.
 
 The first update of every RL step runs at θ = θ_old, where δ_RL ≡ 0 and so ĉ = 0: its statistics
 carry no information, and letting them set λ would zero the coefficient of the step's second update.
-The caller therefore closes that update with ``close_update(refresh=False)``: its statistics are reported
-but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
+The caller therefore closes that update with ``close_update(refresh=False)``: its statistics are
+reported but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
 u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
 step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
 
 An update the optimizer did not apply (Megatron's ``step()`` returns ``update_successful=False`` when
 fp16/bf16 loss scaling found inf/NaN gradients, or the gradient norm exceeded
-``grad_norm_skip_threshold``) is closed with ``close_update(skipped=True)``: θ did not move, so its statistics
-are discarded (they may be inf/NaN themselves) and λ is kept; it is reported as ``skipped``.
+``grad_norm_skip_threshold``) is closed with ``close_update(skipped=True)``: θ did not move, so its
+statistics are discarded (they may be inf/NaN themselves) and λ is kept; it is reported as ``skipped``.
 The flag is summed over the group with the statistics, so one rank's skip is every rank's. Because θ
 did not move, an RL step's updates count as made at θ = θ_old until one is applied (the caller keeps
 ``refresh=False`` until then).
@@ -255,7 +255,7 @@ class OCCCalibrator:
         return UpdateStatistics(depths, refreshed=refresh, skipped=False)
 
     def discard_open_update(self) -> None:
-        """Drop what was accumulated since the last :meth:`close_update` (local; no collective), keeping λ."""
+        """Drop what was accumulated since the last :meth:`close_update` (local; no collective); λ stays."""
         self._stats.zero_()
         self._applied.zero_()
 

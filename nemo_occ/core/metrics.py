@@ -8,19 +8,20 @@ MTP loss was scaled by and the λ_d in effect after it. At the end of an RL step
 reduces the step's updates (and the step's draft-acceptance counts, :func:`acceptance_counts`) into the
 logged metrics, so a name means the same quantity, reduced the same way, on every path:
 
-| key (per depth d)               | value                                              | over a step's updates   |
-|---------------------------------|----------------------------------------------------|-------------------------|
-| ``<p>/lambda_<d>``              | λ_d after the step's last update (the next's λ)     | last update             |
-| ``<p>/lambda_applied_<d>``      | λ_d the update's MTP loss was scaled by             | mean over applied ones  |
-| ``<p>/c_hat_<d>``, ``v2_hat``   | ĉ_d, v̂²_d (Eq. 12)                                 | mean over applied ones  |
-| ``<p>/c_hat_mean_<d>``, ...     | ĉ_d / n_d, v̂²_d / n_d (0 without tokens)          | mean over applied ones  |
-| ``<p>/first_order_<d>``         | λ_applied · ĉ_d, Eq. 10's gain with unit prefactors | mean over applied ones  |
-| ``<p>/second_order_<d>``        | ½ λ_applied² · v̂²_d, Eq. 10's cost                 | mean over applied ones  |
-| ``<p>/valid_tokens_<d>``        | n_d                                                 | mean over applied ones  |
-| ``<p>/no_valid_tokens_<d>``     | 1 when n_d = 0                                      | share of applied ones   |
-| ``<p>/v2_hat_vs_main_old_<d>``, ``<p>/v2_hat_vs_own_old_<d>``, ``<p>/head_gap_share_<d>`` | the head gap (``nemo_occ.core.fidelity.HeadGap``), when measured | mean over applied ones |
-| ``<p>/refreshed``, ``<p>/skipped`` | 1 for an update that set λ / that the optimizer skipped | share of all updates |
-| ``accuracy_<d>``                | Σ hits / Σ MTP-valid loss tokens (draft acceptance) | summed over the step    |
+Keys per MTP depth d, and how a step's updates combine (applied: not skipped by the optimizer):
+
+- ``<p>/lambda_<d>``: λ_d after the step's last update, which the next update uses. **Last update.**
+- ``<p>/lambda_applied_<d>``: λ_d the update's MTP loss was scaled by. Mean over applied updates.
+- ``<p>/c_hat_<d>``, ``<p>/v2_hat_<d>``: ĉ_d, v̂²_d (Eq. 12); ``<p>/c_hat_mean_<d>``,
+  ``<p>/v2_hat_mean_<d>``: the same per valid token (0 without tokens); ``<p>/first_order_<d>`` =
+  λ_applied·ĉ_d and ``<p>/second_order_<d>`` = ½·λ_applied²·v̂²_d, Eq. 10's gain and cost with unit
+  prefactors; ``<p>/valid_tokens_<d>`` = n_d; ``<p>/no_valid_tokens_<d>`` = 1 when n_d = 0; when the
+  head gap is measured (``nemo_occ.core.fidelity.HeadGap``) ``<p>/v2_hat_vs_main_old_<d>``,
+  ``<p>/v2_hat_vs_own_old_<d>`` and ``<p>/head_gap_share_<d>``. Each: mean over applied updates.
+- ``<p>/refreshed``, ``<p>/skipped``: 1 for an update that set λ / that the optimizer skipped. Share
+  of all updates.
+- ``accuracy_<d>``: Σ hits / Σ tokens of :func:`acceptance_counts` over the step's training forwards
+  (loss-masked tokens with a depth-d target; Megatron's ``mtp_<d>_acceptance_rate`` / 100).
 
 ``<p>`` is ``occ`` when λ is calibrated from these statistics (regime ``occ``) and ``proxy`` when the
 proxies are only monitored (``detach``/``ce``/``policy`` with ``monitor_proxies``): there ``lambda_<d>``
@@ -60,7 +61,7 @@ class DepthStatistics:
 
 @dataclass(frozen=True)
 class UpdateStatistics:
-    """What closing one optimizer update reports: its statistics per depth (depth 1 first) and how it ended."""
+    """What closing one optimizer update reports: its statistics per depth (depth 1 first), how it ended."""
 
     depths: tuple[DepthStatistics, ...]
     refreshed: bool  # it set a new λ (False at θ = θ_old, and when skipped)

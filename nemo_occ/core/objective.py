@@ -20,7 +20,8 @@ main head's gives λ the same meaning as in the reference code (a weight relativ
 
 Per micro-batch the objective also feeds the calibrator (regime occ, or any MTP regime when
 ``monitor_proxies`` is on, for the paper's Fig. 2 curves); :meth:`MTPObjective.close_update` closes
-an optimizer update and returns its statistics (``nemo_occ.core.metrics``) (see ``nemo_occ.core.calibration`` for which update uses which λ).
+an optimizer update and returns its statistics (``nemo_occ.core.metrics``; see
+``nemo_occ.core.calibration`` for which update uses which λ).
 
 Letters: B sequences, S token positions, K MTP depths.
 """

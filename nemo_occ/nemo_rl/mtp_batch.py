@@ -1,13 +1,13 @@
-"""The MTP entries nemo-occ adds to NeMo-RL's batches: their keys, the code that writes them, the code that reads them.
+"""The MTP entries nemo-occ adds to NeMo-RL's batches: their keys, the code that writes and that reads them.
 
 Per MTP depth d (1-based) a micro-batch ``data`` carries, next to NeMo-RL's own keys:
 
-| key                                | layout                                   | written by                     |
-|------------------------------------|------------------------------------------|--------------------------------|
-| :func:`mtp_logprobs_key`           | [B, S-1] aligned like ``next_token_logprobs``: index j scores token j+1 | the training forward (:func:`attach_mtp_to_batch`) |
-| :func:`mtp_valid_key`              | [B, S-1] bool, False where no depth-d target exists | the training forward |
-| :func:`mtp_correct_key`            | [B, S-1] bool, depth d's arg-max is the sampled token | the training forward |
-| :func:`mtp_old_logprobs_key`       | [B, S] like ``prev_logprobs``: position i scores token i, 0 at i = 0 | ``get_logprobs`` (:func:`old_logprobs_rows`, :func:`stack_old_logprobs`) |
+- :func:`mtp_logprobs_key`: [B, S-1] log-probs aligned like ``next_token_logprobs`` (index j scores
+  token j+1); :func:`mtp_valid_key`: [B, S-1] bool, False where no depth-d target exists;
+  :func:`mtp_correct_key`: [B, S-1] bool, depth d's arg-max is the sampled token. Written by the
+  training forward (:func:`attach_mtp_to_batch`).
+- :func:`mtp_old_logprobs_key`: [B, S] like ``prev_logprobs`` (position i scores token i, 0 at i = 0).
+  Written by ``get_logprobs`` (:func:`old_logprobs_rows`, :func:`stack_old_logprobs`).
 
 The loss reads them back with :func:`read_mtp_inputs` and :func:`read_mtp_old_logprobs`, which crop to
 the loss's [B, S-1] in one place. The old log-probs travel from ``get_logprobs`` to ``train`` through the
@@ -129,11 +129,13 @@ def old_logprobs_rows(input_ids: torch.Tensor, mtp: Any, packed_seq_params: Any 
     return [torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned]
 
 
-def stack_old_logprobs(microbatches: Sequence[Sequence[torch.Tensor]], width: int) -> dict[str, torch.Tensor]:
+def stack_old_logprobs(
+    microbatches: Sequence[Sequence[torch.Tensor]], num_depths: int, width: int
+) -> dict[str, torch.Tensor]:
     """The ``get_logprobs`` result's MTP entries: each depth's micro-batch rows ([B_mb, S_mb], from
     :func:`old_logprobs_rows`) padded to the batch's ``width`` and stacked, as NeMo-RL does ``logprobs``."""
     out = {}
-    for d in range(1, len(microbatches[0]) + 1 if microbatches else 1):
+    for d in range(1, num_depths + 1):
         rows = [mb[d - 1] for mb in microbatches]
         out[mtp_old_logprobs_key(d)] = torch.cat(
             [torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows]

@@ -312,7 +312,9 @@ class OCCWorkerExtension:
         keys = [mtp_old_logprobs_key(d) for d in range(1, self.nemo_occ_cfg.num_depths + 1)]
         tensors: dict[str, Any] = dict.fromkeys(keys)
         if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
-            tensors.update(stack_old_logprobs(sink, width=result["logprobs"].shape[1]))
+            tensors.update(
+                stack_old_logprobs(sink, self.nemo_occ_cfg.num_depths, result["logprobs"].shape[1])
+            )
         for key, value in self.broadcast_tensors_from_last_stage(tensors).items():
             result[key] = value.cpu()
         return result
