@@ -88,7 +88,7 @@ def test_newer_core_capture_skips_process_mtp_loss(monkeypatch):
             with MTPCapture(model, detach_trunk=True) as cap:
                 logits = model(ids, pos, None)  # newer cores derive MTP labels from input_ids here
                 out = cap.logprobs(ids)
-            assert calls == [] and logits.shape == (2, 8, 64) and len(out.logprobs) == 1
+            assert calls == [] and logits.shape == (2, 8, 64) and len(out.mtp_logprobs) == 1
         finally:
             parallel.destroy_model_parallel()
 

@@ -95,7 +95,7 @@ def _main_grads(*, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu")
     main = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     loss = (main * torch.rand(main.shape, generator=g).to(device)).sum()
     if with_mtp:
-        for lp, mask in zip(mtp.logprobs, mtp.masks, strict=True):
+        for lp, mask in zip(mtp.mtp_logprobs, mtp.mtp_masks, strict=True):
             loss = loss + (lp * mask * torch.rand(lp.shape, generator=g).to(device)).sum()
     loss.backward()
     # DP size 1: finish_grad_sync would only all-reduce over one rank.

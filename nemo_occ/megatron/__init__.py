@@ -14,8 +14,9 @@ Public entry points:
 from nemo_occ.megatron import cpu_compat
 from nemo_occ.megatron.capabilities import detect_capabilities
 from nemo_occ.megatron.chunked_logprobs import token_logprobs
+from nemo_occ.megatron.head_logprobs import ModelLogProbs
 from nemo_occ.megatron.mtp_capture import MTPCapture
-from nemo_occ.megatron.mtp_logprobs import ModelLogProbs, forward_main_logits, forward_with_mtp_logprobs
+from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp_logprobs
 
 __all__ = [
     "MTPCapture",

@@ -107,15 +107,15 @@ def unpack_rows(
 
 
 def attach_mtp_to_batch(data: Any, mtp: Any, packed_seq_params: Any = None) -> None:
-    """Put one micro-batch's MTP log-probs (``MTPHeadLogProbs``) into ``data`` as [B, S-1] rows.
+    """Put one micro-batch's MTP log-probs (``ModelLogProbs``) into ``data`` as [B, S-1] rows.
 
     ``mtp`` is in the model's layout: [B, L-1] rows, or one packed row [1, T-1] when
     ``packed_seq_params`` is given (then unpacked per document with its ``cu_seqlens_q(_padded)``).
     """
     width = data["input_ids"].shape[1] - 1
-    for d, lp in enumerate(mtp.logprobs, start=1):
-        valid = mtp.masks[d - 1]
-        hit = mtp.top1[d - 1] if mtp.top1 is not None else None
+    for d, lp in enumerate(mtp.mtp_logprobs, start=1):
+        valid = mtp.mtp_masks[d - 1]
+        hit = mtp.mtp_top1[d - 1] if mtp.mtp_top1 is not None else None
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q
             cu_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
@@ -672,7 +672,7 @@ def _mtp_logprobs_post_processor_class(
                 )
                 rows = {"input_ids": data_dict["input_ids"]}
                 attach_mtp_to_batch(rows, mtp, inputs.packed_seq_params)
-                depths = range(1, len(mtp.logprobs) + 1)
+                depths = range(1, len(mtp.mtp_logprobs) + 1)
                 aligned = [
                     rows[mtp_logprobs_key(d)].float() for d in depths
                 ]  # [B, S-1], index j scores tok[j+1]
