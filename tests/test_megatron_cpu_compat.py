@@ -44,8 +44,37 @@ def test_enable_disable_restores_everything():
 def test_never_applied_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     original = torch.cuda.current_device
-    assert cpu_compat.enable() is False
-    assert torch.cuda.current_device is original and not cpu_compat.is_enabled()
+    with cpu_compat.cpu_compat() as applied:
+        assert applied is False
+        assert torch.cuda.current_device is original and not cpu_compat.is_enabled()
+
+
+def test_a_failure_while_patching_undoes_what_was_patched(monkeypatch):
+    before = _patched_objects()
+
+    def broken(original_new):
+        raise RuntimeError("cannot patch the norm")
+
+    monkeypatch.setattr(cpu_compat, "_make_torch_norm_new", broken)  # the last CPU patch made
+    with pytest.raises(RuntimeError, match="cannot patch the norm"):
+        with cpu_compat.cpu_compat():
+            pass
+    assert _patched_objects() == before and not cpu_compat.is_enabled()
+
+
+def test_the_demo_policy_sets_nothing_up_itself():
+    """The demo's entry point enters the CPU patches and the process group; building its model adds none."""
+    from nemo_occ.demo.config import DemoConfig
+    from nemo_occ.demo.policy import DemoPolicy
+    from nemo_occ.demo.task import AdditionTask
+    from nemo_occ.megatron.parallel import model_parallel
+
+    before = _patched_objects()
+    with cpu_compat.cpu_compat(), model_parallel():
+        cfg = DemoConfig()
+        DemoPolicy.build(cfg, AdditionTask(digits=cfg.task.digits))
+    assert _patched_objects() == before and not cpu_compat.is_enabled()
+    assert not torch.distributed.is_initialized()
 
 
 def test_packed_causal_mask_matches_loop():

@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
-from _mcore_compat import mtp_buildable_without_te  # noqa: E402
 from _megatron_reference import reference_logprobs  # noqa: E402
 
-from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
 from nemo_occ.megatron.mtp_capture import MTPCapture  # noqa: E402
 from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp_logprobs  # noqa: E402
 from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
 
 V = 48
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    with cpu_compat.cpu_compat(), mtp_buildable_without_te():
-        parallel.init_model_parallel()
-        try:
-            yield
-        finally:
-            parallel.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")

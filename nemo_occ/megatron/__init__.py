@@ -1,5 +1,5 @@
 """Megatron-core model layer: MTP hidden-state capture, memory-bounded vocab-parallel log-probs,
-detach, capability detection and a CPU compatibility layer (see docs/design.md).
+detach, and a CPU compatibility layer (see docs/design.md).
 
 Public entry points:
 
