@@ -15,7 +15,6 @@ pytest.importorskip("megatron.core", reason="needs megatron-core")
 
 from _megatron_reference import reference_logprobs  # noqa: E402
 
-from nemo_occ.megatron.capabilities import detect_capabilities  # noqa: E402
 from nemo_occ.megatron.mtp_logprobs import forward_with_mtp_logprobs  # noqa: E402
 from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
 
@@ -24,12 +23,11 @@ V = 48
 
 
 def _needs_config_field(name: str, where: str) -> None:
+    from megatron.core import package_info
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if name not in {f.name for f in dataclasses.fields(TransformerConfig)}:
-        pytest.skip(
-            f"megatron-core {detect_capabilities().version} has no TransformerConfig.{name} ({where})"
-        )
+        pytest.skip(f"megatron-core {package_info.__version__} has no TransformerConfig.{name} ({where})")
 
 
 def _batch(b=2, s=10, seed=1):

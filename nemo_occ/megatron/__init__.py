@@ -7,12 +7,10 @@ Public entry points:
 - ``forward_with_mtp_logprobs`` / ``forward_main_logits``: training forward (main + aligned MTP
   log-probs, no logits materialised) and the cheap sampling forward (MTP block skipped).
 - ``token_logprobs``: chunked, vocab-parallel log-probs of target tokens with recompute in backward.
-- ``detect_capabilities``: what the installed megatron-core supports.
 - ``cpu_compat``: undoable patches that let megatron-core run on a CPU-only torch.
 """
 
 from nemo_occ.megatron import cpu_compat
-from nemo_occ.megatron.capabilities import detect_capabilities
 from nemo_occ.megatron.chunked_logprobs import token_logprobs
 from nemo_occ.megatron.head_logprobs import ModelLogProbs
 from nemo_occ.megatron.mtp_capture import MTPCapture
@@ -22,7 +20,6 @@ __all__ = [
     "MTPCapture",
     "ModelLogProbs",
     "cpu_compat",
-    "detect_capabilities",
     "forward_main_logits",
     "forward_with_mtp_logprobs",
     "token_logprobs",
