@@ -351,7 +351,7 @@ def test_ctrl_c_while_the_export_is_moved_into_place_finishes_it_first(
     import os
     import signal
 
-    from nemo_occ.export import atomic
+    from nemo_occ import atomic_io as atomic
 
     # What a terminal's Ctrl-C meets. Set here, not assumed: a job started in the background by a
     # non-interactive shell begins with SIGINT ignored.

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nemo_occ import __version__
-from nemo_occ.export.atomic import atomic_directory
+from nemo_occ.atomic_io import atomic_directory
 from nemo_occ.export.checkpoint import CheckpointInfo, TensorMeta
 from nemo_occ.export.fixups import FixupLog, apply_fixups
 from nemo_occ.export.manifest import CHECKSUM_ALGORITHM, MANIFEST_FILE
