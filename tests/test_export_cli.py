@@ -14,7 +14,7 @@ from _export_stand_in import install_stand_in_bridge, make_megatron_folder, star
 from safetensors.torch import load_file
 
 from nemo_occ.export import cli
-from nemo_occ.export.checkpoint import read_reference
+from nemo_occ.export.hf_checkpoint import read_reference
 from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
 from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 

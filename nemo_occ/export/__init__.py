@@ -2,7 +2,7 @@
 
 - ``models``: where GLM-4.5 and MiMo keep their MTP tensors in a HF checkpoint.
 - ``fixups``: GLM MTP aliases and the MiMo ``input_proj`` half swap, over name/tensor streams.
-- ``checkpoint``: describe a HF safetensors checkpoint (index, shard headers) without loading it.
+- ``hf_checkpoint``: describe a HF safetensors checkpoint (index, shard headers) without loading it.
 - ``writer``: shard writer following a reference index, into the all-or-nothing output folder of
   ``nemo_occ.atomic_io`` (cleaned up on SIGTERM and Ctrl-C; leftovers of killed runs found by the next one).
 - ``target``: ``--out`` checked before the model is loaded (never an input folder, replaceable only

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nemo_occ.export.checkpoint import INDEX_FILE, check_shard_name
+from nemo_occ.export.hf_checkpoint import INDEX_FILE, check_shard_name
 
 EXTRA_SHARD = "model-extra-not-in-reference.safetensors"
 
