@@ -6,8 +6,10 @@ Public entry points:
 - ``MTPCapture``: capture each MTP depth's hidden states during anyone's ``model(...)`` call.
 - ``forward_with_mtp_logprobs`` / ``forward_main_logits``: training forward (main + aligned MTP
   log-probs, no logits materialised) and the cheap sampling forward (MTP block skipped).
+- ``ModelLogProbs``: what both ``MTPCapture.logprobs`` and ``forward_with_mtp_logprobs`` return.
 - ``token_logprobs``: chunked, vocab-parallel log-probs of target tokens with recompute in backward.
-- ``cpu_compat``: undoable patches that let megatron-core run on a CPU-only torch.
+- ``cpu_compat.cpu_compat()``: the context manager that lets megatron-core run on a CPU-only torch
+  inside its block (entered at a program's entry point).
 """
 
 from nemo_occ.megatron import cpu_compat
