@@ -8,14 +8,14 @@ system), flushed and fsynced, given the usual umask mode and ``os.replace``-d ov
 Ctrl-C at any point leaves either the old file or the new one, never a partial one, and no temporary
 file, except after a hard kill: :func:`temporary_file_target` recognises those leftovers.
 
-**A folder** (:func:`atomic_directory`, the export): files are written into a temporary sibling folder ``.{name}.partial-{host}-{pid}-{random}`` (same file
-system, so the final ``rename`` is atomic); on success it is renamed into place. On any exception (Ctrl-C's
-``KeyboardInterrupt`` included), and on SIGTERM (what Slurm sends at a job's time limit), it is deleted.
-Both signals are held back while the folder is moved into place and acted on once it is there; a Ctrl-C
-then raises :class:`InterruptedAfterCommit`, so the caller can say the output is complete. A process
-killed outright (SIGKILL,
-the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next run,
-which reports them and removes them only when asked. The host and pid in the name tell a leftover
+**A folder** (:func:`atomic_directory`, the export): files are written into a temporary sibling folder
+``.{name}.partial-{host}-{pid}-{random}`` (same file system, so the final ``rename`` is atomic); on
+success it is renamed into place. On any exception (Ctrl-C's ``KeyboardInterrupt`` included), and on
+SIGTERM (what Slurm sends at a job's time limit), it is deleted. Both signals are held back while the
+folder is moved into place and acted on once it is there; a Ctrl-C then raises
+:class:`InterruptedAfterCommit`, so the caller can say the output is complete. A process killed outright
+(SIGKILL, the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next
+run, which reports them and removes them only when asked. The host and pid in the name tell a leftover
 from the folder of an export still running on this host.
 
 An existing output is never touched unless ``overwrite=True`` (and the caller's ``check_replaceable``
