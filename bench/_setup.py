@@ -1,7 +1,8 @@
 """What the regime and probe benches share: the model-shape and device flags, and the model itself.
 
 Both time one optimizer update of a megatron-core GPT with MTP layers (CPU through
-``nemo_occ.megatron.cpu_compat``, or CUDA), built the same way so their figures are comparable.
+``nemo_occ.megatron.cpu_compat``, which each bench enters at its entry point, or CUDA), built the same
+way so their figures are comparable.
 """
 
 from __future__ import annotations
@@ -49,11 +50,9 @@ def prepare(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torc
 
 def build_model(args: argparse.Namespace, dtype: torch.dtype, mtp_num_layers: int) -> torch.nn.Module:
     """A tiny GPT with ``mtp_num_layers`` MTP layers, seed 0, in ``dtype`` on ``args.device``."""
-    from nemo_occ.megatron import cpu_compat
     from nemo_occ.megatron.parallel import init_model_parallel
     from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
-    cpu_compat.enable()  # a no-op where CUDA is available
     init_model_parallel(tensor_parallel=1, backend="nccl" if args.device == "cuda" else "gloo")
     torch.manual_seed(0)
     cfg = TinyGPTConfig(

@@ -124,4 +124,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from nemo_occ.megatron.cpu_compat import cpu_compat
+
+    with cpu_compat():  # changes nothing where CUDA is available
+        main()

@@ -5,7 +5,7 @@ Layers (each imports only from the ones above it):
 - ``nemo_occ.core``: torch-only math (regimes, clipped policy losses, the OCC calibrator,
   MTP/main alignment, exact-gradient diagnostics).
 - ``nemo_occ.megatron``: megatron-core model layer (MTP hidden-state capture, chunked
-  vocab-parallel log-probs, detach, version capabilities, CPU compatibility).
+  vocab-parallel log-probs, detach, CPU compatibility).
 - ``nemo_occ.nemo_rl``: thin NeMo-RL glue (worker extension, loss function, entry point).
 - ``nemo_occ.export``: Hugging Face export with the MTP weights, and its verification.
 - ``nemo_occ.demo``: the CPU end-to-end demonstration.

@@ -39,10 +39,22 @@ if out["available"]:
     out["devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
 print(json.dumps(out))
 """
+# The MTP-related features of the installed megatron-core, read from its code (for the report only: the
+# package checks each feature where it uses it, e.g. MTPCapture reads config.mtp_detach_heads).
 _CAPABILITIES = """
-import dataclasses, json
-from nemo_occ.megatron.capabilities import detect_capabilities
-print(json.dumps(dataclasses.asdict(detect_capabilities())))
+import dataclasses, inspect, json
+from megatron.core import package_info
+from megatron.core.models.gpt import gpt_model
+from megatron.core.transformer.transformer_config import TransformerConfig
+process = getattr(gpt_model, "process_mtp_loss", None)  # newer cores; 0.16.x computes the MTP loss inline
+fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+print(json.dumps({
+    "version": str(package_info.__version__),
+    "process_mtp_loss": process is not None,
+    "labels_from_input_ids": process is not None and "input_ids" in inspect.signature(process).parameters,
+    "mtp_detach_heads": "mtp_detach_heads" in fields,
+    "mtp_use_repeated_layer": "mtp_use_repeated_layer" in fields,
+}))
 """
 _DRIVER = "import nemo_occ.nemo_rl.run_grpo, nemo_rl.algorithms.grpo; print('{}')"
 _WORKER = "import nemo_occ.nemo_rl.megatron_worker; print('{}')"

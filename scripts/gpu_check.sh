@@ -6,8 +6,8 @@
 #
 # Steps, each with its own time limit and log in LOG_DIR, all run even when one fails:
 #   env         nvidia-smi, Python, torch/CUDA, megatron-core, Transformer Engine, APEX versions
-#   marked      pytest -m "gpu or transformer_engine" over tests/ except the real-kernel test (JUnit in
-#               marked.xml): chunked log-probs in bf16 on CUDA, TE-spec tests where TE imports
+#   marked      pytest -m gpu over tests/ except the real-kernel test (JUnit in marked.xml): chunked
+#               log-probs in bf16 on CUDA
 #   wgrad       the fused weight-gradient DDP test with megatron's real fused_weight_gradient_mlp_cuda
 #               (-k real_kernel), after checking that megatron-core imported that kernel
 #   bench-*     bench/bench_regime_step.py, bench/bench_probe.py and bench/bench_chunked_logprobs.py with
@@ -94,7 +94,7 @@ run_pytest() { # step junit-name time-limit pytest-args...
     record "$step" "$( ((rc == 0)) && echo ok || echo FAILED)" "$(junit_counts "$LOG_DIR/$name.xml")"
   fi
 }
-run_pytest marked marked "$PYTEST_TIMEOUT" -m "gpu or transformer_engine" -k "not real_kernel" tests/
+run_pytest marked marked "$PYTEST_TIMEOUT" -m gpu -k "not real_kernel" tests/
 
 # -- fused weight-gradient accumulation with the real kernel -------------------------------------
 kernel=$(timeout 30 "$PYTHON" -W ignore - 2>>"$LOG_DIR/wgrad.log" <<'EOF'

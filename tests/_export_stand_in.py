@@ -24,7 +24,7 @@ _STALLED_EXPORT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from nemo_occ.export.checkpoint import read_reference
+    from nemo_occ.export.hf_checkpoint import read_reference
     from nemo_occ.export.hf_export import write_hf_export
     from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 

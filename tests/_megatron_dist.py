@@ -23,13 +23,13 @@ def _entry(rank, world_size, port, fn, args, errors):
     try:
         import torch.distributed as dist
 
-        from nemo_occ.megatron import cpu_compat
+        from nemo_occ.megatron.cpu_compat import cpu_compat
 
-        cpu_compat.enable()
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        fn(rank, world_size, *args)
-        dist.barrier()
-        dist.destroy_process_group()
+        with cpu_compat():
+            dist.init_process_group("gloo", rank=rank, world_size=world_size)
+            fn(rank, world_size, *args)
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report everything to the parent
         errors.put((rank, traceback.format_exc()))
         raise

@@ -14,7 +14,7 @@ from _export_stand_in import install_stand_in_bridge, make_megatron_folder, star
 from safetensors.torch import load_file
 
 from nemo_occ.export import cli
-from nemo_occ.export.checkpoint import read_reference
+from nemo_occ.export.hf_checkpoint import read_reference
 from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
 from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 
@@ -351,7 +351,7 @@ def test_ctrl_c_while_the_export_is_moved_into_place_finishes_it_first(
     import os
     import signal
 
-    from nemo_occ.export import atomic
+    from nemo_occ import atomic_io as atomic
 
     # What a terminal's Ctrl-C meets. Set here, not assumed: a job started in the background by a
     # non-interactive shell begins with SIGINT ignored.

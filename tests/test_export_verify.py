@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nemo_occ.export.checkpoint import read_local_checkpoint, read_reference
+from nemo_occ.export.hf_checkpoint import read_local_checkpoint, read_reference
 from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
 from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 from nemo_occ.export.verify import ExportVerificationError, ValueLimits, compare_checkpoints, verify_export

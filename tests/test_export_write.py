@@ -15,8 +15,8 @@ from _export_stand_in import start_stalled_export
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from nemo_occ.export.atomic import atomic_directory
-from nemo_occ.export.checkpoint import read_reference
+from nemo_occ.atomic_io import atomic_directory
+from nemo_occ.export.hf_checkpoint import read_reference
 from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
 from nemo_occ.export.synthetic import GLM_ALIASES, bridge_like_stream, make_reference_checkpoint, train_like
 from nemo_occ.export.verify import ExportVerificationError, ValueLimits

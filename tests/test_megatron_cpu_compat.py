@@ -1,4 +1,4 @@
-"""CPU compatibility patches and capability detection for megatron-core."""
+"""CPU compatibility patches for megatron-core (``cpu_compat``) and what runs through them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import torch
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
 from nemo_occ.megatron import cpu_compat  # noqa: E402
-from nemo_occ.megatron.capabilities import detect_capabilities  # noqa: E402
 
 
 def _patched_objects():
@@ -44,8 +43,37 @@ def test_enable_disable_restores_everything():
 def test_never_applied_when_cuda_is_available(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     original = torch.cuda.current_device
-    assert cpu_compat.enable() is False
-    assert torch.cuda.current_device is original and not cpu_compat.is_enabled()
+    with cpu_compat.cpu_compat() as applied:
+        assert applied is False
+        assert torch.cuda.current_device is original and not cpu_compat.is_enabled()
+
+
+def test_a_failure_while_patching_undoes_what_was_patched(monkeypatch):
+    before = _patched_objects()
+
+    def broken(original_new):
+        raise RuntimeError("cannot patch the norm")
+
+    monkeypatch.setattr(cpu_compat, "_make_torch_norm_new", broken)  # the last CPU patch made
+    with pytest.raises(RuntimeError, match="cannot patch the norm"):
+        with cpu_compat.cpu_compat():
+            pass
+    assert _patched_objects() == before and not cpu_compat.is_enabled()
+
+
+def test_the_demo_policy_sets_nothing_up_itself():
+    """The demo's entry point enters the CPU patches and the process group; building its model adds none."""
+    from nemo_occ.demo.config import DemoConfig
+    from nemo_occ.demo.policy import DemoPolicy
+    from nemo_occ.demo.task import AdditionTask
+    from nemo_occ.megatron.parallel import model_parallel
+
+    before = _patched_objects()
+    with cpu_compat.cpu_compat(), model_parallel():
+        cfg = DemoConfig()
+        DemoPolicy.build(cfg, AdditionTask(digits=cfg.task.digits))
+    assert _patched_objects() == before and not cpu_compat.is_enabled()
+    assert not torch.distributed.is_initialized()
 
 
 def test_packed_causal_mask_matches_loop():
@@ -57,40 +85,27 @@ def test_packed_causal_mask_matches_loop():
             assert bool(mask[t, u]) == (not (seg[t] == seg[u] and u <= t)), (t, u)
 
 
-def test_capabilities_are_detected_from_code():
-    caps = detect_capabilities()
-    from megatron.core.models.gpt import gpt_model
-
-    assert caps.process_mtp_loss == hasattr(gpt_model, "process_mtp_loss")
-    if not caps.process_mtp_loss:  # 0.16.x: inline MTP loss, labels required
-        assert not caps.labels_from_input_ids and not caps.forward_without_labels
-
-
 @pytest.mark.mcore_latest
-def test_newer_core_capture_skips_process_mtp_loss(monkeypatch):
-    caps = detect_capabilities()
-    if not caps.process_mtp_loss:
-        pytest.skip(f"megatron-core {caps.version} has no process_mtp_loss (needs a newer core than 0.16.x)")
+def test_newer_core_capture_skips_process_mtp_loss(monkeypatch, single_rank):
+    from megatron.core import package_info
     from megatron.core.models.gpt import gpt_model
 
-    from nemo_occ.megatron import parallel
+    if not hasattr(gpt_model, "process_mtp_loss"):
+        pytest.skip(
+            f"megatron-core {package_info.__version__} has no process_mtp_loss (needs a newer core than 0.16.x)"
+        )
     from nemo_occ.megatron.mtp_capture import MTPCapture
     from nemo_occ.megatron.tiny_gpt import build_tiny_gpt
 
     calls = []
     monkeypatch.setattr(gpt_model, "process_mtp_loss", lambda *a, **k: calls.append(1))
-    with cpu_compat.cpu_compat():
-        parallel.init_model_parallel()
-        try:
-            model = build_tiny_gpt(mtp_num_layers=1)
-            ids = torch.randint(0, 64, (2, 8))
-            pos = torch.arange(8).expand(2, 8)
-            with MTPCapture(model, detach_trunk=True) as cap:
-                logits = model(ids, pos, None)  # newer cores derive MTP labels from input_ids here
-                out = cap.logprobs(ids)
-            assert calls == [] and logits.shape == (2, 8, 64) and len(out.logprobs) == 1
-        finally:
-            parallel.destroy_model_parallel()
+    model = build_tiny_gpt(mtp_num_layers=1)
+    ids = torch.randint(0, 64, (2, 8))
+    pos = torch.arange(8).expand(2, 8)
+    with MTPCapture(model, detach_trunk=True) as cap:
+        logits = model(ids, pos, None)  # newer cores derive MTP labels from input_ids here
+        out = cap.logprobs(ids)
+    assert calls == [] and logits.shape == (2, 8, 64) and len(out.mtp_logprobs) == 1
 
 
 @pytest.mark.mcore_latest

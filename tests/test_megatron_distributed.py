@@ -157,7 +157,7 @@ def _context_parallel_body(rank, world, packed: bool):
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
-    from nemo_occ.megatron.context_parallel import cp_local_positions, shard_for_context_parallel
+    from nemo_occ.megatron.context_parallel import cp_local_positions
     from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
     from nemo_occ.megatron.mtp_capture import MTPCapture
     from nemo_occ.megatron.parallel import init_model_parallel
@@ -201,7 +201,7 @@ def _context_parallel_body(rank, world, packed: bool):
     local_pos = torch.tensor(local)
     assert torch.equal(local_pos, cp_local_positions(ids.shape[1], 2, cp_rank, cu_seqlens_padded=bounds))
     local_hidden = [h.index_select(0, local_pos) for h in heads]
-    local_ids = shard_for_context_parallel(ids, 2, cp_rank, cu_seqlens_padded=bounds)
+    local_ids = ids.index_select(-1, local_pos)  # what the model gets on this CP rank
     # NeMo-RL's convention: every CP rank computes the full-sequence loss divided by the CP size
     sharded, sharded_grads = evaluate(local_hidden, local_ids, loss_scale=1 / 2)
     for (lp, valid), (ref_lp, ref_valid) in zip(sharded, reference, strict=True):

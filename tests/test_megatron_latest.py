@@ -7,18 +7,14 @@ main after the 0.20 commit NeMo-RL pins); each test skips naming what the instal
 from __future__ import annotations
 
 import dataclasses
-import warnings
 
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
-from _mcore_compat import mtp_buildable_without_te  # noqa: E402
 from _megatron_reference import reference_logprobs  # noqa: E402
 
-from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
-from nemo_occ.megatron.capabilities import detect_capabilities  # noqa: E402
 from nemo_occ.megatron.mtp_logprobs import forward_with_mtp_logprobs  # noqa: E402
 from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
 
@@ -27,23 +23,11 @@ V = 48
 
 
 def _needs_config_field(name: str, where: str) -> None:
+    from megatron.core import package_info
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     if name not in {f.name for f in dataclasses.fields(TransformerConfig)}:
-        pytest.skip(
-            f"megatron-core {detect_capabilities().version} has no TransformerConfig.{name} ({where})"
-        )
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    with cpu_compat.cpu_compat(), mtp_buildable_without_te():
-        parallel.init_model_parallel()
-        try:
-            yield
-        finally:
-            parallel.destroy_model_parallel()
+        pytest.skip(f"megatron-core {package_info.__version__} has no TransformerConfig.{name} ({where})")
 
 
 def _batch(b=2, s=10, seed=1):

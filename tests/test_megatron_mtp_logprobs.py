@@ -2,33 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
-from _mcore_compat import mtp_buildable_without_te  # noqa: E402
 from _megatron_reference import reference_logprobs  # noqa: E402
 
-from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
 from nemo_occ.megatron.mtp_capture import MTPCapture  # noqa: E402
 from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp_logprobs  # noqa: E402
 from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
 
 V = 48
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    with cpu_compat.cpu_compat(), mtp_buildable_without_te():
-        parallel.init_model_parallel()
-        try:
-            yield
-        finally:
-            parallel.destroy_model_parallel()
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +52,25 @@ def test_capture_around_plain_model_call_without_labels(model2):
     torch.testing.assert_close(logits, forward_main_logits(model2, ids, pos))
     _, mtp, valid = reference_logprobs(model2, ids, pos, num_depths=2)
     for d in range(2):
-        torch.testing.assert_close(got.logprobs[d], torch.where(valid[d], mtp[d], 0.0))
+        torch.testing.assert_close(got.mtp_logprobs[d], torch.where(valid[d], mtp[d], 0.0))
     # Hooks and config are restored: the model is its 0.16 self again (labels needed for MTP).
     assert model2.config.mtp_num_layers == 2 and not model2.mtp._forward_hooks
+
+
+def test_capture_and_training_forward_give_one_result(model2):
+    """MTPCapture around anyone's forward and forward_with_mtp_logprobs: one result type, equal MTP rows."""
+    ids, pos = _batch(seed=5)
+    with MTPCapture(model2, detach_trunk=False) as cap:
+        model2(ids, pos, None)
+        captured = cap.logprobs(ids, chunk_size=5, return_top1=True)
+    full = forward_with_mtp_logprobs(model2, ids, pos, detach_trunk=False, chunk_size=5, return_top1=True)
+    assert type(captured) is type(full)
+    assert captured.main_logprobs is None and captured.main_mask is None and captured.main_top1 is None
+    assert len(captured.mtp_logprobs) == len(full.mtp_logprobs) == 2
+    for d in range(2):
+        torch.testing.assert_close(captured.mtp_logprobs[d], full.mtp_logprobs[d])
+        assert torch.equal(captured.mtp_masks[d], full.mtp_masks[d])
+        assert torch.equal(captured.mtp_top1[d], full.mtp_top1[d])
 
 
 def _grads(model):

@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("megatron.core", reason="needs megatron-core")
 
-from nemo_occ.megatron import cpu_compat, parallel  # noqa: E402
+from nemo_occ.megatron import parallel  # noqa: E402
 from nemo_occ.megatron.mtp_capture import MTPCapture  # noqa: E402
 from nemo_occ.megatron.tiny_gpt import build_tiny_gpt  # noqa: E402
 
@@ -49,17 +49,6 @@ class _Kernel:
 
     def wgrad_gemm_accum_fp16(self, total_input, grad_output, main_grad):
         raise AssertionError("the models here keep fp32 gradient buffers")
-
-
-@pytest.fixture(scope="module")
-def single_rank():
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    with cpu_compat.cpu_compat():
-        parallel.init_model_parallel()
-        try:
-            yield
-        finally:
-            parallel.destroy_model_parallel()
 
 
 def _main_grads(*, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu"):
@@ -95,7 +84,7 @@ def _main_grads(*, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu")
     main = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
     loss = (main * torch.rand(main.shape, generator=g).to(device)).sum()
     if with_mtp:
-        for lp, mask in zip(mtp.logprobs, mtp.masks, strict=True):
+        for lp, mask in zip(mtp.mtp_logprobs, mtp.mtp_masks, strict=True):
             loss = loss + (lp * mask * torch.rand(lp.shape, generator=g).to(device)).sum()
     loss.backward()
     # DP size 1: finish_grad_sync would only all-reduce over one rank.

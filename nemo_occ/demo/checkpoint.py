@@ -1,6 +1,6 @@
 """Atomic checkpoints of a demo run: a crash mid-save never leaves a corrupt or half-written file.
 
-The state is written with :func:`nemo_occ.demo.output.atomic_write` (temporary file in the same
+The state is written with :func:`nemo_occ.atomic_io.atomic_write` (temporary file in the same
 folder, fsync, ``os.replace``). A fingerprint of the run's configuration is stored with it, so a
 checkpoint of a different configuration is never resumed by mistake.
 """
@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from nemo_occ.demo.output import DemoOutputError, atomic_write
+from nemo_occ.atomic_io import atomic_write
+from nemo_occ.demo.output import DemoOutputError
 
 __all__ = ["save_checkpoint", "load_checkpoint", "fingerprint_of"]
 

@@ -1,4 +1,4 @@
-"""The demo's output folder: what the demo writes there, when a rerun may resume it, atomic writes.
+"""The demo's output folder: what the demo writes there and when a rerun may resume it.
 
 ``OUT/run.json`` marks a folder as a demo output (``"kind": "nemo-occ demo"``). It is written before
 anything else and holds the resolved configuration, the seed and, per invocation, the command, the
@@ -23,21 +23,16 @@ that holds anything else is never touched.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
 
+from nemo_occ.atomic_io import atomic_write, temporary_file_target
 from nemo_occ.core.config import REGIMES, NemoOCCConfig
 from nemo_occ.demo.config import DemoConfig
 
 __all__ = [
     "RUN_FILE",
     "DemoOutputError",
-    "atomic_write",
     "prepare_output",
     "regime_fingerprint",
     "results_config",
@@ -82,36 +77,9 @@ def regime_fingerprint(cfg: DemoConfig, occ_cfg: NemoOCCConfig, regime: str) -> 
     return {**results_config(cfg, occ_cfg), "regime": regime}
 
 
-def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
-    """``write(f)`` into a temporary file next to ``path``, fsync, then ``os.replace`` it over ``path``.
-
-    A crash or Ctrl-C at any point leaves either the old file or the new one, never a partial one,
-    and no temporary file.
-    """
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide the results from other users
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def _is_temp_of(name: str, names) -> bool:
     """A temporary file of :func:`atomic_write` for one of ``names`` (left behind by a hard kill)."""
-    m = re.fullmatch(r"\.(.+?)\.[^.]+\.tmp", name)
-    return m is not None and m.group(1) in names
+    return temporary_file_target(name) in names
 
 
 def _demo_entries(out: Path) -> tuple[list[Path], list[Path]]:

@@ -22,35 +22,7 @@ import torch
 from nemo_occ.demo.config import DemoConfig
 from nemo_occ.demo.task import VOCAB_SIZE, AdditionTask
 
-__all__ = ["DemoPolicy", "setup_megatron_cpu", "teardown_megatron_cpu"]
-
-_READY = False
-
-
-def setup_megatron_cpu() -> None:
-    """Single-process megatron-core on a CPU-only torch (gloo world of 1, CPU patches on). Idempotent."""
-    global _READY
-    if _READY:
-        return
-    from nemo_occ.megatron import cpu_compat
-    from nemo_occ.megatron.parallel import init_model_parallel
-
-    cpu_compat.enable()
-    init_model_parallel(tensor_parallel=1)
-    _READY = True
-
-
-def teardown_megatron_cpu() -> None:
-    """Undo :func:`setup_megatron_cpu` (process group, model-parallel state, CPU patches)."""
-    global _READY
-    if not _READY:
-        return
-    from nemo_occ.megatron import cpu_compat
-    from nemo_occ.megatron.parallel import destroy_model_parallel
-
-    destroy_model_parallel()
-    cpu_compat.disable()
-    _READY = False
+__all__ = ["DemoPolicy"]
 
 
 @dataclass
@@ -60,9 +32,9 @@ class DemoPolicy:
 
     @classmethod
     def build(cls, cfg: DemoConfig, task: AdditionTask) -> DemoPolicy:
+        """Needs megatron-core set up for one CPU process (``run_demo`` enters it once for the whole run)."""
         from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
-        setup_megatron_cpu()
         torch.manual_seed(cfg.seed)
         model = build_tiny_gpt(
             TinyGPTConfig(

@@ -14,7 +14,7 @@ import json
 import statistics
 from pathlib import Path
 
-from nemo_occ.demo.output import atomic_write
+from nemo_occ.atomic_io import atomic_write
 
 __all__ = ["build_report", "fidelity_summary"]
 

@@ -102,13 +102,13 @@ def run_demo(
             if r in cfg.regimes
         ]
         say(f"nemo-occ demo: resuming in {out} ({'; '.join(states)})")
-    from nemo_occ.demo.policy import setup_megatron_cpu, teardown_megatron_cpu
+    from nemo_occ.megatron.cpu_compat import cpu_compat
+    from nemo_occ.megatron.parallel import model_parallel
 
-    setup_megatron_cpu()
-    try:
+    # Single-process megatron-core on a CPU-only torch (gloo world of 1), for every model of the run;
+    # both are process-wide and undone on the way out, so the process is left as it was.
+    with cpu_compat(), model_parallel(tensor_parallel=1):
         return _run(cfg, occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress)
-    finally:  # leave the process as it was (the patches and the gloo group are process-wide)
-        teardown_megatron_cpu()
 
 
 def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:

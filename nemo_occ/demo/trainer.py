@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
@@ -39,7 +40,7 @@ from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.demo.config import DemoConfig
-from nemo_occ.demo.output import DemoOutputError, atomic_write, regime_fingerprint
+from nemo_occ.demo.output import DemoOutputError, regime_fingerprint
 from nemo_occ.demo.policy import DemoPolicy
 from nemo_occ.demo.task import AdditionTask
 

@@ -2,9 +2,9 @@
 
 - ``models``: where GLM-4.5 and MiMo keep their MTP tensors in a HF checkpoint.
 - ``fixups``: GLM MTP aliases and the MiMo ``input_proj`` half swap, over name/tensor streams.
-- ``checkpoint``: describe a HF safetensors checkpoint (index, shard headers) without loading it.
-- ``writer`` / ``atomic``: shard writer following a reference index; all-or-nothing output folder
-  (cleaned up on SIGTERM and Ctrl-C; leftovers of killed runs found by the next one).
+- ``hf_checkpoint``: describe a HF safetensors checkpoint (index, shard headers) without loading it.
+- ``writer``: shard writer following a reference index, into the all-or-nothing output folder of
+  ``nemo_occ.atomic_io`` (cleaned up on SIGTERM and Ctrl-C; leftovers of killed runs found by the next one).
 - ``target``: ``--out`` checked before the model is loaded (never an input folder, replaceable only
   if an earlier export, writable, room for the reference's size).
 - ``values``: every tensor read once: SHA-256, finiteness, relative change against the reference.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_occ.export.checkpoint import read_reference
+from nemo_occ.export.hf_checkpoint import read_reference
 from nemo_occ.export.hf_export import ExportResult, write_hf_export
 from nemo_occ.export.models import mtp_layout
 from nemo_occ.export.target import check_export_target, check_room

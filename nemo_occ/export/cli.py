@@ -22,8 +22,8 @@ USER_ERROR, VERIFICATION_FAILED, INTERRUPTED = 2, 1, 130
 
 
 def _interrupted(err: KeyboardInterrupt) -> int:
-    """Ctrl-C: one line. The export's unfinished folder is already deleted (``atomic.atomic_directory``)."""
-    from nemo_occ.export.atomic import InterruptedAfterCommit
+    """Ctrl-C: one line. The export's unfinished folder is already deleted (``nemo_occ.atomic_io.atomic_directory``)."""
+    from nemo_occ.atomic_io import InterruptedAfterCommit
 
     if isinstance(err, InterruptedAfterCommit):  # Ctrl-C came while the export was moved into place
         print(

@@ -19,8 +19,8 @@ import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
-from nemo_occ.export.atomic import check_output_free, find_leftovers
-from nemo_occ.export.checkpoint import CheckpointInfo
+from nemo_occ.atomic_io import check_output_free, find_leftovers
+from nemo_occ.export.hf_checkpoint import CheckpointInfo
 from nemo_occ.export.manifest import MANIFEST_FILE, is_nemo_occ_export
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_occ.export.checkpoint import CheckpointInfo, open_safetensors
+from nemo_occ.export.hf_checkpoint import CheckpointInfo, open_safetensors
 
 _CHUNK = 1 << 24  # elements reduced at once (64 MiB in float32)
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nemo_occ.export.checkpoint import (
+from nemo_occ.export.hf_checkpoint import (
     CheckpointInfo,
     TensorMeta,
     is_tokenizer_file,

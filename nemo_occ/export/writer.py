@@ -7,7 +7,7 @@ unexpected). ``close()`` writes whatever is still buffered (incomplete shards in
 not the writer, decides whether the result is acceptable) and the index with ``total_size``.
 
 The writer only writes into the folder it is given; making the result appear atomically is
-``atomic.atomic_directory``'s job.
+``nemo_occ.atomic_io.atomic_directory``'s job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from nemo_occ.export.checkpoint import INDEX_FILE, check_shard_name
+from nemo_occ.export.hf_checkpoint import INDEX_FILE, check_shard_name
 
 EXTRA_SHARD = "model-extra-not-in-reference.safetensors"
 

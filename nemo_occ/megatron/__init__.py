@@ -1,27 +1,27 @@
 """Megatron-core model layer: MTP hidden-state capture, memory-bounded vocab-parallel log-probs,
-detach, capability detection and a CPU compatibility layer (see docs/design.md).
+detach, and a CPU compatibility layer (see docs/design.md).
 
 Public entry points:
 
 - ``MTPCapture``: capture each MTP depth's hidden states during anyone's ``model(...)`` call.
 - ``forward_with_mtp_logprobs`` / ``forward_main_logits``: training forward (main + aligned MTP
   log-probs, no logits materialised) and the cheap sampling forward (MTP block skipped).
+- ``ModelLogProbs``: what both ``MTPCapture.logprobs`` and ``forward_with_mtp_logprobs`` return.
 - ``token_logprobs``: chunked, vocab-parallel log-probs of target tokens with recompute in backward.
-- ``detect_capabilities``: what the installed megatron-core supports.
-- ``cpu_compat``: undoable patches that let megatron-core run on a CPU-only torch.
+- ``cpu_compat.cpu_compat()``: the context manager that lets megatron-core run on a CPU-only torch
+  inside its block (entered at a program's entry point).
 """
 
 from nemo_occ.megatron import cpu_compat
-from nemo_occ.megatron.capabilities import detect_capabilities
 from nemo_occ.megatron.chunked_logprobs import token_logprobs
+from nemo_occ.megatron.head_logprobs import ModelLogProbs
 from nemo_occ.megatron.mtp_capture import MTPCapture
-from nemo_occ.megatron.mtp_logprobs import ModelLogProbs, forward_main_logits, forward_with_mtp_logprobs
+from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp_logprobs
 
 __all__ = [
     "MTPCapture",
     "ModelLogProbs",
     "cpu_compat",
-    "detect_capabilities",
     "forward_main_logits",
     "forward_with_mtp_logprobs",
     "token_logprobs",

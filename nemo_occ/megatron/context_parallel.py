@@ -46,14 +46,6 @@ def cp_local_positions(
     return torch.cat(pieces)
 
 
-def shard_for_context_parallel(
-    x: torch.Tensor, cp_size: int, cp_rank: int, *, cu_seqlens_padded: torch.Tensor | None = None
-) -> torch.Tensor:
-    """This rank's CP shard of ``x`` along the last dim ([..., L] -> [..., L / C])."""
-    positions = cp_local_positions(x.shape[-1], cp_size, cp_rank, cu_seqlens_padded=cu_seqlens_padded)
-    return x.index_select(-1, positions.to(x.device))
-
-
 class _GatherContextParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, local, group, cu_seqlens_padded):

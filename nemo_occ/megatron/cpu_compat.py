@@ -1,8 +1,9 @@
-"""Run megatron-core on a CPU-only torch: a small, undoable set of patches (tests and the CPU demo).
+"""Run megatron-core on a CPU-only torch: ``with cpu_compat():`` patches it for the block, then undoes it.
 
-Megatron-core assumes CUDA in a handful of places that have nothing to do with the maths of a
-tiny model. Each patch below replaces one such assumption with its CPU equivalent
-(verified on megatron-core 0.16.1 and 0.20.0 with gloo; `tests/test_megatron_cpu_compat.py`):
+Entered once where a program starts (the CPU demo's ``run_demo``, the benches, the tests' fixtures);
+library code never applies it. Megatron-core assumes CUDA in a handful of places that have nothing to
+do with the maths of a tiny model. Each patch below replaces one such assumption with its CPU
+equivalent; each runs on megatron-core 0.16.1 and 0.20.0 with gloo, in one process and in several:
 
 =================================================  ================================================
 megatron-core assumption                           CPU replacement
@@ -32,9 +33,12 @@ every ``schedules.forward_backward_*``             factories asked for "cuda" al
 What is simplified: the THD shim ignores ``cu_seqlens_*_padded`` beyond using it for the mask,
 and there is no context parallelism (the local attention has none; CP needs TE's attention).
 
-Never applied when CUDA is available: ``enable()`` then does nothing and returns False, so the
-same test or demo code runs unchanged on a GPU machine. Undo with ``disable()``, or use
-``with cpu_compat(): ...``.
+The CPU patches are never applied when CUDA is available (the block then yields False), so the same
+test or demo code runs unchanged on a GPU machine. The last row is about Transformer Engine, not CUDA:
+it applies wherever TE is missing. A nested ``with cpu_compat():`` inside an active one changes
+nothing; on exit each block restores exactly the attributes it replaced, in reverse order, also when
+applying them failed half way. The patches are process-wide: blocks nest, they do not overlap across
+threads.
 """
 
 from __future__ import annotations
@@ -42,33 +46,42 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-_LOCK = threading.Lock()
-# Each entry: (owner object, attribute name, original value or _MISSING). Restored in reverse order.
-_SAVED: list[tuple[Any, str, Any]] = []
 _MISSING = object()
-_DEPTH = 0
 
 
-def is_enabled() -> bool:
-    """True while the CPU patches are applied (inside ``enable()`` ... ``disable()``)."""
-    return _DEPTH > 0
+class _Patches:
+    """The attributes one ``cpu_compat()`` block replaced: (owner, name, original or _MISSING)."""
 
+    def __init__(self) -> None:
+        self.saved: list[tuple[Any, str, Any]] = []
 
-def _patch(owner: Any, name: str, value: Any) -> None:
-    # Save the raw namespace entry (not getattr) so a class's staticmethod __new__ is restored as is.
-    _SAVED.append((owner, name, vars(owner).get(name, _MISSING)))
-    setattr(owner, name, value)
+    def set(self, owner: Any, name: str, value: Any) -> None:
+        # Save the raw namespace entry (not getattr) so a class's staticmethod __new__ is restored as is.
+        self.saved.append((owner, name, vars(owner).get(name, _MISSING)))
+        setattr(owner, name, value)
+
+    def restore(self) -> None:
+        while self.saved:
+            owner, name, original = self.saved.pop()
+            if original is _MISSING:
+                delattr(owner, name)
+            else:
+                setattr(owner, name, original)
 
 
 def _cpu_current_device() -> torch.device:
     return torch.device("cpu")
+
+
+def is_enabled() -> bool:
+    """True while the CPU patches are in effect (inside a ``cpu_compat()`` block on a CPU-only torch)."""
+    return torch.cuda.current_device is _cpu_current_device
 
 
 @contextlib.contextmanager
@@ -173,7 +186,7 @@ def _not_an_inference_linear(module: Any) -> bool:
     return False
 
 
-def _patch_inference_linear_check() -> None:
+def _patch_inference_linear_check(patches: _Patches) -> None:
     # megatron-core >= 0.20: MultiTokenPredictionLayer.__init__ calls
     # tensor_parallel.inference_layers.is_inference_column_parallel_linear(self.eh_proj), imported by
     # name into transformer.multi_token_prediction. Its isinstance names InferenceColumnParallelLinear,
@@ -189,9 +202,10 @@ def _patch_inference_linear_check() -> None:
         return
     from megatron.core.transformer import multi_token_prediction
 
-    _patch(inference_layers, "is_inference_column_parallel_linear", _not_an_inference_linear)
-    if hasattr(multi_token_prediction, "is_inference_column_parallel_linear"):
-        _patch(multi_token_prediction, "is_inference_column_parallel_linear", _not_an_inference_linear)
+    for module in (inference_layers, multi_token_prediction):
+        check = getattr(module, "is_inference_column_parallel_linear", None)
+        if check is not None and check is not _not_an_inference_linear:  # not yet replaced by an outer block
+            patches.set(module, "is_inference_column_parallel_linear", _not_an_inference_linear)
 
 
 def _make_torch_norm_new(original_new: Callable) -> Callable:
@@ -210,65 +224,43 @@ def _make_torch_norm_new(original_new: Callable) -> Callable:
     return staticmethod(__new__)
 
 
-def enable() -> bool:
-    """Apply the CPU patches (re-entrant). Returns False, doing nothing, when CUDA is available."""
-    global _DEPTH
-    if torch.cuda.is_available():
-        return False
-    with _LOCK:
-        _DEPTH += 1
-        if _DEPTH > 1:
-            return True
-        from megatron.core.fusions import fused_softmax
-        from megatron.core.pipeline_parallel import schedules
-        from megatron.core.tensor_parallel import random as tp_random
-        from megatron.core.transformer import dot_product_attention, torch_norm
-        from megatron.core.transformer import utils as transformer_utils
-        from megatron.core.transformer.moe import moe_utils
+def _apply_cpu_patches(patches: _Patches) -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.pipeline_parallel import schedules
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import dot_product_attention, torch_norm
+    from megatron.core.transformer import utils as transformer_utils
+    from megatron.core.transformer.moe import moe_utils
 
-        _patch(torch.cuda, "current_device", _cpu_current_device)
-        _patch(torch.cuda, "synchronize", _no_synchronize)
-        _patch(torch.Tensor, "cuda", _tensor_stays_on_cpu)
-        for name in _SCHEDULES:
-            if hasattr(schedules, name):
-                _patch(schedules, name, _make_schedule_on_cpu(getattr(schedules, name)))
-        _patch(tp_random.CudaRNGStatesTracker, "fork", _no_fork)
-        _patch(tp_random.CudaRNGStatesTracker, "add", _no_add)
-        _patch(transformer_utils, "get_default_causal_mask", _cpu_default_causal_mask)
-        _patch(fused_softmax, "get_default_causal_mask", _cpu_default_causal_mask)
-        if getattr(moe_utils, "te_general_gemm", None) is None:
-            _patch(moe_utils, "te_general_gemm", None)
-        attention_cls = dot_product_attention.DotProductAttention
-        _patch(attention_cls, "forward", _make_thd_attention_forward(attention_cls.forward))
-        norm_cls = torch_norm.WrappedTorchNorm
-        _patch(norm_cls, "__new__", _make_torch_norm_new(norm_cls.__new__))
-        _patch_inference_linear_check()
-        return True
-
-
-def disable() -> None:
-    """Undo ``enable()`` (the outermost call restores every patched attribute)."""
-    global _DEPTH
-    with _LOCK:
-        if _DEPTH == 0:
-            return
-        _DEPTH -= 1
-        if _DEPTH > 0:
-            return
-        while _SAVED:
-            owner, name, original = _SAVED.pop()
-            if original is _MISSING:
-                delattr(owner, name)
-            else:
-                setattr(owner, name, original)
+    patches.set(torch.cuda, "current_device", _cpu_current_device)
+    patches.set(torch.cuda, "synchronize", _no_synchronize)
+    patches.set(torch.Tensor, "cuda", _tensor_stays_on_cpu)
+    for name in _SCHEDULES:
+        if hasattr(schedules, name):
+            patches.set(schedules, name, _make_schedule_on_cpu(getattr(schedules, name)))
+    patches.set(tp_random.CudaRNGStatesTracker, "fork", _no_fork)
+    patches.set(tp_random.CudaRNGStatesTracker, "add", _no_add)
+    patches.set(transformer_utils, "get_default_causal_mask", _cpu_default_causal_mask)
+    patches.set(fused_softmax, "get_default_causal_mask", _cpu_default_causal_mask)
+    if getattr(moe_utils, "te_general_gemm", None) is None:
+        patches.set(moe_utils, "te_general_gemm", None)
+    attention_cls = dot_product_attention.DotProductAttention
+    patches.set(attention_cls, "forward", _make_thd_attention_forward(attention_cls.forward))
+    norm_cls = torch_norm.WrappedTorchNorm
+    patches.set(norm_cls, "__new__", _make_torch_norm_new(norm_cls.__new__))
 
 
 @contextlib.contextmanager
 def cpu_compat() -> Iterator[bool]:
-    """``with cpu_compat() as applied:`` patches megatron-core for CPU inside the block only."""
-    applied = enable()
+    """``with cpu_compat() as applied:`` megatron-core runs on this CPU-only torch inside the block.
+
+    ``applied`` is False, and no CPU patch is made, when CUDA is available (module docstring).
+    """
+    patches = _Patches()
     try:
-        yield applied
+        if not torch.cuda.is_available() and not is_enabled():
+            _apply_cpu_patches(patches)
+        _patch_inference_linear_check(patches)
+        yield is_enabled()
     finally:
-        if applied:
-            disable()
+        patches.restore()

@@ -28,7 +28,12 @@ any layout. The MTP depths' hidden states come from megatron's MTP layers, whose
 every document after the first, so ``MTPCapture`` refuses that layout (pass the padded bounds as
 ``cu_seqlens_q`` too, as NeMo-RL does for GPT models).
 
-Letters: B rows, L full (padded) sequence length, s local sequence length, H hidden, V vocabulary.
+``logprobs_from_hidden`` runs this for the main head and every MTP depth of one forward and returns
+them as one ``ModelLogProbs``: the only loop over heads, used by ``forward_with_mtp_logprobs`` and by
+``MTPCapture`` alike.
+
+Letters: B rows, L full (padded) sequence length, s local sequence length, H hidden, V vocabulary,
+K MTP depths.
 """
 
 from __future__ import annotations
@@ -218,3 +223,63 @@ def head_logprobs(
     if top1 is not None:
         top1 = (top1 & valid)[..., :-1]
     return logprobs[..., :-1], valid[..., :-1], top1
+
+
+@dataclasses.dataclass
+class ModelLogProbs:
+    """Log-probs of the sampled tokens; index j of every head scores tok[j+1] given tok[<=j].
+
+    ``main_*`` are None when only the MTP depths were computed (``MTPCapture``: the caller's own forward
+    produced the main head's logits).
+    """
+
+    main_logprobs: torch.Tensor | None  # [B, L-1] fp32
+    main_mask: torch.Tensor | None  # [B, L-1] bool: a next token exists (False at packed-document ends)
+    mtp_logprobs: list[torch.Tensor]  # K x [B, L-1] fp32, 0 where masked
+    mtp_masks: list[torch.Tensor]  # K x [B, L-1] bool: a valid MTP target exists at j
+    main_top1: torch.Tensor | None = None  # [B, L-1] bool: sampled token is the main arg-max
+    mtp_top1: list[torch.Tensor] | None = None  # K x [B, L-1] bool: MTP draft would be accepted
+
+
+def logprobs_from_hidden(
+    gpt: torch.nn.Module,
+    input_ids: torch.Tensor,
+    *,
+    main_hidden: torch.Tensor | None,
+    mtp_hidden: list[torch.Tensor],
+    packed_seq_params=None,
+    detach_trunk: bool,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_top1: bool = False,
+) -> ModelLogProbs:
+    """:func:`head_logprobs` of the main head (``main_hidden``, skipped when None) and of depth d = 1..K
+    (``mtp_hidden[d-1]``), all [s, b, H] as one forward of ``gpt`` on ``input_ids`` produced them.
+
+    ``detach_trunk`` (the ``detach`` regime) stops the MTP depths' gradient into the shared output
+    weight; the main head always trains it.
+    """
+    layout = sequence_layout(gpt, input_ids, packed_seq_params)
+    heads = [(0, main_hidden)] if main_hidden is not None else []
+    heads += list(enumerate(mtp_hidden, start=1))
+    results = {
+        depth: head_logprobs(
+            gpt,
+            hidden,
+            layout,
+            depth,
+            detach_weight=detach_trunk and depth > 0,
+            chunk_size=chunk_size,
+            return_top1=return_top1,
+        )
+        for depth, hidden in heads
+    }
+    main_lp, main_mask, main_top1 = results.pop(0, (None, None, None))
+    mtp = [results[depth] for depth in range(1, len(mtp_hidden) + 1)]
+    return ModelLogProbs(
+        main_logprobs=main_lp,
+        main_mask=main_mask,
+        mtp_logprobs=[lp for lp, _, _ in mtp],
+        mtp_masks=[valid for _, valid, _ in mtp],
+        main_top1=main_top1,
+        mtp_top1=[hit for _, _, hit in mtp] if return_top1 else None,
+    )

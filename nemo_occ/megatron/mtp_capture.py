@@ -2,7 +2,7 @@
 
     with MTPCapture(model, detach_trunk=False) as cap:
         logits = model(input_ids, position_ids, attention_mask, packed_seq_params=psp)  # anyone's call
-        mtp = cap.logprobs(input_ids, packed_seq_params=psp)   # K x [B, S-1], aligned to main positions
+        mtp = cap.logprobs(input_ids, packed_seq_params=psp)   # ModelLogProbs: mtp_logprobs K x [B, S-1]
 
 What the context changes in the forward, all undone on exit (hooks removed, attributes restored):
 
@@ -42,7 +42,7 @@ import dataclasses
 import torch
 
 from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
+from nemo_occ.megatron.head_logprobs import ModelLogProbs, logprobs_from_hidden
 from nemo_occ.megatron.model_access import swapped_config, unwrap_gpt_model
 
 
@@ -60,15 +60,6 @@ def refuse_padded_slots(packed_seq_params) -> None:
             "every document after the first. Set cu_seqlens_q = cu_seqlens_q_padded (and cu_seqlens_kv = "
             "cu_seqlens_kv_padded), as NeMo-RL does, and mask the padding in the loss"
         )
-
-
-@dataclasses.dataclass
-class MTPHeadLogProbs:
-    """Aligned per-depth MTP log-probs; index j of every depth scores tok[j+1] (like the main head)."""
-
-    logprobs: list[torch.Tensor]  # K x [B, S-1] fp32 (0 where masked)
-    masks: list[torch.Tensor]  # K x [B, S-1] bool: a valid MTP target exists at j
-    top1: list[torch.Tensor] | None  # K x [B, S-1] bool: target is the head's arg-max (draft hit)
 
 
 class _DetachedOutput:
@@ -100,24 +91,18 @@ class CapturedMTP:
         packed_seq_params=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
-    ) -> MTPHeadLogProbs:
-        """Per-depth aligned MTP log-probs; ``input_ids`` exactly as passed to the model."""
-        layout = sequence_layout(self.gpt, input_ids, packed_seq_params)
-        logprobs, masks, top1 = [], [], []
-        for depth, hidden in enumerate(self.mtp_hidden, start=1):
-            lp, valid, hit = head_logprobs(
-                self.gpt,
-                hidden,
-                layout,
-                depth,
-                detach_weight=self.detach_trunk,
-                chunk_size=chunk_size,
-                return_top1=return_top1,
-            )
-            logprobs.append(lp)
-            masks.append(valid)
-            top1.append(hit)
-        return MTPHeadLogProbs(logprobs=logprobs, masks=masks, top1=top1 if return_top1 else None)
+    ) -> ModelLogProbs:
+        """The MTP depths' aligned log-probs (``main_*`` None); ``input_ids`` exactly as passed to the model."""
+        return logprobs_from_hidden(
+            self.gpt,
+            input_ids,
+            main_hidden=None,
+            mtp_hidden=self.mtp_hidden,
+            packed_seq_params=packed_seq_params,
+            detach_trunk=self.detach_trunk,
+            chunk_size=chunk_size,
+            return_top1=return_top1,
+        )
 
 
 class MTPCapture(contextlib.AbstractContextManager):
@@ -214,7 +199,7 @@ class MTPCapture(contextlib.AbstractContextManager):
         packed_seq_params=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
-    ) -> MTPHeadLogProbs:
+    ) -> ModelLogProbs:
         """``take().logprobs(...)``: aligned MTP log-probs of the last forward."""
         return self.take().logprobs(
             input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk_size, return_top1=return_top1

@@ -3,7 +3,9 @@
 ``forward_with_mtp_logprobs`` runs one forward and returns the main head's and each MTP depth's
 log-probs of the sampled tokens, all aligned to NeMo-RL's ``next_token_logprobs`` convention
 (index j scores tok[j+1]); neither the main nor the MTP logits are ever materialised (the output
-layer is skipped and ``chunked_logprobs.token_logprobs`` computes the log-probs in chunks).
+layer is skipped and ``chunked_logprobs.token_logprobs`` computes the log-probs in chunks). It is
+``MTPCapture`` around the model's own forward plus the main head: the MTP depths go through the
+same ``head_logprobs.logprobs_from_hidden`` and come back as the same ``ModelLogProbs``.
 ``forward_main_logits`` is the cheap sampling forward (no MTP block at all).
 
 Letters: B batch rows, S tokens per row, V vocabulary, K MTP depths.
@@ -11,26 +13,12 @@ Letters: B batch rows, S tokens per row, V vocabulary, K MTP depths.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-from nemo_occ.megatron.head_logprobs import head_logprobs, sequence_layout
+from nemo_occ.megatron.head_logprobs import ModelLogProbs, logprobs_from_hidden
 from nemo_occ.megatron.model_access import mtp_disabled, swapped_attributes, unwrap_gpt_model
 from nemo_occ.megatron.mtp_capture import MTPCapture
-
-
-@dataclasses.dataclass
-class ModelLogProbs:
-    """Log-probs of the sampled tokens; index j of every head scores tok[j+1] given tok[<=j]."""
-
-    main_logprobs: torch.Tensor  # [B, S-1] fp32
-    main_mask: torch.Tensor  # [B, S-1] bool: a next token exists (False at packed-document ends)
-    mtp_logprobs: list[torch.Tensor]  # K x [B, S-1] fp32, 0 where masked
-    mtp_masks: list[torch.Tensor]  # K x [B, S-1] bool
-    main_top1: torch.Tensor | None = None  # [B, S-1] bool: sampled token is the main arg-max
-    mtp_top1: list[torch.Tensor] | None = None  # K x [B, S-1] bool: MTP draft would be accepted
 
 
 def forward_with_mtp_logprobs(
@@ -64,33 +52,15 @@ def forward_with_mtp_logprobs(
     # the output layer: the main logits are never computed either.
     with capture, swapped_attributes(gpt, post_process=False):
         main_hidden = model(input_ids, position_ids, attention_mask, packed_seq_params=packed_seq_params)
-    layout = sequence_layout(gpt, input_ids, packed_seq_params)
-    main_lp, main_mask, main_top1 = head_logprobs(
-        gpt, main_hidden, layout, 0, chunk_size=chunk_size, return_top1=return_top1
-    )
-    mtp_lp, mtp_masks, mtp_top1 = [], [], []
-    if capture.active:
-        captured = capture.take()
-        for depth, hidden in enumerate(captured.mtp_hidden, start=1):
-            lp, valid, hit = head_logprobs(
-                gpt,
-                hidden,
-                layout,
-                depth,
-                detach_weight=detach_trunk,
-                chunk_size=chunk_size,
-                return_top1=return_top1,
-            )
-            mtp_lp.append(lp)
-            mtp_masks.append(valid)
-            mtp_top1.append(hit)
-    return ModelLogProbs(
-        main_logprobs=main_lp,
-        main_mask=main_mask,
-        mtp_logprobs=mtp_lp,
-        mtp_masks=mtp_masks,
-        main_top1=main_top1,
-        mtp_top1=mtp_top1 if return_top1 else None,
+    return logprobs_from_hidden(
+        gpt,
+        input_ids,
+        main_hidden=main_hidden,
+        mtp_hidden=capture.take().mtp_hidden if capture.active else [],
+        packed_seq_params=packed_seq_params,
+        detach_trunk=detach_trunk,
+        chunk_size=chunk_size,
+        return_top1=return_top1,
     )
 
 

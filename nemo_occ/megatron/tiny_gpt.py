@@ -4,7 +4,7 @@ The flags are the set that runs megatron-core on a CPU-only torch: local (non-TE
 initialisation, every CUDA fusion off, fp32 parameters, no dropout, the all-gather MoE token
 dispatcher. Parallel sizes (TP/PP/CP/EP) are read from megatron's ``parallel_state``, which must be
 initialised first (``nemo_occ.megatron.parallel.init_model_parallel``); the CPU patches of
-``nemo_occ.megatron.cpu_compat`` must be enabled on a CPU-only torch.
+``nemo_occ.megatron.cpu_compat`` must be entered on a CPU-only torch.
 
 Initialisation is reproducible across TP sizes: with ``use_cpu_initialization`` megatron draws each
 full weight and then keeps this rank's slice, so TP=1 and TP=2 models built after the same

@@ -91,16 +91,16 @@ def _fit(x: torch.Tensor, width: int, fill) -> torch.Tensor:
 
 
 def attach_mtp_to_batch(data: Any, mtp: Any, packed_seq_params: Any = None) -> None:
-    """Put one micro-batch's MTP log-probs (``MTPHeadLogProbs``) into ``data`` as [B, S-1] rows.
+    """Put one micro-batch's MTP log-probs (``ModelLogProbs``) into ``data`` as [B, S-1] rows.
 
     ``mtp`` is in the model's layout: [B, L-1] rows, or one packed row [1, T-1] when
     ``packed_seq_params`` is given (then unpacked per document with its ``cu_seqlens_q(_padded)``).
     This is where the model's layout becomes the loss's [B, S-1], S = ``data["input_ids"].shape[1]``.
     """
     width = data["input_ids"].shape[1] - 1
-    for d, lp in enumerate(mtp.logprobs, start=1):
-        valid = mtp.masks[d - 1]
-        hit = mtp.top1[d - 1] if mtp.top1 is not None else None
+    for d, lp in enumerate(mtp.mtp_logprobs, start=1):
+        valid = mtp.mtp_masks[d - 1]
+        hit = mtp.mtp_top1[d - 1] if mtp.mtp_top1 is not None else None
         if packed_seq_params is not None:
             cu = packed_seq_params.cu_seqlens_q
             cu_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
@@ -124,7 +124,7 @@ def old_logprobs_rows(input_ids: torch.Tensor, mtp: Any, packed_seq_params: Any 
     """
     rows = {"input_ids": input_ids}
     attach_mtp_to_batch(rows, mtp, packed_seq_params)
-    aligned = [rows[mtp_logprobs_key(d)].float() for d in range(1, len(mtp.logprobs) + 1)]  # [B, S-1]
+    aligned = [rows[mtp_logprobs_key(d)].float() for d in range(1, len(mtp.mtp_logprobs) + 1)]  # [B, S-1]
     # prev_logprobs' layout: position i scores token i, position 0 has none
     return [torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned]
 

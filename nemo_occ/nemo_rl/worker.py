@@ -57,8 +57,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
-import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -66,6 +64,7 @@ from typing import Any
 
 import torch
 
+from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
@@ -442,25 +441,15 @@ class OCCWorkerExtension:
         return result
 
     def save_occ_state(self, path: Path) -> None:
-        """Write the objective's state atomically (temp file + rename)."""
+        """Write the objective's state atomically (``nemo_occ.atomic_io.atomic_write``)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        os.close(fd)
-        try:
-            torch.save(
-                {
-                    "nemo_occ": self.nemo_occ_cfg.model_dump(),
-                    "objective": self.occ_objective.state_dict(),
-                    "probes": self.occ_probes.state_dict(),
-                    "rl_steps": self.occ_rl_steps,
-                },
-                tmp,
-            )
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        state = {
+            "nemo_occ": self.nemo_occ_cfg.model_dump(),
+            "objective": self.occ_objective.state_dict(),
+            "probes": self.occ_probes.state_dict(),
+            "rl_steps": self.occ_rl_steps,
+        }
+        atomic_write(path, lambda f: torch.save(state, f))
 
     def load_occ_state(self, path: Path) -> bool:
         """Restore the objective saved by :meth:`save_occ_state`; warn when resuming without one.

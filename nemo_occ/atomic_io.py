@@ -1,13 +1,21 @@
-"""Make an output folder appear only when it is complete.
+"""Make an output file or folder appear only when it is complete: the one place nemo-occ writes atomically.
 
-Files are written into a temporary sibling folder ``.{name}.partial-{host}-{pid}-{random}`` (same file
-system, so the final ``rename`` is atomic); on success it is renamed into place. On any exception (Ctrl-C's
-``KeyboardInterrupt`` included), and on SIGTERM (what Slurm sends at a job's time limit), it is deleted.
-Both signals are held back while the folder is moved into place and acted on once it is there; a Ctrl-C
-then raises :class:`InterruptedAfterCommit`, so the caller can say the output is complete. A process
-killed outright (SIGKILL,
-the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next run,
-which reports them and removes them only when asked. The host and pid in the name tell a leftover
+Standard library only, so every layer can import it (the demo's results and checkpoints, the NeMo-RL
+worker's OCC state file, the export's output folder).
+
+**A file** (:func:`atomic_write`) is written into a temporary sibling ``.{name}.{random}.tmp`` (same file
+system), flushed and fsynced, given the usual umask mode and ``os.replace``-d over ``name``: a crash or
+Ctrl-C at any point leaves either the old file or the new one, never a partial one, and no temporary
+file, except after a hard kill: :func:`temporary_file_target` recognises those leftovers.
+
+**A folder** (:func:`atomic_directory`, the export): files are written into a temporary sibling folder
+``.{name}.partial-{host}-{pid}-{random}`` (same file system, so the final ``rename`` is atomic); on
+success it is renamed into place. On any exception (Ctrl-C's ``KeyboardInterrupt`` included), and on
+SIGTERM (what Slurm sends at a job's time limit), it is deleted. Both signals are held back while the
+folder is moved into place and acted on once it is there; a Ctrl-C then raises
+:class:`InterruptedAfterCommit`, so the caller can say the output is complete. A process killed outright
+(SIGKILL, the out-of-memory killer) cannot clean up: ``find_leftovers`` finds such folders for the next
+run, which reports them and removes them only when asked. The host and pid in the name tell a leftover
 from the folder of an export still running on this host.
 
 An existing output is never touched unless ``overwrite=True`` (and the caller's ``check_replaceable``
@@ -28,12 +36,38 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 def _current_umask() -> int:
-    mask = os.umask(0)
+    mask = os.umask(0o022)  # the only way to read it; set back at once
     os.umask(mask)
     return mask
+
+
+_TEMP_FILE = re.compile(r"\.(?P<target>.+?)\.[^.]+\.tmp")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
+    """``write(f)`` into a temporary file next to ``path``, fsync, then ``os.replace`` it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from other users
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def temporary_file_target(name: str) -> str | None:
+    """The file name whose :func:`atomic_write` left the temporary file ``name`` behind, else None."""
+    match = _TEMP_FILE.fullmatch(name)
+    return match.group("target") if match else None
 
 
 def _normal_permissions(root: Path) -> None:
