@@ -30,8 +30,10 @@ def quick_run(tmp_path_factory):
     import io
 
     buf = io.StringIO()
+    threads = torch.get_num_threads()
     with contextlib.redirect_stdout(buf):
         rc = main(["demo", "--quick", "--out", str(out), "--no-progress", "--fidelity-every", "2"])
+    assert torch.get_num_threads() == threads  # demo.threads (default 1) holds only while the demo runs
     return out, rc, buf.getvalue()
 
 

@@ -164,7 +164,13 @@ class DemoConfig(_Strict):
         description="Exact c and v² on the last update of every N-th step (1 + K extra backward passes), with "
         "the proxy-trust metrics over them (nemo_occ.core.fidelity); 0 = off. The demo's nemo_occ.fidelity.every.",
     )
-    threads: int = Field(0, ge=0, description="torch threads (0 = torch's default).")
+    threads: int = Field(
+        1,
+        ge=0,
+        description="torch threads (0 = torch's default, one per core). 1: the model's matrices are 64 wide, so "
+        "a second thread gains little, and on shared cores two threads waiting on each other made a step of the "
+        "default run ~8x slower than one thread (16 s against 1.8 s at load average ~15-25).",
+    )
 
     @model_validator(mode="after")
     def _occ_needs_updates(self) -> DemoConfig:
