@@ -116,7 +116,9 @@ class RLConfig(_Strict):
     gradient norm sits above the clip. Two updates per step keep δ_RL ≠ 0 for OCC's second update.
     """
 
-    steps: int = Field(60, gt=0, description="RL steps (paper: 200).")
+    steps: int = Field(
+        45, gt=0, description="RL steps (paper: 200); 45 keep the default run within 10 minutes."
+    )
     prompts_per_step: int = Field(256, gt=0, description="Prompts sampled per step (paper: 128).")
     samples_per_prompt: int = Field(8, gt=1, description="Responses per prompt, the GRPO group (paper: 16).")
     minibatches: int = Field(
@@ -144,7 +146,7 @@ class EvalConfig(_Strict):
         256, gt=0, description="Held-out problems (fixed by the seed, disjoint from training)."
     )
     samples: int = Field(4, gt=0, description="k of avg@k.")
-    every: int = Field(10, gt=0, description="Evaluate every N steps (and at step 0 and the last step).")
+    every: int = Field(15, gt=0, description="Evaluate every N steps (and at step 0 and the last step).")
 
 
 class DemoConfig(_Strict):
