@@ -239,7 +239,7 @@ def test_unscaled_losses_use_the_old_logprob_the_config_names(old_logprobs):
     )  # fmt: skip
     ratio_old = mtp_old if old_logprobs == "mtp" else old
     _f(loss, loop_policy_loss(mtp, ratio_old, adv, mask, **loss_kwargs(POLICY, mask)))
-    assert obj.finish_update()["occ/valid_tokens_1"] == 0.0  # no state moved: nothing was accumulated
+    assert obj.close_update().depths[0].tokens == 0  # no state moved: nothing was accumulated
 
 
 def test_regime_none_adds_nothing():

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -168,24 +168,8 @@ class ProbeHistory:
         out.update(self.metrics(prefix))
         return out
 
-    def record_update(
-        self, update: UpdateStatistics | Mapping[str, float], exact: GradientStatistics
-    ) -> dict[str, float]:
-        """:meth:`record` with the proxies of the probed update as ``MTPObjective.close_update`` returned them.
-
-        A mapping of ``occ/...`` or ``proxy/...`` per-update metrics is still accepted for the CPU demo,
-        which passes ``MTPObjective.finish_update``'s; it goes once the demo passes the statistics.
-        """
-        if isinstance(update, Mapping):
-            pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
-            depths = range(1, self.num_depths + 1)
-            return self.record(
-                c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
-                v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
-                tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
-                lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
-                exact=exact,
-            )
+    def record_update(self, update: UpdateStatistics, exact: GradientStatistics) -> dict[str, float]:
+        """:meth:`record` with the proxies of the probed update as ``MTPObjective.close_update`` returned them."""
         return self.record(
             c_hat=[s.c_hat for s in update.depths],
             v2_hat=[s.v2_hat for s in update.depths],

@@ -37,7 +37,7 @@ from nemo_occ.core.calibration import OCCCalibrator
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.fidelity import HeadGap
 from nemo_occ.core.losses import Number
-from nemo_occ.core.metrics import UpdateStatistics, step_metrics
+from nemo_occ.core.metrics import UpdateStatistics
 
 __all__ = ["MTPObjective"]
 
@@ -243,15 +243,6 @@ class MTPObjective:
                 replace(s, lambda_applied=lam) for s, lam in zip(depths, self.coefficients(), strict=True)
             )
         return replace(update, depths=depths, calibrated=calibrated)
-
-    def finish_update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
-        """:meth:`close_update` as the metrics of that one update ({} without a calibrator).
-
-        Kept for the CPU demo, which still merges one update's metrics into its rows; it goes once the
-        demo reduces its updates with :func:`nemo_occ.core.metrics.step_metrics`.
-        """
-        update = self.close_update(group, refresh=refresh, skipped=skipped)
-        return {} if update is None else step_metrics([update])
 
     def discard_open_update(self) -> None:
         """Drop the statistics of an update that will never be closed (its ``train`` raised); local, λ kept."""
