@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DepthStatistics", "UpdateStatistics", "acceptance_counts", "step_metrics"]
+__all__ = ["DepthStatistics", "UpdateStatistics", "acceptance_counts", "metric_prefix", "step_metrics"]
 
 
 @dataclass(frozen=True)
@@ -70,8 +70,14 @@ class UpdateStatistics:
 
     @property
     def prefix(self) -> str:
-        """Namespace of its metrics: ``occ``, or ``proxy`` when the statistics only monitor a fixed λ."""
-        return "occ" if self.calibrated else "proxy"
+        """Namespace of its metrics (:func:`metric_prefix`)."""
+        return metric_prefix(self.calibrated)
+
+
+def metric_prefix(calibrated: bool) -> str:
+    """Namespace of the OCC statistics' metrics: ``occ`` when they set λ, ``proxy`` when they only monitor
+    a fixed λ (``RegimeSpec.calibrated``)."""
+    return "occ" if calibrated else "proxy"
 
 
 def acceptance_counts(correct: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -19,6 +19,7 @@ from nemo_occ.core.config import (
     _Strict,
     parse_block,
 )
+from nemo_occ.core.regimes import get_regime
 from nemo_occ.megatron.tiny_gpt import TinyGPTConfig
 
 __all__ = [
@@ -175,16 +176,6 @@ class DemoConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _occ_needs_updates(self) -> DemoConfig:
-        if "occ" in self.regimes and self.rl.minibatches < 2:
-            warnings.warn(
-                "with rl.minibatches=1 every update runs at θ = θ_old (δ_RL = 0), so OCC never refreshes λ "
-                "and stays at occ.initial_lambda; use several minibatches per step (the paper's setup has 4)",
-                stacklevel=2,
-            )
-        return self
-
-    @model_validator(mode="after")
     def _regimes(self) -> DemoConfig:
         bad = [r for r in self.regimes if r not in REGIMES]
         if bad:
@@ -194,6 +185,12 @@ class DemoConfig(_Strict):
         twice = sorted({r for r in self.regimes if self.regimes.count(r) > 1})
         if twice:  # each regime has one output folder: a second run of it would only resume the first
             raise ValueError(f"regime(s) {twice} listed more than once; name each once")
+        if any(get_regime(r).calibrated for r in self.regimes) and self.rl.minibatches < 2:
+            warnings.warn(
+                "with rl.minibatches=1 every update runs at θ = θ_old (δ_RL = 0), so OCC never refreshes λ "
+                "and stays at occ.initial_lambda; use several minibatches per step (the paper's setup has 4)",
+                stacklevel=2,
+            )
         return self
 
 

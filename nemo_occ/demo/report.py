@@ -15,6 +15,8 @@ import statistics
 from pathlib import Path
 
 from nemo_occ.atomic_io import atomic_write
+from nemo_occ.core.metrics import metric_prefix
+from nemo_occ.core.regimes import get_regime
 
 __all__ = ["build_report", "conditions_summary", "fidelity_summary"]
 
@@ -39,7 +41,7 @@ def _tail_mean(rows: list[dict], key: str, n: int = 5) -> float | None:
 
 
 def _proxy_prefix(regime: str) -> str:
-    return "occ" if regime == "occ" else "proxy"
+    return metric_prefix(get_regime(regime).calibrated)
 
 
 def _depths(rows: list[dict]) -> list[int]:
@@ -94,8 +96,9 @@ def summarize(runs: dict[str, dict], warm_start: dict | None = None) -> dict:
             "steps": max((r["step"] for r in rows), default=0),
         }
         entry["conditions"] = conditions_summary(rows)
-        if regime != "none":
-            entry["lambda_1_final"] = _last(rows, f"{pre}/lambda_1") if regime == "occ" else None
+        spec = get_regime(regime)
+        if spec.has_mtp_term:
+            entry["lambda_1_final"] = _last(rows, f"{pre}/lambda_1") if spec.calibrated else None
             fidelity = fidelity_summary(rows)
             if fidelity is not None:
                 entry["fidelity"] = fidelity
@@ -235,7 +238,7 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
     axes[0].legend()
     save(fig, "curves.png")
 
-    proxies = {r: run for r, run in runs.items() if r != "none"}
+    proxies = {r: run for r, run in runs.items() if get_regime(r).has_mtp_term}
     if proxies:
         fig, axes = plt.subplots(1, 4, figsize=(18, 4))
         for regime, run in proxies.items():

@@ -241,7 +241,7 @@ class UpdateResult:
 
 
 def _probe_due(cfg: DemoConfig, objective: MTPObjective, step: int) -> bool:
-    return cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0 and objective.regime.objective != "none"
+    return cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0 and objective.regime.has_mtp_term
 
 
 @dataclass
