@@ -1,0 +1,175 @@
+"""`nemo-occ study`: its plan and order, its statistics against hand-worked values, and one tiny study
+end to end (probes, shared warm start, resume, a changed configuration refused)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from nemo_occ.cli import main
+from nemo_occ.study.plan import build_plan, probe_steps, variants
+from nemo_occ.study.report import compare, run_metrics
+
+
+def _plan(**kw):
+    args = dict(seeds=[0, 1, 2], sweep_seeds=[0], coef=0.1, lambda_plus=1.0, old_logprobs="main", steps=90,
+                checkpoints=3)  # fmt: skip
+    args.update(kw)
+    return build_plan(**args)
+
+
+def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
+    jobs = _plan()
+    core = [(j.variant.name, j.seed) for j in jobs if j.tier == 1]
+    assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "detach", "ce", "policy", "occ")]
+    assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
+    probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]
+    assert probes == [(r, s, k) for s in (0, 1, 2) for r in ("ce", "policy", "occ") for k in (30, 60, 90)]
+    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 3] == [("ce_coef1", s) for s in (0, 1, 2)]
+    sweep = {j.variant.name: j.variant.overrides for j in jobs if j.tier == 4}
+    assert sweep == {
+        "policy_coef0.2": {"coef": 0.2}, "policy_coef0.5": {"coef": 0.5}, "policy_coef1": {"coef": 1.0},
+        "occ_lp0.1": {"occ": {"lambda_plus": 0.1}}, "occ_lp0.5": {"occ": {"lambda_plus": 0.5}},
+        "occ_lp2": {"occ": {"lambda_plus": 2.0}},
+        "policy_oldmtp": {"old_logprobs": "mtp"}, "occ_oldmtp": {"old_logprobs": "mtp"},
+    }  # fmt: skip
+    assert all(j.seed == 0 for j in jobs if j.tier >= 4)
+    # a base coefficient of 0.5 is the core run: the sweep adds 0.1 instead of 0.5
+    names = [v.name for v in variants(0.5, 1.0)]
+    assert "policy_coef0.1" in names and "policy_coef0.5" not in names and "ce_coef0.1" in names
+    # configured old_logprobs: mtp → the other reading is main
+    assert {j.variant.name for j in _plan(old_logprobs="mtp") if j.tier == 4} >= {
+        "policy_oldmain",
+        "occ_oldmain",
+    }
+    with pytest.raises(ValueError, match="sweep seeds"):
+        _plan(sweep_seeds=[7])
+
+
+def test_probe_steps_are_spread_evenly_and_end_at_the_last_step():
+    assert probe_steps(200, 3) == [67, 133, 200]
+    assert probe_steps(4, 2) == [2, 4]
+    assert probe_steps(5, 1) == [5]
+    with pytest.raises(ValueError, match="checkpoints"):
+        probe_steps(2, 3)
+
+
+def test_welch_comparison_matches_the_t_distribution_by_hand():
+    # a = [1,2,3], b = [4,5,6]: diff −3, s² = 1 each, t = −3/sqrt(2/3), Welch df = 4. For 4 degrees of
+    # freedom the t CDF is F(t) = 1/2 + (x/2)(1 + (1 − x²)/2) with x = t/sqrt(4 + t²).
+    t = 3 / math.sqrt(2 / 3)
+    x = t / math.sqrt(4 + t * t)
+    p = 2 * (1 - (0.5 + x / 2 * (1 + (1 - x * x) / 2)))
+    got = compare([1, 2, 3], [4, 5, 6])
+    assert got["diff"] == pytest.approx(-3.0)
+    assert got["seed_sd"] == pytest.approx(1.0)
+    assert got["p"] == pytest.approx(p, rel=1e-6)
+    assert got["within_noise"] is False  # p ≈ 0.021
+    assert compare([1, 2, 3], [1.5, 2.5, 3.5])["within_noise"] is True
+    one = compare([1.0], [2.0, 3.0])  # one seed: no test, so it cannot be called beyond noise
+    assert one["p"] is None and one["within_noise"] is True and one["diff"] == pytest.approx(-1.5)
+
+
+def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
+    rows = [{"step": 0, "eval/accuracy": 0.2}]
+    for t in range(1, 11):
+        rows.append(
+            {"step": t, "reward/mean": t / 10, "mtp/accuracy_1": 0.5, "occ/lambda_stats_1": (-1) ** t * t}
+        )
+    rows[-1]["eval/accuracy"] = 0.9
+    m = run_metrics(rows, steps=10, wall_s=3.0)
+    assert m["reward_final"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 5)  # tail = max(5, 10/5)
+    assert m["eval_start"] == 0.2 and m["eval_final"] == 0.9 and m["agreement_final"] == 0.5
+    assert m["lambda_positive"] == pytest.approx(0.5)  # even steps positive
+    assert m["lambda_median"] == pytest.approx(0.5)  # median of −9..10 alternating: (−1 + 2) / 2
+    assert m["wall_s"] == 3.0
+
+
+def _cli(*argv):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = main(["study", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0", "0"], "name each seed once"),
+        (["--seeds", "0", "--sweep-seeds", "3"], "each must be one of --seeds"),
+        (["--only", "bogus"], "choose from none, detach"),
+        (["--probe-checkpoints", "0"], "--probe-checkpoints >= 1"),
+        (["--quick", "--probe-checkpoints", "9"], "exceeds the 4 RL steps"),
+    ],
+)
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    rc, _, err = _cli(*argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+TINY = ["--quick", "--steps", "2", "--seeds", "0", "--probe-minibatches", "2", "--probe-checkpoints", "1",
+        "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    rc, stdout, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    return out, rc, stdout, err
+
+
+@pytest.mark.slow
+def test_tiny_study_trains_probes_and_reports(tiny):
+    out, rc, stdout, err = tiny
+    assert rc == 0, err
+    assert "3 jobs, 0 already done, 3 to run" in err  # none and occ training, the occ probe
+    rec = json.loads((out / "probes" / "occ" / "seed0" / "step2.json").read_text())
+    assert rec["step"] == 2 and 1 <= len(rec["records"]) <= 2
+    for r in rec["records"]:
+        for key in (
+            "c",
+            "v2",
+            "rl_norm2",
+            "c_hat",
+            "v2_hat",
+            "d_rl2",
+            "v2_hat_main",
+            "v2_hat_own",
+            "head_gap",
+        ):
+            assert math.isfinite(r[key]), key
+        assert r["v2"] > 0 and r["rl_norm2"] > 0 and r["step"] == 2
+    snap = torch.load(out / "probes" / "occ" / "seed0" / "step2.pt", weights_only=True)
+    assert snap["step"] == 2 and "model" in snap and "optimizer" in snap
+    # the warm start of seed 0 is built once and shared
+    shared = out / "warmstart" / "seed0.pt"
+    for variant in ("none", "occ"):
+        assert os.path.samefile(shared, out / "runs" / variant / "seed0" / "warmstart.pt") or (
+            shared.read_bytes() == (out / "runs" / variant / "seed0" / "warmstart.pt").read_bytes()
+        )
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == {"none", "occ"} and summary["unfinished"] == []
+    assert summary["probes"]["occ"]["pooled"]["n"] == len(rec["records"])
+    assert "fig6_reward.png" in summary["figures"] and (out / "fig6_reward.png").exists()
+    assert "## Per variant" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
+    out, rc, _, _ = tiny
+    assert rc == 0
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
+    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    assert rc == 0 and "3 jobs, 3 already done, 0 to run" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")} == before
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, _, err = _cli(*[a if a != "2" else "3" for a in TINY[:3]], *TINY[3:], "--out", str(out))
+    assert rc == 2 and "another configuration" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
