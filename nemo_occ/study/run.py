@@ -293,7 +293,10 @@ def run_study(
         jobs = [j for j in jobs if j.variant.name in only]
     if only:
         jobs = [j for j in jobs if j.variant.name in only]
-    done = {j: job_done(out, j, cfg, occ_cfg, probe) for j in jobs}
+    try:
+        done = {j: job_done(out, j, cfg, occ_cfg, probe) for j in jobs}
+    except DemoOutputError as err:  # a run folder assembled by hand, or written by another configuration
+        raise StudyError(str(err)) from None
     todo = [j for j in jobs if not done[j]]
     say(
         f"nemo-occ study: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run in {out}"
