@@ -65,10 +65,10 @@ def main() -> None:
     def losses(cur):
         kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
         main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
-        unscaled = [
-            objective_for_losses.regime.depth_loss(lp, old_main, adv, mask & mk, policy_cfg, **kw)[0]
-            for lp, mk in zip(cur.mtp_logprobs, cur.mtp_masks, strict=True)
-        ]
+        unscaled = objective_for_losses.unscaled_losses(
+            mtp_logprobs=cur.mtp_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
+            mtp_masks=cur.mtp_masks, **kw,
+        )  # fmt: skip
         return main_loss, unscaled
 
     objective_for_losses = MTPObjective(occ_cfg, policy_cfg)

@@ -88,9 +88,9 @@ def main() -> None:
         mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
                                 mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
         if variant == "exact":
-            unscaled, _ = objective.regime.depth_loss(cur.mtp_logprobs[0], old_main, adv, mask & cur.mtp_masks[0],
-                                                      policy_cfg, **kw)  # fmt: skip
-            exact_gradient_statistics(main_loss, [unscaled], list(model.parameters()))
+            unscaled = objective.unscaled_losses(mtp_logprobs=cur.mtp_logprobs, old_logprobs=old_main, advantages=adv,
+                                                 mask=mask, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
+            exact_gradient_statistics(main_loss, unscaled, list(model.parameters()))
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_loss).backward()
         opt.step()

@@ -217,6 +217,23 @@ def test_a_skipped_update_reports_lambda_only_and_drops_its_head_gap_sums(regime
     assert m[f"{pre}/skipped"] == 0.0 and m[f"{pre}/v2_hat_vs_own_old_1"] == 0.0  # the skipped sums are gone
 
 
+@pytest.mark.parametrize("old_logprobs", ["main", "mtp"])
+def test_unscaled_losses_use_the_old_logprob_the_config_names(old_logprobs):
+    """What the probes differentiate: each depth's loss before λ, with the ratio's old log-prob chosen by
+    nemo_occ.old_logprobs (the main head's, or each MTP head's own), checked against the loop reference."""
+    main, old, mtp, adv, mask = rand_batch(seed=61)
+    mtp_old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3), dtype=old.dtype)
+    obj = MTPObjective(NemoOCCConfig(regime="occ", old_logprobs=old_logprobs), POLICY)
+    n_tok, n_seq = count_valid(mask)
+    (loss,) = obj.unscaled_losses(
+        mtp_logprobs=[mtp], old_logprobs=old, advantages=adv, mask=mask, mtp_old_logprobs=[mtp_old],
+        global_valid_tokens=n_tok, global_valid_seqs=n_seq,
+    )  # fmt: skip
+    ratio_old = mtp_old if old_logprobs == "mtp" else old
+    _f(loss, loop_policy_loss(mtp, ratio_old, adv, mask, **loss_kwargs(POLICY, mask)))
+    assert obj.finish_update()["occ/valid_tokens_1"] == 0.0  # no state moved: nothing was accumulated
+
+
 def test_regime_none_adds_nothing():
     main, old, mtp, adv, mask = rand_batch(seed=56)
     obj = MTPObjective(NemoOCCConfig(regime="none"), POLICY)

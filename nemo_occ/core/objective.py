@@ -181,6 +181,14 @@ class MTPObjective:
             for k in range(K)
         ]
 
+    def unscaled_losses(self, **inputs) -> list[torch.Tensor]:
+        """L_MTP,k for every depth k, before λ_k: what the exact probes differentiate for g_MTP,k.
+
+        Takes :meth:`depth_losses`' keyword arguments, so the caller never chooses which old log-prob
+        the ratio uses (``nemo_occ.old_logprobs`` decides); no state moves.
+        """
+        return [loss for loss, _ in self.depth_losses(**inputs)]
+
     def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
         """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
         # regime none reads no MTP input: its lists need only agree with each other

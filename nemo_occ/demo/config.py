@@ -19,6 +19,7 @@ from nemo_occ.core.config import (
     _Strict,
     parse_block,
 )
+from nemo_occ.megatron.tiny_gpt import TinyGPTConfig
 
 __all__ = [
     "DemoConfig",
@@ -31,13 +32,25 @@ __all__ = [
 ]
 
 
-class ModelConfig(_Strict):
-    """The small megatron-core GPT with MTP layers."""
+_TINY = TinyGPTConfig.model_fields  # the demo's model is a tiny GPT: its defaults, bounds and descriptions
 
-    hidden_size: int = Field(64, gt=0, description="Hidden size.")
-    num_layers: int = Field(2, gt=0, description="Decoder layers.")
-    num_attention_heads: int = Field(4, gt=0, description="Attention heads.")
-    mtp_num_layers: int = Field(1, ge=1, description="MTP depths (the paper's models have 1).")
+
+class ModelConfig(_Strict):
+    """The small megatron-core GPT with MTP layers: the ``TinyGPTConfig`` fields a demo user may set
+    (vocabulary and sequence length come from the task)."""
+
+    hidden_size: int = _TINY["hidden_size"]
+    num_layers: int = _TINY["num_layers"]
+    num_attention_heads: int = _TINY["num_attention_heads"]
+    mtp_num_layers: int = Field(
+        _TINY["mtp_num_layers"].default, ge=1, description="MTP depths (the paper's models have 1)."
+    )
+
+    def tiny_gpt(self, *, vocab_size: int, max_sequence_length: int) -> TinyGPTConfig:
+        """The full model shape: these fields plus the task's vocabulary and sequence length."""
+        return TinyGPTConfig(
+            vocab_size=vocab_size, max_sequence_length=max_sequence_length, **self.model_dump()
+        )
 
 
 class TaskConfig(_Strict):

@@ -60,20 +60,11 @@ class DemoPolicy:
 
     @classmethod
     def build(cls, cfg: DemoConfig, task: AdditionTask) -> DemoPolicy:
-        from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+        from nemo_occ.megatron.tiny_gpt import build_tiny_gpt
 
         setup_megatron_cpu()
         torch.manual_seed(cfg.seed)
-        model = build_tiny_gpt(
-            TinyGPTConfig(
-                vocab_size=VOCAB_SIZE,
-                hidden_size=cfg.model.hidden_size,
-                num_layers=cfg.model.num_layers,
-                num_attention_heads=cfg.model.num_attention_heads,
-                max_sequence_length=task.seq_len,
-                mtp_num_layers=cfg.model.mtp_num_layers,
-            )
-        )
+        model = build_tiny_gpt(cfg.model.tiny_gpt(vocab_size=VOCAB_SIZE, max_sequence_length=task.seq_len))
         return cls(model=model, position_ids=torch.arange(task.seq_len)[None])
 
     def _positions(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -138,7 +138,7 @@ def _run(cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], sho
             run_regime(regime, cfg, occ_cfg, warm_state, out / regime, progress=bar)
     runs = {}
     for regime in REGIMES:  # every finished regime of this folder, from what it recorded
-        run = finished_run(regime, out / regime, regime_fingerprint(cfg, occ_cfg, regime), cfg.rl.steps)
+        run = finished_run(out / regime, regime_fingerprint(cfg, occ_cfg, regime), cfg.rl.steps)
         if run is not None:
             runs[regime] = {
                 "metrics": run.metrics,

@@ -29,6 +29,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -43,7 +44,18 @@ from nemo_occ.demo.output import DemoOutputError, atomic_write, regime_fingerpri
 from nemo_occ.demo.policy import DemoPolicy
 from nemo_occ.demo.task import AdditionTask
 
-__all__ = ["RegimeRun", "finished_run", "regime_progress", "run_regime"]
+if TYPE_CHECKING:
+    from nemo_occ.megatron.mtp_logprobs import ModelLogProbs
+
+__all__ = [
+    "RegimeRun",
+    "Rollout",
+    "finished_run",
+    "reduce_updates",
+    "regime_progress",
+    "rollout",
+    "run_regime",
+]
 
 
 def _seed(*parts: int) -> int:
@@ -55,8 +67,8 @@ def _seed(*parts: int) -> int:
 
 @dataclass
 class RegimeRun:
-    regime: str
-    out_dir: Path
+    """A finished regime as its output folder recorded it."""
+
     metrics: list[dict]
     wall_time_s: float
     step_time_s: (
@@ -96,7 +108,7 @@ def regime_progress(out_dir: Path, fingerprint: dict) -> int:
     return 0 if ckpt is None else int(ckpt["step"])
 
 
-def finished_run(regime: str, out_dir: Path, fingerprint: dict, steps: int) -> RegimeRun | None:
+def finished_run(out_dir: Path, fingerprint: dict, steps: int) -> RegimeRun | None:
     """The regime's run as its checkpoint and metrics.jsonl recorded it if all ``steps`` are done
     (None otherwise); no model is built."""
     ckpt = load_checkpoint(out_dir / "checkpoint.pt", fingerprint)
@@ -104,7 +116,7 @@ def finished_run(regime: str, out_dir: Path, fingerprint: dict, steps: int) -> R
         return None
     times = list(ckpt["step_times"])
     metrics = _read_metrics(out_dir / "metrics.jsonl", ckpt["step"])
-    return RegimeRun(regime, out_dir, metrics, ckpt["elapsed"], sum(times) / max(len(times), 1))
+    return RegimeRun(metrics, ckpt["elapsed"], sum(times) / max(len(times), 1))
 
 
 def evaluate(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, ops: torch.Tensor, step: int) -> float:
@@ -124,178 +136,259 @@ def run_regime(
     out_dir: Path,
     *,
     progress=None,
-) -> RegimeRun:
-    """Train one regime from the shared warm start, resuming from ``out_dir/checkpoint.pt`` if present."""
-    from torch.utils.tensorboard import SummaryWriter
-
+) -> None:
+    """Train one regime from the shared warm start, resuming from ``out_dir/checkpoint.pt`` if present;
+    :func:`finished_run` reads the result back."""
     out_dir.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(cfg.task.digits)
+    trainer = _Trainer.build(regime, cfg, occ_cfg, task, warm_state)
     fingerprint = regime_fingerprint(cfg, occ_cfg, regime)
-    occ_cfg = occ_cfg.model_copy(update={"regime": regime})
-    policy = DemoPolicy.build(cfg, task)
-    policy.model.load_state_dict(warm_state)
-    optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
-    objective = MTPObjective(occ_cfg, cfg.policy_loss)
-    probes = ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
-
-    metrics_path = out_dir / "metrics.jsonl"
-    history: list[dict] = []
-    start_step, elapsed, step_times = 1, 0.0, []
-    ckpt = load_checkpoint(out_dir / "checkpoint.pt", fingerprint)
-    if ckpt is not None:
-        policy.model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        objective.load_state_dict(ckpt["objective"])
-        probes.load_state_dict(ckpt["probes"])
-        start_step, elapsed, step_times = ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["step_times"])
-        history = _read_metrics(metrics_path, ckpt["step"])  # drop what was logged after the checkpoint
-    else:  # no checkpoint yet (same configuration: the output folder checked it): start this regime over
-        shutil.rmtree(out_dir / "tb", ignore_errors=True)
-    text = "".join(json.dumps(h) + "\n" for h in history)
-    atomic_write(metrics_path, lambda f: f.write(text.encode()))
-    writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=start_step if ckpt is not None else None)
-
+    start_step, elapsed, step_times, history = trainer.resume(out_dir, fingerprint)
+    log = _MetricsLog(out_dir, history, purge_step=start_step if start_step > 1 else None)
     eval_ops = task.eval_operands(cfg.eval.problems, cfg.seed)
-    P, G = cfg.rl.prompts_per_step, cfg.rl.samples_per_prompt
-    lp = task.prompt_len
-    resp_mask = task.response_mask(P * G)  # [N, L-1]
-
-    def log(row: dict) -> None:
-        row = _jsonable(row)
-        history.append(row)
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                writer.add_scalar(k, v, row["step"])
-
     if start_step == 1:
-        log({"step": 0, "eval/accuracy": evaluate(policy, task, cfg, eval_ops, 0)})
+        log.write({"step": 0, "eval/accuracy": evaluate(trainer.policy, task, cfg, eval_ops, 0)})
 
     t_run = time.perf_counter() - elapsed
     for step in range(start_step, cfg.rl.steps + 1):
         t0 = time.perf_counter()
-        g = torch.Generator().manual_seed(_seed(cfg.seed, step))
-        ops = task.sample_operands(P, g).repeat_interleave(G, dim=0)  # [N, 2]
-        prompts = task.prompts(ops)
-        seqs = policy.generate(prompts, task.response_len, cfg.rl.temperature, g)  # [N, L]
-        rewards = task.rewards(ops, seqs[:, lp:])  # [N]
-        grouped = rewards.view(P, G)
-        adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)).view(-1)
-        keep_groups = grouped.std(1) > 0 if cfg.rl.dynamic_sampling else torch.ones(P, dtype=torch.bool)
-
-        with torch.no_grad():
-            old = policy.logprobs(seqs, detach_trunk=True, return_top1=True)
-        row: dict = {
-            "step": step,
-            "reward/mean": float(rewards.mean()),
-            "rl/kept_groups": int(keep_groups.sum()),
-        }
-        for k in range(len(old.mtp_logprobs)):
-            valid = resp_mask & old.mtp_masks[k]
-            row[f"mtp/accuracy_{k + 1}"] = float((old.mtp_top1[k] & valid).sum() / valid.sum().clamp(min=1))
-        row["main/accuracy"] = float((old.main_top1 & resp_mask).sum() / resp_mask.sum())
-
-        kept = keep_groups.nonzero().flatten()
-        chunks = [c for c in torch.tensor_split(kept, cfg.rl.minibatches) if len(c)]
-        fidelity_now = (
-            cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0 and objective.regime.objective != "none"
-        )
-        t_fid = 0.0
-        update_rows = []
-        for u, groups in enumerate(chunks):
-            idx = (groups[:, None] * G + torch.arange(G)).flatten()  # sequences of the kept groups
-            mask = resp_mask[idx]
-            n_tok, n_seq = valid_counts(mask)
-            cur = policy.logprobs(seqs[idx], detach_trunk=not objective.regime.trunk_gradient)
-            main_loss, main_m = clipped_policy_loss(
-                cur.main_logprobs, old.main_logprobs[idx], adv[idx], mask, cfg.policy_loss,
-                global_valid_tokens=n_tok, global_valid_seqs=n_seq,
-            )  # fmt: skip
-            mtp_loss, mtp_m = objective(
-                main_logprobs=cur.main_logprobs, old_logprobs=old.main_logprobs[idx], advantages=adv[idx],
-                mask=mask, mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks,
-                mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
-                global_valid_tokens=n_tok, global_valid_seqs=n_seq,
-            )  # fmt: skip
-            probed = fidelity_now and u == probed_update(len(chunks))
-            if probed:
-                tf = time.perf_counter()
-                unscaled = [
-                    loss
-                    for loss, _ in objective.depth_losses(
-                        mtp_logprobs=cur.mtp_logprobs,
-                        old_logprobs=old.main_logprobs[idx],
-                        advantages=adv[idx],
-                        mask=mask,
-                        mtp_masks=cur.mtp_masks,
-                        mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs],
-                        global_valid_tokens=n_tok,
-                        global_valid_seqs=n_seq,
-                    )  # fmt: skip
-                ]
-                from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
-
-                exact = exact_gradient_statistics(
-                    main_loss, unscaled, probe_parameters(policy.model), stats_group=probe_statistics_group()
-                )
-                row.update(exact.metrics("exact"))
-                t_fid = time.perf_counter() - tf
-            optimizer.zero_grad(set_to_none=True)
-            (main_loss + mtp_loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                policy.model.parameters(), cfg.rl.grad_clip, error_if_nonfinite=True
-            )
-            optimizer.step()
-            upd = {f"loss/{k}": v for k, v in main_m.items()}
-            upd.update(mtp_m)
-            # the step's first update runs at θ = θ_old (δ_RL = 0): report it, keep λ
-            upd.update(objective.finish_update(refresh=u > 0))
-            if probed:  # the probe next to this update's own proxies
-                row.update(probes.record_update(upd, exact))
-            upd["grad_norm"] = grad_norm
-            update_rows.append(_jsonable(upd))
-        if update_rows:
-            # per-update statistics: λ and the proxies of the step's last update (the λ carried into the
-            # next step), losses averaged over the step's updates
-            last = update_rows[-1]
-            for key in last:
-                if key.startswith(("occ/", "proxy/")):
-                    row[key] = last[key]
-                else:
-                    vals = [r[key] for r in update_rows if r.get(key) is not None]
-                    row[key] = sum(vals) / len(vals) if vals else None
-            for k in range(1, occ_cfg.num_depths + 1):  # mean λ the step's updates actually used
-                used = [
-                    r.get(f"occ/lambda_applied_{k}", r.get(f"proxy/lambda_applied_{k}")) for r in update_rows
-                ]
-                used = [x for x in used if x is not None]
-                if used:
-                    row[f"lambda_applied_mean_{k}"] = sum(used) / len(used)
-        row["updates"] = len(update_rows)
-        step_time = time.perf_counter() - t0 - t_fid
+        batch = rollout(trainer.policy, task, cfg, step)
+        row = {"step": step, **batch.metrics()}
+        updates, probed, t_probe = trainer.train_step(batch, probe=_probe_due(cfg, trainer.objective, step))
+        row.update(probed)
+        row.update(reduce_updates(updates, occ_cfg.num_depths))
+        step_time = time.perf_counter() - t0 - t_probe  # the probes' extra backward passes are not training
         step_times.append(step_time)
         row["time/step_s"] = step_time
         if step % cfg.eval.every == 0 or step == cfg.rl.steps:
-            row["eval/accuracy"] = evaluate(policy, task, cfg, eval_ops, step)
-        log(row)
+            row["eval/accuracy"] = evaluate(trainer.policy, task, cfg, eval_ops, step)
+        log.write(row)
         if progress is not None:
             progress.update(1)
             progress.set_postfix(regime=regime, reward=f"{row['reward/mean']:.2f}", refresh=False)
         if step % cfg.rl.checkpoint_every == 0 or step == cfg.rl.steps:
-            save_checkpoint(
-                out_dir / "checkpoint.pt",
-                {
-                    "step": step,
-                    "model": policy.model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "objective": objective.state_dict(),
-                    "probes": probes.state_dict(),
-                    "elapsed": time.perf_counter() - t_run,
-                    "step_times": step_times,
-                },
-                fingerprint,
-            )
-    writer.close()
-    wall = time.perf_counter() - t_run
-    return RegimeRun(regime, out_dir, history, wall, sum(step_times) / max(len(step_times), 1))
+            trainer.checkpoint(out_dir, fingerprint, step, time.perf_counter() - t_run, step_times)
+    log.close()
+
+
+# -- rollout -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """One RL step's samples, rewards and old log-probs (θ_old); P prompts x G samples = N sequences."""
+
+    seqs: torch.Tensor  # [N, L]
+    rewards: torch.Tensor  # [N]
+    advantages: torch.Tensor  # [N] group-normalised (GRPO)
+    keep_groups: torch.Tensor  # [P] bool: groups kept by dynamic sampling
+    old: ModelLogProbs  # main and per-depth MTP log-probs at θ_old, with top-1 hits
+    mask: torch.Tensor  # [N, L-1] response tokens
+    group_size: int
+
+    def metrics(self) -> dict:
+        """Reward, kept groups, and main / MTP top-1 agreement with the sampled tokens at θ_old."""
+        row: dict = {"reward/mean": float(self.rewards.mean()), "rl/kept_groups": int(self.keep_groups.sum())}
+        for k, top1 in enumerate(self.old.mtp_top1):
+            valid = self.mask & self.old.mtp_masks[k]
+            row[f"mtp/accuracy_{k + 1}"] = float((top1 & valid).sum() / valid.sum().clamp(min=1))
+        row["main/accuracy"] = float((self.old.main_top1 & self.mask).sum() / self.mask.sum())
+        return row
+
+    def minibatches(self, count: int) -> list[torch.Tensor]:
+        """Sequence indices of each minibatch: the kept groups split into ``count`` (non-empty) parts."""
+        kept = self.keep_groups.nonzero().flatten()
+        G = self.group_size
+        return [
+            (c[:, None] * G + torch.arange(G)).flatten() for c in torch.tensor_split(kept, count) if len(c)
+        ]
+
+
+def rollout(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, step: int) -> Rollout:
+    """Sample step ``step``'s problems and responses (seeded by (seed, step)), score them, and take the
+    old log-probs of every head in one no-grad forward."""
+    P, G = cfg.rl.prompts_per_step, cfg.rl.samples_per_prompt
+    g = torch.Generator().manual_seed(_seed(cfg.seed, step))
+    ops = task.sample_operands(P, g).repeat_interleave(G, dim=0)  # [N, 2]
+    seqs = policy.generate(task.prompts(ops), task.response_len, cfg.rl.temperature, g)  # [N, L]
+    rewards = task.rewards(ops, seqs[:, task.prompt_len :])  # [N]
+    grouped = rewards.view(P, G)
+    adv = ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-6)).view(-1)
+    keep_groups = grouped.std(1) > 0 if cfg.rl.dynamic_sampling else torch.ones(P, dtype=torch.bool)
+    with torch.no_grad():
+        old = policy.logprobs(seqs, detach_trunk=True, return_top1=True)
+    return Rollout(seqs, rewards, adv, keep_groups, old, task.response_mask(P * G), G)
+
+
+# -- updates -------------------------------------------------------------------------------------------
+
+
+def _probe_due(cfg: DemoConfig, objective: MTPObjective, step: int) -> bool:
+    return cfg.fidelity_every > 0 and step % cfg.fidelity_every == 0 and objective.regime.objective != "none"
+
+
+@dataclass
+class _Trainer:
+    """A regime's model, optimizer, MTP objective and probe history: what a checkpoint holds."""
+
+    cfg: DemoConfig
+    policy: DemoPolicy
+    optimizer: torch.optim.Optimizer
+    objective: MTPObjective
+    probes: ProbeHistory
+
+    @classmethod
+    def build(
+        cls, regime: str, cfg: DemoConfig, occ_cfg: NemoOCCConfig, task: AdditionTask, warm_state: dict
+    ) -> _Trainer:
+        occ_cfg = occ_cfg.model_copy(update={"regime": regime})
+        policy = DemoPolicy.build(cfg, task)
+        policy.model.load_state_dict(warm_state)
+        optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
+        objective = MTPObjective(occ_cfg, cfg.policy_loss)
+        return cls(
+            cfg, policy, optimizer, objective, ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
+        )
+
+    def train_step(self, batch: Rollout, *, probe: bool) -> tuple[list[dict], dict, float]:
+        """The step's optimizer updates over the kept groups: (per-update metrics, the probe's metrics,
+        seconds spent probing).
+
+        The first update runs at θ = θ_old (δ_RL = 0): it is reported but does not refresh λ.
+        With ``probe``, update ``probed_update(n)`` is probed first (exact c, v² from the same forward).
+        """
+        chunks = batch.minibatches(self.cfg.rl.minibatches)
+        probed_at = probed_update(len(chunks)) if probe and chunks else -1
+        updates, probed, t_probe = [], {}, 0.0
+        for u, idx in enumerate(chunks):
+            upd, probe_m, t = self.update(batch, idx, refresh=u > 0, probe=u == probed_at)
+            updates.append(upd)
+            probed.update(probe_m)
+            t_probe += t
+        return updates, probed, t_probe
+
+    def update(
+        self, batch: Rollout, idx: torch.Tensor, *, refresh: bool, probe: bool
+    ) -> tuple[dict, dict, float]:
+        """One optimizer update on sequences ``idx`` through the production path:
+        (metrics, the probe's exact/* and fidelity/* metrics, seconds spent probing)."""
+        mask = batch.mask[idx]
+        n_tok, n_seq = valid_counts(mask)
+        cur = self.policy.logprobs(batch.seqs[idx], detach_trunk=not self.objective.regime.trunk_gradient)
+        inputs = dict(
+            old_logprobs=batch.old.main_logprobs[idx], advantages=batch.advantages[idx], mask=mask,
+            mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks,
+            mtp_old_logprobs=[o[idx] for o in batch.old.mtp_logprobs],
+            global_valid_tokens=n_tok, global_valid_seqs=n_seq,
+        )  # fmt: skip
+        main_loss, main_m = clipped_policy_loss(
+            cur.main_logprobs, inputs["old_logprobs"], inputs["advantages"], mask, self.cfg.policy_loss,
+            global_valid_tokens=n_tok, global_valid_seqs=n_seq,
+        )  # fmt: skip
+        mtp_loss, mtp_m = self.objective(main_logprobs=cur.main_logprobs, **inputs)
+        exact, t_probe = None, 0.0
+        if probe:
+            tf = time.perf_counter()
+            exact = self._exact_statistics(main_loss, self.objective.unscaled_losses(**inputs))
+            t_probe = time.perf_counter() - tf
+        self.optimizer.zero_grad(set_to_none=True)
+        (main_loss + mtp_loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.policy.model.parameters(), self.cfg.rl.grad_clip, error_if_nonfinite=True
+        )
+        self.optimizer.step()
+        upd = {f"loss/{k}": v for k, v in main_m.items()}
+        upd.update(mtp_m)
+        upd.update(self.objective.finish_update(refresh=refresh))
+        probed = {}
+        if exact is not None:  # the probe next to this update's own proxies
+            probed = {**exact.metrics("exact"), **self.probes.record_update(upd, exact)}
+        upd["grad_norm"] = grad_norm
+        return _jsonable(upd), probed, t_probe
+
+    def _exact_statistics(self, main_loss: torch.Tensor, unscaled: list[torch.Tensor]):
+        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+
+        params = probe_parameters(self.policy.model)
+        return exact_gradient_statistics(main_loss, unscaled, params, stats_group=probe_statistics_group())
+
+    # -- checkpoint / resume ---------------------------------------------------------------------------
+
+    def resume(self, out_dir: Path, fingerprint: dict) -> tuple[int, float, list[float], list[dict]]:
+        """Load ``out_dir/checkpoint.pt`` if there is one: (first step to run, elapsed seconds, step times,
+        metrics rows up to the checkpoint). Without one the regime starts over (its TensorBoard events go)."""
+        ckpt = load_checkpoint(out_dir / "checkpoint.pt", fingerprint)
+        if ckpt is None:  # same configuration (the output folder checked it): start this regime over
+            shutil.rmtree(out_dir / "tb", ignore_errors=True)
+            return 1, 0.0, [], []
+        self.policy.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.objective.load_state_dict(ckpt["objective"])
+        self.probes.load_state_dict(ckpt["probes"])
+        # drop what was logged after the checkpoint
+        history = _read_metrics(out_dir / "metrics.jsonl", ckpt["step"])
+        return ckpt["step"] + 1, ckpt["elapsed"], list(ckpt["step_times"]), history
+
+    def checkpoint(
+        self, out_dir: Path, fingerprint: dict, step: int, elapsed: float, step_times: list
+    ) -> None:
+        state = {
+            "step": step,
+            "model": self.policy.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(),
+            "probes": self.probes.state_dict(),
+            "elapsed": elapsed,
+            "step_times": step_times,
+        }
+        save_checkpoint(out_dir / "checkpoint.pt", state, fingerprint)
+
+
+# -- logging -------------------------------------------------------------------------------------------
+
+
+def reduce_updates(updates: list[dict], num_depths: int) -> dict:
+    """One step's row from its updates' metrics: λ and the proxies of the step's last update (the λ
+    carried into the next step), every other metric averaged over the updates that report it, and
+    ``lambda_applied_mean_k``, the mean λ the step's updates actually used."""
+    row: dict = {"updates": len(updates)}
+    if not updates:
+        return row
+    last = updates[-1]
+    for key in last:
+        if key.startswith(("occ/", "proxy/")):
+            row[key] = last[key]
+        else:
+            vals = [r[key] for r in updates if r.get(key) is not None]
+            row[key] = sum(vals) / len(vals) if vals else None
+    for k in range(1, num_depths + 1):
+        used = [r.get(f"occ/lambda_applied_{k}", r.get(f"proxy/lambda_applied_{k}")) for r in updates]
+        used = [x for x in used if x is not None]
+        if used:
+            row[f"lambda_applied_mean_{k}"] = sum(used) / len(used)
+    return row
+
+
+class _MetricsLog:
+    """metrics.jsonl (rewritten atomically with the rows kept on resume, then appended) and TensorBoard."""
+
+    def __init__(self, out_dir: Path, history: list[dict], *, purge_step: int | None):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = out_dir / "metrics.jsonl"
+        self.history = history
+        text = "".join(json.dumps(h) + "\n" for h in history)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
+        self.writer = SummaryWriter(log_dir=str(out_dir / "tb"), purge_step=purge_step)
+
+    def write(self, row: dict) -> None:
+        row = _jsonable(row)
+        self.history.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
