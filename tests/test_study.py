@@ -29,9 +29,13 @@ def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
     core = [(j.variant.name, j.seed) for j in jobs if j.tier == 1]
     assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "detach", "ce", "policy", "occ")]
     assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
+    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [("ce_coef1", s) for s in (0, 1, 2)]
     probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]
-    assert probes == [(r, s, k) for s in (0, 1, 2) for r in ("ce", "policy", "occ") for k in (30, 60, 90)]
-    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 3] == [("ce_coef1", s) for s in (0, 1, 2)]
+    first = [(r, 0, k) for r in ("ce", "policy", "occ") for k in (30, 60, 90)]
+    assert probes == first + [
+        (r, s, k) for s in (1, 2) for r in ("ce", "policy", "occ") for k in (30, 60, 90)
+    ]
+    assert {j.tier for j in jobs if j.kind == "probe"} == {3, 5}  # the first seed's probes before the sweeps
     sweep = {j.variant.name: j.variant.overrides for j in jobs if j.tier == 4}
     assert sweep == {
         "policy_coef0.2": {"coef": 0.2}, "policy_coef0.5": {"coef": 0.5}, "policy_coef1": {"coef": 1.0},
@@ -39,7 +43,7 @@ def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
         "occ_lp2": {"occ": {"lambda_plus": 2.0}},
         "policy_oldmtp": {"old_logprobs": "mtp"}, "occ_oldmtp": {"old_logprobs": "mtp"},
     }  # fmt: skip
-    assert all(j.seed == 0 for j in jobs if j.tier >= 4)
+    assert all(j.seed == 0 for j in jobs if j.tier >= 4 and j.kind == "train")
     # a base coefficient of 0.5 is the core run: the sweep adds 0.1 instead of 0.5
     names = [v.name for v in variants(0.5, 1.0)]
     assert "policy_coef0.1" in names and "policy_coef0.5" not in names and "ce_coef0.1" in names

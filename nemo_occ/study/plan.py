@@ -11,9 +11,10 @@ Variants (the paper's Sec. 5 settings, on the demo's configuration):
 - ``old_logprobs: mtp`` (each MTP head's own old log-prob) for ``policy`` and ``occ``, the regimes whose
   MTP loss reads the old log-prob (``ce`` and ``detach`` do not; ``none`` has no MTP loss).
 
-Order (the study can stop at any point and still hold the most important comparison):
-tier 1 the core variants for every seed; tier 2 the probes of the core runs; tier 3 ``ce`` at coef 1.0
-(the paper's "CE hurts") for every seed; tier 4+s the other sweep variants at sweep seed s.
+Order (the study can stop at any point and still hold the most important comparison first):
+tier 1 the core variants for every seed; tier 2 ``ce`` at coef 1.0 (the paper's "CE hurts") for every
+seed; tier 3 the probes of the first seed's core ce/policy/occ runs; tier 4 the other sweep variants at
+the first sweep seed; tier 5 the probes of the other seeds; tier 6+ the sweeps at the other sweep seeds.
 """
 
 from __future__ import annotations
@@ -122,15 +123,13 @@ def build_plan(
     core = [v for v in all_variants if v.core]
     ce_hurts = [v for v in all_variants if v.name == "ce_coef1"]
     sweep = [v for v in all_variants if not v.core and v not in ce_hurts]
+    probed = [v for v in core if v.regime in PROBED_REGIMES]
+    ks = probe_steps(steps, checkpoints) if probes else []
     jobs = [Job(1, "train", v, s) for s in seeds for v in core]
-    if probes:
-        jobs += [
-            Job(2, "probe", v, s, k)
-            for s in seeds
-            for v in core
-            if v.regime in PROBED_REGIMES
-            for k in probe_steps(steps, checkpoints)
-        ]
-    jobs += [Job(3, "train", v, s) for s in seeds for v in ce_hurts]
-    jobs += [Job(4 + i, "train", v, s) for i, s in enumerate(sweep_seeds) for v in sweep]
+    jobs += [Job(2, "train", v, s) for s in seeds for v in ce_hurts]
+    jobs += [Job(3, "probe", v, seeds[0], k) for v in probed for k in ks]
+    if sweep_seeds:
+        jobs += [Job(4, "train", v, sweep_seeds[0]) for v in sweep]
+    jobs += [Job(5, "probe", v, s, k) for s in seeds[1:] for v in probed for k in ks]
+    jobs += [Job(6 + i, "train", v, s) for i, s in enumerate(sweep_seeds[1:]) for v in sweep]
     return jobs

@@ -158,7 +158,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
             continue
         rcfg, rocc = variant_config(cfg, occ_cfg, v, job.seed, probe["checkpoint_every"])
         folder = _run_dir(out, job) / v.regime
-        run = finished_run(v.regime, folder, regime_fingerprint(rcfg, rocc, v.regime), steps)
+        run = finished_run(folder, regime_fingerprint(rcfg, rocc, v.regime), steps)
         rows_of[(v.name, job.seed)] = run.metrics
         runs[v.name][job.seed] = run_metrics(run.metrics, steps, run.wall_time_s)
     probes: dict[str, dict[int, list[dict]]] = {}
