@@ -102,11 +102,23 @@ def _ci(ci) -> str:
 
 
 def _commit() -> str | None:
+    """HEAD of the checkout the package runs from, with ``+dirty`` when tracked files differ from it."""
+    here = Path(__file__).parent
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=here).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return None
+    return head + ("+dirty" if dirty else "")
+
+
+def _invocations(out: Path) -> list[dict]:
+    try:
+        return json.loads((out / "study.json").read_text()).get("invocations", [])
+    except (OSError, json.JSONDecodeError):
+        return []
 
 
 def _probe_stats(recs: list[dict]) -> dict:
@@ -170,7 +182,12 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
 
     summary: dict = {
         "command": invocation.get("command"),
-        "commit": _commit(),
+        "commit": invocation.get("commit"),
+        "training_invocations": [
+            {k: inv.get(k) for k in ("started", "command", "commit", "machine", "load_average")}
+            for inv in _invocations(out)
+            if not inv.get("report_only")
+        ],
         "machine": invocation.get("machine"),
         "load_average_at_start": invocation.get("load_average"),
         "versions": invocation.get("versions"),
@@ -335,8 +352,20 @@ def summary_markdown(s: dict) -> str:
     L = [
         "# nemo-occ study — results as measured",
         "",
-        f"Command: `{s['command']}`  ",
-        f"Commit: {s['commit']}; machine: {s['machine']}; load average at start: {s['load_average_at_start']}  ",
+        f"Command: `{(s['training_invocations'] or [{'command': s['command']}])[0]['command']}`"
+        + (
+            f" (this report: `{s['command']}`)"
+            if s["training_invocations"] and s["training_invocations"][0]["command"] != s["command"]
+            else ""
+        )
+        + "  ",
+        f"Report written at commit {s['commit']}; machine: {s['machine']}.  ",
+        "Invocations that trained or probed (UTC start, commit, load average 1/5/15 min at start): "
+        + "; ".join(
+            f"{i['started']} {i['commit']} {[round(x, 1) for x in i['load_average'] or []]}"
+            for i in s["training_invocations"]
+        )
+        + ".  ",
         f"Setting: {c['steps']} RL steps x {c['prompts_per_step']} prompts x {c['samples_per_prompt']} samples, "
         f"{c['minibatches']} updates/step; task {c['task']}; model {c['model']}; base coef {c['coef']}, "
         f"λ+ {c['lambda_plus']}, old_logprobs {c['old_logprobs']}.  ",

@@ -260,6 +260,7 @@ def run_study(
     """Run the plan's unfinished jobs in order (or none with ``report_only``), then write the report."""
     from nemo_occ.demo.run import _machine, package_versions
     from nemo_occ.study.plan import PROBED_REGIMES
+    from nemo_occ.study.report import _commit
 
     steps = probe_steps(cfg.rl.steps, probe_checkpoints) if probe_minibatches > 0 else []
     every = math.gcd(cfg.rl.steps, *steps)  # checkpoints land on every probe step
@@ -278,6 +279,7 @@ def run_study(
         "machine": _machine(),
         "load_average": list(os.getloadavg()),
         "report_only": report_only,
+        "commit": _commit(),
     }
     if report_only:
         if _read_record(out / STUDY_FILE) is None:
@@ -319,7 +321,7 @@ def run_study(
                 eta = sum(left[k] * (sum(v) / len(v)) for k, v in spent.items() if v) / 60
                 say(f"[{i}/{len(todo)}] tier {job.tier} {job.label} (elapsed {elapsed:.1f} min"
                     + (f", ETA ~{eta:.0f} min" if all(spent[k] or not left[k] for k in spent) else "") + ")")  # fmt: skip
-                tj = time.perf_counter()
+                tj, cj = time.perf_counter(), time.process_time()
                 if job.kind == "train":
                     _train(out, job, cfg, occ_cfg, probe, invocation, show_progress)
                 else:
@@ -328,6 +330,9 @@ def run_study(
                         skipped[job.label] = why
                         say(f"    skipped: {why}")
                 spent[job.kind].append(time.perf_counter() - tj)
+                # CPU seconds next to wall seconds: on a shared machine the ratio says how much of it we got
+                say(f"    done in {spent[job.kind][-1]:.0f} s wall, {time.process_time() - cj:.0f} s CPU "
+                    f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
         finally:
             teardown_megatron_cpu()
     from nemo_occ.study.report import build_study_report
