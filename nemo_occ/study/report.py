@@ -114,6 +114,20 @@ def _commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+# the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
+_TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fidelity/rl_norm2",
+                   "c_hat": "fidelity/c_hat_per_token_1", "v2_hat": "fidelity/v2_hat_per_token_1"}  # fmt: skip
+
+
+def training_probes(rows: list[dict]) -> list[dict]:
+    """The run's in-training probes as probe records (per-token proxies and exact statistics; no Σδ_RL²)."""
+    out = []
+    for r in rows:
+        if all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
+            out.append({"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}})
+    return out
+
+
 def _invocations(out: Path) -> list[dict]:
     try:
         return json.loads((out / "study.json").read_text()).get("invocations", [])
@@ -136,7 +150,7 @@ def _probe_stats(recs: list[dict]) -> dict:
             if r["step"] == s and r["rl_norm2"] * r["v2"] > 0
         ]
         ph = [r["c_hat"] / math.sqrt(r["d_rl2"] * r["v2_hat"]) for r in recs
-              if r["step"] == s and r["d_rl2"] * r["v2_hat"] > 0]  # fmt: skip
+              if r["step"] == s and r.get("d_rl2") is not None and r["d_rl2"] * r["v2_hat"] > 0]  # fmt: skip
         by_step[str(s)] = {"cos_mean": _mean_sd(cs)[0], "cos_sd": _mean_sd(cs)[1],
                            "cos_positive": sum(x > 0 for x in cs) / len(cs) if cs else None,
                            "proxy_cos_mean": _mean_sd(ph)[0], "n": len(cs)}  # fmt: skip
@@ -231,9 +245,21 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
         pooled = [r for recs in per_seed.values() for r in recs]
         summary["probes"][name] = {"pooled": _probe_stats(pooled),
                                    "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())}}  # fmt: skip
+    in_training: dict[str, dict[int, list[dict]]] = {}
+    for (name, seed), rows in rows_of.items():
+        recs = training_probes(rows)
+        if recs and variants[name].regime in ("ce", "policy", "occ"):
+            in_training.setdefault(name, {})[seed] = recs
+    summary["training_probes"] = {
+        name: {"pooled": _probe_stats([r for recs in per_seed.values() for r in recs]),
+               "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())}}
+        for name, per_seed in in_training.items()
+    }  # fmt: skip
     summary["mechanism"] = _mechanism(summary)
-    summary["figures"], summary["figures_not_drawn"] = _figures(out, summary, rows_of, probes, variants, cfg,
-                                                                occ_cfg)  # fmt: skip
+    summary["figures"], summary["figures_not_drawn"] = _figures(
+        out, summary, rows_of, probes, in_training, variants, cfg, occ_cfg
+    )
+
     text = json.dumps(summary, indent=2) + "\n"
     atomic_write(out / "summary.json", lambda f: f.write(text.encode()))
     md = summary_markdown(summary)
@@ -243,23 +269,31 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
 
 
 def _mechanism(summary: dict) -> dict:
-    """The paper's mechanism, claim by claim, with the numbers that decide each (None: not measured)."""
+    """The paper's mechanism, claim by claim, with the numbers that decide each. Probe-based claims use
+    the fixed-checkpoint probes when there are any, else the runs' own in-training probes (``source``)."""
     out = {}
-    cos = [(n, p["pooled"]) for n, p in summary["probes"].items() if summary["variants"][n]["regime"] != "ce"]
-    if cos:
-        seed_means = [s["cos_mean"] for n, _ in cos for s in summary["probes"][n]["seeds"].values()
+    source, probes = ("fixed-checkpoint probes", summary["probes"])
+    if not probes:
+        source, probes = ("in-training probes", summary.get("training_probes", {}))
+    policy_like = [n for n in probes if summary["variants"][n]["regime"] != "ce"]
+    if policy_like:
+        seed_means = [s["cos_mean"] for n in policy_like for s in probes[n]["seeds"].values()
                       if s["cos_mean"] is not None]  # fmt: skip
         out["cos_positive"] = {
-            "claim": "cos(g_RL, g_MTP) over the main model is positive (policy-loss MTP objective)",
+            "claim": "cos(g_RL, g_MTP) over the main model is positive (policy-loss MTP objective: policy, occ); "
+            "rule: every run's mean cosine over its probes > 0",
+            "source": source,
             "per_run_mean_cos": seed_means,
             "holds": bool(seed_means) and all(c > 0 for c in seed_means),
         }
     occ = summary["variants"].get("occ")
     if occ and occ["lambda_positive"]["mean"] is not None:
-        fid = summary["probes"].get("occ", {}).get("pooled")
+        fid = probes.get("occ", {}).get("pooled")
         informative = fid is not None and fid["spearman_c"] is not None and fid["spearman_c"]["low"] > 0
         out["lambda_positive"] = {
-            "claim": "λ is mostly positive and informative (ĉ ranks updates like the exact c)",
+            "claim": "λ is mostly positive and informative; rule: λ from the statistics > 0 on more than half "
+            "the steps (mean over seeds) and the 95% interval of ρ(ĉ, c) under occ above 0",
+            "source": source,
             "fraction_positive_mean": occ["lambda_positive"]["mean"],
             "spearman_c_occ": fid["spearman_c"] if fid else None,
             "holds": occ["lambda_positive"]["mean"] > 0.5 and informative,
@@ -267,17 +301,19 @@ def _mechanism(summary: dict) -> dict:
     cmp = summary["comparisons"].get("ce_coef1 - none")
     if cmp and cmp["diff"] is not None:
         out["ce_hurts"] = {
-            "claim": "CE at coef 1.0 lowers the final training reward (vs none)",
+            "claim": "CE at coef 1.0 lowers the final training reward; rule: below none, beyond seed noise",
             **cmp,
             "holds": cmp["diff"] < 0 and not cmp["within_noise"],
         }
     tracked = []
-    for n, p in summary["probes"].items():
+    for n, p in probes.items():
         pc, pv = p["pooled"]["spearman_c"], p["pooled"]["spearman_v2"]
         tracked.append((n, pc is not None and pc["low"] > 0, pv is not None and pv["low"] > 0))
     if tracked:
         out["proxies_track"] = {
-            "claim": "the proxies track the exact statistics (95% interval of Spearman ρ above 0)",
+            "claim": "the proxies track the exact statistics; rule: the 95% intervals of ρ(ĉ, c) and ρ(v̂², v²) "
+            "pooled over seeds lie above 0 for every probed variant",
+            "source": source,
             "per_variant": {n: {"c": c, "v2": v} for n, c, v in tracked},
             "holds": all(c and v for _, c, v in tracked),
         }
@@ -292,7 +328,9 @@ def _caption(cfg, occ_cfg, what: str, seeds) -> str:
             f"seeds {seeds}.")  # fmt: skip
 
 
-def _figures(out: Path, summary, rows_of, probes, variants, cfg, occ_cfg) -> tuple[list[str], dict]:
+def _figures(
+    out: Path, summary, rows_of, probes, in_training, variants, cfg, occ_cfg
+) -> tuple[list[str], dict]:
     from nemo_occ import figures as F
 
     drawn, failed = [], {}
@@ -344,6 +382,13 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, occ_cfg) -> tup
         draw("fig8_fidelity.png", F.fig8_fidelity, pooled,
              what="Proxy vs exact (paper Fig. 8), one point per probed minibatch, all checkpoints and seeds",
              names=list(pooled))  # fmt: skip
+    pooled_training = {
+        n: [r for recs in per_seed.values() for r in recs] for n, per_seed in in_training.items()
+    }
+    if pooled_training:
+        draw("fig8_training_probes.png", F.fig8_fidelity, pooled_training,
+             what=f"Proxy vs exact (paper Fig. 8) from the runs' own probes (one update every "
+                  f"{cfg.fidelity_every} RL steps, the step's second update), all seeds", names=list(pooled_training))  # fmt: skip
     return drawn, failed
 
 
@@ -405,6 +450,15 @@ def summary_markdown(s: dict) -> str:
         verdict = "within seed noise" if cmp["within_noise"] else "beyond seed noise (p < 0.05)"
         L.append(f"| {name} | {_fmt(cmp['diff'], '+.3f')} | {_fmt(cmp.get('seed_sd'))} | {_fmt(cmp['p'], '.3f')} "
                  f"| {cmp['n'][0]} vs {cmp['n'][1]} | {verdict} |")  # fmt: skip
+    if s.get("training_probes"):
+        L += ["", "## In-training probes (the runs' own: one update every fidelity_every steps)", "",
+              "| variant | seed | ρ(ĉ, c) | ρ(v̂², v²) | sign agreement (chance) | mean cos | cos > 0 |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, p in s["training_probes"].items():
+            for seed, st in [("pooled", p["pooled"])] + list(p["seeds"].items()):
+                L.append(f"| {name} | {seed} | {_ci(st['spearman_c'])} | {_ci(st['spearman_v2'])} | "
+                         f"{_fmt(st['sign_agreement_c'], '.2f')} ({_fmt(st['sign_base_rate_c'], '.2f')}) | "
+                         f"{_fmt(st['cos_mean'], '.3f')} | {_fmt(st['cos_positive'], '.2f')} |")  # fmt: skip
     if s["probes"]:
         L += ["", "## Fixed-checkpoint probes (proxy vs exact over the main model's parameters)", "",
               "Spearman ρ [95% Fisher-z interval] (n points); sign(ĉ) = sign(c) against its base rate; cos = "
