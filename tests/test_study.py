@@ -173,3 +173,14 @@ def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
     rc, _, err = _cli(*[a if a != "2" else "3" for a in TINY[:3]], *TINY[3:], "--out", str(out))
     assert rc == 2 and "another configuration" in err and "--overwrite" in err
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
+    from nemo_occ.study.report import training_probes
+
+    probe = {"fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
+             "fidelity/c_hat_per_token_1": 0.01, "fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
+    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, **probe}, {"step": 3, "fidelity/c_1": 1.0}]
+    assert training_probes(rows) == [
+        {"step": 2, "c": 0.5, "v2": 2.0, "rl_norm2": 4.0, "c_hat": 0.01, "v2_hat": 0.2}
+    ]
