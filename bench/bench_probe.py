@@ -105,7 +105,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_loss).backward()
         opt.step()
-        objective.finish_update()
+        objective.close_update()
         sync()
         return time.perf_counter() - t0
 

@@ -3,7 +3,7 @@
 Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
 megatron-core GPT with one MTP layer (CPU, through ``nemo_occ.megatron.cpu_compat``), the main
 head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer step and
-``finish_update``. ``exact`` is the ``policy`` regime plus the exact gradient statistics
+``close_update``. ``exact`` is the ``policy`` regime plus the exact gradient statistics
 (``exact_gradient_statistics``: two extra backward passes), the full-model alternative to OCC's
 log-prob proxies.
 
@@ -94,7 +94,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_loss).backward()
         opt.step()
-        objective.finish_update()
+        objective.close_update()
         sync()
         return time.perf_counter() - t0, time.process_time() - c0
 

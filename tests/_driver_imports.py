@@ -87,7 +87,7 @@ def main(mode: str, recipe: str) -> dict:
         "executable": ACTOR_ENVIRONMENT_REGISTRY.get(fqn),
         "default_executable": ACTOR_ENVIRONMENT_REGISTRY.get(default_fqn),
         "pickled_modules": sorted(unpickler.modules),
-        "unpickled_regime": copy.occ_cfg.regime,
+        "unpickled_regime": copy.nemo_occ_cfg.regime,
         "train_imports": train_imports,
         "refused": refused,
         "heavy_loaded": sorted(m for m in sys.modules if _is_heavy(m)),

@@ -282,3 +282,11 @@ def flat_grad_by_backward(loss, params):
     for p in params:
         p.grad = None
     return out
+
+
+def close_metrics(owner, *args, **kwargs):
+    """``owner.close_update(...)`` (an MTPObjective or OCCCalibrator) as the metrics of a one-update step."""
+    from nemo_occ.core.metrics import step_metrics
+
+    update = owner.close_update(*args, **kwargs)
+    return {} if update is None else step_metrics([update])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _refs import loop_lambda, loop_proxies, rand_batch
+from _refs import close_metrics, loop_lambda, loop_proxies, rand_batch
 
 from nemo_occ.core.calibration import OCCCalibrator, proxy_statistics
 from nemo_occ.core.config import OCCConfig
@@ -15,6 +15,13 @@ from nemo_occ.core.config import OCCConfig
 
 def _assert_float(a: float, b: float):
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
+
+
+def _accumulate(cal, *args, **kwargs):
+    """One micro-batch's statistics added to the open update, as ``MTPObjective`` does; returns them."""
+    stats = cal.statistics(*args, **kwargs)
+    cal.add_statistics(stats)
+    return stats
 
 
 def _negate_alignment(main, old, mtp):
@@ -54,8 +61,8 @@ def test_lambda_matches_loop(estimator, flip):
     assert (c < 0) == flip
     cfg = OCCConfig(estimator=estimator, lambda_plus=0.7, eps=1e-4)
     cal = OCCCalibrator(1, cfg)
-    cal.accumulate(main, old, [mtp], mask)
-    metrics = cal.update()
+    _accumulate(cal, main, old, [mtp], mask)
+    metrics = close_metrics(cal)
     expected = loop_lambda(main, old, mtp, mask, lambda_plus=0.7, eps=1e-4, estimator=estimator)
     _assert_float(cal.lambdas[0], expected)
     _assert_float(metrics["occ/lambda_1"], expected)
@@ -68,8 +75,8 @@ def test_negative_alignment_gives_negative_signed_and_zero_clipped_lambda():
     lams = {}
     for est in ("signed", "clipped"):
         cal = OCCCalibrator(1, OCCConfig(estimator=est))
-        cal.accumulate(main, old, [mtp], mask)
-        cal.update()
+        _accumulate(cal, main, old, [mtp], mask)
+        close_metrics(cal)
         lams[est] = cal.lambdas[0]
     assert lams["signed"] < 0
     assert lams["clipped"] == 0.0
@@ -84,8 +91,8 @@ def test_lambda_max_clamps_both_signs(flip, estimator):
     free = loop_lambda(main, old, mtp, mask, lambda_plus=50.0, estimator=estimator)
     cap = abs(free) / 3  # the unclamped λ is 3x the cap
     cal = OCCCalibrator(1, OCCConfig(lambda_plus=50.0, lambda_max=cap, estimator=estimator))
-    cal.accumulate(main, old, [mtp], mask)
-    cal.update()
+    _accumulate(cal, main, old, [mtp], mask)
+    close_metrics(cal)
     _assert_float(cal.lambdas[0], cap if free > 0 else -cap)
 
 
@@ -93,8 +100,8 @@ def test_lambda_max_leaves_small_lambda_alone():
     main, old, mtp, _, mask = rand_batch(seed=24)
     free = loop_lambda(main, old, mtp, mask)
     cal = OCCCalibrator(1, OCCConfig(lambda_max=abs(free) * 2))
-    cal.accumulate(main, old, [mtp], mask)
-    cal.update()
+    _accumulate(cal, main, old, [mtp], mask)
+    close_metrics(cal)
     _assert_float(cal.lambdas[0], free)
 
 
@@ -102,12 +109,12 @@ def test_statistics_are_summed_over_micro_batches_before_the_ratio():
     """Eq. 13 is a ratio of sums over the whole update: eight micro-batches of 1 == one of 8."""
     main, old, mtp, _, mask = rand_batch(seed=25)
     one = OCCCalibrator(1)
-    one.accumulate(main, old, [mtp], mask)
-    m1 = one.update()
+    _accumulate(one, main, old, [mtp], mask)
+    m1 = close_metrics(one)
     eight = OCCCalibrator(1)
     for i in range(8):
-        eight.accumulate(main[i : i + 1], old[i : i + 1], [mtp[i : i + 1]], mask[i : i + 1])
-    m8 = eight.update()
+        _accumulate(eight, main[i : i + 1], old[i : i + 1], [mtp[i : i + 1]], mask[i : i + 1])
+    m8 = close_metrics(eight)
     _assert_float(eight.lambdas[0], one.lambdas[0])
     _assert_float(eight.lambdas[0], loop_lambda(main, old, mtp, mask))
     for key in ("occ/c_hat_1", "occ/v2_hat_1", "occ/valid_tokens_1"):
@@ -117,8 +124,8 @@ def test_statistics_are_summed_over_micro_batches_before_the_ratio():
 def test_update_metrics_match_loop_and_describe_the_applied_lambda():
     main, old, mtp, _, mask = rand_batch(seed=26)
     cal = OCCCalibrator(1, OCCConfig(initial_lambda=0.25))
-    cal.accumulate(main, old, [mtp], mask)
-    m = cal.update()
+    _accumulate(cal, main, old, [mtp], mask)
+    m = close_metrics(cal)
     c, v2, pairs = loop_proxies(main, old, mtp, mask)
     n = len(pairs)
     _assert_float(m["occ/lambda_applied_1"], 0.25)  # the update just closed ran with initial_lambda
@@ -129,7 +136,7 @@ def test_update_metrics_match_loop_and_describe_the_applied_lambda():
     assert m["occ/valid_tokens_1"] == n and m["occ/no_valid_tokens_1"] == 0.0
     assert cal.num_updates == 1
     # statistics were consumed: an update without new data has no valid token
-    m2 = cal.update()
+    m2 = close_metrics(cal)
     assert m2["occ/no_valid_tokens_1"] == 1.0 and cal.lambdas == [0.0]
     _assert_float(m2["occ/lambda_applied_1"], loop_lambda(main, old, mtp, mask))
 
@@ -146,8 +153,8 @@ def test_two_depths_use_their_own_masks():
     m2[:, 0] = False  # depth 2 has no value at the first position of each row
     m2[:, 2] = False
     cal = OCCCalibrator(2)
-    cal.accumulate(main, old, [mtp, mtp2], mask, mtp_masks=[mask, m2])
-    cal.update()
+    _accumulate(cal, main, old, [mtp, mtp2], mask, mtp_masks=[mask, m2])
+    close_metrics(cal)
     _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
     _assert_float(cal.lambdas[1], loop_lambda(main, old, mtp2, mask & m2))
     assert abs(cal.lambdas[1] - loop_lambda(main, old, mtp2, mask)) > 1e-6  # the mask matters
@@ -158,10 +165,10 @@ def test_microbatch_timing_local_lambdas_match_loop():
     cal = OCCCalibrator(1, OCCConfig(timing="microbatch"))
     used = []
     for sl in (slice(0, 3), slice(3, 8)):
-        stats = cal.accumulate(main[sl], old[sl], [mtp[sl]], mask[sl])
+        stats = _accumulate(cal, main[sl], old[sl], [mtp[sl]], mask[sl])
         used.append(cal.local_lambdas(stats)[0])
         _assert_float(used[-1], loop_lambda(main[sl], old[sl], mtp[sl], mask[sl]))
-    m = cal.update()
+    m = close_metrics(cal)
     _assert_float(m["occ/lambda_applied_1"], sum(used) / 2)
     _assert_float(m["occ/lambda_1"], loop_lambda(main, old, mtp, mask))
 
@@ -173,15 +180,15 @@ def test_microbatch_timing_local_lambdas_match_loop():
 def test_no_valid_token_gives_zero_lambda_and_flags_it():
     main, old, mtp, _, mask = rand_batch(seed=29)
     cal = OCCCalibrator(1, OCCConfig(initial_lambda=0.5))
-    cal.accumulate(main, old, [mtp], torch.zeros_like(mask))
-    m = cal.update()
+    _accumulate(cal, main, old, [mtp], torch.zeros_like(mask))
+    m = close_metrics(cal)
     assert cal.lambdas == [0.0]
     assert m["occ/no_valid_tokens_1"] == 1
     assert m["occ/valid_tokens_1"] == 0
     for est in ("signed", "clipped", "reference"):
         c2 = OCCCalibrator(1, OCCConfig(estimator=est))
-        c2.accumulate(main, old, [mtp], torch.zeros_like(mask))
-        c2.update()
+        _accumulate(c2, main, old, [mtp], torch.zeros_like(mask))
+        close_metrics(c2)
         assert c2.lambdas == [0.0]
 
 
@@ -190,8 +197,8 @@ def test_zero_variance_gives_zero_finite_lambda(estimator):
     """MTP head unchanged (δ_MTP = 0): v̂² = 0 and ĉ = 0, so λ = 0/ε = 0, not NaN."""
     main, old, _, _, mask = rand_batch(seed=30)
     cal = OCCCalibrator(1, OCCConfig(estimator=estimator))
-    cal.accumulate(main, old, [old.clone()], mask)
-    m = cal.update()
+    _accumulate(cal, main, old, [old.clone()], mask)
+    m = close_metrics(cal)
     assert m["occ/v2_hat_1"] == 0.0 and m["occ/c_hat_1"] == 0.0
     assert cal.lambdas == [0.0]
 
@@ -202,13 +209,13 @@ def test_nan_at_valid_position_raises_and_at_masked_position_is_ignored():
     bad[0, 0] = float("nan")
     cal = OCCCalibrator(1)
     with pytest.raises(ValueError, match="NaN/Inf"):
-        cal.accumulate(main, old, [bad], mask)
+        _accumulate(cal, main, old, [bad], mask)
     pad = ~mask
     assert bool(pad.any())
     m2, o2, t2 = main.clone(), old.clone(), mtp.clone()
     m2[pad], o2[pad], t2[pad] = float("nan"), float("-inf"), float("-inf")
-    cal.accumulate(m2, o2, [t2], mask)
-    cal.update()
+    _accumulate(cal, m2, o2, [t2], mask)
+    close_metrics(cal)
     _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
 
 
@@ -216,27 +223,27 @@ def test_bad_shapes_and_depth_counts_raise():
     main, old, mtp, _, mask = rand_batch(seed=32)
     cal = OCCCalibrator(2)
     with pytest.raises(ValueError, match="num_depths=2"):
-        cal.accumulate(main, old, [mtp], mask)
+        _accumulate(cal, main, old, [mtp], mask)
     with pytest.raises(ValueError, match="mtp_masks"):
-        cal.accumulate(main, old, [mtp, mtp], mask, mtp_masks=[mask])
+        _accumulate(cal, main, old, [mtp, mtp], mask, mtp_masks=[mask])
     with pytest.raises(ValueError, match="mtp_old_logprobs"):
-        cal.accumulate(main, old, [mtp, mtp], mask, mtp_old_logprobs=[old])
+        _accumulate(cal, main, old, [mtp, mtp], mask, mtp_old_logprobs=[old])
     with pytest.raises(ValueError, match="mtp_logprobs has shape"):
-        cal.accumulate(main, old, [mtp, mtp[:, :-1]], mask)
+        _accumulate(cal, main, old, [mtp, mtp[:, :-1]], mask)
     with pytest.raises(ValueError, match=r"\[2, 4\]"):
         cal.add_statistics(torch.zeros(1, 4))
     with pytest.raises(ValueError, match="num_depths"):
         OCCCalibrator(0)
 
 
-def test_add_statistics_equals_accumulate():
+def test_statistics_do_not_depend_on_the_calibrator_that_computes_them():
     main, old, mtp, _, mask = rand_batch(seed=33)
     a = OCCCalibrator(1)
-    a.accumulate(main, old, [mtp], mask)
+    _accumulate(a, main, old, [mtp], mask)
     b = OCCCalibrator(1)
     b.add_statistics(OCCCalibrator(1).statistics(main, old, [mtp], mask))
-    a.update()
-    b.update()
+    close_metrics(a)
+    close_metrics(b)
     assert a.lambdas == b.lambdas
 
 
@@ -252,10 +259,10 @@ def test_state_dict_round_trip_continues_exactly():
     def run(cal, items):
         out = []
         for j, (main, old, mtp, _, mask) in enumerate(items):
-            stats = cal.accumulate(main, old, [mtp], mask)
+            stats = _accumulate(cal, main, old, [mtp], mask)
             cal.local_lambdas(stats)
             if j % 2 == 1:
-                out.append(cal.update())
+                out.append(close_metrics(cal))
         return out
 
     straight = OCCCalibrator(1, cfg)
@@ -263,19 +270,19 @@ def test_state_dict_round_trip_continues_exactly():
 
     first = OCCCalibrator(1, cfg)
     run(first, batches[:2])
-    stats = first.accumulate(*[batches[2][k] for k in (0, 1)], [batches[2][2]], batches[2][4])
+    stats = _accumulate(first, *[batches[2][k] for k in (0, 1)], [batches[2][2]], batches[2][4])
     first.local_lambdas(stats)
     state = first.state_dict()
     resumed = OCCCalibrator(1, cfg)
     resumed.load_state_dict(state)
-    last = resumed.accumulate(*[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
+    last = _accumulate(resumed, *[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
     resumed.local_lambdas(last)
-    m = resumed.update()
+    m = close_metrics(resumed)
     assert m == ref_metrics[1]
     assert resumed.lambdas == straight.lambdas
     assert resumed.num_updates == straight.num_updates == 2
     # the state holds copies, not views of the live tensors
-    first.accumulate(*[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
+    _accumulate(first, *[batches[3][k] for k in (0, 1)], [batches[3][2]], batches[3][4])
     assert torch.equal(state["stats"], OCCCalibrator(1, cfg).state_dict()["stats"] + stats)
 
 
@@ -289,17 +296,17 @@ def test_update_without_refresh_reports_statistics_but_keeps_lambda():
     # the first update of an RL step runs at θ = θ_old: δ_RL = 0, ĉ = 0, and it must not zero λ
     main, old, mtp, _, mask = rand_batch(seed=31)
     cal = OCCCalibrator(1, OCCConfig())
-    cal.accumulate(main, old, [mtp], mask)
-    cal.update()  # a real update sets λ from its statistics
+    _accumulate(cal, main, old, [mtp], mask)
+    close_metrics(cal)  # a real update sets λ from its statistics
     lam = cal.lambdas[0]
     assert lam != 0.0
-    cal.accumulate(old, old, [mtp], mask)  # on-policy: current main log-probs equal the old ones
-    m = cal.update(refresh=False)
+    _accumulate(cal, old, old, [mtp], mask)  # on-policy: current main log-probs equal the old ones
+    m = close_metrics(cal, refresh=False)
     assert cal.lambdas[0] == lam and m["occ/lambda_1"] == lam and m["occ/refreshed"] == 0.0
-    assert m["occ/c_hat_1"] == 0.0 and m["occ/lambda_stats_1"] == 0.0
+    assert m["occ/c_hat_1"] == 0.0
     _assert_float(m["occ/lambda_applied_1"], lam)
-    cal.accumulate(main, old, [mtp], mask)
-    m = cal.update()  # refreshing again takes this update's statistics
+    _accumulate(cal, main, old, [mtp], mask)
+    m = close_metrics(cal)  # refreshing again takes this update's statistics
     assert m["occ/refreshed"] == 1.0
     _assert_float(cal.lambdas[0], loop_lambda(main, old, mtp, mask))
 
@@ -325,9 +332,9 @@ def _busy_calibrator(K=1, timing="microbatch"):
     cal = OCCCalibrator(K, OCCConfig(timing=timing))
     main, old, mtp, _, mask = rand_batch(seed=90)
     for _ in range(2):
-        cal.local_lambdas(cal.accumulate(main, old, [mtp] * K, mask))
-    cal.update()
-    cal.local_lambdas(cal.accumulate(main, old, [mtp] * K, mask))
+        cal.local_lambdas(_accumulate(cal, main, old, [mtp] * K, mask))
+    close_metrics(cal)
+    cal.local_lambdas(_accumulate(cal, main, old, [mtp] * K, mask))
     return cal
 
 
@@ -369,7 +376,7 @@ def test_a_depth_mask_that_would_broadcast_raises():
     snap = _snapshot(cal)
     for mk in (mask[0], mask[:, :1]):
         with pytest.raises(ValueError, match=r"mtp_masks\[0\] has shape"):
-            cal.accumulate(main, old, [mtp], mask, mtp_masks=[mk])
+            _accumulate(cal, main, old, [mtp], mask, mtp_masks=[mk])
     assert _unchanged(cal, snap)
 
 
@@ -398,8 +405,8 @@ def test_a_corrupt_state_dict_raises_and_leaves_state_unchanged(corrupt):
     """load_state_dict used to assign λ and the sums before failing on a later key."""
     other = OCCCalibrator(1, OCCConfig(lambda_plus=0.5))
     main, old, mtp, _, mask = rand_batch(seed=92)
-    other.accumulate(main, old, [mtp], mask)
-    other.update()
+    _accumulate(other, main, old, [mtp], mask)
+    close_metrics(other)
     state = other.state_dict()
     corrupt(state)
     cal = _busy_calibrator()
@@ -414,10 +421,10 @@ def test_an_overflowing_lambda_raises_and_leaves_state_unchanged(timing):
     """lambda_plus = 1e308 (finite, so the config accepts it) used to give λ = inf silently."""
     main, old, mtp, _, mask = rand_batch(seed=93)
     cal = OCCCalibrator(1, OCCConfig(lambda_plus=1e308, timing=timing))
-    cal.accumulate(main, old, [mtp], mask)
+    _accumulate(cal, main, old, [mtp], mask)
     snap = _snapshot(cal)
     with pytest.raises(ValueError, match="λ overflowed to inf.*lower occ.lambda_plus"):
-        cal.update()
+        close_metrics(cal)
     assert _unchanged(cal, snap)
     stats = cal.statistics(main, old, [mtp], mask)
     with pytest.raises(ValueError, match="λ overflowed"):
@@ -425,8 +432,8 @@ def test_an_overflowing_lambda_raises_and_leaves_state_unchanged(timing):
     assert _unchanged(cal, snap)
     # λ_max keeps it finite
     capped = OCCCalibrator(1, OCCConfig(lambda_plus=1e308, lambda_max=3.0))
-    capped.accumulate(main, old, [mtp], mask)
-    capped.update()
+    _accumulate(capped, main, old, [mtp], mask)
+    close_metrics(capped)
     assert capped.lambdas == [3.0]
 
 
@@ -435,16 +442,16 @@ def test_a_skipped_update_keeps_lambda_and_its_statistics_never_count():
     main, old, mtp, _, mask = rand_batch(seed=32)
     main2, old2, mtp2, _, mask2 = rand_batch(seed=33)
     cal = OCCCalibrator(1, OCCConfig())
-    cal.accumulate(main, old, [mtp], mask)
-    cal.update()
+    _accumulate(cal, main, old, [mtp], mask)
+    close_metrics(cal)
     lam, updates = cal.lambdas[0], cal.num_updates
     flipped_main, _, _ = _negate_alignment(main, old, mtp)
-    cal.accumulate(flipped_main, old, [mtp], mask)  # would flip λ's sign
-    m = cal.update(skipped=True)
+    _accumulate(cal, flipped_main, old, [mtp], mask)  # would flip λ's sign
+    m = close_metrics(cal, skipped=True)
     assert cal.lambdas == [lam] and cal.num_updates == updates
     assert m == {"occ/lambda_1": lam, "occ/refreshed": 0.0, "occ/skipped": 1.0}
-    cal.accumulate(main2, old2, [mtp2], mask2)  # the next update's λ comes from its own statistics only
-    m = cal.update()
+    _accumulate(cal, main2, old2, [mtp2], mask2)  # the next update's λ comes from its own statistics only
+    m = close_metrics(cal)
     _assert_float(cal.lambdas[0], loop_lambda(main2, old2, mtp2, mask2))
     assert m["occ/skipped"] == 0.0 and m["occ/lambda_applied_1"] == lam
 
@@ -452,8 +459,8 @@ def test_a_skipped_update_keeps_lambda_and_its_statistics_never_count():
 def test_a_skipped_update_discards_microbatch_timing_lambdas_too():
     main, old, mtp, _, mask = rand_batch(seed=34)
     cal = OCCCalibrator(1, OCCConfig(timing="microbatch"))
-    cal.local_lambdas(cal.accumulate(main, old, [mtp], mask))
-    cal.update(skipped=True)
+    cal.local_lambdas(_accumulate(cal, main, old, [mtp], mask))
+    close_metrics(cal, skipped=True)
     assert cal.state_dict()["applied"].abs().sum() == 0 and cal.state_dict()["stats"].abs().sum() == 0
 
 
@@ -461,5 +468,5 @@ def test_update_with_a_group_but_no_torch_distributed_raises_and_leaves_state_un
     cal = _busy_calibrator()
     snap = _snapshot(cal)
     with pytest.raises(ValueError, match="torch.distributed is not initialised"):
-        cal.update(group=object())
+        close_metrics(cal, group=object())
     assert _unchanged(cal, snap)

@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from nemo_occ.core.config import (
+    REGIMES,
     ConfigError,
     NemoOCCConfig,
     OCCConfig,
@@ -16,6 +17,7 @@ from nemo_occ.core.config import (
     load_config,
     parse_block,
 )
+from nemo_occ.core.regimes import get_regime
 
 
 def test_defaults_are_the_papers():
@@ -133,15 +135,21 @@ def test_load_config_errors(tmp_path):
 
 
 def test_derived_properties_follow_the_regime_table():
-    trunk = {r: NemoOCCConfig(regime=r).trunk_gradient for r in ("none", "detach", "ce", "policy", "occ")}
+    names = ("none", "detach", "ce", "policy", "occ")
+    trunk = {r: NemoOCCConfig(regime=r).regime_spec.trunk_gradient for r in names}
     assert trunk == {"none": False, "detach": False, "ce": True, "policy": True, "occ": True}
-    assert [
-        r for r in ("none", "detach", "ce", "policy", "occ") if NemoOCCConfig(regime=r).uses_policy_loss
-    ] == [
-        "policy",
-        "occ",
-    ]
-    assert not NemoOCCConfig(regime="none").has_mtp_term
+    assert [r for r in names if NemoOCCConfig(regime=r).regime_spec.uses_policy_loss] == ["policy", "occ"]
+    assert not NemoOCCConfig(regime="none").regime_spec.has_mtp_term
+    assert [r for r in names if NemoOCCConfig(regime=r).regime_spec.uses_coef] == ["detach", "ce", "policy"]
+
+
+def test_the_config_accepts_exactly_the_regime_table_names():
+    """One definition: the config's choices are the table's names (no Literal kept in sync by hand)."""
+    assert REGIMES == ("none", "detach", "ce", "policy", "occ")
+    for name in REGIMES:
+        assert NemoOCCConfig(regime=name).regime_spec is get_regime(name)
+    with pytest.raises(ValidationError):
+        NemoOCCConfig(regime="occ2")
 
 
 def test_fidelity_probes_are_off_by_default_and_one_key_turns_them_on():

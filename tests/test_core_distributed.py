@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from _refs import TinyMTPModel, count_valid, loop_lambda
+from _refs import TinyMTPModel, close_metrics, count_valid, loop_lambda
 
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig, PolicyLossConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
@@ -51,9 +51,9 @@ def _data():
 
 
 def _step(ids, old, adv, mask, policy_cfg, group=None):
-    """One update on (a shard of) the batch: main + MTP loss backward, λ from ``finish_update``, and
+    """One update on (a shard of) the batch: main + MTP loss backward, λ from ``close_update``, and
     exact statistics over all parameters. Returns (flat gradient of this shard, [λ, ĉ, v̂², n] after
-    ``finish_update``, exact c, v², ||g_RL||²)."""
+    ``close_update``, exact c, v², ||g_RL||²)."""
     model = TinyMTPModel(V=13, H=6, K=1, seed=70)
     params = list(model.parameters())
     obj = MTPObjective(OBJ_CFG, policy_cfg)
@@ -75,7 +75,7 @@ def _step(ids, old, adv, mask, policy_cfg, group=None):
     exact = exact_gradient_statistics(main_loss, [unscaled], params, group=group)
     (main_loss + mtp_term).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in params])
-    occ = obj.finish_update(group)
+    occ = close_metrics(obj, group)
     # ĉ, v̂² and the token count as well as λ: λ is a ratio and would not see a uniformly wrong sum
     proxies = [occ[f"occ/{k}_1"] for k in ("lambda", "c_hat", "v2_hat", "valid_tokens")]
     return grad, proxies, exact.c[0], exact.v2[0], exact.rl_norm2

@@ -12,7 +12,7 @@ import statistics
 
 import pytest
 import torch
-from _refs import rand_batch
+from _refs import close_metrics, rand_batch
 
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig
 from nemo_occ.core.diagnostics import GradientStatistics
@@ -153,7 +153,7 @@ def test_head_gap_matches_a_token_loop_through_the_objective():
     n = int(mask.sum())
     obj(main_logprobs=new, old_logprobs=old, advantages=adv, mask=mask, mtp_logprobs=[mtp],
         mtp_old_logprobs=[mtp_old], global_valid_tokens=n, global_valid_seqs=mask.shape[0])  # fmt: skip
-    metrics = obj.finish_update()
+    metrics = close_metrics(obj)
     vs_main = vs_own = gap = 0.0
     for i in range(mask.shape[0]):
         for t in range(mask.shape[1]):
@@ -172,7 +172,7 @@ def test_head_gap_absent_without_own_old_logprobs_and_untouched_by_a_raising_cal
     obj = MTPObjective(NemoOCCConfig(regime="policy"))
     kw = dict(advantages=adv, mask=mask, global_valid_tokens=int(mask.sum()), global_valid_seqs=8)
     obj(main_logprobs=new, old_logprobs=old, mtp_logprobs=[mtp], **kw)
-    assert not any("head_gap" in k for k in obj.finish_update())
+    assert not any("head_gap" in k for k in close_metrics(obj))
     bad = old.clone()
     bad[mask] = math.nan
     with pytest.raises(ValueError, match="NaN"):

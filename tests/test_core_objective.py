@@ -10,7 +10,15 @@ import warnings
 
 import pytest
 import torch
-from _refs import TinyMTPModel, count_valid, loop_lambda, loop_policy_loss, loss_kwargs, rand_batch
+from _refs import (
+    TinyMTPModel,
+    close_metrics,
+    count_valid,
+    loop_lambda,
+    loop_policy_loss,
+    loss_kwargs,
+    rand_batch,
+)
 
 from nemo_occ.core.config import REGIMES, NemoOCCConfig, OCCConfig, PolicyLossConfig
 from nemo_occ.core.losses import clipped_policy_loss
@@ -104,7 +112,7 @@ def test_occ_lagged_lambda_comes_from_the_previous_update():
         )
         total_u += t
     torch.testing.assert_close(total_u, 0.2 * ref_u)
-    metrics = obj.finish_update()
+    metrics = close_metrics(obj)
     lam_u = loop_lambda(main, old, mtp, mask, lambda_plus=0.9, eps=1e-6)
     assert abs(lam_u) > 1e-3
     _f(metrics["occ/lambda_1"], lam_u)
@@ -119,7 +127,7 @@ def test_occ_lagged_lambda_comes_from_the_previous_update():
     (g_ref,) = torch.autograd.grad(ref_v, lp_ref)
     torch.testing.assert_close(total_v, lam_u * ref_v)
     torch.testing.assert_close(g, lam_u * g_ref)
-    m2 = obj.finish_update()
+    m2 = close_metrics(obj)
     _f(m2["occ/lambda_applied_1"], lam_u)
     _f(m2["occ/lambda_1"], loop_lambda(main, old, mtp, mask, lambda_plus=0.9, eps=1e-6))
 
@@ -151,7 +159,7 @@ def test_occ_microbatch_timing_uses_each_micro_batch_local_lambda():
         torch.testing.assert_close(t, lam * ref)
         torch.testing.assert_close(g, lam * g_ref)
     assert abs(used[0] - used[1]) > 1e-3  # the two micro-batches really use different λ
-    m = obj.finish_update()
+    m = close_metrics(obj)
     _f(m["occ/lambda_applied_1"], sum(used) / 2)
 
 
@@ -176,7 +184,7 @@ def test_two_depths_with_own_masks_and_own_old_logprobs():
     r2 = loop_policy_loss(mtp2, olds[1], adv, mask & m2, **kw)
     torch.testing.assert_close(total, 0.5 * r1 + 0.5 * r2)
     _f(metrics["mtp/loss_2"], r2)
-    proxies = obj.finish_update()
+    proxies = close_metrics(obj)
     _f(proxies["proxy/lambda_2"], loop_lambda(main, old, mtp2, mask & m2, mtp_old=olds[1]))
     _f(proxies["proxy/lambda_applied_2"], 0.5)
 
@@ -185,7 +193,7 @@ def test_monitored_proxies_under_a_fixed_regime():
     main, old, mtp, adv, mask = rand_batch(seed=55)
     obj = MTPObjective(NemoOCCConfig(regime="policy", coef=0.1), POLICY)
     _call(obj, main, old, adv, mask, [mtp])
-    m = obj.finish_update()
+    m = close_metrics(obj)
     c = sum(
         (float(main[i, t]) - float(old[i, t])) * (float(mtp[i, t]) - float(old[i, t]))
         for i in range(8)
@@ -198,7 +206,7 @@ def test_monitored_proxies_under_a_fixed_regime():
     assert not any(k.startswith("occ/") for k in m)
     quiet = MTPObjective(NemoOCCConfig(regime="policy", monitor_proxies=False), POLICY)
     _call(quiet, main, old, adv, mask, [mtp])
-    assert quiet.finish_update() == {}
+    assert close_metrics(quiet) == {}
 
 
 @pytest.mark.parametrize("regime", ["occ", "policy"])
@@ -209,11 +217,11 @@ def test_a_skipped_update_reports_lambda_only_and_drops_its_head_gap_sums(regime
     obj = MTPObjective(NemoOCCConfig(regime=regime, coef=0.1, monitor_proxies=True), POLICY)
     _call(obj, main, old, adv, mask, [mtp], mtp_old_logprobs=[mtp_old])
     pre = "occ" if regime == "occ" else "proxy"
-    assert obj.finish_update(skipped=True) == {
+    assert close_metrics(obj, skipped=True) == {
         f"{pre}/lambda_1": 0.0, f"{pre}/refreshed": 0.0, f"{pre}/skipped": 1.0
     }  # fmt: skip
     _call(obj, main, old, adv, mask, [mtp])  # without own old log-probs: no head-gap sums added
-    m = obj.finish_update()
+    m = close_metrics(obj)
     assert m[f"{pre}/skipped"] == 0.0 and m[f"{pre}/v2_hat_vs_own_old_1"] == 0.0  # the skipped sums are gone
 
 
@@ -240,7 +248,7 @@ def test_regime_none_adds_nothing():
     total, metrics = _call(obj, main, old, adv, mask, [mtp])
     assert float(total) == 0.0 and metrics == {}
     assert obj.coefficients() == [0.0]
-    assert obj.finish_update() == {}
+    assert close_metrics(obj) == {}
 
 
 def test_every_regime_name_resolves_and_unknown_names_raise():
@@ -288,7 +296,7 @@ def test_masked_nan_and_neg_inf_leave_term_gradient_and_lambda_finite(regime):
     ref, _ = _call(clean, main, old, adv, mask, [mtp])
     assert bool(torch.isfinite(g).all()) and bool((g[pad] == 0).all())
     torch.testing.assert_close(total.detach(), ref)
-    a, b = dirty.finish_update(), clean.finish_update()
+    a, b = close_metrics(dirty), close_metrics(clean)
     assert a == b and all(v == v for v in a.values())  # no NaN among the metrics
 
 
@@ -309,7 +317,7 @@ def test_no_valid_token_gives_zero_term_zero_gradient_and_flags_it():
     )
     (g,) = torch.autograd.grad(total, lp)
     assert float(total.detach()) == 0.0 and bool((g == 0).all())
-    m = obj.finish_update()
+    m = close_metrics(obj)
     assert m["occ/no_valid_tokens_1"] == 1 and m["occ/lambda_1"] == 0.0
     assert obj.coefficients() == [0.0]
 
@@ -355,7 +363,7 @@ def _run_update(obj, model, ids, old, adv, mask, policy_cfg, splits):
         (main_loss + mtp_term).backward()
         total += float(mtp_term.detach())
     grads = [p.grad.clone() for p in model.parameters()]
-    return total, grads, obj.finish_update()
+    return total, grads, close_metrics(obj)
 
 
 @pytest.mark.parametrize("agg", list(AGGREGATIONS))
@@ -399,7 +407,7 @@ def test_state_dict_round_trip_continues_exactly():
     a = MTPObjective(cfg, POLICY)
     main, old, mtp, adv, mask = rand_batch(seed=58)
     _call(a, main, old, adv, mask, [mtp])
-    a.finish_update()
+    close_metrics(a)
     _call(a, main[:4], old[:4], adv[:4], mask[:4], [mtp[:4]])  # mid-update
     b = MTPObjective(cfg, POLICY)
     b.load_state_dict(a.state_dict())
@@ -408,7 +416,7 @@ def test_state_dict_round_trip_continues_exactly():
     ta, _ = _call(a, *nxt[:2], nxt[3], nxt[4], [nxt[2]])
     tb, _ = _call(b, *nxt[:2], nxt[3], nxt[4], [nxt[2]])
     torch.testing.assert_close(ta, tb)
-    assert a.finish_update() == b.finish_update()
+    assert close_metrics(a) == close_metrics(b)
     assert a.coefficients() == b.coefficients()
     with pytest.raises(ValueError, match="regime 'occ'"):
         MTPObjective(NemoOCCConfig(regime="policy"), POLICY).load_state_dict(a.state_dict())
@@ -447,7 +455,7 @@ def _bad_inputs(regime):
         "mtp_mask_of_shape_S": dict(mtp_masks=[mask, mask[0]]),
         "one_mtp_old_logprobs_for_two_depths": dict(mtp_old_logprobs=[old]),
     }
-    if get_regime(regime).objective == "policy":
+    if get_regime(regime).uses_policy_loss:
         cases["nan_advantage"] = dict(advantages=nan_adv)
         cases["inf_global_valid_seqs"] = dict(global_valid_seqs=float("inf"))
     return cases
@@ -482,7 +490,7 @@ def test_a_raising_call_leaves_every_piece_of_state_unchanged(regime, timing):
     )
     for o in (obj, twin):  # some state already: one closed update and one pending micro-batch
         o(**good)
-        o.finish_update()
+        close_metrics(o)
         o(**good)
     for name, bad in _bad_inputs(regime).items():
         before = obj.state_dict()
@@ -490,7 +498,7 @@ def test_a_raising_call_leaves_every_piece_of_state_unchanged(regime, timing):
             obj(**(good | bad))
         assert _same_state(obj.state_dict(), before), name
     assert obj.coefficients() == twin.coefficients()
-    assert obj.finish_update() == twin.finish_update()
+    assert close_metrics(obj) == close_metrics(twin)
     assert obj.coefficients() == twin.coefficients()
 
 

@@ -21,7 +21,7 @@ from nemo_occ.cli import build_parser, main
 
 TINY = """\
 demo:
-  warm_start: {steps: 3, batch_size: 16}
+  warm_start: {max_steps: 3, batch_size: 16, check_problems: 8}
   rl: {steps: 2, prompts_per_step: 4, samples_per_prompt: 2}
   eval: {problems: 4, samples: 1}
 """
@@ -189,9 +189,10 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes_to_the_uninterrupted_resul
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_ctrl_c)
     capsys.readouterr()
     assert main([*argv, str(cut)]) == 130
-    err = capsys.readouterr().err.strip().splitlines()  # the resume notice, then one line for Ctrl-C
-    assert err[0].endswith("(occ: not started)")
-    assert err[1:] == ["nemo-occ demo: interrupted; rerun the same command to resume"]
+    # the resume notice, where the (cached) warm start stopped, then one line for Ctrl-C
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].endswith("(occ: not started)") and err[1].startswith("warm start: targets")
+    assert err[2:] == ["nemo-occ demo: interrupted; rerun the same command to resume"]
     assert _steps(cut / "occ" / "metrics.jsonl") == [0, 1, 2]
     with (cut / "occ" / "metrics.jsonl").open("a") as f:  # a kill in the middle of the next row
         f.write('{"step": 3, "reward/me')
@@ -221,7 +222,7 @@ def test_run_json_records_config_seed_versions_and_command(tiny, finished):
     record = json.loads((finished / "run.json").read_text())
     assert record["kind"] == "nemo-occ demo" and record["seed"] == 3
     demo = record["config"]["demo"]
-    assert demo["seed"] == 3 and demo["warm_start"]["steps"] == 3  # --seed, and the YAML
+    assert demo["seed"] == 3 and demo["warm_start"]["max_steps"] == 3  # --seed, and the YAML
     assert demo["task"]["digits"] == 1 and demo["rl"]["minibatches"] == 2  # the --quick preset
     assert record["config"]["nemo_occ"]["num_depths"] == 1
     (inv,) = record["invocations"]

@@ -18,8 +18,10 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import GradientStatistics
 from nemo_occ.core.fidelity import ProbeHistory
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key
+from nemo_occ.core.metrics import step_metrics
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key
 from nemo_occ.nemo_rl.worker import OCCWorkerExtension
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +54,7 @@ class _MainLoss:
 
 
 class _SingleProcessWorker(OCCWorkerExtension):
-    """The worker's own metric code (``mtp_accuracy``) without a model: one process, no reduction group."""
+    """The worker's own metric code (``acceptance_over_ranks``) without a model: one process, no group."""
 
     def __init__(self):
         pass
@@ -91,10 +93,11 @@ def _emitted(regime: str) -> set[str]:
         mtp_old_logprobs_key(1): -torch.rand(B, S),  # captured with prev_logprobs: the head-gap metrics
     }
     _, loss_metrics = fn(-torch.rand(B, S - 1), data, torch.tensor(2.0), torch.tensor(float(B * (S - 1))))
-    update_metrics = fn.objective.finish_update()
-    step_metrics = _SingleProcessWorker().mtp_accuracy(fn.pop_acceptance_counts())  # the worker's, per step
+    update = fn.objective.close_update()
+    acceptance = _SingleProcessWorker().acceptance_over_ranks(fn.pop_acceptance_counts())
+    logged = step_metrics([update], acceptance)  # what the worker passes as mtp_metrics, per step
     names = {f"train/{k}" for k in loss_metrics if k.startswith("mtp/")}  # all_mb_metrics -> train/<key>
-    names |= {f"train/mtp/{k}" for k in (*update_metrics, *step_metrics)}  # mtp_metrics -> train/mtp/<key>
+    names |= {f"train/mtp/{k}" for k in logged}  # mtp_metrics -> train/mtp/<key>
     names |= {f"train/mtp/{k}" for k in _probe_metrics()}  # a probe step's, also in mtp_metrics
     return {re.sub(r"_1$", "_<d>", n) for n in names}
 

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.nemo_rl
 nemo_loss = pytest.importorskip("nemo_rl.algorithms.loss", reason="needs NeMo-RL's loss package (nemo_rl)")
 
 from nemo_occ.core.config import NemoOCCConfig  # noqa: E402
-from nemo_occ.nemo_rl.loss import build_loss_fn, mtp_logprobs_key, mtp_valid_key  # noqa: E402
+from nemo_occ.nemo_rl.loss import build_loss_fn  # noqa: E402
+from nemo_occ.nemo_rl.mtp_batch import mtp_logprobs_key, mtp_valid_key  # noqa: E402
 
 DAPO = {
     "reference_policy_kl_penalty": 0.0,

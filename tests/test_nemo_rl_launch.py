@@ -171,6 +171,6 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
     for name, index in zip((*names, "grpo_save_state"), (0, 1, 4, 5, 7, 8, 9), strict=True):
         assert trained[name] is out[index], name
     assert trained["master_config"] is out[10]
-    assert isinstance(trained["loss_fn"], OCCLossFn) and trained["loss_fn"].occ_cfg.regime == "occ"
+    assert isinstance(trained["loss_fn"], OCCLossFn) and trained["loss_fn"].nemo_occ_cfg.regime == "occ"
     assert trained["task_to_env"] == {"math": "env"}
     assert "shutdown_environments" in calls and "generation.shutdown" in calls

@@ -11,10 +11,12 @@ import pickle
 
 import pytest
 import torch
+from _refs import close_metrics
 
 from nemo_occ.core.config import ConfigError, NemoOCCConfig
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import check_loss_settings, policy_loss_config
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, mtp_valid_key
 
 # -- loss_fn key mapping -------------------------------------------------------------------------
 
@@ -228,7 +230,7 @@ def test_two_microbatches_sum_to_the_full_batch_and_give_the_same_lambda():
     whole = _loss(regime="occ")
     whole.objective.calibrator._lambdas = [0.7]  # a λ from a previous update
     loss_whole, _ = whole(main_lp, data, n_seq, n_tok)
-    lam_whole = whole.objective.finish_update()["occ/lambda_1"]
+    lam_whole = close_metrics(whole.objective)["occ/lambda_1"]
 
     split = _loss(regime="occ")
     split.objective.calibrator._lambdas = [0.7]
@@ -237,7 +239,7 @@ def test_two_microbatches_sum_to_the_full_batch_and_give_the_same_lambda():
         part = {k: v[rows] for k, v in data.items()}
         loss_part, _ = split(main_lp[rows], part, n_seq, n_tok)
         total = total + loss_part
-    lam_split = split.objective.finish_update()["occ/lambda_1"]
+    lam_split = close_metrics(split.objective)["occ/lambda_1"]
     torch.testing.assert_close(total, loss_whole)
     assert lam_split == pytest.approx(lam_whole)
 
@@ -246,7 +248,7 @@ def test_pickled_copy_keeps_config_and_drops_calibrator_state():
     fn = _loss(regime="occ")
     fn.objective.calibrator._lambdas = [0.3]
     copy = pickle.loads(pickle.dumps(fn))
-    assert copy.occ_cfg == fn.occ_cfg and copy.policy_cfg == fn.policy_cfg
+    assert copy.nemo_occ_cfg == fn.nemo_occ_cfg and copy.policy_cfg == fn.policy_cfg
     assert copy._objective is None  # the worker binds its persistent objective
     persistent = fn.objective
     copy.bind_objective(persistent)
@@ -255,7 +257,7 @@ def test_pickled_copy_keeps_config_and_drops_calibrator_state():
 
 def test_bind_rejects_an_objective_of_another_config():
     fn = _loss(regime="occ")
-    other = _loss(regime="policy").make_objective()
+    other = _loss(regime="policy").objective
     with pytest.raises(ValueError, match="different nemo_occ config"):
         fn.bind_objective(other)
 

@@ -102,7 +102,7 @@ class _RecordingLoss:
         return getattr(self.inner, name)
 
     def __call__(self, next_token_logprobs, data, global_valid_seqs, global_valid_toks, **kwargs):
-        from nemo_occ.nemo_rl.loss import mtp_logprobs_key
+        from nemo_occ.nemo_rl.mtp_batch import mtp_logprobs_key
 
         mtp = [data[mtp_logprobs_key(d)].detach().clone() for d in range(1, DEPTHS + 1)]
         self.seen.append((next_token_logprobs.detach().clone(), mtp))
@@ -117,7 +117,8 @@ def _nemo_rl_train_step(model, data):
     from nemo_occ.core.config import NemoOCCConfig
     from nemo_occ.megatron.mtp_capture import MTPCapture
     from nemo_occ.nemo_rl.loss import build_loss_fn
-    from nemo_occ.nemo_rl.worker import ModelInputRecorder, _mtp_post_processor_class
+    from nemo_occ.nemo_rl.megatron_policy_worker_patches import mtp_loss_post_processor_class
+    from nemo_occ.nemo_rl.worker import ModelInputRecorder
 
     model.zero_grad(set_to_none=True)
     loss_fn = _RecordingLoss(build_loss_fn(LOSS_CFG, NemoOCCConfig(regime="policy", num_depths=DEPTHS)))
@@ -130,7 +131,7 @@ def _nemo_rl_train_step(model, data):
     )
     micro_batch = ProcessedMicrobatch(data_dict=data, **vars(processed))
     with MTPCapture(model, detach_trunk=False) as capture, ModelInputRecorder(model) as inputs:
-        post_processor_cls = _mtp_post_processor_class(nemo_train.LossPostProcessor, capture, inputs)
+        post_processor_cls = mtp_loss_post_processor_class(nemo_train.LossPostProcessor, capture, inputs)
         nemo_train.megatron_forward_backward(
             model=model,
             data_iterator=iter([micro_batch]),

@@ -20,8 +20,9 @@ pytest.importorskip("megatron.core", reason="needs megatron-core")
 
 from nemo_occ.core.config import NemoOCCConfig  # noqa: E402
 from nemo_occ.megatron.model_access import mtp_disabled  # noqa: E402
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key  # noqa: E402
+from nemo_occ.nemo_rl.loss import OCCLossFn  # noqa: E402
 from nemo_occ.nemo_rl.loss_config import policy_loss_config  # noqa: E402
+from nemo_occ.nemo_rl.mtp_batch import mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key  # noqa: E402
 from nemo_occ.nemo_rl.worker import OCCWorkerExtension  # noqa: E402
 
 V, B, S = 32, 4, 10
@@ -86,13 +87,11 @@ class Worker(OCCWorkerExtension, MegatronStandIn):
 
     @contextlib.contextmanager
     def patched_logprobs_post_processor(self, capture, inputs, sink):
-        from nemo_occ.nemo_rl import worker as worker_mod
+        from nemo_occ.nemo_rl.megatron_policy_worker_patches import mtp_logprobs_post_processor_class
 
         module = sys.modules[__name__]
         original = module.LogprobsPostProcessor
-        module.LogprobsPostProcessor = worker_mod._mtp_logprobs_post_processor_class(
-            original, capture, inputs, sink
-        )
+        module.LogprobsPostProcessor = mtp_logprobs_post_processor_class(original, capture, inputs, sink)
         try:
             yield
         finally:

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 from nemo_rl.distributed.batched_data_dict import BatchedDataDict  # noqa: E402
 from nemo_rl.distributed.named_sharding import NamedSharding  # noqa: E402
 
-from nemo_occ.nemo_rl.loss import mtp_old_logprobs_key  # noqa: E402
+from nemo_occ.nemo_rl.mtp_batch import mtp_old_logprobs_key  # noqa: E402
 from nemo_occ.nemo_rl.policy import OCCPolicy  # noqa: E402
 
 B, S, DP = 8, 12, 2

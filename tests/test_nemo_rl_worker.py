@@ -16,9 +16,10 @@ import torch
 from _worker_stand_ins import NoCapture, without_capture
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_correct_key, mtp_logprobs_key
+from nemo_occ.nemo_rl.loss import OCCLossFn
 from nemo_occ.nemo_rl.loss_config import policy_loss_config
-from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension, unpack_rows
+from nemo_occ.nemo_rl.mtp_batch import mtp_correct_key, mtp_logprobs_key, unpack_rows
+from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension
 
 
 class MainNLL:
@@ -146,8 +147,8 @@ def test_one_calibrator_update_per_optimizer_step_with_lagged_lambda():
     # the step's first update ran at θ = θ_old: reported, but it does not set λ; the second one does
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam_2)  # for the next update
     occ = metrics["mtp_metrics"]
-    assert occ["occ/lambda_stats_1"] == pytest.approx((lam_1 + lam_2) / 2)  # mean over the step's updates
-    assert occ["occ/lambda_1"] == pytest.approx((0.0 + lam_2) / 2)  # λ after each update
+    # λ after the step's last update, which the next step starts with (not a mean over the updates)
+    assert occ["occ/lambda_1"] == pytest.approx(lam_2)
     assert occ["occ/lambda_applied_1"] == pytest.approx(0.0)  # both updates ran with the initial λ
     assert occ["occ/refreshed"] == pytest.approx(0.5)
     # the next RL step starts with the λ the previous step ended with, and its first update keeps it
@@ -166,9 +167,8 @@ def test_a_skipped_update_keeps_lambda_and_its_statistics_set_nothing():
     lam = [_lambda_by_loops(u) for u in updates]
     # update 1 (θ_old) keeps λ = 0, update 2 sets λ(2), update 3 is skipped and keeps it, update 4 sets λ(4)
     assert worker.occ_objective.coefficients()[0] == pytest.approx(lam[3])
-    assert occ["occ/lambda_1"] == pytest.approx((0.0 + lam[1] + lam[1] + lam[3]) / 4)
+    assert occ["occ/lambda_1"] == pytest.approx(lam[3])  # λ after the step's last update
     assert occ["occ/lambda_applied_1"] == pytest.approx((0.0 + 0.0 + lam[1]) / 3)  # the applied updates'
-    assert occ["occ/lambda_stats_1"] == pytest.approx((lam[0] + lam[1] + lam[3]) / 3)
     assert occ["occ/skipped"] == pytest.approx(1 / 4) and occ["occ/refreshed"] == pytest.approx(2 / 4)
     assert worker.occ_objective.calibrator.num_updates == 3
 

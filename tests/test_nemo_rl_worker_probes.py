@@ -24,8 +24,9 @@ from _worker_stand_ins import without_capture  # noqa: E402
 
 from nemo_occ.core.config import NemoOCCConfig  # noqa: E402
 from nemo_occ.core.losses import clipped_policy_loss  # noqa: E402
-from nemo_occ.nemo_rl.loss import OCCLossFn, mtp_logprobs_key, mtp_valid_key  # noqa: E402
+from nemo_occ.nemo_rl.loss import OCCLossFn  # noqa: E402
 from nemo_occ.nemo_rl.loss_config import policy_loss_config  # noqa: E402
+from nemo_occ.nemo_rl.mtp_batch import mtp_logprobs_key, mtp_valid_key  # noqa: E402
 from nemo_occ.nemo_rl.worker import STATE_FILE, OCCWorkerExtension  # noqa: E402
 
 V, B, S = 32, 2, 10

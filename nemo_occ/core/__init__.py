@@ -21,12 +21,14 @@ from nemo_occ.core.diagnostics import (
 )
 from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
+from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics, acceptance_counts, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import RegimeSpec, get_regime
 
 __all__ = [
     "REGIMES",
     "ConfigError",
+    "DepthStatistics",
     "GradientStatistics",
     "HeadGap",
     "MTPObjective",
@@ -37,6 +39,8 @@ __all__ = [
     "ProbeHistory",
     "ProbeParameter",
     "RegimeSpec",
+    "UpdateStatistics",
+    "acceptance_counts",
     "align_mtp_to_main",
     "clipped_policy_loss",
     "cross_entropy_loss",
@@ -50,5 +54,6 @@ __all__ = [
     "shift_right",
     "sign_agreement",
     "spearman_interval",
+    "step_metrics",
     "valid_counts",
 ]

@@ -1,7 +1,7 @@
 """Optimal Coefficient Calibration (OCC): Eq. 12-13 of the OCC paper (arXiv 2605.28184).
 
 For MTP depth k, over the valid tokens of one optimizer update (all its micro-batches, all
-data-/context-parallel ranks)::
+data-parallel ranks)::
 
     δ_RL      = log π_θ(main)  - log π_old(main)                          (per token)
     δ_MTP,k   = log π_θ(MTP k) - log π_old                                (π_old: see below)
@@ -14,9 +14,11 @@ Estimators: ``signed`` (OCC-NoClip, the paper's default), ``clipped`` (OCC-Clip:
 ``π_old`` of δ_MTP is the main head's old log-prob or the MTP head's own (config ``old_logprobs``).
 
 When λ is computed and which update uses it (timing ``lagged``, the default):
-  1. every micro-batch forward of update u calls :meth:`OCCCalibrator.accumulate` (no gradient);
-  2. after the last backward of update u, :meth:`OCCCalibrator.update` all-reduces the sums over the
-     given process group and sets λ from them;
+  1. every micro-batch forward of update u adds its statistics (:meth:`OCCCalibrator.statistics`,
+     :meth:`OCCCalibrator.add_statistics`; no gradient);
+  2. after the last backward of update u, :meth:`OCCCalibrator.close_update` all-reduces the sums over
+     the given process group (the data-parallel group, over which the loss's token counts are summed)
+     and sets λ from them;
   3. update u+1 (the next minibatch, or the first minibatch of the next RL step) uses that λ.
 So λ is identical on every rank and independent of how the update was split into micro-batches.
 A one-update lag is inherent: the statistics of update u exist only after its forward passes, and
@@ -24,15 +26,15 @@ its backward cannot wait for them without a second forward.
 
 The first update of every RL step runs at θ = θ_old, where δ_RL ≡ 0 and so ĉ = 0: its statistics
 carry no information, and letting them set λ would zero the coefficient of the step's second update.
-The caller therefore closes that update with ``update(refresh=False)``: its statistics are reported
-but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
+The caller therefore closes that update with ``close_update(refresh=False)``: its statistics are
+reported but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
 u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
 step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
 
 An update the optimizer did not apply (Megatron's ``step()`` returns ``update_successful=False`` when
 fp16/bf16 loss scaling found inf/NaN gradients, or the gradient norm exceeded
-``grad_norm_skip_threshold``) is closed with ``update(skipped=True)``: θ did not move, so its statistics
-are discarded (they may be inf/NaN themselves) and λ is kept; it is reported only as ``occ/skipped``.
+``grad_norm_skip_threshold``) is closed with ``close_update(skipped=True)``: θ did not move, so its
+statistics are discarded (they may be inf/NaN themselves) and λ is kept; it is reported as ``skipped``.
 The flag is summed over the group with the statistics, so one rank's skip is every rank's. Because θ
 did not move, an RL step's updates count as made at θ = θ_old until one is applied (the caller keeps
 ``refresh=False`` until then).
@@ -58,6 +60,7 @@ import torch
 from nemo_occ.core.config import OCCConfig
 from nemo_occ.core.distributed import all_reduce_sum_, collective_device
 from nemo_occ.core.losses import check_logprob_inputs
+from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics
 
 __all__ = ["OCCCalibrator", "proxy_statistics"]
 
@@ -103,8 +106,9 @@ def proxy_statistics(
 class OCCCalibrator:
     """Per-depth OCC coefficient λ_k with its running statistics (see the module docstring).
 
-    ``lambdas`` is the λ in effect; ``accumulate`` adds one micro-batch's statistics; ``update`` closes
-    an optimizer update and sets the next λ; ``state_dict``/``load_state_dict`` carry λ across resumes.
+    ``lambdas`` is the λ in effect; ``statistics`` computes one micro-batch's statistics and
+    ``add_statistics`` adds them to the open update; ``close_update`` closes an optimizer update and sets
+    the next λ; ``state_dict``/``load_state_dict`` carry λ across resumes.
     """
 
     def __init__(self, num_depths: int, cfg: OCCConfig | None = None):
@@ -118,7 +122,6 @@ class OCCCalibrator:
             num_depths, 2, dtype=torch.float64
         )  # Σ λ applied, count (microbatch timing)
         self.num_updates = 0
-        self.last_metrics: dict[str, float] = {}
 
     # -- the coefficient -------------------------------------------------------------------------
     @property
@@ -186,31 +189,6 @@ class OCCCalibrator:
             rows.append(proxy_statistics(main_logprobs, old_logprobs, lp, old_k, mask_k, self.cfg.eps).cpu())
         return torch.stack(rows)
 
-    def accumulate(
-        self,
-        main_logprobs: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        mtp_logprobs: Sequence[torch.Tensor],
-        mask: torch.Tensor,
-        *,
-        mtp_masks: Sequence[torch.Tensor] | None = None,
-        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Add one micro-batch's statistics to the current update's sums; returns them ([K, 4]).
-
-        ``mtp_old_logprobs=None`` measures δ_MTP against the main head's old log-prob.
-        """
-        stats = self.statistics(
-            main_logprobs,
-            old_logprobs,
-            mtp_logprobs,
-            mask,
-            mtp_masks=mtp_masks,
-            mtp_old_logprobs=mtp_old_logprobs,
-        )
-        self._stats += stats
-        return stats
-
     def add_statistics(self, stats: torch.Tensor) -> None:
         """Add precomputed [K, 4] statistics (e.g. gathered by a framework's own loop)."""
         self._stats += self._checked(stats)
@@ -236,18 +214,18 @@ class OCCCalibrator:
         return lams
 
     # -- closing an update -------------------------------------------------------------------------
-    def update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
-        """Close one optimizer update: reduce the sums over ``group``, set the next λ, return metrics.
+    def close_update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> UpdateStatistics:
+        """Close one optimizer update: reduce the sums over ``group``, set the next λ, return its statistics.
 
         ``refresh=False`` reports the statistics but keeps λ: use it for an update made at θ = θ_old
-        (the first of each RL step), whose δ_RL is zero. ``occ/lambda_k`` is the λ the next update
-        will use, ``occ/lambda_stats_k`` the Eq. 13 value of this update's statistics.
-        ``skipped=True``: the optimizer did not apply this update (module docstring). If any rank of
-        ``group`` passes it, every rank discards the update's statistics, keeps λ, does not count the
-        update in ``num_updates`` and returns only ``occ/lambda_k``, ``occ/refreshed`` = 0 and
-        ``occ/skipped`` = 1.
+        (the first of each RL step), whose δ_RL is zero. ``lambda_next`` is the λ the next update will
+        use, ``lambda_applied`` the λ this one used (under ``timing: microbatch`` the mean over its
+        micro-batches). ``skipped=True``: the optimizer did not apply this update (module docstring). If
+        any rank of ``group`` passes it, every rank discards the update's statistics (reported as 0),
+        keeps λ and does not count the update in ``num_updates``.
         Every rank of ``group`` must call it (a collective when torch.distributed runs several
-        processes; pass the data-parallel x context-parallel group, see ``all_reduce_sum_``).
+        processes): pass the group the loss's token counts are summed over, NeMo-RL's data-parallel group
+        (``nemo_occ.nemo_rl.worker.OCCWorkerExtension.occ_reduction_group``).
         """
         flag = torch.tensor([[float(skipped), 0.0, 0.0, 0.0]], dtype=torch.float64)
         reduced = torch.cat([self._stats, flag])  # [K + 1, 4]: the skip flag travels with the sums
@@ -257,43 +235,27 @@ class OCCCalibrator:
             all_reduce_sum_(reduced, group=group)  # single process: validates ``group`` only
         stats, skipped = reduced[:-1], bool(reduced[-1, 0] > 0)
         if skipped:  # θ did not move: nothing of this update may set a λ
-            metrics = {f"occ/lambda_{k}": lam for k, lam in enumerate(self._lambdas, start=1)}
-            metrics.update({"occ/refreshed": 0.0, "occ/skipped": 1.0})
             self.discard_open_update()
-            self.last_metrics = metrics
-            return metrics
-        if self._applied[0, 1] > 0:  # microbatch timing: report the mean λ the micro-batches used
+            depths = tuple(DepthStatistics(0.0, 0.0, 0.0, lam, lam) for lam in self._lambdas)
+            return UpdateStatistics(depths, refreshed=False, skipped=True)
+        if self._applied[0, 1] > 0:  # microbatch timing: the mean λ the micro-batches used
             applied = (self._applied[:, 0] / self._applied[:, 1]).tolist()
         else:
             applied = list(self._lambdas)
         new = self.lambda_from_statistics(stats)
-        metrics: dict[str, float] = {}
-        for k in range(self.num_depths):
-            c, v2, n, _ = stats[k].tolist()
-            d = k + 1
-            metrics[f"occ/lambda_{d}"] = new[k] if refresh else self._lambdas[k]
-            metrics[f"occ/lambda_stats_{d}"] = new[k]
-            metrics[f"occ/lambda_applied_{d}"] = applied[k]
-            metrics[f"occ/c_hat_{d}"] = c
-            metrics[f"occ/v2_hat_{d}"] = v2
-            metrics[f"occ/c_hat_mean_{d}"] = c / n if n > 0 else 0.0
-            metrics[f"occ/v2_hat_mean_{d}"] = v2 / n if n > 0 else 0.0
-            metrics[f"occ/first_order_{d}"] = applied[k] * c
-            metrics[f"occ/second_order_{d}"] = 0.5 * applied[k] ** 2 * v2
-            metrics[f"occ/valid_tokens_{d}"] = n
-            metrics[f"occ/no_valid_tokens_{d}"] = float(n <= 0)
-        metrics["occ/refreshed"] = float(refresh)
-        metrics["occ/skipped"] = 0.0
         if refresh:
             self._lambdas = new
+        depths = tuple(
+            DepthStatistics(c, v2, n, applied[k], self._lambdas[k])
+            for k, (c, v2, n, _) in enumerate(stats.tolist())
+        )
         self._stats.zero_()
         self._applied.zero_()
         self.num_updates += 1
-        self.last_metrics = metrics
-        return metrics
+        return UpdateStatistics(depths, refreshed=refresh, skipped=False)
 
     def discard_open_update(self) -> None:
-        """Drop what was accumulated since the last :meth:`update` (local; no collective), keeping λ."""
+        """Drop what was accumulated since the last :meth:`close_update` (local; no collective); λ stays."""
         self._stats.zero_()
         self._applied.zero_()
 

@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from nemo_occ.core.regimes import REGIMES, RegimeName, RegimeSpec, get_regime
+
 __all__ = [
-    "Regime",
     "REGIMES",
     "PolicyLossConfig",
     "OCCConfig",
@@ -30,9 +31,6 @@ __all__ = [
     "load_config",
     "ConfigError",
 ]
-
-Regime = Literal["none", "detach", "ce", "policy", "occ"]
-REGIMES: tuple[str, ...] = ("none", "detach", "ce", "policy", "occ")
 
 
 class ConfigError(ValueError):
@@ -133,7 +131,7 @@ class FidelityConfig(_Strict):
 class NemoOCCConfig(_Strict):
     """How the MTP heads are trained during RL: the ``nemo_occ:`` block of a recipe."""
 
-    regime: Regime = Field(
+    regime: RegimeName = Field(
         "occ",
         description="none: no MTP term. detach: MTP cross-entropy on sampled tokens, MTP parameters only. "
         "ce: MTP cross-entropy into the trunk, fixed λ=coef. policy: the main head's clipped policy loss "
@@ -163,47 +161,37 @@ class NemoOCCConfig(_Strict):
     )
 
     @property
-    def trunk_gradient(self) -> bool:
-        """Whether the MTP loss may send gradient into the shared trunk (embedding, decoder, head)."""
-        return self.regime in ("ce", "policy", "occ")
-
-    @property
-    def has_mtp_term(self) -> bool:
-        return self.regime != "none"
-
-    @property
-    def uses_policy_loss(self) -> bool:
-        return self.regime in ("policy", "occ")
+    def regime_spec(self) -> RegimeSpec:
+        """The regime's unit (``nemo_occ.core.regimes``): what its loss is, whether λ is calibrated, ..."""
+        return get_regime(self.regime)
 
     @model_validator(mode="after")
     def _warn_unused(self) -> NemoOCCConfig:
         fields = self.model_fields_set
-        if self.regime in ("none", "occ") and "coef" in fields:
+        spec = self.regime_spec
+        if not spec.uses_coef and "coef" in fields:
             warnings.warn(
                 f"nemo_occ.coef has no effect with regime '{self.regime}'"
-                + (" (OCC computes λ_t; tune occ.lambda_plus instead)" if self.regime == "occ" else ""),
+                + (" (OCC computes λ_t; tune occ.lambda_plus instead)" if spec.calibrated else ""),
                 stacklevel=2,
             )
-        if self.regime != "occ" and "occ" in fields and not self.monitor_proxies:
+        if not spec.calibrated and "occ" in fields and not self.monitor_proxies:
             warnings.warn(
                 f"nemo_occ.occ has no effect with regime '{self.regime}' and monitor_proxies: false",
                 stacklevel=2,
             )
-        if self.fidelity.every and self.regime == "none":
+        if self.fidelity.every and not spec.has_mtp_term:
             warnings.warn(
-                "nemo_occ.fidelity has no effect with regime 'none' (there is no MTP loss)", stacklevel=2
+                f"nemo_occ.fidelity has no effect with regime '{self.regime}' (there is no MTP loss)",
+                stacklevel=2,
             )
-        if (
-            self.fidelity.every
-            and self.regime != "none"
-            and not (self.regime == "occ" or self.monitor_proxies)
-        ):
+        if self.fidelity.every and spec.has_mtp_term and not (spec.calibrated or self.monitor_proxies):
             warnings.warn(
                 "nemo_occ.fidelity compares the exact statistics with the proxies, which regime "
                 f"'{self.regime}' computes only with monitor_proxies: true; the trust metrics stay empty",
                 stacklevel=2,
             )
-        if self.regime in ("none", "detach", "ce") and "old_logprobs" in fields:
+        if not spec.uses_policy_loss and "old_logprobs" in fields:
             warnings.warn(
                 f"nemo_occ.old_logprobs only matters for policy/occ (and the proxies); regime '{self.regime}' "
                 "uses no ratio",

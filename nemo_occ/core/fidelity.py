@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -42,6 +42,7 @@ import torch
 from nemo_occ.core.diagnostics import GradientStatistics
 from nemo_occ.core.distributed import all_reduce_sum_, collective_device
 from nemo_occ.core.losses import check_logprob_inputs
+from nemo_occ.core.metrics import UpdateStatistics
 
 __all__ = ["HeadGap", "ProbeHistory", "probed_update", "sign_agreement", "spearman_interval"]
 
@@ -102,7 +103,7 @@ def sign_agreement(x: Sequence[float], y: Sequence[float]) -> tuple[float, float
 class ProbeHistory:
     """The probes so far and the trust metrics over them (module docstring); checkpointed with the run.
 
-    ``record`` adds one probe (call it after the probed update's ``finish_update``, with that update's
+    ``record`` adds one probe (call it after the probed update's ``close_update``, with that update's
     proxies, the λ it applied and its exact statistics) and returns the probe's metrics together with
     the running ones. The history is identical on every rank when the inputs are (they are reduced).
     """
@@ -167,16 +168,29 @@ class ProbeHistory:
         out.update(self.metrics(prefix))
         return out
 
-    def record_update(self, update: dict[str, float], exact: GradientStatistics) -> dict[str, float]:
-        """:meth:`record` with the proxies read off the update's ``MTPObjective.finish_update`` metrics
-        (``occ/...``, or ``proxy/...`` when the regime only monitors them)."""
-        pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
-        depths = range(1, self.num_depths + 1)
+    def record_update(
+        self, update: UpdateStatistics | Mapping[str, float], exact: GradientStatistics
+    ) -> dict[str, float]:
+        """:meth:`record` with the proxies of the probed update as ``MTPObjective.close_update`` returned them.
+
+        A mapping of ``occ/...`` or ``proxy/...`` per-update metrics is still accepted for the CPU demo,
+        which passes ``MTPObjective.finish_update``'s; it goes once the demo passes the statistics.
+        """
+        if isinstance(update, Mapping):
+            pre = "occ" if any(k.startswith("occ/") for k in update) else "proxy"
+            depths = range(1, self.num_depths + 1)
+            return self.record(
+                c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
+                v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
+                tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
+                lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
+                exact=exact,
+            )
         return self.record(
-            c_hat=[update[f"{pre}/c_hat_{d}"] for d in depths],
-            v2_hat=[update[f"{pre}/v2_hat_{d}"] for d in depths],
-            tokens=[update[f"{pre}/valid_tokens_{d}"] for d in depths],
-            lambdas=[update[f"{pre}/lambda_applied_{d}"] for d in depths],
+            c_hat=[s.c_hat for s in update.depths],
+            v2_hat=[s.v2_hat for s in update.depths],
+            tokens=[s.tokens for s in update.depths],
+            lambdas=[s.lambda_applied for s in update.depths],
             exact=exact,
         )
 
@@ -234,7 +248,8 @@ class HeadGap:
     """v̂² under both readings of δ_MTP and the static head gap's share (module docstring), per update.
 
     Per depth it sums, over valid tokens, [(lp − old_main)², (lp − old_mtp)², (old_mtp − old_main)², 1],
-    lp the MTP head's current log-prob; :meth:`finish` reduces over the data-parallel group and reports.
+    lp the MTP head's current log-prob; :meth:`finish` reduces over the data-parallel group; the
+    update's :class:`nemo_occ.core.metrics.DepthStatistics` carry the sums into the metrics.
     """
 
     def __init__(self, num_depths: int):
@@ -272,16 +287,11 @@ class HeadGap:
         """Drop the sums of an update that will not be finished (local; no collective)."""
         self._sums.zero_()
 
-    def finish(self, group=None, prefix: str = "occ") -> dict[str, float]:
-        """Reduce over ``group`` (a collective when distributed), reset, return the update's metrics."""
+    def finish(self, group=None) -> list[tuple[float, float, float]]:
+        """Reduce over ``group`` (a collective when distributed), reset, and return per depth the update's
+        (v̂² vs the main head's old log-prob, v̂² vs the MTP head's own, static gap) sums."""
         sums = self._sums.clone()
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             sums = all_reduce_sum_(sums.to(collective_device(group)), group).cpu()
         self._sums.zero_()
-        out = {}
-        for k, (vs_main, vs_own, gap, _) in enumerate(sums.tolist(), start=1):
-            out[f"{prefix}/v2_hat_vs_main_old_{k}"] = vs_main
-            out[f"{prefix}/v2_hat_vs_own_old_{k}"] = vs_own
-            if vs_main > 0:
-                out[f"{prefix}/head_gap_share_{k}"] = gap / vs_main
-        return out
+        return [(vs_main, vs_own, gap) for vs_main, vs_own, gap, _ in sums.tolist()]

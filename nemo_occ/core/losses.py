@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import TYPE_CHECKING
 
 import torch
 
-from nemo_occ.core.config import PolicyLossConfig
+if TYPE_CHECKING:  # the config imports the regimes, which import these losses
+    from nemo_occ.core.config import PolicyLossConfig
 
 __all__ = [
     "MAX_LOG_RATIO",
@@ -96,9 +98,7 @@ def _denominator(value: Number, name: str, local_count: int = 0) -> torch.Tensor
     return value.reshape(()) if isinstance(value, torch.Tensor) else value  # [1] would make the loss [1]
 
 
-def check_logprob_inputs(
-    mask: torch.Tensor, *named: tuple[str, torch.Tensor | None], check_finite: bool = True
-) -> torch.Tensor:
+def check_logprob_inputs(mask: torch.Tensor, *named: tuple[str, torch.Tensor | None]) -> torch.Tensor:
     """Validate [B, S] tensors against ``mask``; return the boolean mask.
 
     Raises ValueError on a shape mismatch, and on NaN/Inf at a valid position (masked positions may
@@ -114,7 +114,7 @@ def check_logprob_inputs(
             raise ValueError(
                 f"{name} has shape {tuple(t.shape)} but mask has {tuple(mask.shape)}; they must match"
             )
-        if check_finite and not bool(torch.isfinite(t.detach()[m]).all()):
+        if not bool(torch.isfinite(t.detach()[m]).all()):
             bad = int((~torch.isfinite(t.detach()[m])).sum())
             raise ValueError(
                 f"{name} has {bad} NaN/Inf value(s) at valid (mask=1) positions; fix the forward pass or mask them out"
@@ -159,7 +159,6 @@ def clipped_policy_loss(
     *,
     global_valid_tokens: Number,
     global_valid_seqs: Number = 0,
-    check_finite: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate loss (to minimise) of one micro-batch; see the module docstring.
 
@@ -173,11 +172,9 @@ def clipped_policy_loss(
     Returns ``(loss, metrics)``; ``loss`` is this micro-batch's share of the global-batch mean, in
     float32 (float64 for float64 inputs), with |log r| clamped to ``MAX_LOG_RATIO`` (module docstring).
     """
-    m = check_logprob_inputs(
-        mask, ("logprobs", logprobs), ("old_logprobs", old_logprobs), check_finite=check_finite
-    )
+    m = check_logprob_inputs(mask, ("logprobs", logprobs), ("old_logprobs", old_logprobs))
     adv = _broadcast_advantages(advantages, mask)
-    if check_finite and not bool(torch.isfinite(adv[m]).all()):
+    if not bool(torch.isfinite(adv[m]).all()):
         raise ValueError("advantages have NaN/Inf at valid positions; check the reward normalisation")
     # checked up front, also where this aggregation does not divide by them (the metrics always divide
     # by global_valid_tokens)
@@ -223,13 +220,13 @@ def clipped_policy_loss(
 
 
 def cross_entropy_loss(
-    logprobs: torch.Tensor, mask: torch.Tensor, *, global_valid_tokens: Number, check_finite: bool = True
+    logprobs: torch.Tensor, mask: torch.Tensor, *, global_valid_tokens: Number
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean negative log-likelihood of the sampled tokens: -Σ_valid log π(y_t) / global_valid_tokens.
 
     Summed in at least float32 (an fp16 sum over a batch's tokens overflows).
     """
-    m = check_logprob_inputs(mask, ("logprobs", logprobs), check_finite=check_finite)
+    m = check_logprob_inputs(mask, ("logprobs", logprobs))
     lp = logprobs.to(_compute_dtype(logprobs))
     nll = torch.where(m, -lp, torch.zeros_like(lp))
     loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))

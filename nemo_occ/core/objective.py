@@ -19,8 +19,9 @@ the global batch). Any fixed global denominator keeps micro-batch and rank invar
 main head's gives λ the same meaning as in the reference code (a weight relative to the main loss).
 
 Per micro-batch the objective also feeds the calibrator (regime occ, or any MTP regime when
-``monitor_proxies`` is on, for the paper's Fig. 2 curves); :meth:`MTPObjective.finish_update` closes
-an optimizer update (see ``nemo_occ.core.calibration`` for which update uses which λ).
+``monitor_proxies`` is on, for the paper's Fig. 2 curves); :meth:`MTPObjective.close_update` closes
+an optimizer update and returns its statistics (``nemo_occ.core.metrics``; see
+``nemo_occ.core.calibration`` for which update uses which λ).
 
 Letters: B sequences, S token positions, K MTP depths.
 """
@@ -28,6 +29,7 @@ Letters: B sequences, S token positions, K MTP depths.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -35,7 +37,7 @@ from nemo_occ.core.calibration import OCCCalibrator
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.fidelity import HeadGap
 from nemo_occ.core.losses import Number
-from nemo_occ.core.regimes import get_regime
+from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 
 __all__ = ["MTPObjective"]
 
@@ -44,8 +46,8 @@ class MTPObjective:
     def __init__(self, cfg: NemoOCCConfig, policy_cfg: PolicyLossConfig | None = None):
         self.cfg = cfg
         self.policy_cfg = policy_cfg or PolicyLossConfig()
-        self.regime = get_regime(cfg.regime)
-        wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.objective != "none")
+        self.regime = cfg.regime_spec
+        wants_stats = self.regime.calibrated or (cfg.monitor_proxies and self.regime.has_mtp_term)
         self.calibrator = OCCCalibrator(cfg.num_depths, cfg.occ) if wants_stats else None
         # v̂² under both readings of δ_MTP, whenever the MTP heads' own old log-probs are given
         self.head_gap = HeadGap(cfg.num_depths) if wants_stats else None
@@ -54,7 +56,7 @@ class MTPObjective:
     # ----------------------------------------------------------------------------------------------
     def coefficients(self) -> list[float]:
         """λ_k in effect for the current update (lagged timing) or the fixed coefficient."""
-        if self.regime.objective == "none":
+        if not self.regime.has_mtp_term:
             return [0.0] * self.cfg.num_depths
         if self.regime.calibrated:
             return self.calibrator.lambdas
@@ -81,7 +83,7 @@ class MTPObjective:
         """
         K = self.cfg.num_depths
         self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
-        if self.regime.objective == "none":
+        if not self.regime.has_mtp_term:
             return main_logprobs.new_zeros(()), {}
         if mtp_masks is None:
             mtp_masks = [mask] * K
@@ -155,8 +157,8 @@ class MTPObjective:
         """
         K = self.cfg.num_depths
         self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
-        if self.regime.objective == "none":
-            raise ValueError("regime 'none' has no MTP loss")
+        if not self.regime.has_mtp_term:
+            raise ValueError(f"regime '{self.regime.name}' has no MTP loss")
         if mtp_masks is None:
             mtp_masks = [mask] * K
         if self.cfg.old_logprobs == "mtp":
@@ -192,7 +194,7 @@ class MTPObjective:
     def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
         """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
         # regime none reads no MTP input: its lists need only agree with each other
-        K = self.cfg.num_depths if self.regime.objective != "none" else len(mtp_logprobs)
+        K = self.cfg.num_depths if self.regime.has_mtp_term else len(mtp_logprobs)
         if len(mtp_logprobs) != K:
             raise ValueError(
                 f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "
@@ -211,40 +213,45 @@ class MTPObjective:
                     "each depth's mask must be [B, S] like the main mask"
                 )
 
-    def finish_update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
-        """Close one optimizer update (a collective over ``group`` when distributed); returns OCC metrics.
+    def close_update(
+        self, group=None, *, refresh: bool = True, skipped: bool = False
+    ) -> UpdateStatistics | None:
+        """Close one optimizer update (a collective over ``group`` when distributed); its statistics.
 
         Pass ``refresh=False`` for the first update of each RL step (made at θ = θ_old, so δ_RL = 0):
         its statistics are reported but do not replace λ (see ``nemo_occ.core.calibration``).
         Pass ``skipped=True`` when the optimizer did not apply the update: its statistics (and head-gap
-        sums) are discarded, λ is kept, and only λ, ``refreshed`` = 0 and ``skipped`` = 1 are returned.
-        Under regimes without a calibrator it returns {}. Metrics are named ``occ/*`` for the occ regime
-        and ``proxy/*`` when the proxies are only monitored (detach/ce/policy), where ``lambda_k`` is
-        the λ that OCC would have picked.
+        sums) are discarded and λ is kept. ``group``: the group the loss's token counts are summed
+        over (NeMo-RL: data-parallel). None under regimes without a calibrator. When the proxies are
+        only monitored (detach/ce/policy), ``lambda_next`` is the λ that OCC would pick and
+        ``lambda_applied`` the fixed ``coef``; :func:`nemo_occ.core.metrics.step_metrics` logs them.
         """
         if self.calibrator is None:
-            return {}
-        metrics = self.calibrator.update(group, refresh=refresh, skipped=skipped)
-        skipped = metrics["occ/skipped"] > 0  # any rank's skip, after the reduction
+            return None
+        update = self.calibrator.close_update(group, refresh=refresh, skipped=skipped)
+        depths = update.depths
         if self._head_gap_seen:
-            head_gap = self.head_gap.finish(group)  # a collective on every rank, and resets the sums
-            if not skipped:
-                metrics.update(head_gap)
-        if self.regime.calibrated:
-            return metrics
-        coefs = self.coefficients()
-        out = {}
-        for key, value in metrics.items():
-            name = key.replace("occ/", "proxy/")
-            out[name] = value
-        if skipped:
-            return out
-        for k, lam in enumerate(coefs):  # Eq. 10 terms for the fixed λ actually applied
-            d = k + 1
-            out[f"proxy/lambda_applied_{d}"] = lam
-            out[f"proxy/first_order_{d}"] = lam * metrics[f"occ/c_hat_{d}"]
-            out[f"proxy/second_order_{d}"] = 0.5 * lam**2 * metrics[f"occ/v2_hat_{d}"]
-        return out
+            gaps = self.head_gap.finish(group)  # a collective on every rank, and resets the sums
+            if not update.skipped:
+                depths = tuple(
+                    replace(s, v2_hat_vs_main_old=vs_main, v2_hat_vs_own_old=vs_own, static_gap=gap)
+                    for s, (vs_main, vs_own, gap) in zip(depths, gaps, strict=True)
+                )
+        calibrated = self.regime.calibrated
+        if not calibrated and not update.skipped:  # the fixed λ actually applied
+            depths = tuple(
+                replace(s, lambda_applied=lam) for s, lam in zip(depths, self.coefficients(), strict=True)
+            )
+        return replace(update, depths=depths, calibrated=calibrated)
+
+    def finish_update(self, group=None, *, refresh: bool = True, skipped: bool = False) -> dict[str, float]:
+        """:meth:`close_update` as the metrics of that one update ({} without a calibrator).
+
+        Kept for the CPU demo, which still merges one update's metrics into its rows; it goes once the
+        demo reduces its updates with :func:`nemo_occ.core.metrics.step_metrics`.
+        """
+        update = self.close_update(group, refresh=refresh, skipped=skipped)
+        return {} if update is None else step_metrics([update])
 
     def discard_open_update(self) -> None:
         """Drop the statistics of an update that will never be closed (its ``train`` raised); local, λ kept."""

@@ -17,23 +17,44 @@ Letters: B sequences, S token positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from nemo_occ.core.config import REGIMES, PolicyLossConfig
 from nemo_occ.core.losses import Number, clipped_policy_loss, cross_entropy_loss
 
-__all__ = ["RegimeSpec", "get_regime"]
+if TYPE_CHECKING:
+    from nemo_occ.core.config import PolicyLossConfig
+
+__all__ = ["REGIMES", "RegimeName", "RegimeSpec", "get_regime"]
 
 
 @dataclass(frozen=True)
 class RegimeSpec:
-    """What a regime asks of the loss and of the model layer."""
+    """What a regime asks of the loss and of the model layer: one row of the table above.
+
+    Callers ask it (``spec.calibrated``, ``spec.has_mtp_term``, ...) instead of comparing names.
+    """
 
     name: str
-    objective: str  # "none" | "ce" | "policy"
-    trunk_gradient: bool
-    calibrated: bool
+    objective: Literal["none", "ce", "policy"]  # each depth's unscaled MTP loss
+    trunk_gradient: bool  # the MTP loss may send gradient into the shared trunk (embedding, decoder, head)
+    calibrated: bool  # λ_t comes from OCC (Eq. 13) instead of the fixed ``coef``
+
+    @property
+    def has_mtp_term(self) -> bool:
+        """Whether the regime adds an MTP term to the loss at all."""
+        return self.objective != "none"
+
+    @property
+    def uses_policy_loss(self) -> bool:
+        """Whether the MTP term is the main head's clipped policy loss (a ratio against an old log-prob)."""
+        return self.objective == "policy"
+
+    @property
+    def uses_coef(self) -> bool:
+        """Whether the MTP term is scaled by the fixed ``coef``."""
+        return self.has_mtp_term and not self.calibrated
 
     def depth_loss(
         self,
@@ -63,13 +84,17 @@ class RegimeSpec:
 
 
 _SPECS = {
-    "none": RegimeSpec("none", "none", trunk_gradient=False, calibrated=False),
-    "detach": RegimeSpec("detach", "ce", trunk_gradient=False, calibrated=False),
-    "ce": RegimeSpec("ce", "ce", trunk_gradient=True, calibrated=False),
-    "policy": RegimeSpec("policy", "policy", trunk_gradient=True, calibrated=False),
-    "occ": RegimeSpec("occ", "policy", trunk_gradient=True, calibrated=True),
+    spec.name: spec
+    for spec in (
+        RegimeSpec("none", "none", trunk_gradient=False, calibrated=False),
+        RegimeSpec("detach", "ce", trunk_gradient=False, calibrated=False),
+        RegimeSpec("ce", "ce", trunk_gradient=True, calibrated=False),
+        RegimeSpec("policy", "policy", trunk_gradient=True, calibrated=False),
+        RegimeSpec("occ", "policy", trunk_gradient=True, calibrated=True),
+    )
 }
-assert tuple(_SPECS) == REGIMES
+REGIMES: tuple[str, ...] = tuple(_SPECS)  # the names, in the table's order
+RegimeName = Literal[REGIMES]  # the config field's type: the same names, nothing to keep in sync
 
 
 def get_regime(name: str) -> RegimeSpec:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from nemo_occ.demo.output import atomic_write
 
-__all__ = ["build_report", "fidelity_summary"]
+__all__ = ["build_report", "conditions_summary", "fidelity_summary"]
 
 _COLORS = {"none": "#7f7f7f", "detach": "#1f77b4", "ce": "#2ca02c", "policy": "#9467bd", "occ": "#d62728"}
 # ProbeHistory.metrics: the running statistics over all probes so far (the rest of fidelity/* is per probe)
@@ -73,9 +73,12 @@ def fidelity_summary(rows: list[dict]) -> dict | None:
     return out
 
 
-def summarize(runs: dict[str, dict]) -> dict:
-    """runs: regime -> {"metrics": rows, "wall_time_s": float, "step_time_s": float}."""
+def summarize(runs: dict[str, dict], warm_start: dict | None = None) -> dict:
+    """runs: regime -> {"metrics": rows, "wall_time_s": float, "step_time_s": float}; ``warm_start``: the
+    warm start's metrics (its gate's measurements), quoted as they are."""
     out: dict = {"regimes": {}}
+    if warm_start is not None:
+        out["warm_start"] = warm_start
     for regime, run in runs.items():
         rows = run["metrics"]
         pre = _proxy_prefix(regime)
@@ -90,6 +93,7 @@ def summarize(runs: dict[str, dict]) -> dict:
             "step_time_s": run["step_time_s"],
             "steps": max((r["step"] for r in rows), default=0),
         }
+        entry["conditions"] = conditions_summary(rows)
         if regime != "none":
             entry["lambda_1_final"] = _last(rows, f"{pre}/lambda_1") if regime == "occ" else None
             fidelity = fidelity_summary(rows)
@@ -99,6 +103,34 @@ def summarize(runs: dict[str, dict]) -> dict:
     if "occ" in runs and "detach" in runs and runs["detach"]["step_time_s"] > 0:
         out["step_time_ratio_occ_over_detach"] = runs["occ"]["step_time_s"] / runs["detach"]["step_time_s"]
     return out
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def conditions_summary(rows: list[dict]) -> dict:
+    """The conditions under which the paper's mechanism can show, as the run measured them (None: not
+    measured): MTP agreement at the first RL step; the share of updates the gradient clip scaled; the
+    median over steps of the MTP term's share of the update and of cos(g_RL, g_term) over the main
+    model (``update/*``, λ applied); the median over probes of cos(g_RL, g_MTP,1) (unscaled) and of the
+    cosine between the RL gradients of a minibatch's two halves (``exact/*``)."""
+    first = next((r for r in rows if r["step"] == 1), {})
+    return {
+        "mtp_agreement_1_step1": first.get("mtp/accuracy_1"),
+        "reward_step1": first.get("reward/mean"),
+        "clip_fired_share": _mean(rows, "update/clipped"),
+        "mtp_share_median": _median(rows, "update/mtp_share"),
+        "mtp_cos_applied_median": _median(rows, "update/mtp_cos"),
+        "cos_rl_mtp_1_median": _median(rows, "exact/cos_1"),
+        "half_batch_cos_median": _median(rows, "exact/half_batch_cos"),
+    }
 
 
 def _fmt(x, spec=".3f") -> str:
@@ -127,6 +159,26 @@ def summary_markdown(summary: dict, header: str) -> str:
         )
     if "step_time_ratio_occ_over_detach" in summary:
         lines += ["", f"Step-time ratio occ / detach: {summary['step_time_ratio_occ_over_detach']:.3f}"]
+    lines += [
+        "",
+        "Conditions (`nemo_occ.demo.report.conditions_summary`): MTP top-1 agreement with the sampled tokens and "
+        "reward at RL step 1; share of updates whose gradient norm exceeded the clip; median over steps of the MTP "
+        "term's share of the update ‖g_term‖/‖g_RL‖ and of cos(g_RL, g_term), λ applied, over the main model; "
+        "median over probes of cos(g_RL, g_MTP) (unscaled) and of the cosine between the RL gradients of one "
+        "minibatch's two halves (1: all signal, 0: all sampling noise).",
+        "",
+        "| regime | agreement (step 1) | reward (step 1) | clip fired | MTP share | cos(g_RL, g_term) "
+        "| cos(g_RL, g_MTP) | half-batch cos |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for regime, e in summary["regimes"].items():
+        c = e["conditions"]
+        lines.append(
+            f"| {regime} | {_fmt(c['mtp_agreement_1_step1'])} | {_fmt(c['reward_step1'])} | "
+            f"{_fmt(c['clip_fired_share'], '.2f')} | {_fmt(c['mtp_share_median'], '.3g')} | "
+            f"{_fmt(c['mtp_cos_applied_median'], '.2f')} | {_fmt(c['cos_rl_mtp_1_median'], '.2f')} | "
+            f"{_fmt(c['half_batch_cos_median'], '.2f')} |"
+        )
     fid = {r: e["fidelity"] for r, e in summary["regimes"].items() if "fidelity" in e}
     if fid:
         lines += [
@@ -238,8 +290,8 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
     return written
 
 
-def build_report(runs: dict[str, dict], out_dir: Path, header: str) -> dict:
-    summary = summarize(runs)
+def build_report(runs: dict[str, dict], out_dir: Path, header: str, warm_start: dict | None = None) -> dict:
+    summary = summarize(runs, warm_start)
     summary["plots"] = [p.name for p in plot(runs, out_dir)]
     text_json, text_md = json.dumps(summary, indent=2) + "\n", summary_markdown(summary, header)
     atomic_write(out_dir / "summary.json", lambda f: f.write(text_json.encode()))

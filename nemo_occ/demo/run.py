@@ -106,7 +106,7 @@ def run_demo(
 
     setup_megatron_cpu()
     try:
-        return _run(cfg, occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress)
+        return _run(cfg, occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress, say)
     finally:  # leave the process as it was (the patches and the gloo group are process-wide)
         teardown_megatron_cpu()
 
@@ -120,16 +120,22 @@ def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:
     return list(summary.get("regimes", {})) == [r for r, s in done.items() if s == steps]
 
 
-def _run(cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], show_progress: bool) -> dict:
+def _run(
+    cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], show_progress: bool, say
+) -> dict:
     from tqdm.auto import tqdm
 
     from nemo_occ.demo.report import build_report
     from nemo_occ.demo.trainer import finished_run, run_regime
-    from nemo_occ.demo.warmstart import warm_start
+    from nemo_occ.demo.warmstart import gate_message, warm_start
 
     t0 = time.perf_counter()
-    with tqdm(total=cfg.warm_start.steps, desc="warm start", disable=not show_progress, leave=False) as bar:
+    with tqdm(
+        total=cfg.warm_start.max_steps, desc="warm start", disable=not show_progress, leave=False
+    ) as bar:
         warm_state, warm_metrics = warm_start(cfg, out / "warmstart.pt", progress=bar)
+    gate = gate_message(warm_metrics, cfg.warm_start)
+    say(gate)
     todo_in_order = [r for r in cfg.regimes if r in todo]
     with tqdm(
         total=cfg.rl.steps * len(todo_in_order), desc="RL", disable=not show_progress, unit="step"
@@ -151,8 +157,8 @@ def _run(cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], sho
         f"{cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples_per_prompt} samples, "
         f"{cfg.rl.minibatches} updates/step, seed {cfg.seed}; task: {cfg.task.digits}-digit addition; "
         f"model: {cfg.model.num_layers} layers, hidden {cfg.model.hidden_size}, {cfg.model.mtp_num_layers} MTP layer(s); "
-        f"warm start main CE {warm_metrics.get('warm_start/main_ce', float('nan')):.3f}. "
+        f"{gate}; main CE {warm_metrics.get('warm_start/main_ce', float('nan')):.3f}. "
         f"Training wall time {warm_wall + sum(r['wall_time_s'] for r in runs.values()):.0f} s "
         f"(warm start + regimes, across resumes; this invocation {time.perf_counter() - t0:.0f} s)."
     )
-    return build_report(runs, out, header)
+    return build_report(runs, out, header, warm_metrics)

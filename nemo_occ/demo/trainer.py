@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.core.diagnostics import exact_gradient_statistics
+from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
@@ -236,6 +236,8 @@ class _Trainer:
     optimizer: torch.optim.Optimizer
     objective: MTPObjective
     probes: ProbeHistory
+    params: list  # ProbeParameter of every trainable tensor; part "main" = the main model (paper's c, v²)
+    stats_group: object  # the process group the probes' scalars are summed over
 
     @classmethod
     def build(
@@ -246,9 +248,11 @@ class _Trainer:
         policy.model.load_state_dict(warm_state)
         optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
         objective = MTPObjective(occ_cfg, cfg.policy_loss)
-        return cls(
-            cfg, policy, optimizer, objective, ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
-        )
+        probes = ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
+        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+
+        params = probe_parameters(policy.model)
+        return cls(cfg, policy, optimizer, objective, probes, params, probe_statistics_group())
 
     def train_step(self, batch: Rollout, *, probe: bool) -> tuple[list[dict], dict, float]:
         """The step's optimizer updates over the kept groups: (per-update metrics, the probe's metrics,
@@ -286,31 +290,82 @@ class _Trainer:
             global_valid_tokens=n_tok, global_valid_seqs=n_seq,
         )  # fmt: skip
         mtp_loss, mtp_m = self.objective(main_logprobs=cur.main_logprobs, **inputs)
-        exact, t_probe = None, 0.0
+        exact, probed, t_probe = None, {}, 0.0
         if probe:
             tf = time.perf_counter()
-            exact = self._exact_statistics(main_loss, self.objective.unscaled_losses(**inputs))
+            exact = exact_gradient_statistics(
+                main_loss, self.objective.unscaled_losses(**inputs), self.params, stats_group=self.stats_group
+            )
+            probed = {**exact.metrics("exact"), **_cosines(exact)}
+            probed["exact/half_batch_cos"] = self._half_batch_cosine(cur.main_logprobs, batch, idx)
             t_probe = time.perf_counter() - tf
         self.optimizer.zero_grad(set_to_none=True)
-        (main_loss + mtp_loss).backward()
+        upd = {f"loss/{k}": v for k, v in main_m.items()}
+        upd.update(mtp_m)
+        upd.update(self._backward(main_loss, mtp_loss))
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.policy.model.parameters(), self.cfg.rl.grad_clip, error_if_nonfinite=True
         )
         self.optimizer.step()
-        upd = {f"loss/{k}": v for k, v in main_m.items()}
-        upd.update(mtp_m)
         upd.update(self.objective.finish_update(refresh=refresh))
-        probed = {}
         if exact is not None:  # the probe next to this update's own proxies
-            probed = {**exact.metrics("exact"), **self.probes.record_update(upd, exact)}
+            probed.update(self.probes.record_update(upd, exact))
         upd["grad_norm"] = grad_norm
+        upd["update/clipped"] = float(grad_norm > self.cfg.rl.grad_clip)  # clip_grad_norm_ scaled the update
         return _jsonable(upd), probed, t_probe
 
-    def _exact_statistics(self, main_loss: torch.Tensor, unscaled: list[torch.Tensor]):
-        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+    def _main_params(self) -> list:
+        return [pp for pp in self.params if pp.part == "main"]
 
-        params = probe_parameters(self.policy.model)
-        return exact_gradient_statistics(main_loss, unscaled, params, stats_group=probe_statistics_group())
+    def _backward(self, main_loss: torch.Tensor, mtp_loss: torch.Tensor) -> dict:
+        """Gradients of main_loss + mtp_loss into ``.grad``, taken in two passes so that the MTP term's
+        part of the update over the main model's parameters can be told apart from the RL part:
+
+            update/mtp_share = ||g_term|| / ||g_RL||,   update/mtp_cos = cos(g_RL, g_term)
+
+        with g_term the gradient of Σ_k λ_k L_MTP,k as applied (λ included) and g_RL the main loss's
+        (``nemo_occ.core.diagnostics.gradient_statistics`` over the main model). Regime none: share 0.
+        """
+        if not mtp_loss.requires_grad:  # regime none: no MTP term
+            main_loss.backward()
+            return {"update/mtp_share": 0.0}
+        main = self._main_params()
+        main_loss.backward(retain_graph=True)
+        rl = [None if pp.param.grad is None else pp.param.grad.clone() for pp in main]
+        mtp_loss.backward()
+        term = [
+            None if pp.param.grad is None else pp.param.grad - (0 if r is None else r)
+            for pp, r in zip(main, rl, strict=True)
+        ]
+        stats = gradient_statistics(rl, [term], main)
+        share = math.sqrt(stats.v2[0] / stats.rl_norm2) if stats.rl_norm2 > 0 else float("nan")
+        return {"update/mtp_share": share, "update/mtp_cos": _cosine(stats.c[0], stats.rl_norm2, stats.v2[0])}
+
+    def _half_batch_cosine(
+        self, main_logprobs: torch.Tensor, batch: Rollout, idx: torch.Tensor
+    ) -> float | None:
+        """cos(g_RL of the minibatch's first half of groups, g_RL of its second half) over the main model:
+        how much of one minibatch's RL gradient is signal rather than sampling noise (0: all noise)."""
+        G = batch.group_size
+        half = (len(idx) // G // 2) * G
+        if half == 0:
+            return None
+        main = self._main_params()
+        grads = []
+        for part in (slice(0, half), slice(half, None)):
+            mask = batch.mask[idx][part]
+            n_tok, n_seq = valid_counts(mask)
+            loss, _ = clipped_policy_loss(
+                main_logprobs[part], batch.old.main_logprobs[idx][part], batch.advantages[idx][part], mask,
+                self.cfg.policy_loss, global_valid_tokens=n_tok, global_valid_seqs=n_seq,
+            )  # fmt: skip
+            grads.append(
+                list(
+                    torch.autograd.grad(loss, [pp.param for pp in main], retain_graph=True, allow_unused=True)
+                )
+            )
+        stats = gradient_statistics(grads[0], [grads[1]], main)
+        return _cosine(stats.c[0], stats.rl_norm2, stats.v2[0])
 
     # -- checkpoint / resume ---------------------------------------------------------------------------
 
@@ -342,6 +397,19 @@ class _Trainer:
             "step_times": step_times,
         }
         save_checkpoint(out_dir / "checkpoint.pt", state, fingerprint)
+
+
+def _cosine(dot: float, norm2_a: float, norm2_b: float) -> float | None:
+    """<a, b> / (||a|| ||b||); None when either vector is zero (undefined)."""
+    return dot / math.sqrt(norm2_a * norm2_b) if norm2_a > 0 and norm2_b > 0 else None
+
+
+def _cosines(exact) -> dict:
+    """``exact/cos_k`` = cos(g_RL, g_MTP,k) over the main model's parameters (the paper's Fig. 2 curve)."""
+    return {
+        f"exact/cos_{k}": _cosine(c, exact.rl_norm2, v2)
+        for k, (c, v2) in enumerate(zip(exact.c, exact.v2, strict=True), 1)
+    }
 
 
 # -- logging -------------------------------------------------------------------------------------------

@@ -68,23 +68,24 @@ def policy_loss_config(loss_cfg: Mapping | Any) -> PolicyLossConfig:
     )
 
 
-def check_loss_settings(loss_cfg: Mapping | Any, occ: NemoOCCConfig) -> PolicyLossConfig:
+def check_loss_settings(loss_cfg: Mapping | Any, nemo_occ_cfg: NemoOCCConfig) -> PolicyLossConfig:
     """Reject NeMo-RL loss settings the regime's MTP term cannot follow; warn on those it ignores."""
     cfg = _as_dict(loss_cfg)
     policy_cfg = policy_loss_config(cfg)
-    if not occ.uses_policy_loss:
+    regime = nemo_occ_cfg.regime_spec
+    if not regime.uses_policy_loss:
         return policy_cfg
     if cfg.get("disable_ppo_ratio"):
         raise ConfigError(
-            f"regime '{occ.regime}' applies the clipped ratio loss to the MTP heads, but loss_fn.disable_ppo_ratio "
+            f"regime '{regime.name}' applies the clipped ratio loss to the MTP heads, but loss_fn.disable_ppo_ratio "
             "is true (REINFORCE): set it to false or use regime detach/ce"
         )
     if cfg.get("use_cispo"):
         raise ConfigError(
-            f"loss_fn.use_cispo: true is not supported with regime '{occ.regime}' (the MTP term uses the clipped "
+            f"loss_fn.use_cispo: true is not supported with regime '{regime.name}' (the MTP term uses the clipped "
             "surrogate): set use_cispo: false or use regime detach/ce"
         )
-    if occ.regime == "occ" and cfg.get("force_on_policy_ratio"):
+    if regime.calibrated and cfg.get("force_on_policy_ratio"):
         raise ConfigError(
             "loss_fn.force_on_policy_ratio: true makes δ_RL = log π - log π_old identically 0, so OCC's λ_t would "
             "always be 0: set it to false (with several updates per step) or use regime policy"

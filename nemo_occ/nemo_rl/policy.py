@@ -4,7 +4,7 @@ NeMo-RL's GRPO loop computes the old log-probs with ``policy.get_logprobs(logpro
 ``["logprobs"]`` as the batch's ``prev_logprobs``; then it calls ``policy.train(train_data, loss_fn)`` on the
 same rollouts (``train_data["input_ids"]`` is the tensor ``logprob_data`` was built from). nemo-occ's worker
 returns each MTP depth's old log-probs from that same forward (``nemo_occ.nemo_rl.worker``, item 5), under
-:func:`nemo_occ.nemo_rl.loss.mtp_old_logprobs_key`; NeMo-RL's own gather (``BatchedDataDict.from_batches``
+:func:`nemo_occ.nemo_rl.mtp_batch.mtp_old_logprobs_key`; NeMo-RL's own gather (``BatchedDataDict.from_batches``
 and the dynamic-batching reorder) carries them like ``logprobs``. :class:`OCCPolicy` keeps them from
 ``get_logprobs`` and adds them to the batch of the next ``train`` call, after checking that it is the same
 rollouts. Only the driver runs this module: it imports NeMo-RL's ``Policy`` but never megatron.
@@ -17,14 +17,9 @@ from typing import Any
 import torch
 from nemo_rl.models.policy.lm_policy import Policy
 
-from nemo_occ.nemo_rl.loss import MTP_OLD_LOGPROBS_PREFIX
+from nemo_occ.nemo_rl.mtp_batch import take_mtp_old_logprobs
 
-__all__ = ["OCCPolicy", "take_mtp_old_logprobs"]
-
-
-def take_mtp_old_logprobs(logprobs: Any) -> dict[str, torch.Tensor]:
-    """The ``nemo_occ_mtp_old_logprobs_<d>`` entries of a ``get_logprobs`` result (left in place)."""
-    return {k: logprobs[k] for k in list(logprobs.keys()) if str(k).startswith(MTP_OLD_LOGPROBS_PREFIX)}
+__all__ = ["OCCPolicy"]
 
 
 class OCCPolicy(Policy):

@@ -345,7 +345,7 @@ def _check_layout(cfg: Mapping, facts: ModelFacts | None, problems: list[str]) -
 
 def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, problems: list[str]) -> None:
     temperature = _get(cfg, "policy.generation.temperature", 1.0)
-    if occ.uses_policy_loss and temperature is not None and float(temperature) != 1.0:
+    if occ.regime_spec.uses_policy_loss and temperature is not None and float(temperature) != 1.0:
         # NeMo-RL divides the main logits by the sampling temperature before its log-probs; the MTP
         # log-probs are not scaled, so the MTP ratio would compare unscaled with scaled log-probs.
         problems.append(
@@ -355,7 +355,7 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
     top_k = _get(cfg, "policy.generation.top_k")
     top_p = _get(cfg, "policy.generation.top_p", 1.0)
     filtering = (isinstance(top_k, int) and top_k > 0) or (isinstance(top_p, (int, float)) and top_p != 1.0)
-    if occ.uses_policy_loss and filtering:
+    if occ.regime_spec.uses_policy_loss and filtering:
         # NeMo-RL's training log-probs (the old ones too) are top-k/top-p filtered and renormalised like
         # the sampler; the MTP log-probs are not, so the MTP ratio would mix the two distributions.
         problems.append(
@@ -364,7 +364,7 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
             "are not filtered"
         )
     mc = _get(cfg, "policy.megatron_cfg", {}) or {}
-    if occ.has_mtp_term and mc.get("use_fused_linear_logprobs"):
+    if occ.regime_spec.has_mtp_term and mc.get("use_fused_linear_logprobs"):
         # NeMo-RL's fused forward returns the main log-probs straight from the decoder's hidden states and
         # never runs GPTModel._postprocess, where the MTP block runs: nothing would be captured.
         problems.append(
@@ -374,7 +374,7 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
     mtp = mc.get("mtp_num_layers")
     spec = _get(cfg, "policy.generation.vllm_kwargs.speculative_config")
     drafting = isinstance(spec, Mapping) and _int(spec.get("num_speculative_tokens"), 0) > 0
-    needs_mtp = occ.has_mtp_term or drafting
+    needs_mtp = occ.regime_spec.has_mtp_term or drafting
     if needs_mtp and not isinstance(mtp, int):
         problems.append(
             "policy.megatron_cfg.mtp_num_layers is not set: set it to the model's number of MTP layers "
@@ -383,7 +383,7 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
     elif needs_mtp and mtp < occ.num_depths:
         why = (
             f"regime '{occ.regime}' trains {occ.num_depths} MTP depth(s)"
-            if occ.has_mtp_term
+            if occ.regime_spec.has_mtp_term
             else "MTP drafting"
         )
         problems.append(
@@ -395,7 +395,7 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
             f"the model has {facts.mtp_layers} MTP layer(s) but nemo_occ.num_depths={occ.num_depths}: "
             "use regime none, or a model with MTP layers"
         )
-    if isinstance(mtp, int) and mtp > 0 and occ.has_mtp_term:
+    if isinstance(mtp, int) and mtp > 0 and occ.regime_spec.has_mtp_term:
         scale = mc.get("mtp_loss_scaling_factor")
         if scale not in (0, 0.0):
             problems.append(

@@ -7,12 +7,12 @@ loop and adds three things around it, for the duration of one ``train`` call:
 
 1. **MTP log-probs in the normal forward.** The model runs inside :class:`nemo_occ.megatron.mtp_capture.
    MTPCapture`, which keeps the MTP depths' hidden states (Megatron's own MTP loss is skipped) and cuts
-   the trunk for the ``detach`` regime. The loss post-processor of each micro-batch (the worker module's
-   ``LossPostProcessor`` name, swapped for a subclass while ``train`` runs) turns them into aligned
-   per-depth log-probs and puts them in the micro-batch ``data`` under ``nemo_occ_mtp_*`` keys
-   (:mod:`nemo_occ.nemo_rl.loss`), unpacked to NeMo-RL's [B, S-1] rows when sequences are packed.
+   the trunk for the ``detach`` regime. The loss post-processor of each micro-batch (NeMo-RL's
+   ``LossPostProcessor``, swapped for a subclass while ``train`` runs) turns them into aligned per-depth
+   log-probs and puts them in the micro-batch ``data`` (:mod:`nemo_occ.nemo_rl.mtp_batch`), unpacked to
+   NeMo-RL's [B, S-1] rows when sequences are packed.
 2. **One calibrator update per optimizer update.** ``optimizer.step`` is wrapped: after each update the
-   persistent :class:`MTPObjective` closes it (``finish_update``, a SUM all-reduce of the OCC statistics
+   persistent :class:`MTPObjective` closes it (``close_update``, a SUM all-reduce of the OCC statistics
    over the data-parallel group; see :meth:`OCCWorkerExtension.occ_reduction_group`), so λ of update u+1
    comes from the statistics of update u ("lagged" timing). The first update of each ``train`` call (one
    RL step) runs at θ = θ_old, where δ_RL = 0: it is reported but does not refresh λ. An update Megatron
@@ -38,11 +38,13 @@ loop and adds three things around it, for the duration of one ``train`` call:
    metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
    also runs the MTP layers (:class:`MTPCapture`, its ``LogprobsPostProcessor`` swapped for a subclass)
    and returns each depth's old log-probs next to ``logprobs`` under
-   :func:`nemo_occ.nemo_rl.loss.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
+   :func:`nemo_occ.nemo_rl.mtp_batch.mtp_old_logprobs_key`, in ``prev_logprobs``' layout. NeMo-RL's GRPO loop
    keeps only ``logprobs``; :class:`nemo_occ.nemo_rl.policy.OCCPolicy` carries the rest into the
    training batch.
 
-Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
+The four swaps of NeMo-RL internals (post-processors, ``megatron_forward_backward``, ``optimizer.step``)
+live in :mod:`nemo_occ.nemo_rl.megatron_policy_worker_patches`, each with the upstream behaviour it relies
+on. Setup fails when the regime needs MTP layers the built model does not have, saying what to set.
 Everything NeMo-RL-specific is reached through a few overridable methods, so the mixin runs on CPU
 against a stand-in worker in the tests; the classes Ray instantiates are in
 :mod:`nemo_occ.nemo_rl.megatron_worker`.
@@ -67,17 +69,12 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig, load_config
 from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
+from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 from nemo_occ.core.objective import MTPObjective
-from nemo_occ.nemo_rl.loss import mtp_correct_key, mtp_logprobs_key, mtp_old_logprobs_key, mtp_valid_key
+from nemo_occ.nemo_rl import megatron_policy_worker_patches as patches
+from nemo_occ.nemo_rl.mtp_batch import mtp_old_logprobs_key, stack_old_logprobs
 
-__all__ = [
-    "OCCWorkerExtension",
-    "ModelInputRecorder",
-    "STATE_FILE",
-    "WORKER_FQN",
-    "unpack_rows",
-    "attach_mtp_to_batch",
-]
+__all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "WORKER_FQN"]
 
 # The Ray actor class NeMo-RL instantiates, for Policy(worker_extension_cls_fqn=...) and the actor registry.
 # A plain string, so the driver (whose venv has no megatron, Bridge or TE) never imports megatron_worker,
@@ -85,58 +82,6 @@ __all__ = [
 WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
 POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
-
-
-def unpack_rows(
-    packed: torch.Tensor, cu_seqlens: torch.Tensor, cu_seqlens_padded: torch.Tensor | None, width: int, fill=0
-) -> torch.Tensor:
-    """[1, T-1] per-position values of a packed row -> [N, width] rows, one per document.
-
-    Document n starts at ``cu_seqlens_padded[n]`` (``cu_seqlens[n]`` when unpadded) and has
-    ``cu_seqlens[n+1] - cu_seqlens[n]`` tokens; row n holds its first ``min(len-1, width)`` positions
-    and ``fill`` after them. Differentiable (a gather).
-    """
-    starts = (cu_seqlens_padded if cu_seqlens_padded is not None else cu_seqlens)[:-1].to(packed.device)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(packed.device)  # [N]
-    cols = torch.arange(width, device=packed.device)  # [width]
-    index = starts.unsqueeze(1) + cols.unsqueeze(0)  # [N, width]
-    inside = (cols.unsqueeze(0) < (lengths - 1).unsqueeze(1)) & (index < packed.shape[-1])
-    index = torch.where(inside, index, torch.zeros_like(index))
-    rows = packed.reshape(-1)[index]  # [N, width]
-    return torch.where(inside, rows, torch.full_like(rows, fill))
-
-
-def attach_mtp_to_batch(data: Any, mtp: Any, packed_seq_params: Any = None) -> None:
-    """Put one micro-batch's MTP log-probs (``MTPHeadLogProbs``) into ``data`` as [B, S-1] rows.
-
-    ``mtp`` is in the model's layout: [B, L-1] rows, or one packed row [1, T-1] when
-    ``packed_seq_params`` is given (then unpacked per document with its ``cu_seqlens_q(_padded)``).
-    """
-    width = data["input_ids"].shape[1] - 1
-    for d, lp in enumerate(mtp.logprobs, start=1):
-        valid = mtp.masks[d - 1]
-        hit = mtp.top1[d - 1] if mtp.top1 is not None else None
-        if packed_seq_params is not None:
-            cu = packed_seq_params.cu_seqlens_q
-            cu_pad = getattr(packed_seq_params, "cu_seqlens_q_padded", None)
-            lp = unpack_rows(lp, cu, cu_pad, width, fill=0.0)
-            valid = unpack_rows(valid, cu, cu_pad, width, fill=False)
-            hit = None if hit is None else unpack_rows(hit, cu, cu_pad, width, fill=False)
-        else:
-            lp, valid = _fit(lp, width, 0.0), _fit(valid, width, False)
-            hit = None if hit is None else _fit(hit, width, False)
-        data[mtp_logprobs_key(d)] = lp
-        data[mtp_valid_key(d)] = valid
-        if hit is not None:
-            data[mtp_correct_key(d)] = hit
-
-
-def _fit(x: torch.Tensor, width: int, fill) -> torch.Tensor:
-    """Crop or pad [B, L-1] to [B, width] (the model may see a longer, padded sequence)."""
-    if x.shape[1] >= width:
-        return x[:, :width]
-    pad = torch.full((x.shape[0], width - x.shape[1]), fill, dtype=x.dtype, device=x.device)
-    return torch.cat([x, pad], dim=1)
 
 
 class OCCWorkerExtension:
@@ -148,7 +93,7 @@ class OCCWorkerExtension:
     :meth:`broadcast_tensors_from_last_stage`, :meth:`update_applied`.
     """
 
-    occ_cfg: NemoOCCConfig
+    nemo_occ_cfg: NemoOCCConfig
     occ_objective: MTPObjective
 
     def __init__(self, config: Mapping[str, Any], *args: Any, **kwargs: Any):
@@ -159,12 +104,12 @@ class OCCWorkerExtension:
                 f"policy config has no '{POLICY_CONFIG_KEY}' block: start training with "
                 "`python -m nemo_occ.nemo_rl.run_grpo --config <recipe>`, which passes the recipe's nemo_occ block"
             )
-        self.occ_cfg = load_config(dict(block), key=None)
+        self.nemo_occ_cfg = load_config(dict(block), key=None)
         # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
-        self.occ_objective = MTPObjective(self.occ_cfg)
-        self.occ_probes = ProbeHistory(self.occ_cfg.num_depths, self.occ_cfg.fidelity.min_probes)
+        self.occ_objective = MTPObjective(self.nemo_occ_cfg)
+        self.occ_probes = ProbeHistory(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity.min_probes)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
-        self._occ_update_metrics: list[dict[str, float]] = []
+        self._occ_updates: list[UpdateStatistics | None] = []  # this train() call's closed updates
         self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old
         self._occ_exact = None  # exact statistics of the update being trained, when it was probed
         self._occ_fidelity: dict[str, float] = {}
@@ -177,20 +122,20 @@ class OCCWorkerExtension:
     # -- setup check --------------------------------------------------------------------------------
     def check_mtp_layers(self, config: Mapping[str, Any]) -> None:
         """Fail at setup when the regime needs more MTP layers than the built model has."""
-        if not self.occ_cfg.has_mtp_term:
+        if not self.nemo_occ_cfg.regime_spec.has_mtp_term:
             return
         from nemo_occ.megatron.mtp_capture import MTPCapture
 
-        capture = MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+        capture = MTPCapture(self.model, detach_trunk=not self.nemo_occ_cfg.regime_spec.trunk_gradient)
         if not capture.active and not self.holds_output_layer():
             return  # an earlier pipeline stage: MTP lives with the output layer on the last one
-        if capture.num_depths < self.occ_cfg.num_depths:
+        if capture.num_depths < self.nemo_occ_cfg.num_depths:
             configured = (config.get("megatron_cfg") or {}).get("mtp_num_layers")
             raise ValueError(
-                f"nemo_occ.regime '{self.occ_cfg.regime}' trains {self.occ_cfg.num_depths} MTP depth(s), but the model "
+                f"nemo_occ.regime '{self.nemo_occ_cfg.regime}' trains {self.nemo_occ_cfg.num_depths} MTP depth(s), but the model "
                 f"built from {config.get('model_name')!r} has {capture.num_depths} MTP layer(s) "
                 f"(policy.megatron_cfg.mtp_num_layers={configured}). Set policy.megatron_cfg.mtp_num_layers: "
-                f"{self.occ_cfg.num_depths} explicitly (NeMo-RL's grpo_math_1B.yaml sets 0, which drops the layer) "
+                f"{self.nemo_occ_cfg.num_depths} explicitly (NeMo-RL's grpo_math_1B.yaml sets 0, which drops the layer) "
                 "for a model that ships MTP weights, or use nemo_occ.regime: none"
             )
 
@@ -213,7 +158,7 @@ class OCCWorkerExtension:
         return parallel_state.get_data_parallel_group()
 
     def is_state_writer(self) -> bool:
-        """One rank writes the calibrator state (identical on all ranks after ``finish_update``)."""
+        """One rank writes the calibrator state (identical on all ranks after ``close_update``)."""
         from megatron.core import parallel_state
 
         return (
@@ -229,29 +174,13 @@ class OCCWorkerExtension:
 
         return broadcast_loss_metrics_from_last_stage(metrics)
 
-    @contextlib.contextmanager
-    def patched_loss_post_processor(self, capture: Any, inputs: ModelInputRecorder) -> Iterator[None]:
+    def patched_loss_post_processor(self, capture: Any, inputs: ModelInputRecorder):
         """Make NeMo-RL's ``train`` build our MTP-aware post-processor (restored afterwards)."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
+        return patches.loss_post_processor(capture, inputs)
 
-        original = worker_module.LossPostProcessor
-        worker_module.LossPostProcessor = _mtp_post_processor_class(original, capture, inputs)
-        try:
-            yield
-        finally:
-            worker_module.LossPostProcessor = original
-
-    @contextlib.contextmanager
-    def patched_forward_backward(self, wrapper: Any) -> Iterator[None]:
+    def patched_forward_backward(self, wrapper: Any):
         """Make NeMo-RL's ``train`` call ``wrapper(original, **kwargs)`` for ``megatron_forward_backward``."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
-
-        original = worker_module.megatron_forward_backward
-        worker_module.megatron_forward_backward = lambda **kwargs: wrapper(original, **kwargs)
-        try:
-            yield
-        finally:
-            worker_module.megatron_forward_backward = original
+        return patches.forward_backward(wrapper)
 
     def update_applied(self, step_result: Any) -> bool:
         """Whether the optimizer applied the update, on every model-parallel rank.
@@ -333,7 +262,7 @@ class OCCWorkerExtension:
             microbatches = list(kwargs.pop("data_iterator"))  # replayed by every pass
             params = probe_parameters(self.model, gradients="local")
             grads = []
-            for component in range(self.occ_cfg.num_depths + 1):
+            for component in range(self.nemo_occ_cfg.num_depths + 1):
                 with loss_fn.probing(component), self.gradient_probe_pass():
                     original(data_iterator=iter(microbatches), **kwargs)
                 grads.append(self._probe_gradients(params))
@@ -355,24 +284,12 @@ class OCCWorkerExtension:
     def wants_mtp_old_logprobs(self) -> bool:
         """Capture the MTP heads' old log-probs with ``prev_logprobs``: for ``old_logprobs: mtp``, and for the
         probes' head-gap metrics (``fidelity.every > 0``). It costs the MTP layers' forward in that pass."""
-        cfg = self.occ_cfg
-        return cfg.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
+        cfg = self.nemo_occ_cfg
+        return cfg.regime_spec.has_mtp_term and (cfg.old_logprobs == "mtp" or cfg.fidelity.every > 0)
 
-    @contextlib.contextmanager
-    def patched_logprobs_post_processor(
-        self, capture: Any, inputs: ModelInputRecorder, sink: list
-    ) -> Iterator[None]:
+    def patched_logprobs_post_processor(self, capture: Any, inputs: ModelInputRecorder, sink: list):
         """Make NeMo-RL's ``get_logprobs`` build our post-processor, which also fills ``sink`` (restored after)."""
-        from nemo_rl.models.policy.workers import megatron_policy_worker as worker_module
-
-        original = worker_module.LogprobsPostProcessor
-        worker_module.LogprobsPostProcessor = _mtp_logprobs_post_processor_class(
-            original, capture, inputs, sink
-        )
-        try:
-            yield
-        finally:
-            worker_module.LogprobsPostProcessor = original
+        return patches.logprobs_post_processor(capture, inputs, sink)
 
     def broadcast_tensors_from_last_stage(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """The last pipeline stage's tensors on every stage (as NeMo-RL's ``get_logprobs`` does for its own)."""
@@ -392,13 +309,12 @@ class OCCWorkerExtension:
             inputs = stack.enter_context(ModelInputRecorder(self.model))
             stack.enter_context(self.patched_logprobs_post_processor(capture, inputs, sink))
             result = super().get_logprobs(data=data, micro_batch_size=micro_batch_size, **kwargs)
-        width = result["logprobs"].shape[1]
-        keys = [mtp_old_logprobs_key(d) for d in range(1, self.occ_cfg.num_depths + 1)]
+        keys = [mtp_old_logprobs_key(d) for d in range(1, self.nemo_occ_cfg.num_depths + 1)]
         tensors: dict[str, Any] = dict.fromkeys(keys)
         if self.holds_output_layer():  # NeMo-RL pads each micro-batch to the batch's length, then stacks
-            for d, key in enumerate(keys):
-                rows = [mb[d] for mb in sink]
-                tensors[key] = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[1])) for r in rows])
+            tensors.update(
+                stack_old_logprobs(sink, self.nemo_occ_cfg.num_depths, result["logprobs"].shape[1])
+            )
         for key, value in self.broadcast_tensors_from_last_stage(tensors).items():
             result[key] = value.cpu()
         return result
@@ -428,7 +344,7 @@ class OCCWorkerExtension:
         objective = self.occ_objective
         if eval_mode:  # evaluation uses the current λ but must not move it or leave statistics behind
             objective = copy.deepcopy(self.occ_objective)
-        every = self.occ_cfg.fidelity.every
+        every = self.nemo_occ_cfg.fidelity.every
         probe = (
             not eval_mode
             and every > 0
@@ -440,7 +356,7 @@ class OCCWorkerExtension:
         loss_fn.bind_objective(objective)
         policy_cfg = objective.policy_cfg
         objective.policy_cfg = loss_fn.policy_cfg  # the MTP term clips like the main loss
-        self._occ_update_metrics, self._occ_fidelity, self._occ_exact = [], {}, None
+        self._occ_updates, self._occ_fidelity, self._occ_exact = [], {}, None
         self._occ_moved = False
         try:
             metrics = self._train_with_occ(data, loss_fn, eval_mode, index, *args, **kwargs)
@@ -451,15 +367,17 @@ class OCCWorkerExtension:
             raise
         if not eval_mode:
             self.occ_rl_steps += 1
-        if not eval_mode and self.occ_cfg.regime == "occ" and len(self._occ_update_metrics) == 1:
+        if not eval_mode and self.nemo_occ_cfg.regime_spec.calibrated and len(self._occ_updates) == 1:
             warnings.warn(
                 "this RL step made a single optimizer update, which runs at θ = θ_old (δ_RL = 0), so OCC "
                 "cannot refresh λ; make policy.train_global_batch_size smaller than the step's samples "
                 "(the paper: 4 updates per step)",
                 stacklevel=2,
             )
-        occ_metrics = _mean_over_updates(self._occ_update_metrics)
-        occ_metrics.update(self.mtp_accuracy(loss_fn.pop_acceptance_counts()))
+        occ_metrics = step_metrics(
+            [u for u in self._occ_updates if u is not None],
+            self.acceptance_over_ranks(loss_fn.pop_acceptance_counts()),
+        )
         occ_metrics.update(self._occ_fidelity)  # the probe's own update, not a mean
         occ_metrics = self.broadcast_from_last_stage(occ_metrics)
         if occ_metrics:
@@ -471,65 +389,50 @@ class OCCWorkerExtension:
     ) -> dict[str, Any]:
         """NeMo-RL's ``train`` inside the MTP capture, the per-update calibration and the probe."""
         with contextlib.ExitStack() as stack:
-            if self.occ_cfg.has_mtp_term:
+            if self.nemo_occ_cfg.regime_spec.has_mtp_term:
                 from nemo_occ.megatron.mtp_capture import MTPCapture
 
                 capture = stack.enter_context(
-                    MTPCapture(self.model, detach_trunk=not self.occ_cfg.trunk_gradient)
+                    MTPCapture(self.model, detach_trunk=not self.nemo_occ_cfg.regime_spec.trunk_gradient)
                 )
                 inputs = stack.enter_context(ModelInputRecorder(self.model))
                 stack.enter_context(self.patched_loss_post_processor(capture, inputs))
             if not eval_mode:
-                stack.enter_context(self._finish_update_after_each_step())
+                stack.enter_context(patches.after_each_optimizer_step(self.optimizer, self._close_occ_update))
             if probe_index is not None:
                 stack.enter_context(
                     self.patched_forward_backward(self._probing_forward_backward(loss_fn, probe_index))
                 )
             return super().train(data, loss_fn, eval_mode, *args, **kwargs)
 
-    def mtp_accuracy(self, counts: torch.Tensor | None) -> dict[str, float]:
-        """``accuracy_d`` = Σ hits / Σ MTP-valid tokens over this ``train`` call and the DP ranks.
+    def acceptance_over_ranks(self, counts: torch.Tensor | None) -> torch.Tensor | None:
+        """The loss's [K, 2] draft-acceptance counts of this ``train`` call, summed over the DP ranks.
 
-        Megatron's ``mtp_{d}_acceptance_rate`` / 100 (same tokens: loss mask and an MTP target). Only the
-        stage holding the loss has counts, and every DP rank of it does, so the collective is matched.
+        Only the stage holding the loss has counts, and every DP rank of it does, so the collective is
+        matched; :func:`nemo_occ.core.metrics.step_metrics` turns them into ``accuracy_<d>``.
         """
         if counts is None:
-            return {}
+            return None
         from nemo_occ.core.distributed import all_reduce_sum_
 
-        all_reduce_sum_(counts, self.occ_reduction_group())
-        hits, tokens = counts.unbind(-1)
-        accuracy = (hits / tokens.clamp(min=1)).tolist()  # Megatron's clamp: 0 when nothing was valid
-        return {f"accuracy_{d}": value for d, value in enumerate(accuracy, start=1)}
+        return all_reduce_sum_(counts, self.occ_reduction_group())
 
-    @contextlib.contextmanager
-    def _finish_update_after_each_step(self) -> Iterator[None]:
-        optimizer = self.optimizer
-        step = optimizer.step
-
-        def step_then_calibrate(*args: Any, **kwargs: Any):
-            result = step(*args, **kwargs)
-            applied = self.update_applied(result)
-            # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
-            # report the statistics but keep λ (see nemo_occ.core.calibration)
-            update = self.occ_objective.finish_update(
-                self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
-            )
-            skipped = update.get("occ/skipped", update.get("proxy/skipped", float(not applied))) > 0
-            self._occ_moved = self._occ_moved or not skipped
-            self._occ_update_metrics.append(update)
-            if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
-                # (a skipped update's gradients were not finite or not used: no probe to record)
-                if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
-                    self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
-                self._occ_exact = None
-            return result
-
-        optimizer.step = step_then_calibrate
-        try:
-            yield
-        finally:
-            optimizer.step = step
+    def _close_occ_update(self, step_result: Any) -> None:
+        """After each optimizer step: close the update in the objective (a collective over the DP group)."""
+        applied = self.update_applied(step_result)
+        # until an update of this train() call (one RL step) is applied, θ = θ_old and δ_RL = 0:
+        # report the statistics but keep λ (see nemo_occ.core.calibration)
+        update = self.occ_objective.close_update(
+            self.occ_reduction_group(), refresh=self._occ_moved, skipped=not applied
+        )
+        skipped = update.skipped if update is not None else not applied  # any DP rank's skip
+        self._occ_moved = self._occ_moved or not skipped
+        self._occ_updates.append(update)
+        if self._occ_exact is not None:  # this update was probed: pair it with its own proxies
+            # (a skipped update's gradients were not finite or not used: no probe to record)
+            if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
+                self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
+            self._occ_exact = None
 
     # -- checkpointing -------------------------------------------------------------------------------
     def save_checkpoint(self, weights_path: str, *args: Any, **kwargs: Any):
@@ -546,7 +449,7 @@ class OCCWorkerExtension:
         try:
             torch.save(
                 {
-                    "nemo_occ": self.occ_cfg.model_dump(),
+                    "nemo_occ": self.nemo_occ_cfg.model_dump(),
                     "objective": self.occ_objective.state_dict(),
                     "probes": self.occ_probes.state_dict(),
                     "rl_steps": self.occ_rl_steps,
@@ -572,7 +475,7 @@ class OCCWorkerExtension:
             if self.occ_objective.calibrator is not None:
                 warnings.warn(
                     f"resuming from {path.parent} without {STATE_FILE}: the OCC calibrator restarts at "
-                    f"λ = {self.occ_cfg.occ.initial_lambda}",
+                    f"λ = {self.nemo_occ_cfg.occ.initial_lambda}",
                     stacklevel=2,
                 )
             return False
@@ -582,12 +485,12 @@ class OCCWorkerExtension:
             probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
         self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
-        changed = _config_changes(state.get("nemo_occ", {}), self.occ_cfg.model_dump())
+        changed = _config_changes(state.get("nemo_occ", {}), self.nemo_occ_cfg.model_dump())
         if changed and self.is_state_writer():  # one rank says it, not every rank of the job
             warnings.warn(
                 f"resuming the OCC state of {path} under changed nemo_occ settings ({'; '.join(changed)}): "
                 "the restored λ and probe history were made under the saved ones, and λ is used until the "
-                f"run first refreshes it; to restart the calibrator at λ = {self.occ_cfg.occ.initial_lambda} "
+                f"run first refreshes it; to restart the calibrator at λ = {self.nemo_occ_cfg.occ.initial_lambda} "
                 f"instead, move {path} away before resuming",
                 stacklevel=2,
             )
@@ -635,79 +538,3 @@ def _config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], prefix
         elif old != new:
             out.append(f"{prefix}{key}: {old} -> {new}")
     return out
-
-
-def _mean_over_updates(updates: list[dict[str, float]]) -> dict[str, float]:
-    """Per-step value of per-update OCC metrics: each one's mean over the step's updates that report it.
-
-    λ, ``refreshed`` and ``skipped`` are reported by every update; the statistics only by the applied ones.
-    """
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    for update in updates:
-        for key, value in update.items():
-            sums[key] = sums.get(key, 0.0) + value
-            counts[key] = counts.get(key, 0) + 1
-    return {key: total / counts[key] for key, total in sums.items()}
-
-
-def _mtp_logprobs_post_processor_class(
-    base: type, capture: Any, inputs: ModelInputRecorder, sink: list
-) -> type:
-    """A subclass of NeMo-RL's ``LogprobsPostProcessor`` that also keeps each depth's aligned old log-probs."""
-
-    class MTPLogprobsPostProcessor(base):
-        def __call__(self, data_dict, input_ids, cu_seqlens_padded):
-            main = super().__call__(
-                data_dict=data_dict, input_ids=input_ids, cu_seqlens_padded=cu_seqlens_padded
-            )
-            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-
-            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
-
-            def with_mtp(output_tensor):
-                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
-                mtp = capture.take().logprobs(
-                    inputs.input_ids, packed_seq_params=inputs.packed_seq_params, chunk_size=chunk
-                )
-                rows = {"input_ids": data_dict["input_ids"]}
-                attach_mtp_to_batch(rows, mtp, inputs.packed_seq_params)
-                depths = range(1, len(mtp.logprobs) + 1)
-                aligned = [
-                    rows[mtp_logprobs_key(d)].float() for d in depths
-                ]  # [B, S-1], index j scores tok[j+1]
-                # prev_logprobs' layout: position i scores token i, position 0 has none
-                sink.append([torch.cat([torch.zeros_like(a[:, :1]), a], dim=1) for a in aligned])
-                return main(output_tensor)
-
-            return with_mtp
-
-    return MTPLogprobsPostProcessor
-
-
-def _mtp_post_processor_class(base: type, capture: Any, inputs: ModelInputRecorder) -> type:
-    """A subclass of NeMo-RL's ``LossPostProcessor`` that attaches the MTP log-probs before the loss."""
-
-    class MTPLossPostProcessor(base):
-        def __call__(self, data_dict, packed_seq_params=None, global_valid_seqs=None, global_valid_toks=None):
-            compute_loss = super().__call__(
-                data_dict=data_dict,
-                packed_seq_params=packed_seq_params,
-                global_valid_seqs=global_valid_seqs,
-                global_valid_toks=global_valid_toks,
-            )
-            from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-
-            chunk = self.cfg.get("logprob_chunk_size") or DEFAULT_CHUNK_SIZE
-
-            def with_mtp(output_tensor, *args, **kwargs):
-                # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
-                mtp = capture.take().logprobs(
-                    inputs.input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk, return_top1=True
-                )
-                attach_mtp_to_batch(data_dict, mtp, packed_seq_params)
-                return compute_loss(output_tensor, *args, **kwargs)
-
-            return with_mtp
-
-    return MTPLossPostProcessor
