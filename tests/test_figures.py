@@ -24,7 +24,7 @@ def _rows(seed: int, steps: int = 12, occ: bool = True) -> list[dict]:
             "reward/mean": 0.3 + 0.04 * t + 0.02 * float(rng.normal()),
             "mtp/accuracy_1": 0.6 + 0.01 * t,
             "lambda_applied_mean_1": lam,
-            f"{pre}/lambda_stats_1": lam + 0.01,
+            f"{pre}/lambda_1": lam + 0.01,
             f"{pre}/first_order_1": lam * 0.1,
             f"{pre}/second_order_1": 0.5 * lam**2 * 0.2,
             **({"eval/accuracy": 0.3 + 0.03 * t} if t % 4 == 0 else {}),
@@ -71,8 +71,8 @@ def test_every_figure_is_drawn_from_synthetic_records(tmp_path, runs):
 def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
     for rows in runs["occ"]:
         for r in rows:
-            r.pop("occ/lambda_stats_1", None)
-    with pytest.raises(F.FigureDataError, match=r"run 'occ'.*'occ/lambda_stats_1' or 'proxy/lambda_stats_1'"):
+            r.pop("occ/lambda_1", None)
+    with pytest.raises(F.FigureDataError, match=r"run 'occ'.*'occ/lambda_1' or 'proxy/lambda_1'"):
         F.fig4_lambda({"occ": runs["occ"]}, tmp_path / "f4.png", caption="x")
     probes = {"policy": _probes(1)}
     del probes["policy"][3]["v2_hat_own"]

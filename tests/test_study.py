@@ -83,7 +83,7 @@ def test_welch_comparison_matches_the_t_distribution_by_hand():
 def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
     rows = [{"step": 0, "eval/accuracy": 0.2}]
     for t in range(1, 11):
-        rows.append({"step": t, "reward/mean": t / 10, "mtp/accuracy_1": 0.5, "occ/lambda_stats_1": t - 3.0})
+        rows.append({"step": t, "reward/mean": t / 10, "mtp/accuracy_1": 0.5, "occ/lambda_1": t - 3.0})
     rows[-1]["eval/accuracy"] = 0.9
     m = run_metrics(rows, steps=10, wall_s=3.0)
     assert m["reward_final"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 5)  # tail = max(5, 10/5)

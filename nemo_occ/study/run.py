@@ -31,6 +31,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def variant_config(
     demo["rl"]["checkpoint_every"] = checkpoint_every
     occ = _merge(occ_cfg.model_dump(), variant.overrides)
     occ["regime"] = variant.regime
-    return DemoConfig.model_validate(demo), NemoOCCConfig.model_validate(occ)
+    with warnings.catch_warnings():  # advisories on base settings a regime ignores (coef under occ, ...)
+        warnings.simplefilter("ignore", UserWarning)
+        return DemoConfig.model_validate(demo), NemoOCCConfig.model_validate(occ)
 
 
 def _run_dir(out: Path, job: Job) -> Path:
