@@ -304,7 +304,8 @@ def fig_lambda_agreement(
 
 
 def _probe_arrays(recs: Sequence[dict]) -> dict[str, np.ndarray]:
-    a = {k: np.array([float(r[k]) for r in recs]) for k in PROBE_KEYS}
+    # d_rl2 (Σδ_RL² per token) is optional: without it there is no proxy cosine (NaN, not drawn)
+    a = {k: np.array([float(r[k]) if r.get(k) is not None else np.nan for r in recs]) for k in PROBE_KEYS}
     with np.errstate(divide="ignore", invalid="ignore"):
         a["cos"] = a["c"] / np.sqrt(a["rl_norm2"] * a["v2"])
         a["cos_hat"] = a["c_hat"] / np.sqrt(a["d_rl2"] * a["v2_hat"])
@@ -324,12 +325,12 @@ def fig2_dynamics(
     training rows (d: mean over seeds, trailing mean).
 
     (a) cos(g_RL, g_MTP) = c / sqrt(||g_RL||²·v²) over the main model's parameters (solid) and the proxy
-    cosine ĉ / sqrt(Σδ_RL²·v̂²) (dashed, hollow markers); (b) v² = ||g_MTP||² over the main model;
+    cosine ĉ / sqrt(Σδ_RL²·v̂²) (dashed, hollow markers; only for records with ``d_rl2``); (b) v² = ||g_MTP||² over the main model;
     (c) v̂² per token (δ_MTP against the main head's old log-prob) split into the MTP head's own change
     Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))²;
     (d) first-order λĉ (solid) and second-order ½λ²v̂² (dashed) terms of Eq. 10."""
     figure = "Fig. 2 (coefficient components)"
-    _check_probes(probes, figure)
+    _check_probes(probes, figure, keys=tuple(k for k in PROBE_KEYS if k != "d_rl2"))
     _check_runs(training, figure)
     fig, axes = _figure(4, width=4.4)
     n = len(probes)

@@ -68,6 +68,11 @@ def test_every_figure_is_drawn_from_synthetic_records(tmp_path, runs):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f2.png", "f4.png", "f6.png", "f8.png", "fa.png"]
 
 
+def test_fig2_without_the_proxy_cosine_input_still_draws(tmp_path, runs):
+    probes = {"occ": [{k: v for k, v in r.items() if k != "d_rl2"} for r in _probes(0)]}
+    assert _is_png(F.fig2_dynamics(probes, {"occ": runs["occ"]}, tmp_path / "f2.png", caption="x"))
+
+
 def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
     for rows in runs["occ"]:
         for r in rows:

@@ -184,3 +184,8 @@ def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
     assert training_probes(rows) == [
         {"step": 2, "c": 0.5, "v2": 2.0, "rl_norm2": 4.0, "c_hat": 0.01, "v2_hat": 0.2}
     ]
+    # with the head-gap sums of the step: per token, the gap = share × v̂²(vs main old)
+    gap = {"proxy/valid_tokens_1": 10.0, "proxy/v2_hat_vs_main_old_1": 5.0, "proxy/v2_hat_vs_own_old_1": 1.0,
+           "proxy/head_gap_share_1": 0.6}  # fmt: skip
+    (rec,) = training_probes([{"step": 3, **probe, **gap}])
+    assert (rec["v2_hat_main"], rec["v2_hat_own"], rec["head_gap"]) == pytest.approx((0.5, 0.1, 0.3))

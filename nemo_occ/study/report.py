@@ -120,11 +120,20 @@ _TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fide
 
 
 def training_probes(rows: list[dict]) -> list[dict]:
-    """The run's in-training probes as probe records (per-token proxies and exact statistics; no Σδ_RL²)."""
+    """The run's in-training probes as probe records: per-token proxies and exact statistics of the probed
+    update, and, when the row has them, v̂²'s readings and head gap per token (the step's updates' mean,
+    ``<p>/v2_hat_vs_main_old_1`` ... over ``<p>/valid_tokens_1``). No Σδ_RL², so no proxy cosine."""
     out = []
     for r in rows:
-        if all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
-            out.append({"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}})
+        if not all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
+            continue
+        rec = {"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}}
+        pre = "occ" if r.get("occ/valid_tokens_1") is not None else "proxy"
+        n, main = r.get(f"{pre}/valid_tokens_1"), r.get(f"{pre}/v2_hat_vs_main_old_1")
+        own, share = r.get(f"{pre}/v2_hat_vs_own_old_1"), r.get(f"{pre}/head_gap_share_1")
+        if n and main is not None and own is not None and share is not None:
+            rec.update(v2_hat_main=main / n, v2_hat_own=own / n, head_gap=share * main / n)
+        out.append(rec)
     return out
 
 
@@ -385,6 +394,11 @@ def _figures(
     pooled_training = {
         n: [r for recs in per_seed.values() for r in recs] for n, per_seed in in_training.items()
     }
+    if pooled_training and not pooled:
+        draw("fig2_dynamics.png", F.fig2_dynamics, pooled_training, group(list(pooled_training)),
+             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step, "
+                  "over seeds; a: mean ± 1 sd, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
+                  "range; v̂² parts are the step's updates' mean); d training rows", names=list(pooled_training))  # fmt: skip
     if pooled_training:
         draw("fig8_training_probes.png", F.fig8_fidelity, pooled_training,
              what=f"Proxy vs exact (paper Fig. 8) from the runs' own probes (one update every "
