@@ -31,10 +31,8 @@ def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
     assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
     assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [("ce_coef1", s) for s in (0, 1, 2)]
     probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]
-    first = [(r, 0, k) for r in ("ce", "policy", "occ") for k in (30, 60, 90)]
-    assert probes == first + [
-        (r, s, k) for s in (1, 2) for r in ("ce", "policy", "occ") for k in (30, 60, 90)
-    ]
+    order = [(r, k) for k in (90, 60, 30) for r in ("occ", "policy", "ce")]  # last checkpoint first
+    assert probes == [(r, s, k) for s in (0, 1, 2) for r, k in order]
     assert {j.tier for j in jobs if j.kind == "probe"} == {3, 5}  # the first seed's probes before the sweeps
     sweep = {j.variant.name: j.variant.overrides for j in jobs if j.tier == 4}
     assert sweep == {

@@ -123,13 +123,17 @@ def build_plan(
     core = [v for v in all_variants if v.core]
     ce_hurts = [v for v in all_variants if v.name == "ce_coef1"]
     sweep = [v for v in all_variants if not v.core and v not in ce_hurts]
-    probed = [v for v in core if v.regime in PROBED_REGIMES]
-    ks = probe_steps(steps, checkpoints) if probes else []
+    # probes: the last checkpoint first, then earlier ones; at each, occ and policy before ce, so that a
+    # study cut short has the calibrated regimes' probes at the trained model
+    probed = sorted(
+        (v for v in core if v.regime in PROBED_REGIMES), key=lambda v: ("occ", "policy", "ce").index(v.regime)
+    )
+    ks = sorted(probe_steps(steps, checkpoints), reverse=True) if probes else []
     jobs = [Job(1, "train", v, s) for s in seeds for v in core]
     jobs += [Job(2, "train", v, s) for s in seeds for v in ce_hurts]
-    jobs += [Job(3, "probe", v, seeds[0], k) for v in probed for k in ks]
+    jobs += [Job(3, "probe", v, seeds[0], k) for k in ks for v in probed]
     if sweep_seeds:
         jobs += [Job(4, "train", v, sweep_seeds[0]) for v in sweep]
-    jobs += [Job(5, "probe", v, s, k) for s in seeds[1:] for v in probed for k in ks]
+    jobs += [Job(5, "probe", v, s, k) for s in seeds[1:] for k in ks for v in probed]
     jobs += [Job(6 + i, "train", v, s) for i, s in enumerate(sweep_seeds[1:]) for v in sweep]
     return jobs
