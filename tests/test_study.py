@@ -89,6 +89,12 @@ def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
     assert m["lambda_positive"] == pytest.approx(0.7)  # −2, −1, 0 are not positive; 1..7 are
     assert m["lambda_median"] == pytest.approx(2.5)  # median of −2..7
     assert m["wall_s"] == 3.0
+    assert m["mtp_share_median"] is None and m["clipped_mean"] is None  # not logged: not invented
+    rows[3].update({"update/mtp_share": 0.1, "update/clipped": 1.0})
+    rows[4].update({"update/mtp_share": 0.3, "update/clipped": 0.0})
+    rows[5].update({"update/mtp_share": 0.2, "update/clipped": 0.5})
+    m = run_metrics(rows, steps=10)
+    assert m["mtp_share_median"] == pytest.approx(0.2) and m["clipped_mean"] == pytest.approx(0.5)
 
 
 def _cli(*argv):

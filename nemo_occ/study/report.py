@@ -36,8 +36,10 @@ from nemo_occ.study.plan import Job
 
 __all__ = ["build_study_report", "run_metrics", "compare"]
 
-PER_RUN = ("reward_final", "eval_start", "eval_final", "agreement_final", "lambda_positive", "lambda_median",
-           "wall_s")  # fmt: skip
+PER_RUN = (
+    "reward_final", "eval_start", "eval_final", "agreement_final", "lambda_positive", "lambda_median",
+    "mtp_share_median", "clipped_mean", "wall_s",
+)  # fmt: skip
 
 
 def _vals(rows, key):
@@ -62,6 +64,10 @@ def run_metrics(rows: list[dict], steps: int, wall_s: float | None = None) -> di
     lam = _vals(rows, lam_key) if lam_key else []
     out["lambda_positive"] = sum(v > 0 for v in lam) / len(lam) if lam else None
     out["lambda_median"] = statistics.median(lam) if lam else None
+    # the miniature's update diagnostics: ||λ g_MTP|| / ||g_RL|| over the main model, and how often the clip fired
+    share, clipped = _vals(rows, "update/mtp_share"), _vals(rows, "update/clipped")
+    out["mtp_share_median"] = statistics.median(share) if share else None
+    out["clipped_mean"] = sum(clipped) / len(clipped) if clipped else None
     out["wall_s"] = wall_s
     return out
 
@@ -451,13 +457,16 @@ def summary_markdown(s: dict) -> str:
             f"| {_pm(e['lambda_positive']['mean'], e['lambda_positive']['sd'], '.2f')} "
             f"| {_fmt(e['wall_s']['mean'], '.0f')} |"
         )
-    L += ["", "Every seed:", "", "| variant | seed | reward | eval final | agreement | λ>0 | λ median | wall s |",
-          "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    L += ["", "Every seed (MTP share: median over steps of ||λ·g_MTP|| / ||g_RL|| over the main model; clipped: "
+          "share of updates the gradient clip scaled):", "",
+          "| variant | seed | reward | eval final | agreement | λ>0 | λ median | MTP share | clipped | wall s |",
+          "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, e in s["variants"].items():
         for seed, m in e["seeds"].items():
             L.append(f"| {name} | {seed} | {_fmt(m['reward_final'])} | {_fmt(m['eval_final'])} | "
                      f"{_fmt(m['agreement_final'])} | {_fmt(m['lambda_positive'], '.2f')} | "
-                     f"{_fmt(m['lambda_median'], '.3g')} | {_fmt(m['wall_s'], '.0f')} |")  # fmt: skip
+                     f"{_fmt(m['lambda_median'], '.3g')} | {_fmt(m.get('mtp_share_median'), '.3g')} | "
+                     f"{_fmt(m.get('clipped_mean'), '.2f')} | {_fmt(m['wall_s'], '.0f')} |")  # fmt: skip
     L += ["", "## Differences of final reward (Welch's t-test over seeds)", "",
           "| comparison | diff of means | larger seed sd | p | seeds | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, cmp in s["comparisons"].items():
