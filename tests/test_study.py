@@ -91,7 +91,7 @@ def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
     assert m["wall_s"] == 3.0
     assert m["mtp_share_median"] is None and m["clipped_mean"] is None  # not logged: not invented
     rows[3].update({"update/mtp_share": 0.1, "update/clipped": 1.0})
-    rows[4].update({"update/mtp_share": 0.3, "update/clipped": 0.0})
+    rows[4].update({"update/mtp_share": 0.5, "update/clipped": 0.0})
     rows[5].update({"update/mtp_share": 0.2, "update/clipped": 0.5})
     m = run_metrics(rows, steps=10)
     assert m["mtp_share_median"] == pytest.approx(0.2) and m["clipped_mean"] == pytest.approx(0.5)
