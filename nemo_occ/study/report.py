@@ -470,7 +470,15 @@ def summary_markdown(s: dict) -> str:
     L += ["", "## Differences of final reward (Welch's t-test over seeds)", "",
           "| comparison | diff of means | larger seed sd | p | seeds | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
     for name, cmp in s["comparisons"].items():
-        verdict = "within seed noise" if cmp["within_noise"] else "beyond seed noise (p < 0.05)"
+        if cmp["diff"] is None:
+            continue  # a side has no finished run: listed under Unfinished
+        verdict = (
+            "no test: a side has one seed"
+            if cmp["p"] is None
+            else "within seed noise (p ≥ 0.05)"
+            if cmp["within_noise"]
+            else "beyond seed noise (p < 0.05)"
+        )
         L.append(f"| {name} | {_fmt(cmp['diff'], '+.3f')} | {_fmt(cmp.get('seed_sd'))} | {_fmt(cmp['p'], '.3f')} "
                  f"| {cmp['n'][0]} vs {cmp['n'][1]} | {verdict} |")  # fmt: skip
     if s.get("training_probes"):
