@@ -27,7 +27,7 @@ def _plan(**kw):
 def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
     jobs = _plan()
     core = [(j.variant.name, j.seed) for j in jobs if j.tier == 1]
-    assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "detach", "ce", "policy", "occ")]
+    assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "occ", "policy", "ce", "detach")]
     assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
     assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [("ce_coef1", s) for s in (0, 1, 2)]
     probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]

@@ -71,7 +71,9 @@ def _num(x: float) -> str:
 
 def variants(coef: float, lambda_plus: float) -> list[Variant]:
     """Core variants first, then the sweeps (module docstring); values equal to the core's are skipped."""
-    out = [Variant(r, r, {}, core=True) for r in ("none", "detach", "ce", "policy", "occ")]
+    # within a seed: the baseline, then OCC and the fixed-λ policy loss it calibrates, then ce, and detach
+    # last (its MTP gradient never reaches the main model, so its main-model run repeats none's)
+    out = [Variant(r, r, {}, core=True) for r in ("none", "occ", "policy", "ce", "detach")]
     out += [Variant(f"ce_coef{_num(c)}", "ce", {"coef": c}) for c in CE_COEFS if not math.isclose(c, coef)]
     out += [
         Variant(f"policy_coef{_num(c)}", "policy", {"coef": c})
