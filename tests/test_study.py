@@ -109,7 +109,7 @@ def _cli(*argv):
     [
         (["--seeds", "0", "0"], "name each seed once"),
         (["--seeds", "0", "--sweep-seeds", "3"], "each must be one of --seeds"),
-        (["--only", "bogus"], "choose from none, detach"),
+        (["--only", "bogus"], "choose from none, occ, policy"),
         (["--probe-checkpoints", "0"], "--probe-checkpoints >= 1"),
         (["--quick", "--probe-checkpoints", "9"], "exceeds the 4 RL steps"),
     ],
