@@ -270,6 +270,14 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
                "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())}}
         for name, per_seed in in_training.items()
     }  # fmt: skip
+    summary["warm_start"] = {}
+    for seed in sorted({j.seed for j in jobs}):  # the shared warm start's gate, per seed
+        path = out / "warmstart" / f"seed{seed}.pt"
+        if path.exists():
+            import torch
+
+            metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics", {})
+            summary["warm_start"][str(seed)] = {k.removeprefix("warm_start/"): v for k, v in metrics.items()}
     summary["mechanism"] = _mechanism(summary)
     summary["figures"], summary["figures_not_drawn"] = _figures(
         out, summary, rows_of, probes, in_training, variants, cfg, occ_cfg
@@ -436,6 +444,16 @@ def summary_markdown(s: dict) -> str:
         f"λ+ {c['lambda_plus']}, old_logprobs {c['old_logprobs']}.  ",
         f"Probes: {s['probe']['minibatches']} minibatches at each of steps {s['probe']['steps']} of the core "
         f"{'/'.join(s['probe']['regimes'])} runs.",
+        "",
+        "## Warm start per seed (shared by every run of the seed; the demo's gate)",
+        "",
+        "| seed | SFT steps | gate | pass rate | MTP agreement | main CE |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {seed} | {w.get('steps')} | {w.get('gate')} | {_fmt(w.get('pass_rate'))} | "
+            f"{_fmt(w.get('mtp_agreement_1'))} | {_fmt(w.get('main_ce'))} |"
+            for seed, w in s.get("warm_start", {}).items()
+        ],
         "",
         "## Per variant (mean ± sd over seeds; then every seed)",
         "",
