@@ -193,3 +193,18 @@ def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
            "proxy/head_gap_share_1": 0.6}  # fmt: skip
     (rec,) = training_probes([{"step": 3, **probe, **gap}])
     assert (rec["v2_hat_main"], rec["v2_hat_own"], rec["head_gap"]) == pytest.approx((0.5, 0.1, 0.3))
+
+
+def test_a_second_study_in_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running study holds it
+    try:
+        rc, _, err = _cli(*TINY, "--only", "none", "--out", str(out))
+    finally:
+        os.close(fd)
+    assert rc == 2 and "another nemo-occ study is running in it" in err
+    assert [p.name for p in out.iterdir()] == [".study.lock"]  # nothing written

@@ -55,6 +55,35 @@ STUDY_FILE = "study.json"
 OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md")
 
 
+LOCK_FILE = ".study.lock"
+_LOCKS: dict[str, int] = {}  # folder -> fd of its held lock (this process)
+
+
+def _lock(out: Path) -> None:
+    """An exclusive advisory lock on ``OUT/.study.lock`` for this process (the OS drops it when the process
+    dies): two studies writing one folder would interleave the same run's metrics."""
+    import fcntl
+
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StudyError(
+            f"--out {out}: another nemo-occ study is running in it; wait for it to finish or stop it"
+        ) from None
+    _LOCKS[key] = fd
+
+
+def _unlock(out: Path) -> None:
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 class StudyError(ValueError):
     """``--out`` cannot be used as asked; the message says what to do instead."""
 
@@ -121,7 +150,7 @@ def prepare_study(out: Path, identity: dict, invocation: dict, *, overwrite: boo
     record = _read_record(out / STUDY_FILE) if (out / STUDY_FILE).exists() else None
     if (out / STUDY_FILE).exists() and record is None:
         raise StudyError(f"{flag} has a study.json that is not a nemo-occ study record; choose another --out")
-    if record is None and out.exists() and any(out.iterdir()):
+    if record is None and out.exists() and any(p.name != LOCK_FILE for p in out.iterdir()):
         raise StudyError(
             f"{flag} is not empty and is not a study folder (no study.json); choose another --out"
         )
@@ -133,6 +162,8 @@ def prepare_study(out: Path, identity: dict, invocation: dict, *, overwrite: boo
             f"{flag} holds a study with another configuration ({_differences(record['config'], identity)}); "
             "rerun with its settings to resume, add --overwrite to start fresh, or choose another --out"
         )
+    out.mkdir(parents=True, exist_ok=True)
+    _lock(out)  # before anything is written; held until run_study returns
     if overwrite and record is not None:  # only what the study writes; study.json last
         for name in OWNED[1:]:
             p = out / name
@@ -291,6 +322,16 @@ def run_study(
             raise StudyError(f"--out {out} holds a study with another configuration; give its settings")
     else:
         prepare_study(out, identity, invocation, overwrite=overwrite)
+    try:
+        return _run_jobs(out, cfg, occ_cfg, probe, invocation, seeds=seeds, sweep_seeds=sweep_seeds, only=only,
+                         probe_checkpoints=probe_checkpoints, probe_minibatches=probe_minibatches,
+                         max_minutes=max_minutes, report_only=report_only, show_progress=show_progress, say=say)  # fmt: skip
+    finally:
+        _unlock(out)
+
+
+def _run_jobs(out, cfg, occ_cfg, probe, invocation, *, seeds, sweep_seeds, only, probe_checkpoints,
+              probe_minibatches, max_minutes, report_only, show_progress, say) -> dict:  # fmt: skip
     jobs = build_plan(seeds=seeds, sweep_seeds=sweep_seeds, coef=occ_cfg.coef,
                       lambda_plus=occ_cfg.occ.lambda_plus, old_logprobs=occ_cfg.old_logprobs,
                       steps=cfg.rl.steps, checkpoints=probe_checkpoints, probes=probe_minibatches > 0)  # fmt: skip
