@@ -249,6 +249,21 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
     def rewards(name):
         return [m["reward_final"] for m in runs.get(name, {}).values()]
 
+    def paired(a_name, b_name) -> dict | None:
+        """Per-seed differences (same warm start, data order and sampling seeds) and the paired t-test."""
+        from scipy.stats import ttest_rel
+
+        a, b = runs.get(a_name, {}), runs.get(b_name, {})
+        seeds = sorted(set(a) & set(b))
+        d = [a[s]["reward_final"] - b[s]["reward_final"] for s in seeds]
+        if len(d) < 2:
+            return {"seeds": seeds, "diffs": d, "p": None}
+        p = float(
+            ttest_rel([a[s]["reward_final"] for s in seeds], [b[s]["reward_final"] for s in seeds]).pvalue
+        )
+        return {"seeds": seeds, "diffs": d, "mean": sum(d) / len(d), "sd": statistics.stdev(d),
+                "p": p if math.isfinite(p) else None}  # fmt: skip
+
     for name in runs:
         if name != "none":
             summary["comparisons"][f"{name} - none"] = compare(rewards(name), rewards("none"))
@@ -256,6 +271,9 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
             summary["comparisons"][f"{name} - policy"] = compare(rewards(name), rewards("policy"))
     if "ce_coef1" in runs:
         summary["comparisons"]["ce_coef1 - ce"] = compare(rewards("ce_coef1"), rewards("ce"))
+    for key, cmp in summary["comparisons"].items():
+        a_name, _, b_name = key.partition(" - ")
+        cmp["paired"] = paired(a_name, b_name)
     for name, per_seed in probes.items():
         pooled = [r for recs in per_seed.values() for r in recs]
         summary["probes"][name] = {"pooled": _probe_stats(pooled),
@@ -486,7 +504,11 @@ def summary_markdown(s: dict) -> str:
                      f"{_fmt(m['lambda_median'], '.3g')} | {_fmt(m.get('mtp_share_median'), '.3g')} | "
                      f"{_fmt(m.get('clipped_mean'), '.2f')} | {_fmt(m['wall_s'], '.0f')} |")  # fmt: skip
     L += ["", "## Differences of final reward (Welch's t-test over seeds)", "",
-          "| comparison | diff of means | larger seed sd | p | seeds | verdict |", "|---|---|---|---|---|---|"]  # fmt: skip
+          "Unpaired: Welch's t-test on the two sets of seeds. Paired: every regime of a seed shares its warm start, "
+          "data order and sampling seeds, so the per-seed differences (listed) remove the seed-to-seed spread; "
+          "paired t-test (scipy.stats.ttest_rel) over them.", "",
+          "| comparison | diff of means | larger seed sd | p (Welch) | seeds | verdict (Welch) | per-seed differences | "
+          "paired mean ± sd | p (paired) |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, cmp in s["comparisons"].items():
         if cmp["diff"] is None:
             continue  # a side has no finished run: listed under Unfinished
@@ -497,8 +519,11 @@ def summary_markdown(s: dict) -> str:
             if cmp["within_noise"]
             else "beyond seed noise (p < 0.05)"
         )
+        pd = cmp.get("paired") or {}
         L.append(f"| {name} | {_fmt(cmp['diff'], '+.3f')} | {_fmt(cmp.get('seed_sd'))} | {_fmt(cmp['p'], '.3f')} "
-                 f"| {cmp['n'][0]} vs {cmp['n'][1]} | {verdict} |")  # fmt: skip
+                 f"| {cmp['n'][0]} vs {cmp['n'][1]} | {verdict} | "
+                 f"{', '.join(format(x, '+.3f') for x in pd.get('diffs', []))} | "
+                 f"{_pm(pd.get('mean'), pd.get('sd'), '+.4f')} | {_fmt(pd.get('p'), '.3f')} |")  # fmt: skip
     if s.get("training_probes"):
         L += ["", "## In-training probes (the runs' own: one update every fidelity_every steps)", "",
               "| variant | seed | ρ(ĉ, c) | ρ(v̂², v²) | sign agreement (chance) | mean cos | cos > 0 |",
