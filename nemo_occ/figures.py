@@ -176,7 +176,13 @@ def _save(fig, path: Path, caption: str) -> Path:
 
     from nemo_occ.demo.output import atomic_write
 
+    from matplotlib.ticker import NullFormatter
+
     path = Path(path)
+    for ax in fig.axes:  # long titles of neighbouring panels must not run into each other
+        ax.title.set_fontsize(min(ax.title.get_fontsize(), 9))
+        if ax.get_xscale() == "log":  # minor tick labels of a narrow log range overprint each other
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
     lines = max(1, math.ceil(len(caption) / 170))
     fig.tight_layout(rect=(0, min(0.35, 0.05 * lines + 0.03), 1, 1))
