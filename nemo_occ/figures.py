@@ -173,10 +173,9 @@ def _figure(ncols: int, nrows: int = 1, width: float = 4.6, height: float = 3.6,
 
 def _save(fig, path: Path, caption: str) -> Path:
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     from nemo_occ.demo.output import atomic_write
-
-    from matplotlib.ticker import NullFormatter
 
     path = Path(path)
     for ax in fig.axes:  # long titles of neighbouring panels must not run into each other
