@@ -14,6 +14,7 @@ import sys
 
 _COMMAND_MODULES = (
     "nemo_occ.demo.cli",  # demo
+    "nemo_occ.study.cli",  # study
     "nemo_occ.nemo_rl.cli",  # train
     "nemo_occ.export.cli",  # export, verify-export
     "nemo_occ.info",  # info
