@@ -60,7 +60,7 @@ def main() -> None:
     mask = torch.ones_like(old_main, dtype=torch.bool)
     n_tok, n_seq = valid_counts(mask)
     policy_cfg = PolicyLossConfig()
-    occ_cfg = NemoOCCConfig(regime="occ", num_depths=args.depths)
+    nemo_occ_cfg = NemoOCCConfig(regime="occ", num_depths=args.depths)
 
     def losses(cur):
         kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
@@ -71,7 +71,7 @@ def main() -> None:
         )  # fmt: skip
         return main_loss, unscaled
 
-    objective_for_losses = MTPObjective(occ_cfg, policy_cfg)
+    objective_for_losses = MTPObjective(nemo_occ_cfg, policy_cfg)
 
     def rerun_probe() -> None:
         params = probe_parameters(model)
@@ -87,7 +87,7 @@ def main() -> None:
     def update(probed: str | None) -> float:
         model.load_state_dict(init_state)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        objective = MTPObjective(occ_cfg, policy_cfg)
+        objective = MTPObjective(nemo_occ_cfg, policy_cfg)
         sync()
         t0 = time.perf_counter()
         cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False)

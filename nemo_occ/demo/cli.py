@@ -125,7 +125,7 @@ def _demo(args) -> int:
             return _error(f"{flag} {_shown(value)}: {err.errors()[0]['msg'].removeprefix('Value error, ')}")
         overrides = _merge(overrides, _nested(key, value))
     try:
-        cfg, occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
+        cfg, nemo_occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
     except ConfigError as err:
         flat = " ".join(line.strip() for line in str(err).splitlines())
         return _error(f"--config {flat}" if args.config is not None else flat)
@@ -139,7 +139,7 @@ def _demo(args) -> int:
     try:
         summary = run_demo(
             cfg,
-            occ_cfg,
+            nemo_occ_cfg,
             args.out,
             overwrite=args.overwrite,
             command=_command(args),

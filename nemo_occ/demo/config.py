@@ -287,9 +287,9 @@ def _resolve(data: dict, quick: bool, overrides: dict | None) -> tuple[DemoConfi
         )
     demo_cfg = parse_block(DemoConfig, demo, "demo")
     occ_block.setdefault("num_depths", demo_cfg.model.mtp_num_layers)
-    occ_cfg = parse_block(NemoOCCConfig, occ_block, "nemo_occ")
-    if occ_cfg.num_depths != demo_cfg.model.mtp_num_layers:
+    nemo_occ_cfg = parse_block(NemoOCCConfig, occ_block, "nemo_occ")
+    if nemo_occ_cfg.num_depths != demo_cfg.model.mtp_num_layers:
         raise ConfigError(
-            f"nemo_occ.num_depths={occ_cfg.num_depths} but demo.model.mtp_num_layers={demo_cfg.model.mtp_num_layers}; make them equal"
+            f"nemo_occ.num_depths={nemo_occ_cfg.num_depths} but demo.model.mtp_num_layers={demo_cfg.model.mtp_num_layers}; make them equal"
         )
-    return demo_cfg, occ_cfg
+    return demo_cfg, nemo_occ_cfg

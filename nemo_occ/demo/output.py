@@ -60,10 +60,10 @@ class DemoOutputError(ValueError):
     """``--out`` cannot be used as asked; the message says what to do instead."""
 
 
-def results_config(cfg: DemoConfig, occ_cfg: NemoOCCConfig) -> dict:
+def results_config(cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig) -> dict:
     """The resolved configuration that decides the numbers (module docstring: "Same configuration")."""
     return json.loads(
-        json.dumps({"demo": cfg.model_dump(exclude=_NOT_RESULTS), "nemo_occ": occ_cfg.model_dump()})
+        json.dumps({"demo": cfg.model_dump(exclude=_NOT_RESULTS), "nemo_occ": nemo_occ_cfg.model_dump()})
     )
 
 
@@ -72,9 +72,9 @@ def run_settings(cfg: DemoConfig) -> dict:
     return cfg.model_dump(include=_NOT_RESULTS)
 
 
-def regime_fingerprint(cfg: DemoConfig, occ_cfg: NemoOCCConfig, regime: str) -> dict:
+def regime_fingerprint(cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, regime: str) -> dict:
     """What a regime's checkpoint must match to be resumed."""
-    return {**results_config(cfg, occ_cfg), "regime": regime}
+    return {**results_config(cfg, nemo_occ_cfg), "regime": regime}
 
 
 def _is_temp_of(name: str, names) -> bool:

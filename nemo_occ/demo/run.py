@@ -60,7 +60,7 @@ def package_versions() -> dict[str, str | None]:
 
 def run_demo(
     cfg: DemoConfig,
-    occ_cfg: NemoOCCConfig,
+    nemo_occ_cfg: NemoOCCConfig,
     out: Path,
     *,
     overwrite: bool = False,
@@ -78,14 +78,14 @@ def run_demo(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_demo(cfg, occ_cfg, out, overwrite, command, show_progress, say)
+        return _run_demo(cfg, nemo_occ_cfg, out, overwrite, command, show_progress, say)
     finally:
         torch.set_num_threads(previous_threads)
 
 
 def _run_demo(
     cfg: DemoConfig,
-    occ_cfg: NemoOCCConfig,
+    nemo_occ_cfg: NemoOCCConfig,
     out: Path,
     overwrite: bool,
     command: str | None,
@@ -102,8 +102,8 @@ def _run_demo(
         "versions": package_versions(),
         "machine": _machine(),
     }
-    _, resumed = prepare_output(out, results_config(cfg, occ_cfg), invocation, overwrite=overwrite)
-    done = {r: regime_progress(out / r, regime_fingerprint(cfg, occ_cfg, r)) for r in REGIMES}
+    _, resumed = prepare_output(out, results_config(cfg, nemo_occ_cfg), invocation, overwrite=overwrite)
+    done = {r: regime_progress(out / r, regime_fingerprint(cfg, nemo_occ_cfg, r)) for r in REGIMES}
     steps = cfg.rl.steps
     if resumed and all(done[r] == steps for r in cfg.regimes) and _summary_covers(out, done, steps):
         say(
@@ -125,7 +125,7 @@ def _run_demo(
     # Single-process megatron-core on a CPU-only torch (gloo world of 1), for every model of the run;
     # both are process-wide and undone on the way out, so the process is left as it was.
     with cpu_compat(), model_parallel(tensor_parallel=1):
-        return _run(cfg, occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress, say)
+        return _run(cfg, nemo_occ_cfg, out, {r for r in cfg.regimes if done[r] < steps}, show_progress, say)
 
 
 def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:
@@ -138,7 +138,7 @@ def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:
 
 
 def _run(
-    cfg: DemoConfig, occ_cfg: NemoOCCConfig, out: Path, todo: set[str], show_progress: bool, say
+    cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, out: Path, todo: set[str], show_progress: bool, say
 ) -> dict:
     from tqdm.auto import tqdm
 
@@ -158,10 +158,10 @@ def _run(
         total=cfg.rl.steps * len(todo_in_order), desc="RL", disable=not show_progress, unit="step"
     ) as bar:
         for regime in todo_in_order:
-            run_regime(regime, cfg, occ_cfg, warm_state, out / regime, progress=bar)
+            run_regime(regime, cfg, nemo_occ_cfg, warm_state, out / regime, progress=bar)
     runs = {}
     for regime in REGIMES:  # every finished regime of this folder, from what it recorded
-        run = finished_run(out / regime, regime_fingerprint(cfg, occ_cfg, regime), cfg.rl.steps)
+        run = finished_run(out / regime, regime_fingerprint(cfg, nemo_occ_cfg, regime), cfg.rl.steps)
         if run is not None:
             runs[regime] = {
                 "metrics": run.metrics,

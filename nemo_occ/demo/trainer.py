@@ -137,7 +137,7 @@ def evaluate(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, ops: torch
 def run_regime(
     regime: str,
     cfg: DemoConfig,
-    occ_cfg: NemoOCCConfig,
+    nemo_occ_cfg: NemoOCCConfig,
     warm_state: dict,
     out_dir: Path,
     *,
@@ -147,8 +147,8 @@ def run_regime(
     :func:`finished_run` reads the result back."""
     out_dir.mkdir(parents=True, exist_ok=True)
     task = AdditionTask(cfg.task.digits)
-    trainer = _Trainer.build(regime, cfg, occ_cfg, task, warm_state)
-    fingerprint = regime_fingerprint(cfg, occ_cfg, regime)
+    trainer = _Trainer.build(regime, cfg, nemo_occ_cfg, task, warm_state)
+    fingerprint = regime_fingerprint(cfg, nemo_occ_cfg, regime)
     start_step, elapsed, step_times, history = trainer.resume(out_dir, fingerprint)
     log = _MetricsLog(out_dir, history, purge_step=start_step if start_step > 1 else None)
     eval_ops = task.eval_operands(cfg.eval.problems, cfg.seed)
@@ -258,14 +258,14 @@ class _Trainer:
 
     @classmethod
     def build(
-        cls, regime: str, cfg: DemoConfig, occ_cfg: NemoOCCConfig, task: AdditionTask, warm_state: dict
+        cls, regime: str, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, task: AdditionTask, warm_state: dict
     ) -> _Trainer:
-        occ_cfg = occ_cfg.model_copy(update={"regime": regime})
+        nemo_occ_cfg = nemo_occ_cfg.model_copy(update={"regime": regime})
         policy = DemoPolicy.build(cfg, task)
         policy.model.load_state_dict(warm_state)
         optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
-        objective = MTPObjective(occ_cfg, cfg.policy_loss)
-        probes = ProbeHistory(occ_cfg.num_depths, occ_cfg.fidelity.min_probes)
+        objective = MTPObjective(nemo_occ_cfg, cfg.policy_loss)
+        probes = ProbeHistory(nemo_occ_cfg.num_depths, nemo_occ_cfg.fidelity.min_probes)
         from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
 
         params = probe_parameters(policy.model)

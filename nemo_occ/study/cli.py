@@ -76,7 +76,7 @@ def _study(args) -> int:
         return _error(f"--sweep-seeds {' '.join(map(str, sweep))}: each must be one of --seeds")
     overrides = {"rl": {"steps": args.steps}} if args.steps is not None else {}
     try:
-        cfg, occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
+        cfg, nemo_occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
     except ConfigError as err:
         return _error(" ".join(line.strip() for line in str(err).splitlines()))
     if args.probe_minibatches and args.probe_checkpoints > cfg.rl.steps:
@@ -85,7 +85,7 @@ def _study(args) -> int:
     from nemo_occ.study.plan import variants
     from nemo_occ.study.run import StudyError, run_study
 
-    known = [v.name for v in variants(occ_cfg.coef, occ_cfg.occ.lambda_plus)]
+    known = [v.name for v in variants(nemo_occ_cfg.coef, nemo_occ_cfg.occ.lambda_plus)]
     if args.only and any(n.replace("_oldmain", "_oldmtp") not in known for n in args.only):
         return _error(f"--only {' '.join(args.only)}: choose from {', '.join(known)}")
 
@@ -94,7 +94,7 @@ def _study(args) -> int:
 
     try:
         summary = run_study(
-            cfg, occ_cfg, args.out, seeds=args.seeds, sweep_seeds=sweep, only=args.only,
+            cfg, nemo_occ_cfg, args.out, seeds=args.seeds, sweep_seeds=sweep, only=args.only,
             probe_minibatches=args.probe_minibatches, probe_checkpoints=args.probe_checkpoints,
             max_minutes=args.max_minutes, overwrite=args.overwrite, report_only=args.report_only,
             command=shlex.join(["nemo-occ", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None,

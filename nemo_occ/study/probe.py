@@ -51,7 +51,7 @@ def _seed(*parts: int) -> int:
 
 
 def probe_checkpoint(
-    cfg: DemoConfig, occ_cfg: NemoOCCConfig, regime: str, snapshot: dict, *, minibatches: int
+    cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, regime: str, snapshot: dict, *, minibatches: int
 ) -> list[dict]:
     """One record per probed minibatch (``PROBE_FIELDS``) at the checkpoint ``snapshot`` (the demo
     trainer's checkpoint dict: ``step``, ``model``, ``optimizer``, ``objective``)."""
@@ -61,8 +61,8 @@ def probe_checkpoint(
 
     if minibatches < 1:
         raise ValueError(f"minibatches must be >= 1, got {minibatches}")
-    occ_cfg = occ_cfg.model_copy(update={"regime": regime})
-    objective = MTPObjective(occ_cfg, cfg.policy_loss)
+    nemo_occ_cfg = nemo_occ_cfg.model_copy(update={"regime": regime})
+    objective = MTPObjective(nemo_occ_cfg, cfg.policy_loss)
     if objective.calibrator is None or not objective.regime.trunk_gradient:
         raise ValueError(
             f"regime {regime!r} has no MTP gradient into the main model (or no proxies); probe ce, policy or occ"

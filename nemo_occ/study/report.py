@@ -181,7 +181,7 @@ def _probe_stats(recs: list[dict]) -> dict:
     }
 
 
-def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, probe: dict, invocation: dict,
+def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg, probe: dict, invocation: dict,
                        skipped: dict, *, say: Callable[[str], None] = print) -> dict:  # fmt: skip
     from nemo_occ.demo.output import regime_fingerprint
     from nemo_occ.demo.trainer import finished_run
@@ -197,7 +197,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
         runs.setdefault(v.name, {})
         if not done[job]:
             continue
-        rcfg, rocc = variant_config(cfg, occ_cfg, v, job.seed, probe["checkpoint_every"])
+        rcfg, rocc = variant_config(cfg, nemo_occ_cfg, v, job.seed, probe["checkpoint_every"])
         folder = _run_dir(out, job) / v.regime
         run = finished_run(folder, regime_fingerprint(rcfg, rocc, v.regime), steps)
         rows_of[(v.name, job.seed)] = run.metrics
@@ -227,9 +227,9 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
             "minibatches": cfg.rl.minibatches,
             "task": cfg.task.model_dump(),
             "model": cfg.model.model_dump(),
-            "coef": occ_cfg.coef,
-            "lambda_plus": occ_cfg.occ.lambda_plus,
-            "old_logprobs": occ_cfg.old_logprobs,
+            "coef": nemo_occ_cfg.coef,
+            "lambda_plus": nemo_occ_cfg.occ.lambda_plus,
+            "old_logprobs": nemo_occ_cfg.old_logprobs,
         },  # fmt: skip
         "probe": probe,
         "variants": {},
@@ -298,7 +298,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, occ_cfg, pro
             summary["warm_start"][str(seed)] = {k.removeprefix("warm_start/"): v for k, v in metrics.items()}
     summary["mechanism"] = _mechanism(summary)
     summary["figures"], summary["figures_not_drawn"] = _figures(
-        out, summary, rows_of, probes, in_training, variants, cfg, occ_cfg
+        out, summary, rows_of, probes, in_training, variants, cfg, nemo_occ_cfg
     )
 
     text = json.dumps(summary, indent=2) + "\n"
@@ -361,16 +361,16 @@ def _mechanism(summary: dict) -> dict:
     return out
 
 
-def _caption(cfg, occ_cfg, what: str, seeds) -> str:
+def _caption(cfg, nemo_occ_cfg, what: str, seeds) -> str:
     return (f"{what}. nemo-occ study, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x "
             f"{cfg.rl.samples_per_prompt} samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit "
             f"addition, GPT {cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP "
-            f"layer; coef {occ_cfg.coef:g}, λ+ {occ_cfg.occ.lambda_plus:g}, old_logprobs {occ_cfg.old_logprobs}; "
+            f"layer; coef {nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
             f"seeds {seeds}.")  # fmt: skip
 
 
 def _figures(
-    out: Path, summary, rows_of, probes, in_training, variants, cfg, occ_cfg
+    out: Path, summary, rows_of, probes, in_training, variants, cfg, nemo_occ_cfg
 ) -> tuple[list[str], dict]:
     from nemo_occ import figures as F
 
@@ -385,7 +385,7 @@ def _figures(
 
     def draw(name, fn, *args, what, names):
         try:
-            fn(*args, out / name, caption=_caption(cfg, occ_cfg, what, seeds_of(names)))
+            fn(*args, out / name, caption=_caption(cfg, nemo_occ_cfg, what, seeds_of(names)))
             drawn.append(name)
         except (F.FigureDataError, ValueError) as err:
             failed[name] = str(err)

@@ -88,21 +88,21 @@ class StudyError(ValueError):
     """``--out`` cannot be used as asked; the message says what to do instead."""
 
 
-def study_identity(cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: dict) -> dict:
+def study_identity(cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) -> dict:
     """What decides the study's numbers (module docstring, "Same configuration")."""
-    ident = results_config(cfg, occ_cfg)
+    ident = results_config(cfg, nemo_occ_cfg)
     ident["demo"].pop("seed", None)  # seeds are per run
     return {"base": ident, "probe": probe}
 
 
 def variant_config(
-    cfg: DemoConfig, occ_cfg: NemoOCCConfig, variant: Variant, seed: int, checkpoint_every: int
+    cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, variant: Variant, seed: int, checkpoint_every: int
 ) -> tuple[DemoConfig, NemoOCCConfig]:
     """The demo configuration of one run: the base one with the variant's ``nemo_occ`` settings."""
     demo = cfg.model_dump()
     demo.update(seed=seed, regimes=[variant.regime])
     demo["rl"]["checkpoint_every"] = checkpoint_every
-    occ = _merge(occ_cfg.model_dump(), variant.overrides)
+    occ = _merge(nemo_occ_cfg.model_dump(), variant.overrides)
     occ["regime"] = variant.regime
     with warnings.catch_warnings():  # advisories on base settings a regime ignores (coef under occ, ...)
         warnings.simplefilter("ignore", UserWarning)
@@ -117,7 +117,7 @@ def _probe_path(out: Path, job: Job, step: int, suffix: str) -> Path:
     return out / "probes" / job.variant.name / f"seed{job.seed}" / f"step{step}{suffix}"
 
 
-def job_done(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: dict) -> bool:
+def job_done(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) -> bool:
     from nemo_occ.demo.trainer import regime_progress
 
     if job.kind == "probe":
@@ -127,7 +127,7 @@ def job_done(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe
         except (OSError, json.JSONDecodeError):
             return False
         return rec.get("settings") == probe
-    rcfg, rocc = variant_config(cfg, occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
+    rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
     folder = _run_dir(out, job) / job.variant.regime
     return regime_progress(folder, regime_fingerprint(rcfg, rocc, job.variant.regime)) == cfg.rl.steps
 
@@ -221,14 +221,14 @@ class _Snapshots:
             atomic_write(dst, lambda f: torch.save(state, f))
 
 
-def _train(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: dict, invocation: dict,
+def _train(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict, invocation: dict,
            show_progress: bool) -> None:  # fmt: skip
     from tqdm.auto import tqdm
 
     from nemo_occ.demo.trainer import regime_progress, run_regime
     from nemo_occ.demo.warmstart import warm_start
 
-    rcfg, rocc = variant_config(cfg, occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
+    rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
     folder = _run_dir(out, job)
     try:
         prepare_output(folder, results_config(rcfg, rocc), invocation, overwrite=False)
@@ -256,14 +256,14 @@ def _train(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: 
         hook.grab(cfg.rl.steps)
 
 
-def _probe(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: dict) -> str | None:
+def _probe(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) -> str | None:
     """Probe one checkpoint; returns why it could not run (None when it ran)."""
     from nemo_occ.study.probe import probe_checkpoint
 
     snap = _probe_path(out, job, job.step, ".pt")
     if not snap.exists():
         return f"no checkpoint of step {job.step} was kept (the run finished before the study kept them)"
-    rcfg, rocc = variant_config(cfg, occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
+    rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
     state = torch.load(snap, map_location="cpu", weights_only=True)
     t0 = time.perf_counter()
     records = probe_checkpoint(rcfg, rocc, job.variant.regime, state, minibatches=probe["minibatches"])
@@ -276,7 +276,7 @@ def _probe(out: Path, job: Job, cfg: DemoConfig, occ_cfg: NemoOCCConfig, probe: 
 
 def run_study(
     cfg: DemoConfig,
-    occ_cfg: NemoOCCConfig,
+    nemo_occ_cfg: NemoOCCConfig,
     out: Path,
     *,
     seeds: list[int],
@@ -300,7 +300,7 @@ def run_study(
     every = math.gcd(cfg.rl.steps, *steps)  # checkpoints land on every probe step
     probe = {"minibatches": probe_minibatches, "checkpoints": probe_checkpoints, "steps": steps,
              "checkpoint_every": every, "regimes": list(PROBED_REGIMES)}  # fmt: skip
-    identity = study_identity(cfg, occ_cfg, probe)
+    identity = study_identity(cfg, nemo_occ_cfg, probe)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     invocation = {
@@ -323,24 +323,24 @@ def run_study(
     else:
         prepare_study(out, identity, invocation, overwrite=overwrite)
     try:
-        return _run_jobs(out, cfg, occ_cfg, probe, invocation, seeds=seeds, sweep_seeds=sweep_seeds, only=only,
+        return _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, seeds=seeds, sweep_seeds=sweep_seeds, only=only,
                          probe_checkpoints=probe_checkpoints, probe_minibatches=probe_minibatches,
                          max_minutes=max_minutes, report_only=report_only, show_progress=show_progress, say=say)  # fmt: skip
     finally:
         _unlock(out)
 
 
-def _run_jobs(out, cfg, occ_cfg, probe, invocation, *, seeds, sweep_seeds, only, probe_checkpoints,
+def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, *, seeds, sweep_seeds, only, probe_checkpoints,
               probe_minibatches, max_minutes, report_only, show_progress, say) -> dict:  # fmt: skip
-    jobs = build_plan(seeds=seeds, sweep_seeds=sweep_seeds, coef=occ_cfg.coef,
-                      lambda_plus=occ_cfg.occ.lambda_plus, old_logprobs=occ_cfg.old_logprobs,
+    jobs = build_plan(seeds=seeds, sweep_seeds=sweep_seeds, coef=nemo_occ_cfg.coef,
+                      lambda_plus=nemo_occ_cfg.occ.lambda_plus, old_logprobs=nemo_occ_cfg.old_logprobs,
                       steps=cfg.rl.steps, checkpoints=probe_checkpoints, probes=probe_minibatches > 0)  # fmt: skip
     if only:
         jobs = [j for j in jobs if j.variant.name in only]
     if only:
         jobs = [j for j in jobs if j.variant.name in only]
     try:
-        done = {j: job_done(out, j, cfg, occ_cfg, probe) for j in jobs}
+        done = {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
     except DemoOutputError as err:  # a run folder assembled by hand, or written by another configuration
         raise StudyError(str(err)) from None
     todo = [j for j in jobs if not done[j]]
@@ -367,9 +367,9 @@ def _run_jobs(out, cfg, occ_cfg, probe, invocation, *, seeds, sweep_seeds, only,
                     + (f", ETA ~{eta:.0f} min" if all(spent[k] or not left[k] for k in spent) else "") + ")")  # fmt: skip
                 tj, cj = time.perf_counter(), time.process_time()
                 if job.kind == "train":
-                    _train(out, job, cfg, occ_cfg, probe, invocation, show_progress)
+                    _train(out, job, cfg, nemo_occ_cfg, probe, invocation, show_progress)
                 else:
-                    why = _probe(out, job, cfg, occ_cfg, probe)
+                    why = _probe(out, job, cfg, nemo_occ_cfg, probe)
                     if why:
                         skipped[job.label] = why
                         say(f"    skipped: {why}")
@@ -381,5 +381,5 @@ def _run_jobs(out, cfg, occ_cfg, probe, invocation, *, seeds, sweep_seeds, only,
             teardown_megatron_cpu()
     from nemo_occ.study.report import build_study_report
 
-    done = {j: job_done(out, j, cfg, occ_cfg, probe) for j in jobs}
-    return build_study_report(out, jobs, done, cfg, occ_cfg, probe, invocation, skipped, say=say)
+    done = {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
+    return build_study_report(out, jobs, done, cfg, nemo_occ_cfg, probe, invocation, skipped, say=say)
