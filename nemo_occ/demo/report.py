@@ -242,7 +242,7 @@ def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
             pre = _proxy_prefix(regime)
             c = _COLORS.get(regime)
             for ax, key, title in (
-                (axes[0], "lambda_applied_mean_1", "λ applied (mean over the step's updates)"),
+                (axes[0], f"{pre}/lambda_applied_1", "λ applied (mean over the step's updates)"),
                 (axes[1], f"{pre}/c_hat_mean_1", "alignment proxy ĉ (per token)"),
                 (axes[2], f"{pre}/v2_hat_mean_1", "variance proxy v̂² (per token)"),
             ):

@@ -72,11 +72,28 @@ def run_demo(
 
     Raises ``DemoOutputError`` (nothing touched) when ``out`` may not be used; see ``output.py``.
     ``say`` receives one line on what happens to earlier results (resumed, already complete).
+    The torch thread count is ``cfg.threads`` while it runs and restored afterwards.
     """
-    from nemo_occ.demo.trainer import regime_progress
-
+    previous_threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run_demo(cfg, occ_cfg, out, overwrite, command, show_progress, say)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(
+    cfg: DemoConfig,
+    occ_cfg: NemoOCCConfig,
+    out: Path,
+    overwrite: bool,
+    command: str | None,
+    show_progress: bool,
+    say: Callable[[str], None],
+) -> dict:
+    from nemo_occ.demo.trainer import regime_progress
+
     invocation = {
         "command": command,
         "cwd": os.getcwd(),

@@ -6,14 +6,18 @@ One RL step, as in the paper's setup (scaled down):
      sampling loop (main head only, MTP block skipped);
   3. verifiable reward, group-normalised advantages (GRPO), DAPO dynamic sampling drops groups
      whose rewards are all equal;
-  4. old log-probs of the main head and of every MTP depth in one no-grad forward (θ_old), plus
-     the MTP head's top-1 agreement with the sampled token (the draft-acceptance proxy);
+  4. old log-probs of the main head and of every MTP depth in one no-grad forward (θ_old);
   5. ``minibatches`` optimizer updates over the kept groups. Each update runs the production path:
-     ``forward_with_mtp_logprobs`` (chunked vocab-parallel log-probs, trunk cut for ``detach``),
-     the main head's clipped loss, ``MTPObjective`` for the regime's MTP term, one backward, an
-     Adam step, then ``MTPObjective.finish_update`` (OCC: the λ of the next update). Every
-     ``fidelity_every`` steps one update (``nemo_occ.core.fidelity.probed_update``) is probed first:
-     exact c and v² from the same forward, recorded with that update's proxies in a ``ProbeHistory``.
+     ``forward_with_mtp_logprobs`` (chunked vocab-parallel log-probs, trunk cut for ``detach``, the
+     MTP heads' arg-max hits for the draft-acceptance proxy), the main head's clipped loss,
+     ``MTPObjective`` for the regime's MTP term, a backward in two passes (RL part, then MTP term, so
+     the MTP term's share of the update is measured), the gradient clip, an Adam step, then
+     ``MTPObjective.close_update`` (OCC: the λ of the next update). Every ``fidelity_every`` steps one
+     update (``nemo_occ.core.fidelity.probed_update``) is probed first: exact c and v² from the same
+     forward, recorded with that update's proxies in a ``ProbeHistory``, and the cosine between the RL
+     gradients of its minibatch's two halves;
+  6. the step's row: the updates reduced by the metrics contract (``nemo_occ.core.metrics``) plus
+     this demo's own per-update metrics (losses, ``grad_norm``, ``update/*``) averaged over them.
 
 Determinism: every random draw of step t comes from generators seeded by (seed, t), so a run resumed
 from a checkpoint reproduces the uninterrupted run's metrics exactly (on the same machine/threads).
@@ -37,6 +41,7 @@ from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
+from nemo_occ.core.metrics import UpdateStatistics, acceptance_counts, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.demo.config import DemoConfig
@@ -51,7 +56,7 @@ __all__ = [
     "RegimeRun",
     "Rollout",
     "finished_run",
-    "reduce_updates",
+    "step_row",
     "regime_progress",
     "rollout",
     "run_regime",
@@ -154,10 +159,10 @@ def run_regime(
         t0 = time.perf_counter()
         batch = rollout(trainer.policy, task, cfg, step)
         row = {"step": step, **batch.metrics()}
-        updates, probed, t_probe = trainer.train_step(batch, probe=_probe_due(cfg, trainer.objective, step))
-        row.update(probed)
-        row.update(reduce_updates(updates, occ_cfg.num_depths))
-        step_time = time.perf_counter() - t0 - t_probe  # the probes' extra backward passes are not training
+        updates = trainer.train_step(batch, probe=_probe_due(cfg, trainer.objective, step))
+        row.update(step_row(updates))
+        # the probes' extra backward passes are not training
+        step_time = time.perf_counter() - t0 - sum(u.probe_seconds for u in updates)
         step_times.append(step_time)
         row["time/step_s"] = step_time
         if step % cfg.eval.every == 0 or step == cfg.rl.steps:
@@ -187,13 +192,13 @@ class Rollout:
     group_size: int
 
     def metrics(self) -> dict:
-        """Reward, kept groups, and main / MTP top-1 agreement with the sampled tokens at θ_old."""
-        row: dict = {"reward/mean": float(self.rewards.mean()), "rl/kept_groups": int(self.keep_groups.sum())}
-        for k, top1 in enumerate(self.old.mtp_top1):
-            valid = self.mask & self.old.mtp_masks[k]
-            row[f"mtp/accuracy_{k + 1}"] = float((top1 & valid).sum() / valid.sum().clamp(min=1))
-        row["main/accuracy"] = float((self.old.main_top1 & self.mask).sum() / self.mask.sum())
-        return row
+        """Reward, kept groups, and the main head's top-1 agreement with the sampled tokens at θ_old (the
+        MTP heads' agreement, ``mtp/accuracy_k``, comes from the updates' training forwards: ``step_row``)."""
+        return {
+            "reward/mean": float(self.rewards.mean()),
+            "rl/kept_groups": int(self.keep_groups.sum()),
+            "main/accuracy": float((self.old.main_top1 & self.mask).sum() / self.mask.sum()),
+        }
 
     def minibatches(self, count: int) -> list[torch.Tensor]:
         """Sequence indices of each minibatch: the kept groups split into ``count`` (non-empty) parts."""
@@ -221,6 +226,17 @@ def rollout(policy: DemoPolicy, task: AdditionTask, cfg: DemoConfig, step: int) 
 
 
 # -- updates -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UpdateResult:
+    """What one optimizer update reports."""
+
+    metrics: dict  # losses, grad_norm, update/* (this demo's own per-update metrics)
+    statistics: UpdateStatistics | None  # the OCC statistics (MTPObjective.close_update); None: regime none
+    acceptance: torch.Tensor  # [K, 2] (arg-max hits, tokens) of its training forward
+    probed: dict  # exact/* and fidelity/* when this update was probed, else {}
+    probe_seconds: float  # time spent on the probe's extra backward passes
 
 
 def _probe_due(cfg: DemoConfig, objective: MTPObjective, step: int) -> bool:
@@ -254,31 +270,25 @@ class _Trainer:
         params = probe_parameters(policy.model)
         return cls(cfg, policy, optimizer, objective, probes, params, probe_statistics_group())
 
-    def train_step(self, batch: Rollout, *, probe: bool) -> tuple[list[dict], dict, float]:
-        """The step's optimizer updates over the kept groups: (per-update metrics, the probe's metrics,
-        seconds spent probing).
+    def train_step(self, batch: Rollout, *, probe: bool) -> list[UpdateResult]:
+        """The step's optimizer updates over the kept groups, in order.
 
         The first update runs at θ = θ_old (δ_RL = 0): it is reported but does not refresh λ.
         With ``probe``, update ``probed_update(n)`` is probed first (exact c, v² from the same forward).
         """
         chunks = batch.minibatches(self.cfg.rl.minibatches)
         probed_at = probed_update(len(chunks)) if probe and chunks else -1
-        updates, probed, t_probe = [], {}, 0.0
-        for u, idx in enumerate(chunks):
-            upd, probe_m, t = self.update(batch, idx, refresh=u > 0, probe=u == probed_at)
-            updates.append(upd)
-            probed.update(probe_m)
-            t_probe += t
-        return updates, probed, t_probe
+        return [self.update(batch, idx, refresh=u > 0, probe=u == probed_at) for u, idx in enumerate(chunks)]
 
-    def update(
-        self, batch: Rollout, idx: torch.Tensor, *, refresh: bool, probe: bool
-    ) -> tuple[dict, dict, float]:
-        """One optimizer update on sequences ``idx`` through the production path:
-        (metrics, the probe's exact/* and fidelity/* metrics, seconds spent probing)."""
+    def update(self, batch: Rollout, idx: torch.Tensor, *, refresh: bool, probe: bool) -> UpdateResult:
+        """One optimizer update on sequences ``idx`` through the production path."""
         mask = batch.mask[idx]
         n_tok, n_seq = valid_counts(mask)
-        cur = self.policy.logprobs(batch.seqs[idx], detach_trunk=not self.objective.regime.trunk_gradient)
+        cur = self.policy.logprobs(
+            batch.seqs[idx], detach_trunk=not self.objective.regime.trunk_gradient, return_top1=True
+        )
+        # draft acceptance at θ over the update's loss tokens with a depth-k target (the metrics contract)
+        acceptance = acceptance_counts(cur.mtp_top1, [mask & m for m in cur.mtp_masks])
         inputs = dict(
             old_logprobs=batch.old.main_logprobs[idx], advantages=batch.advantages[idx], mask=mask,
             mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks,
@@ -307,12 +317,12 @@ class _Trainer:
             self.policy.model.parameters(), self.cfg.rl.grad_clip, error_if_nonfinite=True
         )
         self.optimizer.step()
-        upd.update(self.objective.finish_update(refresh=refresh))
+        statistics = self.objective.close_update(refresh=refresh)
         if exact is not None:  # the probe next to this update's own proxies
-            probed.update(self.probes.record_update(upd, exact))
+            probed.update(self.probes.record_update(statistics, exact))
         upd["grad_norm"] = grad_norm
         upd["update/clipped"] = float(grad_norm > self.cfg.rl.grad_clip)  # clip_grad_norm_ scaled the update
-        return _jsonable(upd), probed, t_probe
+        return UpdateResult(_jsonable(upd), statistics, acceptance, probed, t_probe)
 
     def _main_params(self) -> list:
         return [pp for pp in self.params if pp.part == "main"]
@@ -415,25 +425,23 @@ def _cosines(exact) -> dict:
 # -- logging -------------------------------------------------------------------------------------------
 
 
-def reduce_updates(updates: list[dict], num_depths: int) -> dict:
-    """One step's row from its updates' metrics: λ and the proxies of the step's last update (the λ
-    carried into the next step), every other metric averaged over the updates that report it, and
-    ``lambda_applied_mean_k``, the mean λ the step's updates actually used."""
+def step_row(updates: list[UpdateResult]) -> dict:
+    """One step's row from its updates: the OCC statistics and draft acceptance reduced by the metrics
+    contract (``nemo_occ.core.metrics.step_metrics``: λ of the last update, statistics averaged over
+    applied updates, ``mtp/accuracy_k`` = Σ hits / Σ tokens), this demo's per-update metrics (losses,
+    ``grad_norm``, ``update/*``) averaged over the updates, and the probed update's ``exact/*``, ``fidelity/*``."""
     row: dict = {"updates": len(updates)}
     if not updates:
         return row
-    last = updates[-1]
-    for key in last:
-        if key.startswith(("occ/", "proxy/")):
-            row[key] = last[key]
-        else:
-            vals = [r[key] for r in updates if r.get(key) is not None]
-            row[key] = sum(vals) / len(vals) if vals else None
-    for k in range(1, num_depths + 1):
-        used = [r.get(f"occ/lambda_applied_{k}", r.get(f"proxy/lambda_applied_{k}")) for r in updates]
-        used = [x for x in used if x is not None]
-        if used:
-            row[f"lambda_applied_mean_{k}"] = sum(used) / len(used)
+    for key in updates[0].metrics:
+        vals = [u.metrics[key] for u in updates if u.metrics.get(key) is not None]
+        row[key] = sum(vals) / len(vals) if vals else None
+    statistics = [u.statistics for u in updates if u.statistics is not None]
+    acceptance = torch.stack([u.acceptance for u in updates]).sum(0)
+    for key, value in step_metrics(statistics, acceptance).items():
+        row[f"mtp/{key}" if key.startswith("accuracy_") else key] = value  # NeMo-RL: train/mtp/accuracy_k
+    for u in updates:
+        row.update(u.probed)
     return row
 
 
