@@ -350,10 +350,11 @@ def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, *, seeds, sweep_seeds, 
     t0 = time.perf_counter()
     skipped: dict[str, str] = {}
     if todo and not report_only:
-        from nemo_occ.demo.policy import setup_megatron_cpu, teardown_megatron_cpu
+        from nemo_occ.megatron.cpu_compat import cpu_compat
+        from nemo_occ.megatron.parallel import model_parallel
 
-        setup_megatron_cpu()
-        try:
+        # as run_demo: single-process megatron-core on a CPU-only torch for every job, undone on the way out
+        with cpu_compat(), model_parallel(tensor_parallel=1):
             spent: dict[str, list[float]] = {"train": [], "probe": []}
             for i, job in enumerate(todo, start=1):
                 elapsed = (time.perf_counter() - t0) / 60
@@ -377,8 +378,6 @@ def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, *, seeds, sweep_seeds, 
                 # CPU seconds next to wall seconds: on a shared machine the ratio says how much of it we got
                 say(f"    done in {spent[job.kind][-1]:.0f} s wall, {time.process_time() - cj:.0f} s CPU "
                     f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
-        finally:
-            teardown_megatron_cpu()
     from nemo_occ.study.report import build_study_report
 
     done = {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
