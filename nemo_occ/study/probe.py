@@ -32,7 +32,9 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
+from nemo_occ.core.metrics import metric_prefix, step_metrics
 from nemo_occ.core.objective import MTPObjective
+from nemo_occ.core.regimes import get_regime
 from nemo_occ.demo.config import DemoConfig
 
 __all__ = ["probe_checkpoint", "PROBE_FIELDS"]
@@ -123,7 +125,7 @@ def probe_checkpoint(
     torch.nn.utils.clip_grad_norm_(policy.model.parameters(), cfg.rl.grad_clip, error_if_nonfinite=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    objective.finish_update(refresh=False)
+    objective.close_update(refresh=False)
     lam = objective.coefficients()[0]
     params = probe_parameters(policy.model)
     records = []
@@ -131,8 +133,8 @@ def probe_checkpoint(
         cur, mask, main_loss, _, common, mtp = losses(idx)
         unscaled = [loss for loss, _ in objective.depth_losses(**common, **mtp)]
         exact = exact_gradient_statistics(main_loss, unscaled, params, stats_group=probe_statistics_group())
-        m = objective.finish_update(refresh=False)
-        pre = "occ" if regime == "occ" else "proxy"
+        m = step_metrics([objective.close_update(refresh=False)])  # this minibatch's proxies, λ kept
+        pre = metric_prefix(get_regime(regime).calibrated)
         n = m[f"{pre}/valid_tokens_1"]
         if n <= 0:
             continue
