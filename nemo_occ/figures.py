@@ -393,7 +393,7 @@ def fig2_dynamics(
 def fig8_fidelity(probes: Mapping[str, Sequence[dict]], path: Path, *, caption: str) -> Path:
     """Paper Fig. 8: each point one probed minibatch. Left |ĉ|/n vs |c| (log-log; filled: same sign,
     hollow: opposite sign), right v̂²/n vs v² (log-log). Legends: Spearman ρ [95% Fisher-z interval] of
-    the signed values (left) and of v̂², v² (right), per run label and pooled over all points."""
+    the signed values (left) and of v̂², v² (right), per run label and pooled over all run labels' points (in the titles)."""
     figure = "Fig. 8 (proxy vs exact)"
     _check_probes(probes, figure, keys=("c", "v2", "c_hat", "v2_hat"))
     fig, axes = _figure(2, width=5.2, height=4.2)
@@ -421,10 +421,10 @@ def fig8_fidelity(probes: Mapping[str, Sequence[dict]], path: Path, *, caption: 
                            label=f"{label}: {fmt(spearman_ci(a['v2_hat'], a['v2']))}")  # fmt: skip
     axes[0, 0].set(xscale="log", yscale="log", xlabel="|ĉ| / n = |Σ δ_RL·δ_MTP| / tokens (nats²)",
                    ylabel="|c| = |<g_RL, g_MTP>| over the main model (grad. units²)",
-                   title=f"alignment; pooled {fmt(spearman_ci(pooled['c_hat'], pooled['c']))}")  # fmt: skip
+                   title=f"alignment; all runs pooled {fmt(spearman_ci(pooled['c_hat'], pooled['c']))}")  # fmt: skip
     axes[0, 1].set(xscale="log", yscale="log", xlabel="v̂² / n = Σ δ_MTP² / tokens (nats²)",
                    ylabel="v² = ||g_MTP||² over the main model (grad. units²)",
-                   title=f"variance; pooled {fmt(spearman_ci(pooled['v2_hat'], pooled['v2']))}")  # fmt: skip
+                   title=f"variance; all runs pooled {fmt(spearman_ci(pooled['v2_hat'], pooled['v2']))}")  # fmt: skip
     for ax in axes[0]:
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)

@@ -208,3 +208,13 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path):
         os.close(fd)
     assert rc == 2 and "another nemo-occ study is running in it" in err
     assert [p.name for p in out.iterdir()] == [".study.lock"]  # nothing written
+
+
+def test_figure_captions_name_each_variants_seeds_when_they_differ():
+    from nemo_occ.study.report import seeds_text
+
+    pairs = [("occ", 0), ("occ", 1), ("occ", 2), ("occ_lp2", 0), ("policy", 2), ("policy", 0)]
+    assert seeds_text(["occ", "occ_lp2"], pairs) == "seeds occ [0, 1, 2], occ_lp2 [0]"
+    # one list when the drawn variants agree; variants without a finished run are left out
+    assert seeds_text(["occ", "missing"], pairs) == "seeds [0, 1, 2]"
+    assert seeds_text(["policy", "occ_lp2"], [p for p in pairs if p != ("policy", 2)]) == "seeds [0]"

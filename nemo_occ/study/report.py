@@ -361,12 +361,22 @@ def _mechanism(summary: dict) -> dict:
     return out
 
 
-def _caption(cfg, nemo_occ_cfg, what: str, seeds) -> str:
+def seeds_text(names, pairs) -> str:
+    """The seeds behind a figure from its (variant, seed) pairs: one list when every variant drawn has the
+    same seeds, else the list of each (a sweep may have run at fewer seeds than the core regimes)."""
+    per = {n: sorted({s for (m, s) in pairs if m == n}) for n in names}
+    per = {n: s for n, s in per.items() if s}
+    if len({tuple(s) for s in per.values()}) <= 1:
+        return f"seeds {next(iter(per.values()), [])}"
+    return "seeds " + ", ".join(f"{n} {s}" for n, s in per.items())
+
+
+def _caption(cfg, nemo_occ_cfg, what: str, seeds: str) -> str:
     return (f"{what}. nemo-occ study, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x "
             f"{cfg.rl.samples_per_prompt} samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit "
             f"addition, GPT {cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP "
             f"layer; coef {nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
-            f"seeds {seeds}.")  # fmt: skip
+            f"{seeds}.")  # fmt: skip
 
 
 def _figures(
@@ -380,12 +390,9 @@ def _figures(
         return {n: [rows_of[(n, s)] for s in sorted(s for (m, s) in rows_of if m == n)]
                 for n in names if any(m == n for (m, _) in rows_of)}  # fmt: skip
 
-    def seeds_of(names):
-        return sorted({s for (m, s) in rows_of if m in names})
-
-    def draw(name, fn, *args, what, names):
+    def draw(name, fn, *args, what, names, source=rows_of):
         try:
-            fn(*args, out / name, caption=_caption(cfg, nemo_occ_cfg, what, seeds_of(names)))
+            fn(*args, out / name, caption=_caption(cfg, nemo_occ_cfg, what, seeds_text(names, source)))
             drawn.append(name)
         except (F.FigureDataError, ValueError) as err:
             failed[name] = str(err)
@@ -415,14 +422,16 @@ def _figures(
              what="λ from the update's statistics (applied under occ; what OCC would pick under policy/ce) "
                   "next to MTP top-1 agreement", names=agr)  # fmt: skip
     pooled = {n: [r for recs in per_seed.values() for r in recs] for n, per_seed in probes.items()}
+    probed = [(n, s) for n, per_seed in probes.items() for s in per_seed]
+    probed_in_training = [(n, s) for n, per_seed in in_training.items() for s in per_seed]
     if pooled:
         draw("fig2_dynamics.png", F.fig2_dynamics, pooled, group(list(pooled)),
              what="Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes "
                   f"({summary['probe']['minibatches']} minibatches per checkpoint, pooled over seeds; a: mean ± 1 sd, b-c: median and interquartile range); "
-                  "d training rows", names=list(pooled))  # fmt: skip
+                  "d training rows", names=list(pooled), source=probed)  # fmt: skip
         draw("fig8_fidelity.png", F.fig8_fidelity, pooled,
              what="Proxy vs exact (paper Fig. 8), one point per probed minibatch, all checkpoints and seeds",
-             names=list(pooled))  # fmt: skip
+             names=list(pooled), source=probed)  # fmt: skip
     pooled_training = {
         n: [r for recs in per_seed.values() for r in recs] for n, per_seed in in_training.items()
     }
@@ -430,11 +439,13 @@ def _figures(
         draw("fig2_dynamics.png", F.fig2_dynamics, pooled_training, group(list(pooled_training)),
              what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step, "
                   "over seeds; a: mean ± 1 sd, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
-                  "range; v̂² parts are the step's updates' mean); d training rows", names=list(pooled_training))  # fmt: skip
+                  "range; v̂² parts are the step's updates' mean); d training rows", names=list(pooled_training),
+             source=probed_in_training)  # fmt: skip
     if pooled_training:
         draw("fig8_training_probes.png", F.fig8_fidelity, pooled_training,
              what=f"Proxy vs exact (paper Fig. 8) from the runs' own probes (one update every "
-                  f"{cfg.fidelity_every} RL steps, the step's second update), all seeds", names=list(pooled_training))  # fmt: skip
+                  f"{cfg.fidelity_every} RL steps, the step's second update), all seeds", names=list(pooled_training),
+             source=probed_in_training)  # fmt: skip
     return drawn, failed
 
 
