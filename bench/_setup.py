@@ -1,4 +1,5 @@
-"""What the regime and probe benches share: the model-shape and device flags, and the model itself.
+"""What the regime and probe benches share: the model-shape and device flags, the model, the synthetic
+batch, the interleaved timing rounds and the header line.
 
 Both time one optimizer update of a megatron-core GPT with MTP layers (CPU through
 ``nemo_occ.megatron.cpu_compat``, which each bench enters at its entry point, or CUDA), built the same
@@ -9,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -68,3 +70,89 @@ def build_model(args: argparse.Namespace, dtype: torch.dtype, mtp_num_layers: in
     # config.bf16 makes megatron's attention take its softmax in fp32, as in a bf16 training run.
     bf16 = {"bf16": True} if dtype == torch.bfloat16 else {}
     return build_tiny_gpt(cfg, transformer_fields=bf16).to(device=args.device, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class SyntheticBatch:
+    """One update's data: random token ids, old main-head log-probs a little off the model's own (so that
+    δ_RL != 0), one advantage per sequence, every token valid."""
+
+    ids: torch.Tensor  # [B, S]
+    position_ids: torch.Tensor  # [B, S]
+    old_logprobs: torch.Tensor  # [B, S-1]
+    advantages: torch.Tensor  # [B]
+    mask: torch.Tensor  # [B, S-1], bool
+    global_valid_tokens: torch.Tensor
+    global_valid_seqs: torch.Tensor
+
+    @property
+    def counts(self) -> dict:
+        """The normalisers the losses take as keyword arguments."""
+        return dict(global_valid_tokens=self.global_valid_tokens, global_valid_seqs=self.global_valid_seqs)
+
+
+def synthetic_batch(model: torch.nn.Module, args: argparse.Namespace) -> SyntheticBatch:
+    """The batch both benches time on (generator seed 1), on ``args.device``."""
+    from nemo_occ.core import valid_counts
+    from nemo_occ.megatron import forward_with_mtp_logprobs
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)
+    pos = torch.arange(args.tokens, device=args.device)[None].expand(args.batch, -1)
+    with torch.no_grad():
+        old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
+    noise = 0.05 * torch.randn(old.main_logprobs.shape, generator=g).to(args.device)
+    old_main = old.main_logprobs + noise
+    adv = torch.randn(args.batch, generator=g).to(args.device)
+    mask = torch.ones_like(old_main, dtype=torch.bool)
+    n_tok, n_seq = valid_counts(mask)
+    return SyntheticBatch(ids, pos, old_main, adv, mask, n_tok, n_seq)
+
+
+def update_losses(cur, b: SyntheticBatch, policy_cfg, objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main head's clipped policy loss and ``objective``'s MTP loss (regime-scaled) on ``b``, from a
+    forward's log-probs ``cur``: what one training update backpropagates, summed."""
+    from nemo_occ.core import clipped_policy_loss
+
+    main_loss, _ = clipped_policy_loss(cur.main_logprobs, b.old_logprobs, b.advantages, b.mask, policy_cfg,
+                                       **b.counts)  # fmt: skip
+    mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=b.old_logprobs, advantages=b.advantages,
+                            mask=b.mask, mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **b.counts)  # fmt: skip
+    return main_loss, mtp_loss
+
+
+def unscaled_mtp_losses(cur, b: SyntheticBatch, objective) -> list[torch.Tensor]:
+    """Each depth's MTP loss before the regime's coefficient (the exact probes' g_MTP)."""
+    return objective.unscaled_losses(mtp_logprobs=cur.mtp_logprobs, old_logprobs=b.old_logprobs,
+                                     advantages=b.advantages, mask=b.mask, mtp_masks=cur.mtp_masks, **b.counts)  # fmt: skip
+
+
+def state_snapshot(model: torch.nn.Module) -> dict:
+    """A copy of the model's state, loaded back before every timed update so that each starts alike."""
+    return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
+
+
+def interleaved_rounds(
+    update: Callable[[str], object], variants: Sequence, rounds: int
+) -> dict[object, list]:
+    """One warm-up update per variant, then ``rounds`` rounds that run every variant once in a rotating
+    order, so that machine noise hits the variants alike; returns each variant's ``update`` results."""
+    variants = tuple(variants)
+    for v in variants:
+        update(v)
+    results: dict[object, list] = {v: [] for v in variants}
+    for r in range(rounds):
+        k = r % len(variants)
+        for v in variants[k:] + variants[:k]:
+            results[v].append(update(v))
+    return results
+
+
+def header(args: argparse.Namespace, dtype: torch.dtype, mtp_num_layers: int) -> str:
+    """The line that says what was measured where."""
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    return (
+        f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} "
+        f"MTP={mtp_num_layers} torch={torch.__version__} threads={torch.get_num_threads()} "
+        f"rounds={args.rounds} dtype={dtype} device={device}"
+    )

@@ -30,7 +30,17 @@ import statistics
 import time
 
 import torch
-from _setup import add_model_args, build_model, prepare  # bench/ is on sys.path when run
+from _setup import (  # bench/ is on sys.path when run
+    add_model_args,
+    build_model,
+    header,
+    interleaved_rounds,
+    prepare,
+    state_snapshot,
+    synthetic_batch,
+    unscaled_mtp_losses,
+    update_losses,
+)
 
 
 def main() -> None:
@@ -42,44 +52,26 @@ def main() -> None:
     args = ap.parse_args()
     dtype, sync = prepare(ap, args)
 
-    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
+    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig
     from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
     from nemo_occ.megatron import forward_with_mtp_logprobs
     from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
 
     model = build_model(args, dtype, mtp_num_layers=args.depths)
-    init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)  # [B, S]
-    pos = torch.arange(args.tokens, device=args.device)[None].expand(args.batch, -1)
-    with torch.no_grad():
-        old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
-    noise = 0.05 * torch.randn(old.main_logprobs.shape, generator=g).to(args.device)
-    old_main = old.main_logprobs + noise  # δ_RL != 0
-    adv = torch.randn(args.batch, generator=g).to(args.device)
-    mask = torch.ones_like(old_main, dtype=torch.bool)
-    n_tok, n_seq = valid_counts(mask)
+    init_state = state_snapshot(model)
+    b = synthetic_batch(model, args)
     policy_cfg = PolicyLossConfig()
     nemo_occ_cfg = NemoOCCConfig(regime="occ", num_depths=args.depths)
 
-    def losses(cur):
-        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
-        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
-        unscaled = objective_for_losses.unscaled_losses(
-            mtp_logprobs=cur.mtp_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
-            mtp_masks=cur.mtp_masks, **kw,
-        )  # fmt: skip
-        return main_loss, unscaled
-
-    objective_for_losses = MTPObjective(nemo_occ_cfg, policy_cfg)
-
     def rerun_probe() -> None:
         params = probe_parameters(model)
+        objective = MTPObjective(nemo_occ_cfg, policy_cfg)
         grads = []
         for component in range(1 + args.depths):
             model.zero_grad(set_to_none=True)
-            main_loss, unscaled = losses(forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False))
-            ([main_loss] + unscaled)[component].backward()
+            cur = forward_with_mtp_logprobs(model, b.ids, b.position_ids, detach_trunk=False)
+            main_loss, _ = update_losses(cur, b, policy_cfg, objective)
+            ([main_loss] + unscaled_mtp_losses(cur, b, objective))[component].backward()
             grads.append([None if pp.param.grad is None else pp.param.grad.clone() for pp in params])
         model.zero_grad(set_to_none=True)
         gradient_statistics(grads[0], grads[1:], params, stats_group=probe_statistics_group())
@@ -90,16 +82,11 @@ def main() -> None:
         objective = MTPObjective(nemo_occ_cfg, policy_cfg)
         sync()
         t0 = time.perf_counter()
-        cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=False)
-        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
-        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
-        mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
-                                mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
+        cur = forward_with_mtp_logprobs(model, b.ids, b.position_ids, detach_trunk=False)
+        main_loss, mtp_loss = update_losses(cur, b, policy_cfg, objective)
         if probed == "retain":
-            _, unscaled = losses(cur)
-            exact_gradient_statistics(
-                main_loss, unscaled, probe_parameters(model), stats_group=probe_statistics_group()
-            )
+            exact_gradient_statistics(main_loss, unscaled_mtp_losses(cur, b, objective), probe_parameters(model),
+                                      stats_group=probe_statistics_group())  # fmt: skip
         elif probed == "rerun":
             rerun_probe()
         opt.zero_grad(set_to_none=True)
@@ -109,20 +96,10 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0
 
-    variants = (None, "retain", "rerun")
-    for v in variants:  # warm-up
-        update(v)
-    times: dict[str | None, list[float]] = {v: [] for v in variants}
-    for r in range(args.rounds):
-        for v in variants[r % 3 :] + variants[: r % 3]:  # rotating order
-            times[v].append(update(v))
+    times = interleaved_rounds(update, (None, "retain", "rerun"), args.rounds)
     plain = statistics.median(times[None])
     n, m = args.every, args.updates_per_step
-    print(
-        f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP={args.depths} "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds} dtype={dtype} "
-        f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
-    )
+    print(header(args, dtype, args.depths))
     print(f"{'update':<16} {'median s':>9} {'ratio r':>8} {f'amortised N={n} M={m}':>20} {f'N={n} M=1':>10}")
     print(f"{'unprobed':<16} {plain:>9.4f} {1.0:>8.3f}")
     for v, extra in (("retain", "backward"), ("rerun", "forward-backward")):

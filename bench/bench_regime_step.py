@@ -34,7 +34,17 @@ import statistics
 import time
 
 import torch
-from _setup import add_model_args, build_model, prepare  # bench/ is on sys.path when run
+from _setup import (  # bench/ is on sys.path when run
+    add_model_args,
+    build_model,
+    header,
+    interleaved_rounds,
+    prepare,
+    state_snapshot,
+    synthetic_batch,
+    unscaled_mtp_losses,
+    update_losses,
+)
 
 VARIANTS = ("none", "detach", "ce", "policy", "occ", "exact")
 
@@ -45,7 +55,7 @@ def main() -> None:
     args = ap.parse_args()
     dtype, sync = prepare(ap, args)
 
-    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig, clipped_policy_loss, valid_counts
+    from nemo_occ.core import MTPObjective, NemoOCCConfig, PolicyLossConfig
     from nemo_occ.core.diagnostics import exact_gradient_statistics
     from nemo_occ.megatron import forward_with_mtp_logprobs
 
@@ -62,17 +72,8 @@ def main() -> None:
         "mtp layer": 2 * weights["mtp."] + attn,
         "mtp head": 2 * args.vocab * args.hidden,
     }
-    init_state = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, args.vocab, (args.batch, args.tokens), generator=g).to(args.device)  # [B, S]
-    pos = torch.arange(args.tokens, device=args.device)[None].expand(args.batch, -1)
-    with torch.no_grad():
-        old = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=True)
-    noise = 0.05 * torch.randn(old.main_logprobs.shape, generator=g).to(args.device)
-    old_main = old.main_logprobs + noise  # δ_RL != 0
-    adv = torch.randn(args.batch, generator=g).to(args.device)
-    mask = torch.ones_like(old_main, dtype=torch.bool)
-    n_tok, n_seq = valid_counts(mask)
+    init_state = state_snapshot(model)
+    b = synthetic_batch(model, args)
     policy_cfg = PolicyLossConfig()
 
     def update(variant: str) -> tuple[float, float]:
@@ -82,15 +83,14 @@ def main() -> None:
         objective = MTPObjective(NemoOCCConfig(regime=regime), policy_cfg)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        cur = forward_with_mtp_logprobs(model, ids, pos, detach_trunk=not objective.regime.trunk_gradient)
-        kw = dict(global_valid_tokens=n_tok, global_valid_seqs=n_seq)
-        main_loss, _ = clipped_policy_loss(cur.main_logprobs, old_main, adv, mask, policy_cfg, **kw)
-        mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=old_main, advantages=adv, mask=mask,
-                                mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
+        cur = forward_with_mtp_logprobs(
+            model, b.ids, b.position_ids, detach_trunk=not objective.regime.trunk_gradient
+        )
+        main_loss, mtp_loss = update_losses(cur, b, policy_cfg, objective)
         if variant == "exact":
-            unscaled = objective.unscaled_losses(mtp_logprobs=cur.mtp_logprobs, old_logprobs=old_main, advantages=adv,
-                                                 mask=mask, mtp_masks=cur.mtp_masks, **kw)  # fmt: skip
-            exact_gradient_statistics(main_loss, unscaled, list(model.parameters()))
+            exact_gradient_statistics(
+                main_loss, unscaled_mtp_losses(cur, b, objective), list(model.parameters())
+            )
         opt.zero_grad(set_to_none=True)
         (main_loss + mtp_loss).backward()
         opt.step()
@@ -98,20 +98,10 @@ def main() -> None:
         sync()
         return time.perf_counter() - t0, time.process_time() - c0
 
-    for v in VARIANTS:  # warm-up
-        update(v)
-    times: dict[str, list[tuple[float, float]]] = {v: [] for v in VARIANTS}
-    for r in range(args.rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
-        for v in order:
-            times[v].append(update(v))
+    times = interleaved_rounds(update, VARIANTS, args.rounds)
     wall = {v: statistics.median(t[0] for t in ts) for v, ts in times.items()}
     cpu = {v: statistics.median(t[1] for t in ts) for v, ts in times.items()}
-    print(
-        f"B={args.batch} S={args.tokens} H={args.hidden} layers={args.layers} V={args.vocab} MTP=1 "
-        f"torch={torch.__version__} threads={torch.get_num_threads()} rounds={args.rounds} dtype={dtype} "
-        f"device={torch.cuda.get_device_name() if args.device == 'cuda' else 'cpu'}"
-    )
+    print(header(args, dtype, 1))
     total = sum(flops.values())
     print("forward matmul FLOPs: " + ", ".join(f"{k} {v / total:.1%}" for k, v in flops.items()))
     print(f"{'':<8} {'median s/update':>17} {'x detach':>15} {'x policy':>15}")
