@@ -3,7 +3,8 @@
 Every function takes plain records (the per-step rows of a run's ``metrics.jsonl``, or the per-minibatch
 records of ``nemo_occ.study.probe``), writes one PNG atomically and returns its path. A record that lacks
 a key a figure needs raises :class:`FigureDataError` naming the run, the key and the figure; nothing is
-written then. Used by ``nemo-occ study``; usable on a demo folder's ``<regime>/metrics.jsonl`` rows.
+written then. Drawn by ``nemo-occ demo`` (one seed) and ``nemo-occ study`` (seeds, sweeps and fixed-checkpoint
+probes) through :func:`regime_figures`.
 
 - :func:`fig2_dynamics`  — paper Fig. 2: (a) cos(g_RL, g_MTP) over the main model's parameters next to
   the proxy cosine ĉ / sqrt(Σδ_RL² · v̂²); (b) exact v²; (c) v̂² split into the MTP head's own change and
@@ -12,6 +13,7 @@ written then. Used by ``nemo-occ study``; usable on a demo folder's ``<regime>/m
 - :func:`fig6_reward`    — paper Fig. 6: training reward per regime, seeds shaded (min–max over seeds).
 - :func:`fig8_fidelity`  — paper Fig. 8: log-log proxy vs exact, Spearman ρ with its 95% interval.
 - :func:`fig_lambda_agreement` — λ next to the MTP head's top-1 agreement (the draft-acceptance proxy).
+- :func:`regime_figures` — the set of the above that the demo and the study both draw for their runs.
 
 Correlations: :func:`spearman_ci` = ``scipy.stats.spearmanr`` with a Fisher-z interval (the
 Bonett-Wright standard error, ``nemo_occ.core.fidelity.spearman_interval``). Noisy curves are a trailing
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,8 +38,10 @@ __all__ = [
     "fig6_reward",
     "fig8_fidelity",
     "fig_lambda_agreement",
+    "regime_figures",
     "smooth",
     "spearman_ci",
+    "training_probes",
 ]
 
 # Metric names read from training rows, in one place (the metrics contract may rename them).
@@ -78,6 +82,29 @@ _STYLES = [
     ("#17becf", "-", "h"),
     ("#bcbd22", "--", "<"),
 ]
+
+
+# the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
+_TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fidelity/rl_norm2",
+                   "c_hat": "fidelity/c_hat_per_token_1", "v2_hat": "fidelity/v2_hat_per_token_1"}  # fmt: skip
+
+
+def training_probes(rows: Sequence[dict]) -> list[dict]:
+    """The run's in-training probes as probe records: per-token proxies and exact statistics of the probed
+    update, and, when the row has them, v̂²'s readings and head gap per token (the step's updates' mean,
+    ``<p>/v2_hat_vs_main_old_1`` ... over ``<p>/valid_tokens_1``). No Σδ_RL², so no proxy cosine."""
+    out = []
+    for r in rows:
+        if not all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
+            continue
+        rec = {"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}}
+        pre = "occ" if r.get("occ/valid_tokens_1") is not None else "proxy"
+        n, main = r.get(f"{pre}/valid_tokens_1"), r.get(f"{pre}/v2_hat_vs_main_old_1")
+        own, share = r.get(f"{pre}/v2_hat_vs_own_old_1"), r.get(f"{pre}/head_gap_share_1")
+        if n and main is not None and own is not None and share is not None:
+            rec.update(v2_hat_main=main / n, v2_hat_own=own / n, head_gap=share * main / n)
+        out.append(rec)
+    return out
 
 
 class FigureDataError(ValueError):
@@ -219,13 +246,18 @@ def fig6_reward(
     runs: Mapping[str, Sequence[Sequence[dict]]], path: Path, *, caption: str, window: int = 10
 ) -> Path:
     """Paper Fig. 6: training reward per run label (e.g. regime), seeds' min–max of the smoothed curves
-    shaded; right, held-out avg@k accuracy, mean over seeds with min–max bars."""
+    shaded; middle, held-out avg@k accuracy, mean over seeds with min–max bars; right, when every run
+    logged it, the MTP head's top-1 agreement with the sampled token (what drafting acceptance follows)."""
     figure = "Fig. 6 (training reward)"
     _check_runs(runs, figure)
     keys = {label: (_key([r for s in seeds for r in s], "reward", label, figure),
                     _key([r for s in seeds for r in s], "eval", label, figure))
             for label, seeds in runs.items()}  # fmt: skip
-    fig, axes = _figure(2)
+    agreement = all(
+        any(r.get(k) is not None for s in seeds for r in s for k in KEYS["agreement"])
+        for seeds in runs.values()
+    )
+    fig, axes = _figure(3 if agreement else 2)
     n = len(runs)
     for i, (label, seeds) in enumerate(runs.items()):
         style = _STYLES[i % len(_STYLES)]
@@ -236,12 +268,20 @@ def fig6_reward(
         offset = (i - (n - 1) / 2) * 0.6  # small x offset: points of equal value stay distinguishable
         axes[0, 1].errorbar(steps + offset, mean, yerr=[mean - table.min(axis=0), table.max(axis=0) - mean],
                             color=style[0], ls=style[1], marker=style[2], ms=4, capsize=2, label=label)  # fmt: skip
+        if agreement:
+            rows = [r for s in seeds for r in s]
+            steps, table = _aligned(seeds, _key(rows, "agreement", label, figure))
+            _curve(axes[0, 2], steps, table, style, label, window, band="minmax")
+    band = "; band: seeds' min–max" if any(len(seeds) > 1 for seeds in runs.values()) else ""
     axes[0, 0].set(xlabel="RL step", ylabel="training reward (fraction correct)",
-                   title=f"training reward (trailing mean of {window} steps; band: seeds' min–max)")  # fmt: skip
+                   title=f"training reward (trailing mean of {window} steps{band})")  # fmt: skip
     axes[0, 1].set(xlabel="RL step", ylabel="held-out accuracy avg@k (fraction)",
                    title="held-out accuracy (mean over seeds; bars: min–max)")  # fmt: skip
-    axes[0, 0].legend(fontsize=7)
-    axes[0, 1].legend(fontsize=7)
+    if agreement:
+        axes[0, 2].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)",
+                       title=f"MTP agreement with the sampled token (trailing mean of {window})")  # fmt: skip
+    for ax in axes[0]:
+        ax.legend(fontsize=7)
     return _save(fig, path, caption)
 
 
@@ -429,3 +469,85 @@ def fig8_fidelity(probes: Mapping[str, Sequence[dict]], path: Path, *, caption: 
         ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
     return _save(fig, path, caption)
+
+
+CORE_REGIMES = ("none", "detach", "ce", "policy", "occ")
+
+
+def regime_figures(
+    out_dir: Path,
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    *,
+    caption: Callable[[str, list[str], str], str],
+    regime_of: Mapping[str, str] | None = None,
+    probes: Mapping[str, Sequence[dict]] | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The figures of a set of runs, each label's runs one per seed (``runs[label][seed]`` = metric rows):
+
+    - ``fig6_reward.png`` of the labels named like the five regimes (Fig. 6, with MTP agreement);
+    - ``fig4_lambda.png`` of the labels whose regime is ``occ`` (Fig. 4);
+    - ``fig_lambda_agreement.png`` of ``occ``, ``policy``, ``ce`` (λ next to MTP agreement);
+    - ``fig2_dynamics.png`` and ``fig8_fidelity.png`` from ``probes`` (fixed-checkpoint probe records per
+      label) when given, with Fig. 2 from the runs' own probes instead when not;
+    - ``fig8_training_probes.png``: Fig. 8 from the runs' own probes (:func:`training_probes`).
+
+    ``caption(what, labels, source)`` writes a figure's caption; ``source`` says where its seeds come from
+    ("runs", "probes" or "training_probes"). ``regime_of`` maps a label to its regime (default: the label).
+    Returns the file names drawn and, for each figure that could not be drawn, why (nothing is written
+    for it)."""
+    from nemo_occ.core.regimes import get_regime
+
+    regime_of = dict(regime_of or {label: label for label in runs})
+    drawn: list[str] = []
+    failed: dict[str, str] = {}
+
+    def draw(name, fn, *args, what, labels, source="runs"):
+        try:
+            fn(*args, Path(out_dir) / name, caption=caption(what, list(labels), source))
+            drawn.append(name)
+        except (FigureDataError, ValueError) as err:
+            failed[name] = str(err)
+
+    def pick(labels):
+        return {label: runs[label] for label in labels if label in runs}
+
+    if core := pick(CORE_REGIMES):
+        draw(
+            "fig6_reward.png",
+            fig6_reward,
+            core,
+            what="Training reward per regime (paper Fig. 6)",
+            labels=core,
+        )
+    if occ := pick([label for label in runs if regime_of[label] == "occ"]):
+        band = "; band: seeds' min–max" if any(len(seeds) > 1 for seeds in occ.values()) else ""
+        draw("fig4_lambda.png", fig4_lambda, occ, what=f"λ over training (paper Fig. 4), OCC runs{band}",
+             labels=occ)  # fmt: skip
+    if agr := pick(("occ", "policy", "ce")):
+        draw("fig_lambda_agreement.png", fig_lambda_agreement, agr,
+             what="λ from the update's statistics (applied under occ; what OCC would pick under policy/ce) "
+                  "next to MTP top-1 agreement", labels=agr)  # fmt: skip
+    own = {}
+    for label, seeds in runs.items():
+        recs = [r for rows in seeds for r in training_probes(rows)]
+        if recs and get_regime(regime_of[label]).trunk_gradient:  # else g_MTP over the main model is 0
+            own[label] = recs
+    if probes:
+        draw("fig2_dynamics.png", fig2_dynamics, probes, pick(probes),
+             what="Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes (pooled over minibatches "
+                  "and seeds; a: mean ± 1 sd, b-c: median and interquartile range); d training rows",
+             labels=probes, source="probes")  # fmt: skip
+        draw("fig8_fidelity.png", fig8_fidelity, probes,
+             what="Proxy vs exact (paper Fig. 8), one point per probed minibatch, all checkpoints and seeds",
+             labels=probes, source="probes")  # fmt: skip
+    elif own:
+        draw("fig2_dynamics.png", fig2_dynamics, own, pick(own),
+             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step, "
+                  "over seeds; a: mean ± 1 sd, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
+                  "range; v̂² parts are the step's updates' mean); d training rows",
+             labels=own, source="training_probes")  # fmt: skip
+    if own:
+        draw("fig8_training_probes.png", fig8_fidelity, own,
+             what="Proxy vs exact (paper Fig. 8) from the runs' own probes (the probed update of every probe "
+                  "step), all seeds", labels=own, source="training_probes")  # fmt: skip
+    return drawn, failed

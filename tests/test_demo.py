@@ -79,7 +79,11 @@ def test_quick_demo_writes_every_artifact(quick_run):
         assert entry["eval_accuracy_final"] == [r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1]
     md = (out / "summary.md").read_text()
     assert all(f"| {r} |" in md for r in REGIMES)
-    for name in ("curves.png", "occ_proxies.png"):
+    # the paper-style figures of nemo_occ.figures, every one drawn (none is left out for lack of data)
+    figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+               "fig8_training_probes.png"]  # fmt: skip
+    assert summary["plots"] == figures and "plots_not_drawn" not in summary
+    for name in figures:
         assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
 
 
@@ -113,7 +117,7 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
     assert fid["probes"] == pairs[-1]["fidelity/probes"] == 2
     assert fid["depths"]["1"]["trusted"] == pairs[-1]["fidelity/trusted_1"]
-    assert (out / "fidelity.png").read_bytes()[:8] == PNG_MAGIC
+    assert (out / "fig8_training_probes.png").read_bytes()[:8] == PNG_MAGIC
 
 
 @pytest.mark.slow

@@ -251,9 +251,9 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 
     from nemo_occ.demo.report import build_report
 
-    build_report(_runs(), tmp_path, "# first")
+    build_report(_runs(), tmp_path, "# first", "setting")
     before = _snapshot(tmp_path)
-    assert before["curves.png"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert before["fig6_reward.png"][:8] == b"\x89PNG\r\n\x1a\n"
     real_savefig = matplotlib.figure.Figure.savefig
 
     def savefig_dies_halfway(self, fname, *args, **kwargs):
@@ -265,7 +265,7 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_dies_halfway)
     with pytest.raises(OSError, match="disk full"):
-        build_report(_runs(), tmp_path, "# second")
+        build_report(_runs(), tmp_path, "# second", "setting")
     assert _snapshot(tmp_path) == before  # no half-written plot, no temporary file
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", real_savefig)
 
@@ -276,7 +276,7 @@ def test_report_files_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", fsync_fails)
     with pytest.raises(OSError, match="disk full"):
-        build_report(_runs(), tmp_path, "# second")
+        build_report(_runs(), tmp_path, "# second", "setting")
     assert _snapshot(tmp_path) == before
 
 

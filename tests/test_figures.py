@@ -114,3 +114,52 @@ def test_smooth_is_a_trailing_mean_that_skips_nans():
     np.testing.assert_allclose(F.smooth([4, 8], 1), [4.0, 8.0])
     with pytest.raises(ValueError, match="window"):
         F.smooth([1.0], 0)
+
+
+def _with_training_probe(rows: list[dict], pre: str) -> list[dict]:
+    """The rows with an in-training probe at every 4th step (the keys ``training_probes`` reads)."""
+    out = []
+    for r in rows:
+        if r["step"] and r["step"] % 4 == 0:
+            r = {**r, "fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
+                 "fidelity/c_hat_per_token_1": 0.01 * r["step"], "fidelity/v2_hat_per_token_1": 0.2,
+                 f"{pre}/valid_tokens_1": 10.0, f"{pre}/v2_hat_vs_main_old_1": 5.0,
+                 f"{pre}/v2_hat_vs_own_old_1": 1.0, f"{pre}/head_gap_share_1": 0.6}  # fmt: skip
+        out.append(r)
+    return out
+
+
+def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_path):
+    runs = {
+        "occ": [_with_training_probe(_rows(0), "occ")],
+        "policy": [_with_training_probe(_rows(2, occ=False), "proxy")],
+        "occ_lp2": [_rows(4)],  # a sweep variant of regime occ: in Fig. 4, not in Fig. 6
+        "none": [[{k: v for k, v in r.items() if not k.startswith(("lambda", "occ/", "proxy/"))}
+                  for r in _rows(5)]],  # fmt: skip
+    }
+    asked = []
+
+    def caption(what, labels, source):
+        asked.append((what.split(" (")[0], labels, source))
+        return what
+
+    regime_of = {"occ": "occ", "policy": "policy", "occ_lp2": "occ", "none": "none"}
+    drawn, failed = F.regime_figures(tmp_path, runs, caption=caption, regime_of=regime_of)
+    assert drawn == ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+                     "fig8_training_probes.png"] and failed == {}  # fmt: skip
+    assert all(_is_png(tmp_path / name) for name in drawn)
+    labels = {what: (ls, src) for what, ls, src in asked}
+    assert labels["Training reward per regime"] == (["none", "policy", "occ"], "runs")
+    assert labels["λ over training"] == (["occ", "occ_lp2"], "runs")
+    assert labels["Coefficient components"] == (["occ", "policy"], "training_probes")
+    # with fixed-checkpoint probes, Fig. 2 and Fig. 8 come from them; a run without λ leaves Fig. 4 out,
+    # with the reason, and writes nothing for it
+    for p in tmp_path.iterdir():
+        p.unlink()
+    runs["occ"] = [[{k: v for k, v in r.items() if "lambda" not in k} for r in runs["occ"][0]]]
+    drawn, failed = F.regime_figures(tmp_path, {k: runs[k] for k in ("occ", "policy")}, caption=caption,
+                                     probes={"occ": _probes(0), "policy": _probes(1)})  # fmt: skip
+    assert drawn == ["fig6_reward.png", "fig2_dynamics.png", "fig8_fidelity.png", "fig8_training_probes.png"]
+    assert set(failed) == {"fig4_lambda.png", "fig_lambda_agreement.png"}
+    assert "'occ'" in failed["fig4_lambda.png"] and "lambda" in failed["fig4_lambda.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawn)

@@ -180,7 +180,7 @@ def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
 
 
 def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
-    from nemo_occ.study.report import training_probes
+    from nemo_occ.figures import training_probes
 
     probe = {"fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
              "fidelity/c_hat_per_token_1": 0.01, "fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip

@@ -47,6 +47,12 @@ TOP_LEVEL = (
     "warmstart.pt",
     "summary.json",
     "summary.md",
+    "fig6_reward.png",
+    "fig4_lambda.png",
+    "fig_lambda_agreement.png",
+    "fig2_dynamics.png",
+    "fig8_training_probes.png",
+    # the figures of earlier versions of the demo
     "curves.png",
     "occ_proxies.png",
     "fidelity.png",

@@ -20,7 +20,6 @@ from nemo_occ.core.regimes import get_regime
 
 __all__ = ["build_report", "conditions_summary", "fidelity_summary"]
 
-_COLORS = {"none": "#7f7f7f", "detach": "#1f77b4", "ce": "#2ca02c", "policy": "#9467bd", "occ": "#d62728"}
 # ProbeHistory.metrics: the running statistics over all probes so far (the rest of fidelity/* is per probe)
 _RUNNING = ("spearman_", "sign_", "trusted")
 
@@ -206,96 +205,34 @@ def summary_markdown(summary: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(runs: dict[str, dict], out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    written = []
-
-    def save(fig, name):
-        p = out_dir / name
-        fig.tight_layout()
-        try:  # the temporary file's name ends in .tmp: the format must be named
-            atomic_write(p, lambda f: fig.savefig(f, format="png", dpi=110))
-        finally:
-            plt.close(fig)
-        written.append(p)
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for regime, run in runs.items():
-        c = _COLORS.get(regime)
-        for ax, key, title in (
-            (axes[0], "reward/mean", "training reward"),
-            (axes[1], "eval/accuracy", "held-out accuracy (avg@k)"),
-            (axes[2], "mtp/accuracy_1", "MTP top-1 agreement (draft acceptance proxy)"),
-        ):
-            xs, ys = _series(run["metrics"], key)
-            ax.plot(xs, ys, label=regime, color=c, marker="o" if key == "eval/accuracy" else None, ms=3)
-            ax.set_title(title)
-            ax.set_xlabel("RL step")
-    axes[0].legend()
-    save(fig, "curves.png")
-
-    proxies = {r: run for r, run in runs.items() if get_regime(r).has_mtp_term}
-    if proxies:
-        fig, axes = plt.subplots(1, 4, figsize=(18, 4))
-        for regime, run in proxies.items():
-            pre = _proxy_prefix(regime)
-            c = _COLORS.get(regime)
-            for ax, key, title in (
-                (axes[0], f"{pre}/lambda_applied_1", "λ applied (mean over the step's updates)"),
-                (axes[1], f"{pre}/c_hat_mean_1", "alignment proxy ĉ (per token)"),
-                (axes[2], f"{pre}/v2_hat_mean_1", "variance proxy v̂² (per token)"),
-            ):
-                xs, ys = _series(run["metrics"], key)
-                ax.plot(xs, ys, label=regime, color=c)
-                ax.set_title(title)
-                ax.set_xlabel("RL step")
-            xs, first = _series(run["metrics"], f"{pre}/first_order_1")
-            _, second = _series(run["metrics"], f"{pre}/second_order_1")
-            axes[3].plot(xs, [a - b for a, b in zip(first, second, strict=True)], label=regime, color=c)
-            axes[3].set_title("Eq. 10 gain proxy λĉ − λ²v̂²")
-            axes[3].set_xlabel("RL step")
-        axes[0].legend()
-        save(fig, "occ_proxies.png")
-
-    fid = {}
-    for regime, run in runs.items():
-        summary = fidelity_summary(run["metrics"])
-        if summary is None or "1" not in summary["depths"]:
-            continue
-        keys = ("fidelity/c_hat_per_token_1", "fidelity/c_1", "fidelity/v2_hat_per_token_1", "fidelity/v2_1")
-        pts = [[r[k] for k in keys] for r in run["metrics"] if all(r.get(k) is not None for k in keys)]
-        fid[regime] = (pts, summary["depths"]["1"])
-    if fid:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        for regime, (pts, stats) in fid.items():
-            c = _COLORS.get(regime)
-            xc, yc, xv, yv = ([p[i] for p in pts] for i in range(4))
-            axes[0].scatter(xc, yc, color=c, s=12, label=f"{regime} ρ={_rho(stats, 'c')}")
-            axes[1].scatter(xv, yv, color=c, s=12, label=f"{regime} ρ={_rho(stats, 'v2')}")
-        axes[0].set(
-            title="alignment: proxy vs exact (depth 1)",
-            xlabel="ĉ / n = Σ δ_RL·δ_MTP / tokens",
-            ylabel="c = <g_RL, g_MTP> (main model)",
-        )
-        axes[1].set(
-            title="variance: proxy vs exact (depth 1)",
-            xlabel="v̂² / n = Σ δ_MTP² / tokens",
-            ylabel="v² = ||g_MTP||² (main model)",
-        )
-        for ax in axes:  # gradient statistics are heavy-tailed: keep the bulk of the points visible
-            ax.set_yscale("symlog", linthresh=1e-3)
-            ax.legend(fontsize=8)
-        save(fig, "fidelity.png")
-    return written
+def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
+    """One line naming the run's setting, for figure captions."""
+    return (
+        f"{tool}, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples_per_prompt} "
+        f"samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit addition, GPT "
+        f"{cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP layer; coef "
+        f"{nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}"
+    )
 
 
-def build_report(runs: dict[str, dict], out_dir: Path, header: str, warm_start: dict | None = None) -> dict:
+def plot(runs: dict[str, dict], out_dir: Path, setting: str) -> tuple[list[str], dict[str, str]]:
+    """The paper-style figures of the finished regimes (``nemo_occ.figures.regime_figures``, one seed):
+    the file names drawn, and why any figure was not."""
+    from nemo_occ.figures import regime_figures
+
+    def caption(what: str, labels: list[str], source: str) -> str:
+        return f"{what}. {setting}; one seed per regime ({', '.join(labels)})."
+
+    return regime_figures(out_dir, {r: [run["metrics"]] for r, run in runs.items()}, caption=caption)
+
+
+def build_report(
+    runs: dict[str, dict], out_dir: Path, header: str, setting: str, warm_start: dict | None = None
+) -> dict:
     summary = summarize(runs, warm_start)
-    summary["plots"] = [p.name for p in plot(runs, out_dir)]
+    summary["plots"], not_drawn = plot(runs, out_dir, setting)
+    if not_drawn:
+        summary["plots_not_drawn"] = not_drawn
     text_json, text_md = json.dumps(summary, indent=2) + "\n", summary_markdown(summary, header)
     atomic_write(out_dir / "summary.json", lambda f: f.write(text_json.encode()))
     atomic_write(out_dir / "summary.md", lambda f: f.write(text_md.encode()))

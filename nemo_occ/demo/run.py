@@ -9,7 +9,7 @@ Output folder layout::
     OUT/<regime>/tb/                    TensorBoard event files
     OUT/<regime>/checkpoint.pt          last checkpoint (atomic); a rerun resumes from it
     OUT/summary.json, OUT/summary.md    final numbers per finished regime, step-time ratio occ/detach
-    OUT/curves.png, OUT/occ_proxies.png, OUT/fidelity.png
+    OUT/fig*.png                        paper-style figures (nemo_occ.figures.regime_figures)
 
 Every file is written atomically. A rerun of the same configuration resumes; ``output.py`` says
 what "same" means and what ``--overwrite`` deletes.
@@ -142,7 +142,7 @@ def _run(
 ) -> dict:
     from tqdm.auto import tqdm
 
-    from nemo_occ.demo.report import build_report
+    from nemo_occ.demo.report import build_report, setting_text
     from nemo_occ.demo.trainer import finished_run, run_regime
     from nemo_occ.demo.warmstart import gate_message, warm_start
 
@@ -178,4 +178,5 @@ def _run(
         f"Training wall time {warm_wall + sum(r['wall_time_s'] for r in runs.values()):.0f} s "
         f"(warm start + regimes, across resumes; this invocation {time.perf_counter() - t0:.0f} s)."
     )
-    return build_report(runs, out, header, warm_metrics)
+    setting = f"{setting_text(cfg, nemo_occ_cfg)}, seed {cfg.seed}"
+    return build_report(runs, out, header, setting, warm_metrics)

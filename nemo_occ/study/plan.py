@@ -22,14 +22,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from nemo_occ.core.regimes import get_regime
+
 __all__ = ["Job", "Variant", "build_plan", "probe_steps", "variants"]
 
 POLICY_COEFS = (0.1, 0.2, 0.5, 1.0)
 CE_COEFS = (0.1, 1.0)
 LAMBDA_PLUS = (0.1, 0.5, 1.0, 2.0)
-# regimes whose fixed-checkpoint probes mean something: detach cuts the trunk, so its g_MTP over the
-# main model is 0 by construction; none has no MTP loss
-PROBED_REGIMES = ("ce", "policy", "occ")
 
 
 @dataclass(frozen=True)
@@ -128,7 +127,10 @@ def build_plan(
     # probes: the last checkpoint first, then earlier ones; at each, occ and policy before ce, so that a
     # study cut short has the calibrated regimes' probes at the trained model
     probed = sorted(
-        (v for v in core if v.regime in PROBED_REGIMES), key=lambda v: ("occ", "policy", "ce").index(v.regime)
+        (
+            v for v in core if get_regime(v.regime).trunk_gradient
+        ),  # detach, none: g_MTP over the main model is 0
+        key=lambda v: ("occ", "policy", "ce").index(v.regime),
     )
     ks = sorted(probe_steps(steps, checkpoints), reverse=True) if probes else []
     jobs = [Job(1, "train", v, s) for s in seeds for v in core]

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_occ.core.regimes import get_regime
 from nemo_occ.demo.output import atomic_write
+from nemo_occ.figures import training_probes
 from nemo_occ.study.plan import Job
 
 __all__ = ["build_study_report", "run_metrics", "compare"]
@@ -118,29 +120,6 @@ def _commit() -> str | None:
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")
-
-
-# the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
-_TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fidelity/rl_norm2",
-                   "c_hat": "fidelity/c_hat_per_token_1", "v2_hat": "fidelity/v2_hat_per_token_1"}  # fmt: skip
-
-
-def training_probes(rows: list[dict]) -> list[dict]:
-    """The run's in-training probes as probe records: per-token proxies and exact statistics of the probed
-    update, and, when the row has them, v̂²'s readings and head gap per token (the step's updates' mean,
-    ``<p>/v2_hat_vs_main_old_1`` ... over ``<p>/valid_tokens_1``). No Σδ_RL², so no proxy cosine."""
-    out = []
-    for r in rows:
-        if not all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
-            continue
-        rec = {"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}}
-        pre = "occ" if r.get("occ/valid_tokens_1") is not None else "proxy"
-        n, main = r.get(f"{pre}/valid_tokens_1"), r.get(f"{pre}/v2_hat_vs_main_old_1")
-        own, share = r.get(f"{pre}/v2_hat_vs_own_old_1"), r.get(f"{pre}/head_gap_share_1")
-        if n and main is not None and own is not None and share is not None:
-            rec.update(v2_hat_main=main / n, v2_hat_own=own / n, head_gap=share * main / n)
-        out.append(rec)
-    return out
 
 
 def _invocations(out: Path) -> list[dict]:
@@ -281,7 +260,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
     in_training: dict[str, dict[int, list[dict]]] = {}
     for (name, seed), rows in rows_of.items():
         recs = training_probes(rows)
-        if recs and variants[name].regime in ("ce", "policy", "occ"):
+        if recs and get_regime(variants[name].regime).trunk_gradient:
             in_training.setdefault(name, {})[seed] = recs
     summary["training_probes"] = {
         name: {"pooled": _probe_stats([r for recs in per_seed.values() for r in recs]),
@@ -372,35 +351,35 @@ def seeds_text(names, pairs) -> str:
 
 
 def _caption(cfg, nemo_occ_cfg, what: str, seeds: str) -> str:
-    return (f"{what}. nemo-occ study, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x "
-            f"{cfg.rl.samples_per_prompt} samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit "
-            f"addition, GPT {cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP "
-            f"layer; coef {nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
-            f"{seeds}.")  # fmt: skip
+    from nemo_occ.demo.report import setting_text
+
+    return f"{what}. {setting_text(cfg, nemo_occ_cfg, 'nemo-occ study')}; {seeds}."
 
 
 def _figures(
     out: Path, summary, rows_of, probes, in_training, variants, cfg, nemo_occ_cfg
 ) -> tuple[list[str], dict]:
+    """The figures every run set gets (``nemo_occ.figures.regime_figures``), then the sweeps' reward panels."""
     from nemo_occ import figures as F
 
-    drawn, failed = [], {}
+    pairs = {
+        "runs": list(rows_of),
+        "probes": [(n, s) for n, per_seed in probes.items() for s in per_seed],
+        "training_probes": [(n, s) for n, per_seed in in_training.items() for s in per_seed],
+    }
+
+    def caption(what, names, source="runs"):
+        if source == "probes":
+            what += f" ({summary['probe']['minibatches']} minibatches per checkpoint)"
+        return _caption(cfg, nemo_occ_cfg, what, seeds_text(names, pairs[source]))
 
     def group(names):
         return {n: [rows_of[(n, s)] for s in sorted(s for (m, s) in rows_of if m == n)]
                 for n in names if any(m == n for (m, _) in rows_of)}  # fmt: skip
 
-    def draw(name, fn, *args, what, names, source=rows_of):
-        try:
-            fn(*args, out / name, caption=_caption(cfg, nemo_occ_cfg, what, seeds_text(names, source)))
-            drawn.append(name)
-        except (F.FigureDataError, ValueError) as err:
-            failed[name] = str(err)
-
-    core = ["none", "detach", "ce", "policy", "occ"]
-    if group(core):
-        draw("fig6_reward.png", F.fig6_reward, group(core),
-             what="Training reward per regime (paper Fig. 6), core settings", names=core)  # fmt: skip
+    pooled = {n: [r for recs in per_seed.values() for r in recs] for n, per_seed in probes.items()}
+    drawn, failed = F.regime_figures(out, group(variants), caption=caption, probes=pooled or None,
+                                     regime_of={n: v.regime for n, v in variants.items()})  # fmt: skip
     for fname, names, what in (
         ("fig6_policy_coef.png", ["none", "policy"] + [n for n in variants if n.startswith("policy_coef")],
          "Training reward, policy-loss MTP at fixed coefficients (paper's sweep)"),
@@ -411,41 +390,11 @@ def _figures(
          "Training reward under both old-log-prob readings"),
     ):  # fmt: skip
         if len(group(names)) > 1:
-            draw(fname, F.fig6_reward, group(names), what=what, names=names)
-    occ_names = ["occ"] + [n for n in variants if variants[n].regime == "occ" and n != "occ"]
-    if group(occ_names):
-        draw("fig4_lambda.png", F.fig4_lambda, group(occ_names),
-             what="λ over training (paper Fig. 4), OCC runs; band: seeds' min–max", names=occ_names)  # fmt: skip
-    agr = ["occ", "policy", "ce"]
-    if group(agr):
-        draw("fig_lambda_agreement.png", F.fig_lambda_agreement, group(agr),
-             what="λ from the update's statistics (applied under occ; what OCC would pick under policy/ce) "
-                  "next to MTP top-1 agreement", names=agr)  # fmt: skip
-    pooled = {n: [r for recs in per_seed.values() for r in recs] for n, per_seed in probes.items()}
-    probed = [(n, s) for n, per_seed in probes.items() for s in per_seed]
-    probed_in_training = [(n, s) for n, per_seed in in_training.items() for s in per_seed]
-    if pooled:
-        draw("fig2_dynamics.png", F.fig2_dynamics, pooled, group(list(pooled)),
-             what="Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes "
-                  f"({summary['probe']['minibatches']} minibatches per checkpoint, pooled over seeds; a: mean ± 1 sd, b-c: median and interquartile range); "
-                  "d training rows", names=list(pooled), source=probed)  # fmt: skip
-        draw("fig8_fidelity.png", F.fig8_fidelity, pooled,
-             what="Proxy vs exact (paper Fig. 8), one point per probed minibatch, all checkpoints and seeds",
-             names=list(pooled), source=probed)  # fmt: skip
-    pooled_training = {
-        n: [r for recs in per_seed.values() for r in recs] for n, per_seed in in_training.items()
-    }
-    if pooled_training and not pooled:
-        draw("fig2_dynamics.png", F.fig2_dynamics, pooled_training, group(list(pooled_training)),
-             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step, "
-                  "over seeds; a: mean ± 1 sd, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
-                  "range; v̂² parts are the step's updates' mean); d training rows", names=list(pooled_training),
-             source=probed_in_training)  # fmt: skip
-    if pooled_training:
-        draw("fig8_training_probes.png", F.fig8_fidelity, pooled_training,
-             what=f"Proxy vs exact (paper Fig. 8) from the runs' own probes (one update every "
-                  f"{cfg.fidelity_every} RL steps, the step's second update), all seeds", names=list(pooled_training),
-             source=probed_in_training)  # fmt: skip
+            try:
+                F.fig6_reward(group(names), out / fname, caption=caption(what, names))
+                drawn.append(fname)
+            except (F.FigureDataError, ValueError) as err:
+                failed[fname] = str(err)
     return drawn, failed
 
 

@@ -292,14 +292,14 @@ def run_study(
     say: Callable[[str], None] = print,
 ) -> dict:
     """Run the plan's unfinished jobs in order (or none with ``report_only``), then write the report."""
+    from nemo_occ.core.regimes import REGIMES, get_regime
     from nemo_occ.demo.run import _machine, package_versions
-    from nemo_occ.study.plan import PROBED_REGIMES
     from nemo_occ.study.report import _commit
 
     steps = probe_steps(cfg.rl.steps, probe_checkpoints) if probe_minibatches > 0 else []
     every = math.gcd(cfg.rl.steps, *steps)  # checkpoints land on every probe step
     probe = {"minibatches": probe_minibatches, "checkpoints": probe_checkpoints, "steps": steps,
-             "checkpoint_every": every, "regimes": list(PROBED_REGIMES)}  # fmt: skip
+             "checkpoint_every": every, "regimes": [r for r in REGIMES if get_regime(r).trunk_gradient]}  # fmt: skip
     identity = study_identity(cfg, nemo_occ_cfg, probe)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
