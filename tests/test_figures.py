@@ -134,8 +134,9 @@ def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_p
         "occ": [_with_training_probe(_rows(0), "occ")],
         "policy": [_with_training_probe(_rows(2, occ=False), "proxy")],
         "occ_lp2": [_rows(4)],  # a sweep variant of regime occ: in Fig. 4, not in Fig. 6
-        "none": [[{k: v for k, v in r.items() if not k.startswith(("lambda", "occ/", "proxy/"))}
-                  for r in _rows(5)]],  # fmt: skip
+        "none": [
+            [{k: v for k, v in r.items() if not k.startswith(("lambda", "occ/", "proxy/"))} for r in _rows(5)]
+        ],  # fmt: skip
     }
     asked = []
 

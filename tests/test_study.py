@@ -218,3 +218,20 @@ def test_figure_captions_name_each_variants_seeds_when_they_differ():
     # one list when the drawn variants agree; variants without a finished run are left out
     assert seeds_text(["occ", "missing"], pairs) == "seeds [0, 1, 2]"
     assert seeds_text(["policy", "occ_lp2"], [p for p in pairs if p != ("policy", 2)]) == "seeds [0]"
+
+
+def test_the_occ_headline_holds_only_when_occ_beats_none_and_policy_beyond_seed_noise():
+    from nemo_occ.study.report import _mechanism
+
+    def summary(occ, none, policy):
+        return {"probes": {}, "training_probes": {}, "variants": {},
+                "comparisons": {"occ - none": compare(occ, none), "occ - policy": compare(occ, policy)}}  # fmt: skip
+
+    clear = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.72, 0.73, 0.71]))["occ_helps"]
+    assert clear["holds"] and clear["occ - none"]["diff"] == pytest.approx(0.11)
+    # above policy only within seed noise: not shown
+    noisy = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.60, 0.95, 0.80]))["occ_helps"]
+    assert not noisy["holds"] and noisy["occ - policy"]["within_noise"]
+    # below none: not shown however clear
+    below = _mechanism(summary([0.60, 0.61, 0.62], [0.70, 0.71, 0.69], [0.50, 0.51, 0.52]))["occ_helps"]
+    assert not below["holds"]

@@ -325,6 +325,18 @@ def _mechanism(summary: dict) -> dict:
             **cmp,
             "holds": cmp["diff"] < 0 and not cmp["within_noise"],
         }
+    above = {k: summary["comparisons"].get(k) for k in ("occ - none", "occ - policy")}
+    if all(c and c["diff"] is not None for c in above.values()):
+        out["occ_helps"] = {
+            "claim": "OCC raises the final training reward above no MTP loss (none; detach's main model trains "
+            "alike) and above the policy loss at its fixed coefficient, the paper's headline; rule: both "
+            "differences > 0, beyond seed noise",
+            **{
+                k: {"diff": c["diff"], "p": c["p"], "within_noise": c["within_noise"]}
+                for k, c in above.items()
+            },
+            "holds": all(c["diff"] > 0 and not c["within_noise"] for c in above.values()),
+        }
     tracked = []
     for n, p in probes.items():
         pc, pv = p["pooled"]["spearman_c"], p["pooled"]["spearman_v2"]
