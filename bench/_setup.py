@@ -12,6 +12,7 @@ import argparse
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -109,16 +110,22 @@ def synthetic_batch(model: torch.nn.Module, args: argparse.Namespace) -> Synthet
     return SyntheticBatch(ids, pos, old_main, adv, mask, n_tok, n_seq)
 
 
-def update_losses(cur, b: SyntheticBatch, policy_cfg, objective) -> tuple[torch.Tensor, torch.Tensor]:
-    """The main head's clipped policy loss and ``objective``'s MTP loss (regime-scaled) on ``b``, from a
-    forward's log-probs ``cur``: what one training update backpropagates, summed."""
+def main_head_loss(cur, b: SyntheticBatch, policy_cfg) -> torch.Tensor:
+    """The main head's clipped policy loss on ``b`` from a forward's log-probs ``cur``."""
     from nemo_occ.core import clipped_policy_loss
 
-    main_loss, _ = clipped_policy_loss(cur.main_logprobs, b.old_logprobs, b.advantages, b.mask, policy_cfg,
-                                       **b.counts)  # fmt: skip
+    loss, _ = clipped_policy_loss(
+        cur.main_logprobs, b.old_logprobs, b.advantages, b.mask, policy_cfg, **b.counts
+    )
+    return loss
+
+
+def update_losses(cur, b: SyntheticBatch, policy_cfg, objective) -> tuple[torch.Tensor, torch.Tensor]:
+    """The main head's clipped policy loss and ``objective``'s MTP loss (regime-scaled, with its statistics)
+    on ``b``: what one training update backpropagates, summed."""
     mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=b.old_logprobs, advantages=b.advantages,
                             mask=b.mask, mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **b.counts)  # fmt: skip
-    return main_loss, mtp_loss
+    return main_head_loss(cur, b, policy_cfg), mtp_loss
 
 
 def unscaled_mtp_losses(cur, b: SyntheticBatch, objective) -> list[torch.Tensor]:
@@ -132,9 +139,7 @@ def state_snapshot(model: torch.nn.Module) -> dict:
     return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in model.state_dict().items()}
 
 
-def interleaved_rounds(
-    update: Callable[[str], object], variants: Sequence, rounds: int
-) -> dict[object, list]:
+def interleaved_rounds(update: Callable[[Any], object], variants: Sequence, rounds: int) -> dict[Any, list]:
     """One warm-up update per variant, then ``rounds`` rounds that run every variant once in a rotating
     order, so that machine noise hits the variants alike; returns each variant's ``update`` results."""
     variants = tuple(variants)

@@ -35,6 +35,7 @@ from _setup import (  # bench/ is on sys.path when run
     build_model,
     header,
     interleaved_rounds,
+    main_head_loss,
     prepare,
     state_snapshot,
     synthetic_batch,
@@ -70,8 +71,10 @@ def main() -> None:
         for component in range(1 + args.depths):
             model.zero_grad(set_to_none=True)
             cur = forward_with_mtp_logprobs(model, b.ids, b.position_ids, detach_trunk=False)
-            main_loss, _ = update_losses(cur, b, policy_cfg, objective)
-            ([main_loss] + unscaled_mtp_losses(cur, b, objective))[component].backward()
+            # the probe's own losses: no statistics, no λ (as the NeMo-RL probe)
+            ([main_head_loss(cur, b, policy_cfg)] + unscaled_mtp_losses(cur, b, objective))[
+                component
+            ].backward()
             grads.append([None if pp.param.grad is None else pp.param.grad.clone() for pp in params])
         model.zero_grad(set_to_none=True)
         gradient_statistics(grads[0], grads[1:], params, stats_group=probe_statistics_group())

@@ -1,9 +1,9 @@
 """Figures to hold next to the OCC paper's (arXiv 2605.28184): one function per figure.
 
-Every function takes plain records (the per-step rows of a run's ``metrics.jsonl``, or the per-minibatch
-records of ``nemo_occ.study.probe``), writes one PNG atomically and returns its path. A record that lacks
-a key a figure needs raises :class:`FigureDataError` naming the run, the key and the figure; nothing is
-written then. Drawn by ``nemo-occ demo`` (one seed) and ``nemo-occ study`` (seeds, sweeps and fixed-checkpoint
+Every ``fig*`` function takes plain records (the per-step rows of a run's ``metrics.jsonl``, or the
+per-minibatch records of ``nemo_occ.study.probe``), writes one PNG atomically and returns its path. A
+record that lacks a key a figure needs raises :class:`FigureDataError` naming the run, the key and the
+figure; nothing is written then. Drawn by ``nemo-occ demo`` (one seed) and ``nemo-occ study`` (seeds, sweeps and fixed-checkpoint
 probes) through :func:`regime_figures`.
 
 - :func:`fig2_dynamics`  — paper Fig. 2: (a) cos(g_RL, g_MTP) over the main model's parameters next to
@@ -471,7 +471,15 @@ def fig8_fidelity(probes: Mapping[str, Sequence[dict]], path: Path, *, caption: 
     return _save(fig, path, caption)
 
 
-CORE_REGIMES = ("none", "detach", "ce", "policy", "occ")
+# the files regime_figures may write, in its order (the demo's output folder lists them as its own)
+FIGURE_FILES = (
+    "fig6_reward.png",
+    "fig4_lambda.png",
+    "fig_lambda_agreement.png",
+    "fig2_dynamics.png",
+    "fig8_fidelity.png",
+    "fig8_training_probes.png",
+)
 
 
 def regime_figures(
@@ -481,6 +489,7 @@ def regime_figures(
     caption: Callable[[str, list[str], str], str],
     regime_of: Mapping[str, str] | None = None,
     probes: Mapping[str, Sequence[dict]] | None = None,
+    probe_note: str = "",
 ) -> tuple[list[str], dict[str, str]]:
     """The figures of a set of runs, each label's runs one per seed (``runs[label][seed]`` = metric rows):
 
@@ -492,10 +501,12 @@ def regime_figures(
     - ``fig8_training_probes.png``: Fig. 8 from the runs' own probes (:func:`training_probes`).
 
     ``caption(what, labels, source)`` writes a figure's caption; ``source`` says where its seeds come from
-    ("runs", "probes" or "training_probes"). ``regime_of`` maps a label to its regime (default: the label).
-    Returns the file names drawn and, for each figure that could not be drawn, why (nothing is written
-    for it)."""
-    from nemo_occ.core.regimes import get_regime
+    ("runs", "probes", "probes+runs" (Fig. 2: probes in a-c, training rows in d) or "training_probes").
+    ``regime_of`` maps a label to its regime (default: the label); ``probe_note`` is added after "fixed-
+    checkpoint probes" (e.g. how many minibatches each). Returns the file names drawn and, for each figure
+    that could not be drawn for lack of data (:class:`FigureDataError`), why: its file is then absent,
+    an earlier one of that name removed. Any other error propagates."""
+    from nemo_occ.core.regimes import REGIMES, get_regime
 
     regime_of = dict(regime_of or {label: label for label in runs})
     drawn: list[str] = []
@@ -505,13 +516,14 @@ def regime_figures(
         try:
             fn(*args, Path(out_dir) / name, caption=caption(what, list(labels), source))
             drawn.append(name)
-        except (FigureDataError, ValueError) as err:
+        except FigureDataError as err:  # missing metrics; anything else is a bug and propagates
             failed[name] = str(err)
+            (Path(out_dir) / name).unlink(missing_ok=True)  # an earlier report's figure would mislead
 
     def pick(labels):
         return {label: runs[label] for label in labels if label in runs}
 
-    if core := pick(CORE_REGIMES):
+    if core := pick(REGIMES):
         draw(
             "fig6_reward.png",
             fig6_reward,
@@ -534,20 +546,20 @@ def regime_figures(
             own[label] = recs
     if probes:
         draw("fig2_dynamics.png", fig2_dynamics, probes, pick(probes),
-             what="Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes (pooled over minibatches "
-                  "and seeds; a: mean ± 1 sd, b-c: median and interquartile range); d training rows",
-             labels=probes, source="probes")  # fmt: skip
+             what=f"Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes{probe_note} (pooled over "
+                  "minibatches and seeds; a: mean ± 1 sd, b-c: median and interquartile range); d training rows",
+             labels=probes, source="probes+runs")  # fmt: skip
         draw("fig8_fidelity.png", fig8_fidelity, probes,
-             what="Proxy vs exact (paper Fig. 8), one point per probed minibatch, all checkpoints and seeds",
-             labels=probes, source="probes")  # fmt: skip
+             what=f"Proxy vs exact (paper Fig. 8), fixed-checkpoint probes{probe_note}, one point per probed "
+                  "minibatch, all checkpoints and seeds", labels=probes, source="probes")  # fmt: skip
     elif own:
         draw("fig2_dynamics.png", fig2_dynamics, own, pick(own),
-             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step, "
-                  "over seeds; a: mean ± 1 sd, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
-                  "range; v̂² parts are the step's updates' mean); d training rows",
+             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step; "
+                  "a: mean ± 1 sd over seeds, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
+                  "range over seeds; v̂² parts are the step's updates' mean); d training rows",
              labels=own, source="training_probes")  # fmt: skip
     if own:
         draw("fig8_training_probes.png", fig8_fidelity, own,
-             what="Proxy vs exact (paper Fig. 8) from the runs' own probes (the probed update of every probe "
+             what="Proxy vs exact (paper Fig. 8) from the runs' own probes (the last update of every probed "
                   "step), all seeds", labels=own, source="training_probes")  # fmt: skip
     return drawn, failed

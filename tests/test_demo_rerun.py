@@ -325,3 +325,19 @@ def test_flag_errors_name_the_flag(tiny, tmp_path, capsys, flags, expected):
     assert main(argv) == 2
     assert expected in _one_line(capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_figure_whose_metrics_are_missing_is_named_and_its_old_file_removed(tmp_path):
+    from nemo_occ.demo.report import build_report
+
+    runs = {"occ": _runs()["none"]}  # an occ run without any λ metric
+    (tmp_path / "fig4_lambda.png").write_bytes(b"\x89PNG from an earlier report")
+    summary = build_report(runs, tmp_path, "# h", "setting")
+    assert summary["plots"] == ["fig6_reward.png"]
+    assert set(summary["plots_not_drawn"]) == {"fig4_lambda.png", "fig_lambda_agreement.png"}
+    assert "'occ'" in summary["plots_not_drawn"]["fig4_lambda.png"]
+    assert not (tmp_path / "fig4_lambda.png").exists()
+    md = (tmp_path / "summary.md").read_text()
+    assert (
+        "![fig6_reward.png](fig6_reward.png)" in md and "Figures not drawn" in md and "fig4_lambda.png:" in md
+    )

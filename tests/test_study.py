@@ -161,7 +161,11 @@ def test_tiny_study_trains_probes_and_reports(tiny):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["variants"]) == {"none", "occ"} and summary["unfinished"] == []
     assert summary["probes"]["occ"]["pooled"]["n"] == len(rec["records"])
-    assert "fig6_reward.png" in summary["figures"] and (out / "fig6_reward.png").exists()
+    # the figures every run set gets, then the one sweep panel that has two of its variants (none, occ)
+    figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+               "fig8_fidelity.png", "fig8_training_probes.png", "fig6_occ_lambda_plus.png"]  # fmt: skip
+    assert summary["figures"] == figures and summary["figures_not_drawn"] == {}
+    assert all((out / name).exists() for name in figures)
     assert "## Per variant" in (out / "summary.md").read_text()
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from nemo_occ.atomic_io import atomic_write, temporary_file_target
 from nemo_occ.core.config import REGIMES, NemoOCCConfig
 from nemo_occ.demo.config import DemoConfig
+from nemo_occ.figures import FIGURE_FILES
 
 __all__ = [
     "RUN_FILE",
@@ -47,11 +48,7 @@ TOP_LEVEL = (
     "warmstart.pt",
     "summary.json",
     "summary.md",
-    "fig6_reward.png",
-    "fig4_lambda.png",
-    "fig_lambda_agreement.png",
-    "fig2_dynamics.png",
-    "fig8_training_probes.png",
+    *FIGURE_FILES,
     # the figures of earlier versions of the demo
     "curves.png",
     "occ_proxies.png",

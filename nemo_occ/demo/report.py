@@ -202,6 +202,12 @@ def summary_markdown(summary: dict, header: str) -> str:
                     f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
                     f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
                 )
+    if summary.get("plots"):
+        lines += ["", "Figures (`nemo_occ.figures`; each caption names the setting):", ""]
+        lines += [f"![{name}]({name})" for name in summary["plots"]]
+    if summary.get("plots_not_drawn"):
+        lines += ["", "Figures not drawn, their metrics missing: "
+                  + "; ".join(f"{k}: {v}" for k, v in summary["plots_not_drawn"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -211,7 +217,8 @@ def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
         f"{tool}, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples_per_prompt} "
         f"samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit addition, GPT "
         f"{cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP layer; coef "
-        f"{nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}"
+        f"{nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
+        f"exact probes every {cfg.fidelity_every} RL steps"
     )
 
 

@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from nemo_occ.core.regimes import get_regime
-
 __all__ = ["Job", "Variant", "build_plan", "probe_steps", "variants"]
 
 POLICY_COEFS = (0.1, 0.2, 0.5, 1.0)
@@ -126,11 +124,12 @@ def build_plan(
     sweep = [v for v in all_variants if not v.core and v not in ce_hurts]
     # probes: the last checkpoint first, then earlier ones; at each, occ and policy before ce, so that a
     # study cut short has the calibrated regimes' probes at the trained model
-    probed = sorted(
-        (
-            v for v in core if get_regime(v.regime).trunk_gradient
-        ),  # detach, none: g_MTP over the main model is 0
-        key=lambda v: ("occ", "policy", "ce").index(v.regime),
+    from nemo_occ.core.regimes import get_regime  # imports torch: only when a plan is built
+
+    spec = {v.name: get_regime(v.regime) for v in core}
+    probed = sorted(  # detach and none are not probed: their g_MTP over the main model is 0
+        (v for v in core if spec[v.name].trunk_gradient),
+        key=lambda v: (not spec[v.name].calibrated, not spec[v.name].uses_policy_loss),
     )
     ks = sorted(probe_steps(steps, checkpoints), reverse=True) if probes else []
     jobs = [Job(1, "train", v, s) for s in seeds for v in core]

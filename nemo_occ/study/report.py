@@ -381,9 +381,11 @@ def _figures(
     }
 
     def caption(what, names, source="runs"):
-        if source == "probes":
-            what += f" ({summary['probe']['minibatches']} minibatches per checkpoint)"
-        return _caption(cfg, nemo_occ_cfg, what, seeds_text(names, pairs[source]))
+        if source == "probes+runs":  # Fig. 2: probes in a-c, the runs' training rows in d
+            seeds = f"a-c {seeds_text(names, pairs['probes'])}; d {seeds_text(names, pairs['runs'])}"
+        else:
+            seeds = seeds_text(names, pairs[source])
+        return _caption(cfg, nemo_occ_cfg, what, seeds)
 
     def group(names):
         return {n: [rows_of[(n, s)] for s in sorted(s for (m, s) in rows_of if m == n)]
@@ -391,7 +393,8 @@ def _figures(
 
     pooled = {n: [r for recs in per_seed.values() for r in recs] for n, per_seed in probes.items()}
     drawn, failed = F.regime_figures(out, group(variants), caption=caption, probes=pooled or None,
-                                     regime_of={n: v.regime for n, v in variants.items()})  # fmt: skip
+                                     regime_of={n: v.regime for n, v in variants.items()},
+                                     probe_note=f", {summary['probe']['minibatches']} minibatches each")  # fmt: skip
     for fname, names, what in (
         ("fig6_policy_coef.png", ["none", "policy"] + [n for n in variants if n.startswith("policy_coef")],
          "Training reward, policy-loss MTP at fixed coefficients (paper's sweep)"),
@@ -405,8 +408,9 @@ def _figures(
             try:
                 F.fig6_reward(group(names), out / fname, caption=caption(what, names))
                 drawn.append(fname)
-            except (F.FigureDataError, ValueError) as err:
+            except F.FigureDataError as err:  # missing metrics; anything else is a bug and propagates
                 failed[fname] = str(err)
+                (out / fname).unlink(missing_ok=True)
     return drawn, failed
 
 
