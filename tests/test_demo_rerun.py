@@ -106,6 +106,22 @@ def test_rerun_of_a_finished_run_says_already_complete_and_rewrites_nothing(tiny
     assert len(invocations) == 2  # the rerun is recorded
 
 
+def test_rerun_of_a_run_reported_by_an_earlier_version_redraws_the_figures_only(tiny, copy, capsys):
+    # an earlier version drew curves.png: its summary names that and none of today's figures exist
+    summary = json.loads((copy / "summary.json").read_text())
+    for name in summary["plots"]:
+        (copy / name).unlink()
+    (copy / "curves.png").write_bytes(b"\x89PNG old")
+    (copy / "summary.json").write_text(json.dumps({**summary, "plots": ["curves.png"]}))
+    checkpoints = {p: p.read_bytes() for p in copy.glob("*/checkpoint.pt")}
+    assert main(_argv(tiny, copy)) == 0
+    assert "already complete" not in capsys.readouterr().err
+    redrawn = json.loads((copy / "summary.json").read_text())
+    assert redrawn["plots"] == summary["plots"] and all((copy / p).exists() for p in redrawn["plots"])
+    assert {p: p.read_bytes() for p in copy.glob("*/checkpoint.pt")} == checkpoints  # nothing retrained
+    assert (copy / "curves.png").exists()  # not the demo's to delete without --overwrite
+
+
 def test_rerun_with_other_regimes_adds_them_and_reports_every_finished_one(tiny, copy, capsys):
     occ_before = _snapshot(copy / "occ")
     argv = _argv(tiny, copy)

@@ -129,12 +129,19 @@ def _run_demo(
 
 
 def _summary_covers(out: Path, done: dict[str, int], steps: int) -> bool:
-    """Whether summary.json reports exactly the folder's finished regimes (a kill may have cut the report)."""
+    """Whether summary.json reports exactly the folder's finished regimes (a kill may have cut the report)
+    and its figures are this version's (an earlier version drew others: the report is rebuilt, nothing is
+    retrained)."""
+    from nemo_occ.figures import FIGURE_FILES
+
     try:
         summary = json.loads((out / "summary.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return list(summary.get("regimes", {})) == [r for r, s in done.items() if s == steps]
+    plots = summary.get("plots", [])
+    return list(summary.get("regimes", {})) == [r for r, s in done.items() if s == steps] and all(
+        p in FIGURE_FILES and (out / p).exists() for p in plots
+    )
 
 
 def _run(
