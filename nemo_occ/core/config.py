@@ -22,6 +22,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from nemo_occ.core.regimes import REGIMES, RegimeName, RegimeSpec, get_regime
 
+# the name of nemo-occ's block: at the top of a recipe, and in NeMo-RL's policy config, where the entry point
+# copies it for the workers
+CONFIG_KEY = "nemo_occ"
+
 __all__ = [
     "REGIMES",
     "PolicyLossConfig",
@@ -223,7 +227,7 @@ def parse_block(model: type[BaseModel], data: Any, prefix: str) -> Any:
         raise ConfigError(_format_validation_error(err, prefix)) from None
 
 
-def load_config(source: str | Path | dict, key: str | None = "nemo_occ") -> NemoOCCConfig:
+def load_config(source: str | Path | dict, key: str | None = CONFIG_KEY) -> NemoOCCConfig:
     """Load the ``nemo_occ`` block from a YAML file (or an already-parsed dict).
 
     ``key=None`` treats the whole mapping as the block.

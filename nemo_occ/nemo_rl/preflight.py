@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from nemo_occ.core.config import NemoOCCConfig
+from nemo_occ.core.config import CONFIG_KEY, NemoOCCConfig
 from nemo_occ.nemo_rl.config_schema import UnknownKey, load_nemo_rl_schema, unknown_keys
 from nemo_occ.nemo_rl.recipes import (
     Recipe,
@@ -29,8 +29,6 @@ from nemo_occ.nemo_rl.recipes import (
 )
 
 __all__ = ["Preflight", "preflight", "nemo_rl_unknown_keys", "print_report"]
-
-OUR_BLOCK = "nemo_occ"  # checked strictly by NemoOCCConfig; NeMo-RL never reads it
 
 
 @dataclass
@@ -49,7 +47,8 @@ def nemo_rl_unknown_keys(config: dict, root: Path | None) -> list[UnknownKey] | 
     schema = load_nemo_rl_schema(root) if root is not None else None
     if schema is None:
         return None
-    return unknown_keys(config, schema.master, ignore={OUR_BLOCK}, read_keys=schema.read_keys)
+    # our block: NemoOCCConfig checks it strictly, NeMo-RL never reads it
+    return unknown_keys(config, schema.master, ignore={CONFIG_KEY}, read_keys=schema.read_keys)
 
 
 def preflight(config_path: str | Path, overrides: Sequence[str] = ()) -> Preflight:

@@ -462,7 +462,7 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
     skipped = recipe.skipped_parents if isinstance(recipe, Recipe) else []
     problems: list[str] = []
     try:
-        occ = load_config(dict(cfg), key="nemo_occ")
+        occ = load_config(dict(cfg))
     except ConfigError as err:
         raise RecipeError(str(err)) from None
     if not skipped:

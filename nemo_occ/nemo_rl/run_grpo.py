@@ -58,11 +58,11 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     """Recipe + NeMo-RL Hydra overrides -> resolved dict, checked; the nemo_occ block moved into policy."""
     from omegaconf import OmegaConf
 
+    from nemo_occ.core.config import CONFIG_KEY
     from nemo_occ.nemo_rl.loss_config import policy_loss_config
     from nemo_occ.nemo_rl.overrides import OverrideError, apply_overrides
     from nemo_occ.nemo_rl.preflight import nemo_rl_unknown_keys
     from nemo_occ.nemo_rl.recipes import find_nemo_rl_root
-    from nemo_occ.nemo_rl.worker import POLICY_CONFIG_KEY
 
     try:
         from nemo_rl.utils.config import register_omegaconf_resolvers
@@ -80,10 +80,10 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     occ = check_recipe(config)
     for key in nemo_rl_unknown_keys(config, find_nemo_rl_root()) or []:
         print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL will ignore it", file=sys.stderr)
-    config.pop("nemo_occ")
+    config.pop(CONFIG_KEY)
     # Only what the recipe set: train() and every worker rebuild the config from this block, and a full
     # dump would make defaults look user-set (e.g. "coef has no effect" on every rank of an OCC run).
-    config["policy"][POLICY_CONFIG_KEY] = occ.model_dump(exclude_unset=True)
+    config["policy"][CONFIG_KEY] = occ.model_dump(exclude_unset=True)
     policy_loss_config(config["loss_fn"])  # raises early on a GSPO/token-level mismatch
     return config
 
@@ -159,11 +159,11 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
     from nemo_rl.models.generation import configure_generation_config
     from nemo_rl.utils.logger import get_next_experiment_dir
 
-    from nemo_occ.core.config import load_config
+    from nemo_occ.core.config import CONFIG_KEY, load_config
     from nemo_occ.nemo_rl.loss import build_loss_fn
     from nemo_occ.nemo_rl.policy import OCCPolicy
 
-    occ = load_config(config["policy"]["nemo_occ"], key=None)
+    occ = load_config(config["policy"][CONFIG_KEY], key=None)
     master = MasterConfig(**config)
     if master.grpo.async_grpo.enabled or (master.data_plane or {}).get("enabled", False):
         raise SystemExit(

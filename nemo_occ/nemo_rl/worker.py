@@ -65,7 +65,7 @@ from typing import Any
 import torch
 
 from nemo_occ.atomic_io import atomic_write
-from nemo_occ.core.config import NemoOCCConfig, load_config
+from nemo_occ.core.config import CONFIG_KEY, NemoOCCConfig, load_config
 from nemo_occ.core.diagnostics import gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.metrics import UpdateStatistics, step_metrics
@@ -80,7 +80,6 @@ __all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "WORKER_FQN
 # which imports NeMo-RL's Megatron worker.
 WORKER_FQN = "nemo_occ.nemo_rl.megatron_worker.OCCMegatronPolicyWorker"
 STATE_FILE = "nemo_occ_state.pt"  # in <checkpoint>/policy/, next to NeMo-RL's weights/ and optimizer/
-POLICY_CONFIG_KEY = "nemo_occ"  # the entry point copies the recipe's nemo_occ block into policy config
 
 
 class OCCWorkerExtension:
@@ -97,10 +96,10 @@ class OCCWorkerExtension:
 
     def __init__(self, config: Mapping[str, Any], *args: Any, **kwargs: Any):
         super().__init__(config, *args, **kwargs)
-        block = config.get(POLICY_CONFIG_KEY)
+        block = config.get(CONFIG_KEY)
         if block is None:
             raise ValueError(
-                f"policy config has no '{POLICY_CONFIG_KEY}' block: start training with "
+                f"policy config has no '{CONFIG_KEY}' block: start training with "
                 "`python -m nemo_occ.nemo_rl.run_grpo --config <recipe>`, which passes the recipe's nemo_occ block"
             )
         self.nemo_occ_cfg = load_config(dict(block), key=None)
