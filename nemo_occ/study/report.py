@@ -160,6 +160,27 @@ def _probe_stats(recs: list[dict]) -> dict:
     }
 
 
+def _probe_summary(per_seed: dict[int, list[dict]]) -> dict:
+    """A variant's probe statistics pooled over its seeds, then per seed."""
+    pooled = [r for recs in per_seed.values() for r in recs]
+    return {
+        "pooled": _probe_stats(pooled),
+        "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())},
+    }
+
+
+def _probe_table(probes: dict) -> list[str]:
+    """The markdown rows of ``_probe_summary`` entries: per variant, pooled then each seed."""
+    rows = ["| variant | seed | ρ(ĉ, c) | ρ(v̂², v²) | sign agreement (chance) | mean cos | cos > 0 |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, p in probes.items():
+        for seed, st in [("pooled", p["pooled"])] + list(p["seeds"].items()):
+            rows.append(f"| {name} | {seed} | {_ci(st['spearman_c'])} | {_ci(st['spearman_v2'])} | "
+                        f"{_fmt(st['sign_agreement_c'], '.2f')} ({_fmt(st['sign_base_rate_c'], '.2f')}) | "
+                        f"{_fmt(st['cos_mean'], '.3f')} | {_fmt(st['cos_positive'], '.2f')} |")  # fmt: skip
+    return rows
+
+
 def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg, probe: dict, invocation: dict,
                        skipped: dict, *, say: Callable[[str], None] = print) -> dict:  # fmt: skip
     from nemo_occ.demo.output import regime_fingerprint
@@ -253,20 +274,13 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
     for key, cmp in summary["comparisons"].items():
         a_name, _, b_name = key.partition(" - ")
         cmp["paired"] = paired(a_name, b_name)
-    for name, per_seed in probes.items():
-        pooled = [r for recs in per_seed.values() for r in recs]
-        summary["probes"][name] = {"pooled": _probe_stats(pooled),
-                                   "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())}}  # fmt: skip
+    summary["probes"] = {name: _probe_summary(per_seed) for name, per_seed in probes.items()}
     in_training: dict[str, dict[int, list[dict]]] = {}
     for (name, seed), rows in rows_of.items():
         recs = training_probes(rows)
         if recs and get_regime(variants[name].regime).trunk_gradient:
             in_training.setdefault(name, {})[seed] = recs
-    summary["training_probes"] = {
-        name: {"pooled": _probe_stats([r for recs in per_seed.values() for r in recs]),
-               "seeds": {str(s): _probe_stats(r) for s, r in sorted(per_seed.items())}}
-        for name, per_seed in in_training.items()
-    }  # fmt: skip
+    summary["training_probes"] = {name: _probe_summary(per_seed) for name, per_seed in in_training.items()}
     summary["warm_start"] = {}
     for seed in sorted({j.seed for j in jobs}):  # the shared warm start's gate, per seed
         path = out / "warmstart" / f"seed{seed}.pt"
@@ -501,25 +515,14 @@ def summary_markdown(s: dict) -> str:
                  f"{', '.join(format(x, '+.3f') for x in pd.get('diffs', []))} | "
                  f"{_pm(pd.get('mean'), pd.get('sd'), '+.4f')} | {_fmt(pd.get('p'), '.3f')} |")  # fmt: skip
     if s.get("training_probes"):
-        L += ["", "## In-training probes (the runs' own: one update every fidelity_every steps)", "",
-              "| variant | seed | ρ(ĉ, c) | ρ(v̂², v²) | sign agreement (chance) | mean cos | cos > 0 |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name, p in s["training_probes"].items():
-            for seed, st in [("pooled", p["pooled"])] + list(p["seeds"].items()):
-                L.append(f"| {name} | {seed} | {_ci(st['spearman_c'])} | {_ci(st['spearman_v2'])} | "
-                         f"{_fmt(st['sign_agreement_c'], '.2f')} ({_fmt(st['sign_base_rate_c'], '.2f')}) | "
-                         f"{_fmt(st['cos_mean'], '.3f')} | {_fmt(st['cos_positive'], '.2f')} |")  # fmt: skip
+        L += ["", "## In-training probes (the runs' own: one update every fidelity_every steps)", ""]
+        L += _probe_table(s["training_probes"])
     if s["probes"]:
         L += ["", "## Fixed-checkpoint probes (proxy vs exact over the main model's parameters)", "",
               "Spearman ρ [95% Fisher-z interval] (n points); sign(ĉ) = sign(c) against its base rate; cos = "
               "c/sqrt(||g_RL||²·v²) averaged over the probed minibatches, and the fraction of them with cos > 0.",
-              "", "| variant | seed | ρ(ĉ, c) | ρ(v̂², v²) | sign agreement (chance) | mean cos | cos > 0 |",
-              "|---|---|---|---|---|---|---|"]  # fmt: skip
-        for name, p in s["probes"].items():
-            for seed, st in [("pooled", p["pooled"])] + list(p["seeds"].items()):
-                L.append(f"| {name} | {seed} | {_ci(st['spearman_c'])} | {_ci(st['spearman_v2'])} | "
-                         f"{_fmt(st['sign_agreement_c'], '.2f')} ({_fmt(st['sign_base_rate_c'], '.2f')}) | "
-                         f"{_fmt(st['cos_mean'], '.3f')} | {_fmt(st['cos_positive'], '.2f')} |")  # fmt: skip
+              ""]  # fmt: skip
+        L += _probe_table(s["probes"])
         L += ["", "cos(g_RL, g_MTP) per checkpoint (pooled over seeds: mean ± sd over minibatches; proxy cosine "
               "ĉ/sqrt(Σδ_RL²·v̂²)):", "", "| variant | step | exact cos | cos > 0 | proxy cos | n |", "|---|---|---|---|---|---|"]  # fmt: skip
         for name, p in s["probes"].items():
