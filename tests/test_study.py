@@ -8,6 +8,7 @@ import io
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -239,3 +240,18 @@ def test_the_occ_headline_holds_only_when_occ_beats_none_and_policy_beyond_seed_
     # below none: not shown however clear
     below = _mechanism(summary([0.60, 0.61, 0.62], [0.70, 0.71, 0.69], [0.50, 0.51, 0.52]))["occ_helps"]
     assert not below["holds"]
+
+
+@pytest.mark.slow
+def test_a_foreign_run_folder_is_refused_before_anything_in_out_is_written(tiny, tmp_path):
+    out, rc, _, _ = tiny
+    assert rc == 0
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    # a checkpoint of another run (none's) in occ's folder: a folder assembled by hand
+    shutil.copyfile(copy / "runs" / "none" / "seed0" / "none" / "checkpoint.pt",
+                    copy / "runs" / "occ" / "seed0" / "occ" / "checkpoint.pt")  # fmt: skip
+    snapshot = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(copy))
+    assert rc == 2 and "another configuration than its folder's run.json" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == snapshot  # study.json included

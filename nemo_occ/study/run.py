@@ -315,34 +315,39 @@ def run_study(
         "report_only": report_only,
         "commit": _commit(),
     }
-    if report_only:
-        if _read_record(out / STUDY_FILE) is None:
-            raise StudyError(f"--out {out} holds no study (no study.json); run the study first")
-        if _read_record(out / STUDY_FILE).get("config") != identity:
-            raise StudyError(f"--out {out} holds a study with another configuration; give its settings")
-    else:
-        prepare_study(out, identity, invocation, overwrite=overwrite)
-    try:
-        return _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, seeds=seeds, sweep_seeds=sweep_seeds, only=only,
-                         probe_checkpoints=probe_checkpoints, probe_minibatches=probe_minibatches,
-                         max_minutes=max_minutes, report_only=report_only, show_progress=show_progress, say=say)  # fmt: skip
-    finally:
-        _unlock(out)
-
-
-def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, *, seeds, sweep_seeds, only, probe_checkpoints,
-              probe_minibatches, max_minutes, report_only, show_progress, say) -> dict:  # fmt: skip
     jobs = build_plan(seeds=seeds, sweep_seeds=sweep_seeds, coef=nemo_occ_cfg.coef,
                       lambda_plus=nemo_occ_cfg.occ.lambda_plus, old_logprobs=nemo_occ_cfg.old_logprobs,
                       steps=cfg.rl.steps, checkpoints=probe_checkpoints, probes=probe_minibatches > 0)  # fmt: skip
     if only:
         jobs = [j for j in jobs if j.variant.name in only]
-    if only:
-        jobs = [j for j in jobs if j.variant.name in only]
+    record = _read_record(out / STUDY_FILE)
+    if report_only:
+        if record is None:
+            raise StudyError(f"--out {out} holds no study (no study.json); run the study first")
+        if record.get("config") != identity:
+            raise StudyError(f"--out {out} holds a study with another configuration; give its settings")
+    # what finished, read before anything is written: a foreign run folder is refused with --out untouched
+    # (--overwrite deletes the runs; another configuration is refused by prepare_study)
+    resume = not overwrite and record is not None and record.get("config") == identity
+    done = _done(out, jobs, cfg, nemo_occ_cfg, probe) if resume else {j: False for j in jobs}
+    if not report_only:
+        prepare_study(out, identity, invocation, overwrite=overwrite)
     try:
-        done = {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
+        return _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, jobs, done, max_minutes=max_minutes,
+                         report_only=report_only, show_progress=show_progress, say=say)  # fmt: skip
+    finally:
+        _unlock(out)
+
+
+def _done(out, jobs, cfg, nemo_occ_cfg, probe) -> dict[Job, bool]:
+    try:
+        return {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
     except DemoOutputError as err:  # a run folder assembled by hand, or written by another configuration
         raise StudyError(str(err)) from None
+
+
+def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, jobs, done, *, max_minutes, report_only, show_progress,
+              say) -> dict:  # fmt: skip
     todo = [j for j in jobs if not done[j]]
     say(
         f"nemo-occ study: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run in {out}"
@@ -380,5 +385,6 @@ def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, *, seeds, sweep_seeds, 
                     f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     from nemo_occ.study.report import build_study_report
 
-    done = {j: job_done(out, j, cfg, nemo_occ_cfg, probe) for j in jobs}
+    if todo and not report_only:
+        done = _done(out, jobs, cfg, nemo_occ_cfg, probe)
     return build_study_report(out, jobs, done, cfg, nemo_occ_cfg, probe, invocation, skipped, say=say)
