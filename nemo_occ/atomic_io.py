@@ -53,8 +53,8 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from other users
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as f:  # owns fd from here: closed however the block ends
+            os.fchmod(f.fileno(), 0o666 & ~_current_umask())  # mkstemp's 0600 would hide the file from others
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -202,7 +202,7 @@ def _save(fig, path: Path, caption: str) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
-    from nemo_occ.demo.output import atomic_write
+    from nemo_occ.atomic_io import atomic_write
 
     path = Path(path)
     for ax in fig.axes:  # long titles of neighbouring panels must not run into each other

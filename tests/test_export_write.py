@@ -206,6 +206,25 @@ def test_atomic_directory_gives_usual_permissions(tmp_path):
     assert (tmp_path / "o" / "f").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
+def test_atomic_write_that_fails_leaves_the_target_no_temporary_file_and_no_open_descriptor(
+    tmp_path, monkeypatch
+):
+    from nemo_occ import atomic_io
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"before")
+    fds = set(os.listdir("/proc/self/fd"))
+
+    def fchmod_refused(fd, mode):
+        raise PermissionError("chmod not allowed here")
+
+    monkeypatch.setattr(atomic_io.os, "fchmod", fchmod_refused)
+    with pytest.raises(PermissionError):
+        atomic_io.atomic_write(target, lambda f: f.write(b"after"))
+    assert target.read_bytes() == b"before" and sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+    assert set(os.listdir("/proc/self/fd")) == fds
+
+
 # ---- whole pipeline -------------------------------------------------------------------------------
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.regimes import get_regime
-from nemo_occ.demo.output import atomic_write
 from nemo_occ.figures import training_probes
 from nemo_occ.study.plan import Job
 

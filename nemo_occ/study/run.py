@@ -37,11 +37,11 @@ from pathlib import Path
 
 import torch
 
+from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.demo.config import DemoConfig, _merge
 from nemo_occ.demo.output import (
     DemoOutputError,
-    atomic_write,
     prepare_output,
     regime_fingerprint,
     results_config,
