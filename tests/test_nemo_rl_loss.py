@@ -6,6 +6,7 @@ Letters: B sequences, S tokens per sequence (NeMo-RL's per-token fields), S-1 lo
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 
@@ -268,3 +269,25 @@ def test_unknown_attributes_come_from_the_main_loss():
     assert fn.loss_type == "token_level" and fn.input_type == "logprob"
     with pytest.raises(AttributeError):
         fn.no_such_attribute  # noqa: B018
+
+
+def _same_state(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_state(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    return a == b
+
+
+def test_a_batch_the_acceptance_count_refuses_leaves_the_calibrator_unchanged():
+    fn = _loss(regime="occ")
+    main_lp, data = _batch(seed=0)
+    fn(main_lp, data, torch.tensor(2.0), torch.tensor(_local_tokens(data)))  # one good micro-batch first
+    before = copy.deepcopy(fn.objective.state_dict())
+    counts = fn.pop_acceptance_counts()
+    _, bad = _batch(seed=1)
+    bad[mtp_correct_key(1)] = torch.ones(4, main_lp.shape[1], dtype=torch.bool)  # 4 rows for a batch of 3
+    with pytest.raises(ValueError, match="arg-max hits"):
+        fn(main_lp, bad, torch.tensor(2.0), torch.tensor(_local_tokens(bad)))
+    assert _same_state(fn.objective.state_dict(), before)  # the bad batch's statistics were not recorded
+    assert fn.pop_acceptance_counts() is None and counts is not None

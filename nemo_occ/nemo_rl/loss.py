@@ -157,11 +157,18 @@ class OCCLossFn:
         mtp_lps, mtp_masks, correct = read_mtp_inputs(data, K, width, lp.device)
         mtp_olds = read_mtp_old_logprobs(data, K, width, required=self.nemo_occ_cfg.old_logprobs == "mtp")
         if self._probe is not None:  # depth k's unscaled loss alone: no statistics, no λ
-            return self.objective.depth_losses(
+            return self.objective.unscaled_losses(
                 mtp_logprobs=mtp_lps, old_logprobs=old, advantages=advantages, mask=mask, mtp_masks=mtp_masks,
                 mtp_old_logprobs=mtp_olds, global_valid_tokens=global_valid_toks, global_valid_seqs=global_valid_seqs,
-            )[self._probe - 1][0], {}  # fmt: skip
+            )[self._probe - 1], {}  # fmt: skip
 
+        with (
+            torch.no_grad()
+        ):  # before the objective records anything: a bad input raises with state unchanged
+            depth_masks = [mask & valid_d for valid_d in mtp_masks]  # K x [B, S-1]: loss tokens with a target
+            hits = acceptance_counts(correct, depth_masks) if all(c is not None for c in correct) else None
+            # one device-to-host copy for all depths (the training forward records the arg-max hits)
+            valid = (hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])).tolist()
         mtp_loss, mtp_metrics = self.objective(
             main_logprobs=lp,
             old_logprobs=old,
@@ -177,13 +184,10 @@ class OCCLossFn:
         for key, value in mtp_metrics.items():
             metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
         n_tok = float(global_valid_toks) if float(global_valid_toks) > 0 else 1.0
-        with torch.no_grad():
-            depth_masks = [mask & valid_d for valid_d in mtp_masks]  # K x [B, S-1]: loss tokens with a target
-            for d, m in enumerate(depth_masks, start=1):
-                metrics[f"mtp/valid_fraction_{d}"] = float(m.sum()) / n_tok
-            if all(c is not None for c in correct):  # the training forward records the arg-max hits
-                counts = acceptance_counts(correct, depth_masks)
-                self._acceptance = counts if self._acceptance is None else self._acceptance + counts
+        for d, tokens in enumerate(valid, start=1):
+            metrics[f"mtp/valid_fraction_{d}"] = float(tokens) / n_tok
+        if hits is not None:
+            self._acceptance = hits if self._acceptance is None else self._acceptance + hits
         return loss + mtp_loss, metrics
 
     def pop_acceptance_counts(self) -> torch.Tensor | None:
