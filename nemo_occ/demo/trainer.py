@@ -78,7 +78,8 @@ class RegimeRun:
     metrics: list[dict]
     wall_time_s: float
     step_time_s: (
-        float  # mean time of an RL step, generation + updates (no eval, no exact-gradient diagnostics)
+        float  # mean time of an RL step, generation + updates (no eval, no exact-gradient probes; with the
+        # two-pass backward of every MTP update that measures update/mtp_share)
     )
 
 
