@@ -2,7 +2,7 @@
 batch, the interleaved timing rounds and the header line.
 
 Both time one optimizer update of a megatron-core GPT with MTP layers (CPU through
-``nemo_occ.megatron.cpu_compat``, which each bench enters at its entry point, or CUDA), built the same
+``nemo_occ.lab.cpu_compat``, which each bench enters at its entry point, or CUDA), built the same
 way so their figures are comparable.
 """
 
@@ -53,8 +53,8 @@ def prepare(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[torc
 
 def build_model(args: argparse.Namespace, dtype: torch.dtype, mtp_num_layers: int) -> torch.nn.Module:
     """A tiny GPT with ``mtp_num_layers`` MTP layers, seed 0, in ``dtype`` on ``args.device``."""
-    from nemo_occ.megatron.parallel import init_model_parallel
-    from nemo_occ.megatron.tiny_gpt import TinyGPTConfig, build_tiny_gpt
+    from nemo_occ.lab.parallel import init_model_parallel
+    from nemo_occ.lab.tiny_gpt import TinyGPTConfig, build_tiny_gpt
 
     init_model_parallel(tensor_parallel=1, backend="nccl" if args.device == "cuda" else "gloo")
     torch.manual_seed(0)

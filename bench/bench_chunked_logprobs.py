@@ -87,7 +87,7 @@ def megatron_logprobs(hidden, weight, targets):
 def init_single_rank_megatron(device: str = "cpu") -> None:
     """World of one (gloo; nccl for CUDA tensors) + megatron's parallel state: vocab_parallel_cross_entropy
     all-reduces over TP."""
-    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.lab.parallel import init_model_parallel
 
     init_model_parallel(tensor_parallel=1, backend="nccl" if device == "cuda" else "gloo")
 

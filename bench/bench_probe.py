@@ -1,7 +1,7 @@
 """Cost of an exact-statistics probe: a probed optimizer update against an unprobed one, in one run.
 
 Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
-megatron-core GPT with MTP layers (CPU, through ``nemo_occ.megatron.cpu_compat``), the main head's
+megatron-core GPT with MTP layers (CPU, through ``nemo_occ.lab.cpu_compat``), the main head's
 clipped loss, ``MTPObjective`` (regime occ), one backward and an optimizer step. A probed update also
 computes c and v² over ``probe_parameters(model)``, in one of two ways:
 
@@ -115,7 +115,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from nemo_occ.megatron.cpu_compat import cpu_compat
+    from nemo_occ.lab.cpu_compat import cpu_compat
 
     with cpu_compat():  # changes nothing where CUDA is available
         main()

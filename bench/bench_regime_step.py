@@ -1,7 +1,7 @@
 """Cost of one optimizer update per MTP regime, measured side by side (the paper's Fig. 5 question).
 
 Every variant runs the production path on identical data: ``forward_with_mtp_logprobs`` on a
-megatron-core GPT with one MTP layer (CPU, through ``nemo_occ.megatron.cpu_compat``), the main
+megatron-core GPT with one MTP layer (CPU, through ``nemo_occ.lab.cpu_compat``), the main
 head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer step and
 ``close_update``. ``exact`` is the ``policy`` regime plus the exact gradient statistics
 (``exact_gradient_statistics``: two extra backward passes), the full-model alternative to OCC's
@@ -114,7 +114,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from nemo_occ.megatron.cpu_compat import cpu_compat
+    from nemo_occ.lab.cpu_compat import cpu_compat
 
     with cpu_compat():  # changes nothing where CUDA is available
         main()

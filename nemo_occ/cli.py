@@ -13,8 +13,8 @@ import importlib
 import sys
 
 _COMMAND_MODULES = (
-    "nemo_occ.demo.cli",  # demo
-    "nemo_occ.study.cli",  # study
+    "nemo_occ.lab.demo.cli",  # demo (the [lab] extra)
+    "nemo_occ.lab.study.cli",  # study (the [lab] extra)
     "nemo_occ.nemo_rl.cli",  # train
     "nemo_occ.export.cli",  # export, verify-export
     "nemo_occ.info",  # info

@@ -105,7 +105,7 @@ EOF
 )
 if [[ -n "$kernel" ]]; then
   echo "kernel: $kernel" >>"$LOG_DIR/wgrad.log"
-  run_pytest wgrad wgrad "$WGRAD_TIMEOUT" -m gpu -k real_kernel tests/test_megatron_wgrad_fusion.py
+  run_pytest wgrad wgrad "$WGRAD_TIMEOUT" -m gpu -k real_kernel tests/megatron/test_megatron_wgrad_fusion.py
 else
   record wgrad "NOT RUN" "megatron finds no fused wgrad kernel (APEX/TE fused_weight_gradient_mlp_cuda)"
 fi

@@ -142,9 +142,9 @@ fi
 
 # -- the tests --------------------------------------------------------------------------------------
 cd "$REPO"
-MCORE_TESTS=(tests/test_megatron_*.py tests/test_chunked_logprobs.py tests/test_demo*.py tests/test_nemo_rl_worker.py)
-NEMO_RL_TESTS=(tests/test_nemo_rl_*.py tests/test_recipes.py)
-WORKER_TESTS=(tests/test_nemo_rl_megatron_train.py tests/test_nemo_rl_mtp_old_logprobs.py tests/test_nemo_rl_worker_probes.py)
+MCORE_TESTS=(tests/megatron/test_megatron_*.py tests/lab/test_lab_demo*.py tests/nemo_rl/test_nemo_rl_worker.py)
+NEMO_RL_TESTS=(tests/nemo_rl/test_nemo_rl_*.py)
+WORKER_TESTS=(tests/nemo_rl/test_nemo_rl_megatron_train.py tests/nemo_rl/test_nemo_rl_mtp_old_logprobs.py tests/nemo_rl/test_nemo_rl_worker_probes.py)
 
 run_pytest() { # name python pythonpath tests...: run, keep the log and JUnit file, never abort the script
   local name=$1 python=$2 pythonpath=$3

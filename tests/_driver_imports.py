@@ -1,8 +1,8 @@
 """Run nemo-occ's NeMo-RL driver side in an interpreter that refuses every heavy import; print a JSON report.
 
-    python tests/_driver_imports.py stand-in|real <recipe>
+    python -m tests._driver_imports stand-in|real <recipe>     (from the repository root)
 
-Run by ``tests/test_nemo_rl_driver.py`` in a fresh process. A meta-path finder refuses (and records) every
+Run by ``tests/nemo_rl/test_nemo_rl_driver.py`` in a fresh process. A meta-path finder refuses (and records) every
 import of megatron (and so Megatron-Bridge), Transformer Engine and NeMo-RL's policy-worker modules: the
 packages NeMo-RL's driver venv does not have. A refused import that some code swallows is still recorded.
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_occ.export.synthetic import bridge_like_stream
+from tests._export_synthetic import bridge_like_stream
 
 _STALLED_EXPORT = textwrap.dedent(
     """
@@ -26,7 +26,7 @@ _STALLED_EXPORT = textwrap.dedent(
     from pathlib import Path
     from nemo_occ.export.hf_checkpoint import read_reference
     from nemo_occ.export.hf_export import write_hf_export
-    from nemo_occ.export.synthetic import bridge_like_stream, make_reference_checkpoint, train_like
+    from tests._export_synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 
     ref, out = Path(sys.argv[1]), Path(sys.argv[2])
     trained = train_like(make_reference_checkpoint(ref, "glm4_moe"))

@@ -2,7 +2,7 @@
 
 ``run_ranks(fn, world_size, *args)`` spawns ``world_size`` processes that each call
 ``fn(rank, world_size, *args)`` with torch.distributed (gloo) initialised and the CPU patches of
-``nemo_occ.megatron.cpu_compat`` on; a failure on any rank re-raises here with its traceback.
+``nemo_occ.lab.cpu_compat`` on; a failure on any rank re-raises here with its traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _entry(rank, world_size, port, fn, args, errors):
     try:
         import torch.distributed as dist
 
-        from nemo_occ.megatron.cpu_compat import cpu_compat
+        from nemo_occ.lab.cpu_compat import cpu_compat
 
         with cpu_compat():
             dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -36,7 +36,7 @@ def _entry(rank, world_size, port, fn, args, errors):
 
 
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 150.0) -> None:
-    from nemo_occ.megatron.parallel import free_port
+    from nemo_occ.lab.parallel import free_port
 
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()

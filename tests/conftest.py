@@ -14,8 +14,8 @@ def single_rank():
     The same context manager the CPU demo enters at its entry point; everything is undone after the module.
     """
     pytest.importorskip("megatron.core", reason="needs megatron-core")
-    from nemo_occ.megatron.cpu_compat import cpu_compat
-    from nemo_occ.megatron.parallel import model_parallel
+    from nemo_occ.lab.cpu_compat import cpu_compat
+    from nemo_occ.lab.parallel import model_parallel
 
     warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
     with cpu_compat(), model_parallel():

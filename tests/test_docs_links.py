@@ -161,9 +161,13 @@ def test_the_readme_demo_command_installs_like_the_test_command_and_runs_the_con
     demo, test = _readme_commands()
     words, test_words = shlex.split(demo), shlex.split(test)
     scripts = (ROOT / "pyproject.toml").read_text().partition("[project.scripts]")[2].partition("\n[")[0]
-    # same venv and pinned torch as CI, without the dev extra, then the installed console script
+    # same venv and pinned torch as CI, with the lab extra (which the dev extra includes), then the installed
+    # console script
     assert words[: words.index("-e")] == test_words[: test_words.index("-e")]
-    assert words[words.index("-e") + 1] == "."
+    assert words[words.index("-e") + 1] == ".[lab]" and test_words[test_words.index("-e") + 1] == ".[dev]"
+    extras = (ROOT / "pyproject.toml").read_text().partition("[project.optional-dependencies]")[2]
+    dev = re.search(r"^dev = \[\s*\"nemo-occ\[([\w,]+)\]\"", extras, flags=re.M)
+    assert dev and "lab" in dev.group(1).split(","), "the dev extra must pull the lab extra"
     assert words[-2:] == [".venv/bin/nemo-occ", "demo"]
     assert re.search(r"^nemo-occ = \"nemo_occ\.cli:main\"$", scripts, flags=re.M)
 

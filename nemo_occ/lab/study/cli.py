@@ -1,0 +1,110 @@
+"""``nemo-occ study`` sub-command (import-light: the study's modules load only when it runs).
+
+Exit status: 0 done (or stopped by ``--max-minutes``; the report lists what is unfinished), 2 a user
+error (one line on stderr; nothing in ``--out`` touched), 130 interrupted (rerun the same command to
+resume: every finished job and every run's last checkpoint are kept).
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "study",
+        help="the demo over seeds, the paper's coefficient sweeps and fidelity probes (resumable)",
+        description="Run the demo's regimes over several seeds, the paper's fixed-coefficient sweep (policy "
+        "0.1-1.0, CE 0.1/1.0), λ+ ∈ {0.1, 0.5, 1, 2} for OCC and both old-log-prob readings, probe fixed "
+        "checkpoints on many minibatches (exact c, v² vs ĉ, v̂²), and write tables and paper-style figures. "
+        "Jobs run in priority order: the core regimes over all seeds first.",
+        epilog="A rerun into the same --out continues (finished jobs are skipped, an interrupted run resumes "
+        "from its last checkpoint); a different configuration is refused unless --overwrite.",
+    )
+    p.add_argument("--quick", action="store_true", help="the demo's --quick setting (tests)")
+    p.add_argument("--config", type=Path, help="YAML with 'demo:' and/or 'nemo_occ:' blocks (as for demo)")
+    p.add_argument("--steps", type=int, help="RL steps per run (default: the demo's)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="seeds (default 0 1 2)"
+    )
+    p.add_argument(
+        "--sweep-seeds", type=int, nargs="*", metavar="S", help="seeds of the sweeps (default: --seeds)"
+    )
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (e.g. none occ)")
+    p.add_argument("--probe-minibatches", type=int, default=32, metavar="M",
+                   help="minibatches probed per checkpoint (0: no probes; default 32)")  # fmt: skip
+    p.add_argument("--probe-checkpoints", type=int, default=3, metavar="C",
+                   help="probed checkpoints per core ce/policy/occ run, evenly spaced (default 3)")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, metavar="MIN", help="start no new job after MIN minutes")
+    p.add_argument("--out", type=Path, default=Path("study-out"), help="output folder (default ./study-out)")
+    p.add_argument("--overwrite", action="store_true", help="start fresh: delete the study's earlier output")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from what finished")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
+    p.set_defaults(func=_main)
+
+
+def _error(message: str) -> int:
+    print(f"nemo-occ study: {message}", file=sys.stderr)
+    return 2
+
+
+def _main(args) -> int:
+    from nemo_occ.lab import require_lab
+
+    require_lab("study")
+    try:
+        return _study(args)
+    except KeyboardInterrupt:
+        print("nemo-occ study: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _study(args) -> int:
+    from nemo_occ.lab.demo.cli import _quiet_expected_megatron_warnings
+
+    _quiet_expected_megatron_warnings()
+    from nemo_occ.core.config import ConfigError
+    from nemo_occ.lab.demo.config import load_demo_config
+
+    if args.steps is not None and args.steps < 1:
+        return _error(f"--steps {args.steps}: give at least 1")
+    if args.probe_minibatches < 0 or args.probe_checkpoints < 1:
+        return _error("--probe-minibatches must be >= 0 and --probe-checkpoints >= 1")
+    if len(set(args.seeds)) != len(args.seeds):
+        return _error(f"--seeds {' '.join(map(str, args.seeds))}: name each seed once")
+    sweep = args.seeds if args.sweep_seeds is None else args.sweep_seeds
+    if any(s not in args.seeds for s in sweep):
+        return _error(f"--sweep-seeds {' '.join(map(str, sweep))}: each must be one of --seeds")
+    overrides = {"rl": {"steps": args.steps}} if args.steps is not None else {}
+    try:
+        cfg, nemo_occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
+    except ConfigError as err:
+        return _error(" ".join(line.strip() for line in str(err).splitlines()))
+    if args.probe_minibatches and args.probe_checkpoints > cfg.rl.steps:
+        return _error(f"--probe-checkpoints {args.probe_checkpoints} exceeds the {cfg.rl.steps} RL steps")
+
+    from nemo_occ.lab.study.plan import variants
+    from nemo_occ.lab.study.run import StudyError, run_study
+
+    known = [v.name for v in variants(nemo_occ_cfg.coef, nemo_occ_cfg.occ.lambda_plus)]
+    if args.only and any(n.replace("_oldmain", "_oldmtp") not in known for n in args.only):
+        return _error(f"--only {' '.join(args.only)}: choose from {', '.join(known)}")
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        summary = run_study(
+            cfg, nemo_occ_cfg, args.out, seeds=args.seeds, sweep_seeds=sweep, only=args.only,
+            probe_minibatches=args.probe_minibatches, probe_checkpoints=args.probe_checkpoints,
+            max_minutes=args.max_minutes, overwrite=args.overwrite, report_only=args.report_only,
+            command=shlex.join(["nemo-occ", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None,
+            show_progress=not args.no_progress, say=say,
+        )  # fmt: skip
+    except StudyError as err:
+        return _error(str(err))
+    print((args.out / "summary.md").read_text())
+    print(f"Results are in {args.out.resolve()} (summary.md, summary.json, fig*.png, runs/, probes/)")
+    return 0 if summary is not None else 1

@@ -1,0 +1,327 @@
+"""The CPU demo end to end (`nemo-occ demo --quick`), its verifier and its checkpoints (reruns and
+resume: test_demo_rerun.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from nemo_occ.cli import main
+from nemo_occ.lab.demo.checkpoint import load_checkpoint, save_checkpoint
+from nemo_occ.lab.demo.output import DemoOutputError
+from nemo_occ.lab.demo.task import EOS, AdditionTask
+
+REGIMES = ["none", "detach", "ce", "policy", "occ"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    threads = torch.get_num_threads()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["demo", "--quick", "--out", str(out), "--no-progress", "--fidelity-every", "2"])
+    assert torch.get_num_threads() == threads  # demo.threads (default 1) holds only while the demo runs
+    return out, rc, buf.getvalue()
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_every_artifact(quick_run):
+    out, rc, stdout = quick_run
+    assert rc == 0
+    # the demo leaves the process as it found it: CPU patches undone, no process group left behind
+    from nemo_occ.lab import cpu_compat
+
+    assert not cpu_compat.is_enabled() and not torch.distributed.is_initialized()
+    assert stdout.strip().splitlines()[-1].startswith(f"Results are in {out.resolve()}")
+    for regime in REGIMES:
+        rows = _rows(out / regime / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(0, 5)), regime  # step 0 = eval before RL
+        for r in rows[1:]:
+            for key in ("reward/mean", "mtp/accuracy_1"):
+                assert key in r and 0.0 <= r[key] <= 1.0, (regime, key)
+        evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+        assert len(evals) == 3 and all(0.0 <= e <= 1.0 for e in evals)  # steps 0, 2, 4
+        assert list((out / regime / "tb").glob("events.out.tfevents.*")), regime
+        assert (out / regime / "checkpoint.pt").exists()
+    occ_rows = _rows(out / "occ" / "metrics.jsonl")[1:]
+    updated = [r for r in occ_rows if r["updates"] > 0]
+    assert updated, "the quick run must perform at least one OCC update"
+    for r in updated:
+        for key in ("occ/lambda_1", "occ/c_hat_1", "occ/v2_hat_1", "occ/first_order_1", "occ/second_order_1"):
+            assert key in r and math.isfinite(r[key]), key
+    # the first update of every step runs at θ = θ_old and must not set λ: with 2 updates per step,
+    # one of the two refreshes λ (refreshed: share of the step's updates), with 1 update none does
+    assert all(r["occ/refreshed"] == 0.5 for r in updated if r["updates"] == 2)
+    assert all(r["occ/refreshed"] == 0.0 for r in updated if r["updates"] == 1)
+    assert any(r["updates"] == 2 for r in updated)
+    for prev, r in zip(updated, updated[1:], strict=False):  # a step's updates apply the λ the last one left
+        if r["step"] == prev["step"] + 1:
+            assert r["occ/lambda_applied_1"] == pytest.approx(prev["occ/lambda_1"])
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["regimes"]) == set(REGIMES)
+    assert summary["step_time_ratio_occ_over_detach"] > 0
+    for regime, entry in summary["regimes"].items():
+        rows = _rows(out / regime / "metrics.jsonl")
+        assert entry["eval_accuracy_final"] == [r["eval/accuracy"] for r in rows if "eval/accuracy" in r][-1]
+    md = (out / "summary.md").read_text()
+    assert all(f"| {r} |" in md for r in REGIMES)
+    # the paper-style figures of nemo_occ.lab.figures, every one drawn (none is left out for lack of data)
+    figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+               "fig8_training_probes.png"]  # fmt: skip
+    assert summary["plots"] == figures and "plots_not_drawn" not in summary
+    for name in figures:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+
+
+@pytest.mark.slow
+def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
+    out, _, _ = quick_run
+    rows = _rows(out / "occ" / "metrics.jsonl")
+    pairs = [r for r in rows if "exact/c_1" in r]
+    assert [r["step"] for r in pairs] == [2, 4]
+    for n, r in enumerate(pairs, start=1):
+        assert r["exact/v2_1"] > 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+        # the probe is recorded next to the probed update's own proxies: the step's last update, whose ĉ is
+        # the step's ĉ summed over its updates (the row's mean times the count), as the first update runs at
+        # θ = θ_old where δ_RL ≡ 0 and so ĉ = 0
+        assert r["fidelity/probes"] == n
+        assert r["fidelity/c_1"] == r["exact/c_1"]
+        assert r["fidelity/c_hat_1"] == pytest.approx(r["occ/c_hat_1"] * r["updates"])
+        # both updates of a step apply the λ the previous step left (lagged timing; the first one keeps λ)
+        share = abs(r["occ/lambda_applied_1"]) * math.sqrt(r["exact/v2_1"] / r["exact/rl_norm2"])
+        assert r["fidelity/update_share_1"] == pytest.approx(share)
+        assert r["fidelity/trusted_1"] == 0.0  # two probes cannot show anything
+        # both readings of δ_MTP every update (the demo has the MTP heads' own old log-probs)
+        assert r["occ/v2_hat_vs_main_old_1"] == r["occ/v2_hat_1"] and r["occ/v2_hat_vs_own_old_1"] > 0
+        assert 0.0 <= r["occ/head_gap_share_1"]
+    # the detach regime's MTP gradient lives only on MTP parameters: over the main model (the paper's
+    # definition) its c and v² are zero whatever the data, over mtp.* its v² is not
+    for r in _rows(out / "detach" / "metrics.jsonl"):
+        if "exact/c_1" in r:
+            assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] == 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+    # the summary quotes the run's own fidelity metrics at its last probe
+    fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
+    assert fid["probes"] == pairs[-1]["fidelity/probes"] == 2
+    assert fid["depths"]["1"]["trusted"] == pairs[-1]["fidelity/trusted_1"]
+    assert (out / "fig8_training_probes.png").read_bytes()[:8] == PNG_MAGIC
+
+
+@pytest.mark.slow
+def test_quick_demo_logs_clip_firing_mtp_share_and_the_gradient_cosines(quick_run):
+    out, _, _ = quick_run
+    rows = {r: _rows(out / r / "metrics.jsonl")[1:] for r in REGIMES}
+    for regime, steps in rows.items():
+        for r in steps:
+            # the fraction of the step's updates whose gradient norm exceeded the clip (2 updates per step)
+            assert r["update/clipped"] in (0.0, 0.5, 1.0), regime
+            share = r["update/mtp_share"]
+            if regime in ("none", "detach"):  # no MTP term, or one that never reaches the main model
+                assert share == 0.0 and r.get("update/mtp_cos") is None, regime
+            else:  # a fixed coefficient 0.1 > 0 on a loss with a gradient: a non-zero share
+                assert share > 0.0 or regime == "occ", regime
+    for regime in ("ce", "policy", "occ"):
+        probed = [r for r in rows[regime] if "exact/c_1" in r]
+        assert probed, regime
+        for r in probed:
+            # cos(g_RL, g_MTP) by its definition from the probe's own c, v², ||g_RL||²
+            assert r["exact/cos_1"] == pytest.approx(
+                r["exact/c_1"] / math.sqrt(r["exact/v2_1"] * r["exact/rl_norm2"])
+            )
+            # undefined (None) when the probed minibatch holds a single group: no two halves
+            assert r["exact/half_batch_cos"] is None or -1.0 <= r["exact/half_batch_cos"] <= 1.0
+    assert any(r.get("exact/half_batch_cos") is not None for g in REGIMES for r in rows[g])
+    # the summary's conditions are the run's own metrics: the clip-firing share is the mean over steps
+    cond = json.loads((out / "summary.json").read_text())["regimes"]["policy"]["conditions"]
+    clipped = [r["update/clipped"] for r in rows["policy"]]
+    assert cond["clip_fired_share"] == pytest.approx(sum(clipped) / len(clipped))
+    assert cond["mtp_agreement_1_step1"] == rows["policy"][0]["mtp/accuracy_1"]
+
+
+@pytest.mark.slow
+def test_quick_demo_reports_where_the_warm_start_gate_stopped(quick_run):
+    from nemo_occ.lab.demo.config import QUICK, WarmStartConfig
+    from nemo_occ.lab.demo.warmstart import gate
+
+    out, _, stdout = quick_run
+    assert "warm start: targets" in stdout
+    ws = WarmStartConfig(**QUICK["warm_start"])
+    md = (out / "summary.md").read_text()
+    assert "warm start: targets" in md
+    summary = json.loads((out / "summary.json").read_text())
+    w = summary["warm_start"]
+    if w["warm_start/gate"] == "cap":
+        assert w["warm_start/steps"] == ws.max_steps and "NOT met" in md
+    else:  # stopped at a check, and the recorded measurements give that verdict
+        assert w["warm_start/steps"] % ws.check_every == 0
+        assert gate(ws, w["warm_start/pass_rate"], [w["warm_start/mtp_agreement_1"]]) == w["warm_start/gate"]
+
+
+@pytest.mark.parametrize(
+    ("pass_rate", "agreements", "verdict"),
+    [
+        (0.45, [0.85], "met"),
+        (0.3, [0.8], "met"),  # both ends of the range count
+        (0.6, [0.9, 0.8], "met"),
+        (0.45, [0.79], "continue"),  # the drafter is not there yet
+        (0.45, [0.9, 0.7], "continue"),  # every depth must agree often enough
+        (0.29, [0.95], "continue"),  # the policy is not there yet
+        (0.61, [0.95], "overshot"),  # more SFT only raises the pass rate
+        (0.61, [0.5], "overshot"),
+    ],
+)
+def test_warm_start_gate_follows_the_targets(pass_rate, agreements, verdict):
+    from nemo_occ.lab.demo.config import WarmStartConfig
+    from nemo_occ.lab.demo.warmstart import gate
+
+    cfg = WarmStartConfig(pass_rate=(0.3, 0.6), mtp_agreement=0.8)
+    assert gate(cfg, pass_rate, agreements) == verdict
+
+
+def test_warm_start_gate_range_must_be_ordered():
+    from nemo_occ.lab.demo.config import WarmStartConfig
+
+    with pytest.raises(ValueError, match="pass_rate"):
+        WarmStartConfig(pass_rate=(0.6, 0.3))
+
+
+def test_demo_rejects_bad_config(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("demo:\n  rl:\n    stepz: 3\n")
+    assert main(["demo", "--config", str(cfg), "--out", str(tmp_path / "o")]) == 2
+    assert "demo.rl.stepz: unknown key" in capsys.readouterr().err
+    assert main(["demo", "--regimes", "occ", "nope", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown regime" in capsys.readouterr().err
+
+
+# -- the task's verifier, written independently of the task's own digit code ---------------------
+
+
+def test_addition_verifier_accepts_exactly_the_right_answer():
+    task = AdditionTask(digits=3)
+    ops = torch.tensor([[999, 1], [123, 456], [0, 0], [500, 499]])
+    expected = []
+    for a, b in ops.tolist():
+        s = str(a + b).zfill(4)[::-1]  # least-significant digit first, 4 digits
+        expected.append([int(ch) for ch in s] + [EOS])
+    responses = torch.tensor(expected)
+    assert task.rewards(ops, responses).tolist() == [1.0, 1.0, 1.0, 1.0]
+    wrong = responses.clone()
+    wrong[1, 0] = (wrong[1, 0] + 1) % 10
+    wrong[2, -1] = 0  # no EOS
+    assert task.rewards(ops, wrong).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert task.render(task.sequences(ops[1:2])[0]) == "123+456=9750"
+
+
+def test_training_problems_never_hit_the_heldout_set():
+    task = AdditionTask(digits=2)
+    held = {tuple(x) for x in task.eval_operands(200, seed=0).tolist()}
+    assert len(held) > 50
+    train = task.sample_operands(20_000, torch.Generator().manual_seed(3))
+    assert not held & {tuple(x) for x in train.tolist()}
+
+
+def _probe_rows(last_update_c_hat: list[float], probed: list[tuple[float, float, float, float, float]]):
+    """metrics.jsonl rows of a 4-update run probed at every step, as the trainer writes them: the row's
+    occ/* keys are the step's LAST update, fidelity/* come from a ProbeHistory fed the PROBED update."""
+    from nemo_occ.core.diagnostics import GradientStatistics
+    from nemo_occ.core.fidelity import ProbeHistory
+
+    history = ProbeHistory(num_depths=1)
+    rows = [{"step": 0, "eval/accuracy": 0.5}]
+    for step, (last_c_hat, (c_hat, v2_hat, tokens, c, v2)) in enumerate(
+        zip(last_update_c_hat, probed, strict=True), 1
+    ):
+        exact = GradientStatistics(c=[c], v2=[v2], rl_norm2=4.0)
+        row = {"step": step, "reward/mean": 0.5, "mtp/accuracy_1": 0.5, "exact/c_1": c, "exact/v2_1": v2}
+        row.update({"occ/c_hat_1": last_c_hat, "occ/v2_hat_1": 1.0, "occ/lambda_1": 0.1})
+        row.update(
+            history.record(c_hat=[c_hat], v2_hat=[v2_hat], tokens=[tokens], lambdas=[0.1], exact=exact)
+        )
+        rows.append(row)
+    return rows, history
+
+
+def test_summary_quotes_the_cores_fidelity_of_the_probed_update():
+    from scipy.stats import spearmanr
+
+    from nemo_occ.lab.demo.report import summarize, summary_markdown
+
+    # per-token proxies rank like the exact statistics; the summed ones (token counts vary) and the
+    # last update's do not
+    tokens = [40.0, 10.0, 80.0, 20.0, 60.0, 30.0]
+    c = [-0.3, 0.4, -0.1, 0.6, 0.3, 0.5]
+    v2 = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0]
+    per_token_c_hat = [-0.03, 0.04, -0.01, 0.06, 0.03, 0.05]  # c's signs and ranks
+    per_token_v2_hat = [0.1, 0.3, 0.2, 0.5, 0.4, 0.6]
+    probed = [(pc * n, pv * n, n, ci, vi) for pc, pv, n, ci, vi in
+              zip(per_token_c_hat, per_token_v2_hat, tokens, c, v2, strict=True)]  # fmt: skip
+    last_update = [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    rows, history = _probe_rows(last_update, probed)
+    run = {"metrics": rows, "wall_time_s": 1.0, "step_time_s": 0.1}
+    fid = summarize({"occ": run})["regimes"]["occ"]["fidelity"]
+
+    assert fid["probes"] == 6
+    e = fid["depths"]["1"]
+    assert e["spearman_c"] == pytest.approx(1.0)  # scipy on the per-token pairs: ranks identical
+    assert e["spearman_v2"] == pytest.approx(spearmanr(per_token_v2_hat, v2).statistic)
+    assert spearmanr([p[0] for p in probed], c).statistic < 0.9  # the summed proxies would rank otherwise
+    assert e["spearman_v2_low"] < e["spearman_v2"] < e["spearman_v2_high"]
+    # |λ|·sqrt(v²/||g_RL||²) per probe, median of six = mean of the 3rd and 4th (v² = 3 and 4)
+    assert e["trusted"] == 1.0
+    assert e["update_share_median"] == pytest.approx(0.1 * (math.sqrt(3 / 4) + math.sqrt(4 / 4)) / 2)
+    # one definition: every running statistic is the one the run's ProbeHistory computed
+    assert {f"fidelity/{k}_1": v for k, v in e.items() if k != "update_share_median"} == {
+        k: v for k, v in history.metrics().items() if k != "fidelity/probes"
+    }
+    md = summary_markdown(summarize({"occ": run}), "# h")
+    assert f"| occ | 1 | 6 | 1.00 [{e['spearman_c_low']:.2f}, 1.00] |" in md and "| yes |" in md
+
+    # detach: c ≡ 0 over the main model, so ρ is undefined, not a number, and the verdict is no
+    rows, _ = _probe_rows(last_update, [(pc, pv, n, 0.0, 0.0) for pc, pv, n, _, _ in probed])
+    fid = summarize({"detach": {**run, "metrics": rows}})["regimes"]["detach"]["fidelity"]
+    assert "spearman_c" not in fid["depths"]["1"] and fid["depths"]["1"]["trusted"] == 0.0
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    cfg = {"a": 1}
+    save_checkpoint(path, {"step": 1, "w": torch.ones(3)}, cfg)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial garbage")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"step": 2, "w": torch.zeros(3)}, cfg)
+    monkeypatch.undo()
+    state = load_checkpoint(path, cfg)
+    assert state["step"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    with pytest.raises(DemoOutputError, match="another configuration"):
+        load_checkpoint(path, {"a": 2})
+
+
+def test_response_mask_scores_exactly_the_response_tokens():
+    task = AdditionTask(digits=2)
+    mask = task.response_mask(3)
+    seq = task.sequences(torch.tensor([[12, 34]]))[0]  # BOS 1 2 + 3 4 = r0 r1 r2 EOS
+    assert mask.shape == (3, len(seq) - 1)
+    for j in range(len(seq) - 1):  # index j scores tok[j+1]
+        is_response = j + 1 >= 1 + 2 + 1 + 2 + 1  # after BOS, a, '+', b, '='
+        assert bool(mask[0, j]) == is_response, j
+    assert int(mask[0].sum()) == 3 + 1  # the sum's 3 digits and EOS

@@ -1,0 +1,166 @@
+"""nemo_occ.lab.figures: every figure is drawn from small synthetic records, a missing key is named, and the
+correlation/smoothing helpers agree with values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from nemo_occ.lab import figures as F
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows(seed: int, steps: int = 12, occ: bool = True) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    pre = "occ" if occ else "proxy"
+    rows = [{"step": 0, "eval/accuracy": 0.3}]
+    for t in range(1, steps + 1):
+        lam = float(rng.normal(0.2, 0.3))
+        rows.append({
+            "step": t,
+            "reward/mean": 0.3 + 0.04 * t + 0.02 * float(rng.normal()),
+            "mtp/accuracy_1": 0.6 + 0.01 * t,
+            "lambda_applied_mean_1": lam,
+            f"{pre}/lambda_1": lam + 0.01,
+            f"{pre}/first_order_1": lam * 0.1,
+            f"{pre}/second_order_1": 0.5 * lam**2 * 0.2,
+            **({"eval/accuracy": 0.3 + 0.03 * t} if t % 4 == 0 else {}),
+        })  # fmt: skip
+    return rows
+
+
+def _probes(seed: int, n: int = 12) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        c = float(rng.normal(1.0, 0.5))
+        out.append({
+            "step": 4 * (1 + i % 3), "c": c, "v2": float(rng.uniform(1, 5)), "rl_norm2": 4.0,
+            "c_hat": c * 0.01 + float(rng.normal(0, 0.002)), "v2_hat": float(rng.uniform(0.1, 0.5)),
+            "d_rl2": 0.02, "v2_hat_main": 0.3, "v2_hat_own": 0.01, "head_gap": 0.28,
+        })  # fmt: skip
+    return out
+
+
+@pytest.fixture
+def runs():
+    return {"occ": [_rows(0), _rows(1)], "policy": [_rows(2, occ=False), _rows(3, occ=False)]}
+
+
+def _is_png(path) -> bool:
+    return path.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_every_figure_is_drawn_from_synthetic_records(tmp_path, runs):
+    probes = {"occ": _probes(0), "policy": _probes(1)}
+    written = [
+        F.fig6_reward(runs, tmp_path / "f6.png", caption="run x, config y"),
+        F.fig4_lambda({"occ": runs["occ"]}, tmp_path / "f4.png", caption="run x"),
+        F.fig_lambda_agreement(runs, tmp_path / "fa.png", caption="run x"),
+        F.fig2_dynamics(probes, runs, tmp_path / "f2.png", caption="run x"),
+        F.fig8_fidelity(probes, tmp_path / "f8.png", caption="run x"),
+    ]
+    for path in written:
+        assert path.exists() and _is_png(path), path
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f2.png", "f4.png", "f6.png", "f8.png", "fa.png"]
+
+
+def test_fig2_without_the_proxy_cosine_input_still_draws(tmp_path, runs):
+    probes = {"occ": [{k: v for k, v in r.items() if k != "d_rl2"} for r in _probes(0)]}
+    assert _is_png(F.fig2_dynamics(probes, {"occ": runs["occ"]}, tmp_path / "f2.png", caption="x"))
+
+
+def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
+    for rows in runs["occ"]:
+        for r in rows:
+            r.pop("occ/lambda_1", None)
+    with pytest.raises(F.FigureDataError, match=r"run 'occ'.*'occ/lambda_1' or 'proxy/lambda_1'"):
+        F.fig4_lambda({"occ": runs["occ"]}, tmp_path / "f4.png", caption="x")
+    probes = {"policy": _probes(1)}
+    del probes["policy"][3]["v2_hat_own"]
+    with pytest.raises(F.FigureDataError, match=r"probe record 3 of run 'policy' lacks \['v2_hat_own'\]"):
+        F.fig2_dynamics(probes, runs, tmp_path / "f2.png", caption="x")
+    with pytest.raises(F.FigureDataError, match="no runs given"):
+        F.fig6_reward({}, tmp_path / "f6.png", caption="x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_spearman_ci_matches_values_worked_out_by_hand():
+    # ranks of y = [5, 6, 7, 8, 7] are [1, 2, 3.5, 5, 3.5]; against x's [1..5]: Σdxdy = 8, Σdx² = 10,
+    # Σdy² = 9.5, so ρ = 8/sqrt(95). Interval: tanh(atanh ρ ± 1.96·sqrt((1 + ρ²/2)/(n − 3))).
+    got = F.spearman_ci([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])
+    rho = 8 / math.sqrt(95)
+    se = math.sqrt((1 + rho**2 / 2) / 2)
+    assert got["n"] == 5
+    assert got["rho"] == pytest.approx(rho, abs=1e-12)
+    assert got["low"] == pytest.approx(math.tanh(math.atanh(rho) - 1.959963984540054 * se), abs=1e-9)
+    assert got["high"] == pytest.approx(math.tanh(math.atanh(rho) + 1.959963984540054 * se), abs=1e-9)
+    # a monotone but non-linear relation has ρ = 1 exactly; reversed, −1
+    x = list(range(1, 11))
+    assert F.spearman_ci(x, [math.exp(v) for v in x])["rho"] == pytest.approx(1.0)
+    assert F.spearman_ci(x, [-(v**3) for v in x])["rho"] == pytest.approx(-1.0)
+    # undefined: a constant series, too few points; non-finite pairs are dropped
+    assert F.spearman_ci([1, 2, 3, 4], [2, 2, 2, 2]) is None
+    assert F.spearman_ci([1, 2, 3], [1, 2, 3]) is None
+    assert F.spearman_ci([1, 2, 3, 4, 5, 6], [1, 2, float("nan"), 4, 5, 3])["n"] == 5
+
+
+def test_smooth_is_a_trailing_mean_that_skips_nans():
+    np.testing.assert_allclose(F.smooth([1, 2, 3, 4], 2), [1.0, 1.5, 2.5, 3.5])
+    np.testing.assert_allclose(F.smooth([1, float("nan"), 3, 5], 3), [1.0, 1.0, 2.0, 4.0])
+    np.testing.assert_allclose(F.smooth([4, 8], 1), [4.0, 8.0])
+    with pytest.raises(ValueError, match="window"):
+        F.smooth([1.0], 0)
+
+
+def _with_training_probe(rows: list[dict], pre: str) -> list[dict]:
+    """The rows with an in-training probe at every 4th step (the keys ``training_probes`` reads)."""
+    out = []
+    for r in rows:
+        if r["step"] and r["step"] % 4 == 0:
+            r = {**r, "fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
+                 "fidelity/c_hat_per_token_1": 0.01 * r["step"], "fidelity/v2_hat_per_token_1": 0.2,
+                 f"{pre}/valid_tokens_1": 10.0, f"{pre}/v2_hat_vs_main_old_1": 5.0,
+                 f"{pre}/v2_hat_vs_own_old_1": 1.0, f"{pre}/head_gap_share_1": 0.6}  # fmt: skip
+        out.append(r)
+    return out
+
+
+def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_path):
+    runs = {
+        "occ": [_with_training_probe(_rows(0), "occ")],
+        "policy": [_with_training_probe(_rows(2, occ=False), "proxy")],
+        "occ_lp2": [_rows(4)],  # a sweep variant of regime occ: in Fig. 4, not in Fig. 6
+        "none": [
+            [{k: v for k, v in r.items() if not k.startswith(("lambda", "occ/", "proxy/"))} for r in _rows(5)]
+        ],  # fmt: skip
+    }
+    asked = []
+
+    def caption(what, labels, source):
+        asked.append((what.split(" (")[0], labels, source))
+        return what
+
+    regime_of = {"occ": "occ", "policy": "policy", "occ_lp2": "occ", "none": "none"}
+    drawn, failed = F.regime_figures(tmp_path, runs, caption=caption, regime_of=regime_of)
+    assert drawn == ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+                     "fig8_training_probes.png"] and failed == {}  # fmt: skip
+    assert all(_is_png(tmp_path / name) for name in drawn)
+    labels = {what: (ls, src) for what, ls, src in asked}
+    assert labels["Training reward per regime"] == (["none", "policy", "occ"], "runs")
+    assert labels["λ over training"] == (["occ", "occ_lp2"], "runs")
+    assert labels["Coefficient components"] == (["occ", "policy"], "training_probes")
+    # with fixed-checkpoint probes, Fig. 2 and Fig. 8 come from them; a run without λ leaves Fig. 4 out,
+    # with the reason, and writes nothing for it
+    for p in tmp_path.iterdir():
+        p.unlink()
+    runs["occ"] = [[{k: v for k, v in r.items() if "lambda" not in k} for r in runs["occ"][0]]]
+    drawn, failed = F.regime_figures(tmp_path, {k: runs[k] for k in ("occ", "policy")}, caption=caption,
+                                     probes={"occ": _probes(0), "policy": _probes(1)})  # fmt: skip
+    assert drawn == ["fig6_reward.png", "fig2_dynamics.png", "fig8_fidelity.png", "fig8_training_probes.png"]
+    assert set(failed) == {"fig4_lambda.png", "fig_lambda_agreement.png"}
+    assert "'occ'" in failed["fig4_lambda.png"] and "lambda" in failed["fig4_lambda.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawn)

@@ -1,0 +1,257 @@
+"""`nemo-occ study`: its plan and order, its statistics against hand-worked values, and one tiny study
+end to end (probes, shared warm start, resume, a changed configuration refused)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+from nemo_occ.cli import main
+from nemo_occ.lab.study.plan import build_plan, probe_steps, variants
+from nemo_occ.lab.study.report import compare, run_metrics
+
+
+def _plan(**kw):
+    args = dict(seeds=[0, 1, 2], sweep_seeds=[0], coef=0.1, lambda_plus=1.0, old_logprobs="main", steps=90,
+                checkpoints=3)  # fmt: skip
+    args.update(kw)
+    return build_plan(**args)
+
+
+def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
+    jobs = _plan()
+    core = [(j.variant.name, j.seed) for j in jobs if j.tier == 1]
+    assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "occ", "policy", "ce", "detach")]
+    assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
+    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [("ce_coef1", s) for s in (0, 1, 2)]
+    probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]
+    order = [(r, k) for k in (90, 60, 30) for r in ("occ", "policy", "ce")]  # last checkpoint first
+    assert probes == [(r, s, k) for s in (0, 1, 2) for r, k in order]
+    assert {j.tier for j in jobs if j.kind == "probe"} == {3, 5}  # the first seed's probes before the sweeps
+    sweep = {j.variant.name: j.variant.overrides for j in jobs if j.tier == 4}
+    assert sweep == {
+        "policy_coef0.2": {"coef": 0.2}, "policy_coef0.5": {"coef": 0.5}, "policy_coef1": {"coef": 1.0},
+        "occ_lp0.1": {"occ": {"lambda_plus": 0.1}}, "occ_lp0.5": {"occ": {"lambda_plus": 0.5}},
+        "occ_lp2": {"occ": {"lambda_plus": 2.0}},
+        "policy_oldmtp": {"old_logprobs": "mtp"}, "occ_oldmtp": {"old_logprobs": "mtp"},
+    }  # fmt: skip
+    assert all(j.seed == 0 for j in jobs if j.tier >= 4 and j.kind == "train")
+    # a base coefficient of 0.5 is the core run: the sweep adds 0.1 instead of 0.5
+    names = [v.name for v in variants(0.5, 1.0)]
+    assert "policy_coef0.1" in names and "policy_coef0.5" not in names and "ce_coef0.1" in names
+    # configured old_logprobs: mtp → the other reading is main
+    assert {j.variant.name for j in _plan(old_logprobs="mtp") if j.tier == 4} >= {
+        "policy_oldmain",
+        "occ_oldmain",
+    }
+    with pytest.raises(ValueError, match="sweep seeds"):
+        _plan(sweep_seeds=[7])
+
+
+def test_probe_steps_are_spread_evenly_and_end_at_the_last_step():
+    assert probe_steps(200, 3) == [67, 133, 200]
+    assert probe_steps(4, 2) == [2, 4]
+    assert probe_steps(5, 1) == [5]
+    with pytest.raises(ValueError, match="checkpoints"):
+        probe_steps(2, 3)
+
+
+def test_welch_comparison_matches_the_t_distribution_by_hand():
+    # a = [1,2,3], b = [4,5,6]: diff −3, s² = 1 each, t = −3/sqrt(2/3), Welch df = 4. For 4 degrees of
+    # freedom the t CDF is F(t) = 1/2 + (x/2)(1 + (1 − x²)/2) with x = t/sqrt(4 + t²).
+    t = 3 / math.sqrt(2 / 3)
+    x = t / math.sqrt(4 + t * t)
+    p = 2 * (1 - (0.5 + x / 2 * (1 + (1 - x * x) / 2)))
+    got = compare([1, 2, 3], [4, 5, 6])
+    assert got["diff"] == pytest.approx(-3.0)
+    assert got["seed_sd"] == pytest.approx(1.0)
+    assert got["p"] == pytest.approx(p, rel=1e-6)
+    assert got["within_noise"] is False  # p ≈ 0.021
+    assert compare([1, 2, 3], [1.5, 2.5, 3.5])["within_noise"] is True
+    one = compare([1.0], [2.0, 3.0])  # one seed: no test, so it cannot be called beyond noise
+    assert one["p"] is None and one["within_noise"] is True and one["diff"] == pytest.approx(-1.5)
+
+
+def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
+    rows = [{"step": 0, "eval/accuracy": 0.2}]
+    for t in range(1, 11):
+        rows.append({"step": t, "reward/mean": t / 10, "mtp/accuracy_1": 0.5, "occ/lambda_1": t - 3.0})
+    rows[-1]["eval/accuracy"] = 0.9
+    m = run_metrics(rows, steps=10, wall_s=3.0)
+    assert m["reward_final"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 5)  # tail = max(5, 10/5)
+    assert m["eval_start"] == 0.2 and m["eval_final"] == 0.9 and m["agreement_final"] == 0.5
+    assert m["lambda_positive"] == pytest.approx(0.7)  # −2, −1, 0 are not positive; 1..7 are
+    assert m["lambda_median"] == pytest.approx(2.5)  # median of −2..7
+    assert m["wall_s"] == 3.0
+    assert m["mtp_share_median"] is None and m["clipped_mean"] is None  # not logged: not invented
+    rows[3].update({"update/mtp_share": 0.1, "update/clipped": 1.0})
+    rows[4].update({"update/mtp_share": 0.5, "update/clipped": 0.0})
+    rows[5].update({"update/mtp_share": 0.2, "update/clipped": 0.5})
+    m = run_metrics(rows, steps=10)
+    assert m["mtp_share_median"] == pytest.approx(0.2) and m["clipped_mean"] == pytest.approx(0.5)
+
+
+def _cli(*argv):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+        rc = main(["study", *argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seeds", "0", "0"], "name each seed once"),
+        (["--seeds", "0", "--sweep-seeds", "3"], "each must be one of --seeds"),
+        (["--only", "bogus"], "choose from none, occ, policy"),
+        (["--probe-checkpoints", "0"], "--probe-checkpoints >= 1"),
+        (["--quick", "--probe-checkpoints", "9"], "exceeds the 4 RL steps"),
+    ],
+)
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    rc, _, err = _cli(*argv, "--out", str(tmp_path / "o"))
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+TINY = ["--quick", "--steps", "2", "--seeds", "0", "--probe-minibatches", "2", "--probe-checkpoints", "1",
+        "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    rc, stdout, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    return out, rc, stdout, err
+
+
+@pytest.mark.slow
+def test_tiny_study_trains_probes_and_reports(tiny):
+    out, rc, stdout, err = tiny
+    assert rc == 0, err
+    assert "3 jobs, 0 already done, 3 to run" in err  # none and occ training, the occ probe
+    rec = json.loads((out / "probes" / "occ" / "seed0" / "step2.json").read_text())
+    assert rec["step"] == 2 and 1 <= len(rec["records"]) <= 2
+    for r in rec["records"]:
+        for key in (
+            "c",
+            "v2",
+            "rl_norm2",
+            "c_hat",
+            "v2_hat",
+            "d_rl2",
+            "v2_hat_main",
+            "v2_hat_own",
+            "head_gap",
+        ):
+            assert math.isfinite(r[key]), key
+        assert r["v2"] > 0 and r["rl_norm2"] > 0 and r["step"] == 2
+    snap = torch.load(out / "probes" / "occ" / "seed0" / "step2.pt", weights_only=True)
+    assert snap["step"] == 2 and "model" in snap and "optimizer" in snap
+    # the warm start of seed 0 is built once and shared (hard links: one file)
+    shared = out / "warmstart" / "seed0.pt"
+    for variant in ("none", "occ"):
+        assert os.path.samefile(shared, out / "runs" / variant / "seed0" / "warmstart.pt"), variant
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["variants"]) == {"none", "occ"} and summary["unfinished"] == []
+    assert summary["probes"]["occ"]["pooled"]["n"] == len(rec["records"])
+    # the figures every run set gets, then the one sweep panel that has two of its variants (none, occ)
+    figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
+               "fig8_fidelity.png", "fig8_training_probes.png", "fig6_occ_lambda_plus.png"]  # fmt: skip
+    assert summary["figures"] == figures and summary["figures_not_drawn"] == {}
+    assert all((out / name).exists() for name in figures)
+    assert "## Per variant" in (out / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
+    out, rc, _, _ = tiny
+    assert rc == 0
+    before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
+    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    assert rc == 0 and "3 jobs, 3 already done, 0 to run" in err
+    assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")} == before
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    rc, _, err = _cli(*[a if a != "2" else "3" for a in TINY[:3]], *TINY[3:], "--out", str(out))
+    assert rc == 2 and "another configuration" in err and "--overwrite" in err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == snapshot
+
+
+def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
+    from nemo_occ.lab.figures import training_probes
+
+    probe = {"fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
+             "fidelity/c_hat_per_token_1": 0.01, "fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
+    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, **probe}, {"step": 3, "fidelity/c_1": 1.0}]
+    assert training_probes(rows) == [
+        {"step": 2, "c": 0.5, "v2": 2.0, "rl_norm2": 4.0, "c_hat": 0.01, "v2_hat": 0.2}
+    ]
+    # with the head-gap sums of the step: per token, the gap = share × v̂²(vs main old)
+    gap = {"proxy/valid_tokens_1": 10.0, "proxy/v2_hat_vs_main_old_1": 5.0, "proxy/v2_hat_vs_own_old_1": 1.0,
+           "proxy/head_gap_share_1": 0.6}  # fmt: skip
+    (rec,) = training_probes([{"step": 3, **probe, **gap}])
+    assert (rec["v2_hat_main"], rec["v2_hat_own"], rec["head_gap"]) == pytest.approx((0.5, 0.1, 0.3))
+
+
+def test_a_second_study_in_the_same_folder_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "o"
+    out.mkdir()
+    fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running study holds it
+    try:
+        rc, _, err = _cli(*TINY, "--only", "none", "--out", str(out))
+    finally:
+        os.close(fd)
+    assert rc == 2 and "another nemo-occ study is running in it" in err
+    assert [p.name for p in out.iterdir()] == [".study.lock"]  # nothing written
+
+
+def test_figure_captions_name_each_variants_seeds_when_they_differ():
+    from nemo_occ.lab.study.report import seeds_text
+
+    pairs = [("occ", 0), ("occ", 1), ("occ", 2), ("occ_lp2", 0), ("policy", 2), ("policy", 0)]
+    assert seeds_text(["occ", "occ_lp2"], pairs) == "seeds occ [0, 1, 2], occ_lp2 [0]"
+    # one list when the drawn variants agree; variants without a finished run are left out
+    assert seeds_text(["occ", "missing"], pairs) == "seeds [0, 1, 2]"
+    assert seeds_text(["policy", "occ_lp2"], [p for p in pairs if p != ("policy", 2)]) == "seeds [0]"
+
+
+def test_the_occ_headline_holds_only_when_occ_beats_none_and_policy_beyond_seed_noise():
+    from nemo_occ.lab.study.report import _mechanism
+
+    def summary(occ, none, policy):
+        return {"probes": {}, "training_probes": {}, "variants": {},
+                "comparisons": {"occ - none": compare(occ, none), "occ - policy": compare(occ, policy)}}  # fmt: skip
+
+    clear = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.72, 0.73, 0.71]))["occ_helps"]
+    assert clear["holds"] and clear["occ - none"]["diff"] == pytest.approx(0.11)
+    # above policy only within seed noise: not shown
+    noisy = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.60, 0.95, 0.80]))["occ_helps"]
+    assert not noisy["holds"] and noisy["occ - policy"]["within_noise"]
+    # below none: not shown however clear
+    below = _mechanism(summary([0.60, 0.61, 0.62], [0.70, 0.71, 0.69], [0.50, 0.51, 0.52]))["occ_helps"]
+    assert not below["holds"]
+
+
+@pytest.mark.slow
+def test_a_foreign_run_folder_is_refused_before_anything_in_out_is_written(tiny, tmp_path):
+    out, rc, _, _ = tiny
+    assert rc == 0
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    # a checkpoint of another run (none's) in occ's folder: a folder assembled by hand
+    shutil.copyfile(copy / "runs" / "none" / "seed0" / "none" / "checkpoint.pt",
+                    copy / "runs" / "occ" / "seed0" / "occ" / "checkpoint.pt")  # fmt: skip
+    snapshot = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
+    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(copy))
+    assert rc == 2 and "another configuration than its folder's run.json" in err
+    assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == snapshot  # study.json included
