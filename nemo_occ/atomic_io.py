@@ -64,6 +64,27 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object]) -> None:
         raise
 
 
+def atomic_link_or_copy(src: str | Path, dst: str | Path) -> None:
+    """Make ``dst`` a hard link to ``src`` (a copy where the file system refuses links), atomically.
+
+    The link is made at a temporary sibling named like :func:`atomic_write`'s and ``os.replace``-d over
+    ``dst``; where linking fails the copy goes through :func:`atomic_write`.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:
+        with open(src, "rb") as source:
+            atomic_write(dst, lambda f: shutil.copyfileobj(source, f))
+        return
+    try:
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def temporary_file_target(name: str) -> str | None:
     """The file name whose :func:`atomic_write` left the temporary file ``name`` behind, else None."""
     match = _TEMP_FILE.fullmatch(name)

@@ -18,8 +18,9 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from nemo_occ.core.loss_config import PolicyLossConfig, _Strict
 from nemo_occ.core.regimes import REGIMES, RegimeName, RegimeSpec, get_regime
 
 # the name of nemo-occ's block: at the top of a recipe, and in NeMo-RL's policy config, where the entry point
@@ -39,49 +40,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration the user has to change; the message says what to set."""
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: a float field rejects inf/nan (YAML `.inf`, `.nan`, "inf"), which would
-    # otherwise pass every range check it is not compared against and turn λ or the loss into inf/NaN
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False)
-
-
-class PolicyLossConfig(_Strict):
-    """Clipped policy-gradient loss shared by the main head and the MTP heads (PPO/GRPO/DAPO/GSPO)."""
-
-    ratio_clip_low: float = Field(
-        0.2, ge=0.0, lt=1.0, description="ε_low: the ratio is clipped below at 1 - ratio_clip_low."
-    )
-    ratio_clip_high: float = Field(
-        0.28,
-        ge=0.0,
-        description="ε_high: the ratio is clipped above at 1 + ratio_clip_high (DAPO clip-higher: 0.28).",
-    )
-    ratio_clip_c: float | None = Field(
-        None,
-        gt=1.0,
-        description="Dual-clip constant c (> 1): for negative advantages the loss is capped at -c·A. None disables it.",
-    )
-    aggregation: Literal["token_mean", "seq_mean_token_mean"] = Field(
-        "token_mean",
-        description="token_mean: mean over all valid tokens of the global batch (DAPO). "
-        "seq_mean_token_mean: mean over sequences of each sequence's token mean (GRPO, GSPO).",
-    )
-    importance_ratio: Literal["token", "sequence"] = Field(
-        "token",
-        description="token: per-token ratio π/π_old (PPO, GRPO, DAPO). sequence: GSPO's length-normalised "
-        "sequence ratio exp(mean_t(log π - log π_old)).",
-    )
-
-    @model_validator(mode="after")
-    def _gspo_needs_sequence_aggregation(self) -> PolicyLossConfig:
-        if self.importance_ratio == "sequence" and self.aggregation != "seq_mean_token_mean":
-            raise ValueError(
-                "GSPO (importance_ratio: sequence) needs sequence-level aggregation: "
-                "set aggregation: seq_mean_token_mean (NeMo-RL: token_level_loss: false)"
-            )
-        return self
 
 
 class OCCConfig(_Strict):

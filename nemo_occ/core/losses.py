@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # the config imports the regimes, which import these losses
-    from nemo_occ.core.config import PolicyLossConfig
+    from nemo_occ.core.loss_config import PolicyLossConfig
 
 __all__ = [
     "MAX_LOG_RATIO",

@@ -24,7 +24,7 @@ import torch
 from nemo_occ.core.losses import Number, clipped_policy_loss, cross_entropy_loss
 
 if TYPE_CHECKING:
-    from nemo_occ.core.config import PolicyLossConfig
+    from nemo_occ.core.loss_config import PolicyLossConfig
 
 __all__ = ["REGIMES", "RegimeName", "RegimeSpec", "get_regime"]
 

@@ -20,7 +20,12 @@ the first sweep seed; tier 5 the probes of the other seeds; tier 6+ the sweeps a
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from nemo_occ.core.config import NemoOCCConfig
+from nemo_occ.lab.demo.config import DemoConfig, _merge
 
 __all__ = ["Job", "Variant", "build_plan", "probe_steps", "variants"]
 
@@ -140,3 +145,27 @@ def build_plan(
     jobs += [Job(5, "probe", v, s, k) for s in seeds[1:] for k in ks for v in probed]
     jobs += [Job(6 + i, "train", v, s) for i, s in enumerate(sweep_seeds[1:]) for v in sweep]
     return jobs
+
+
+def variant_config(
+    cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, variant: Variant, seed: int, checkpoint_every: int
+) -> tuple[DemoConfig, NemoOCCConfig]:
+    """The demo configuration of one run: the base one with the variant's ``nemo_occ`` settings."""
+    demo = cfg.model_dump()
+    demo.update(seed=seed, regimes=[variant.regime])
+    demo["rl"]["checkpoint_every"] = checkpoint_every
+    occ = _merge(nemo_occ_cfg.model_dump(), variant.overrides)
+    occ["regime"] = variant.regime
+    with warnings.catch_warnings():  # advisories on base settings a regime ignores (coef under occ, ...)
+        warnings.simplefilter("ignore", UserWarning)
+        return DemoConfig.model_validate(demo), NemoOCCConfig.model_validate(occ)
+
+
+def run_dir(out: Path, job: Job) -> Path:
+    """The folder of one training job's demo run."""
+    return out / "runs" / job.variant.name / f"seed{job.seed}"
+
+
+def probe_path(out: Path, job: Job, step: int, suffix: str) -> Path:
+    """The file of one probe job's result (``suffix`` .json or .pt)."""
+    return out / "probes" / job.variant.name / f"seed{job.seed}" / f"step{step}{suffix}"

@@ -34,7 +34,7 @@ import numpy as np
 from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.regimes import get_regime
 from nemo_occ.lab.figures import training_probes
-from nemo_occ.lab.study.plan import Job
+from nemo_occ.lab.study.plan import Job, probe_path, run_dir, variant_config
 
 __all__ = ["build_study_report", "run_metrics", "compare"]
 
@@ -185,7 +185,6 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
                        skipped: dict, *, say: Callable[[str], None] = print) -> dict:  # fmt: skip
     from nemo_occ.lab.demo.output import regime_fingerprint
     from nemo_occ.lab.demo.trainer import finished_run
-    from nemo_occ.lab.study.run import _probe_path, _run_dir, variant_config
 
     steps = cfg.rl.steps
     variants, runs, rows_of = {}, {}, {}
@@ -198,14 +197,14 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
         if not done[job]:
             continue
         rcfg, rocc = variant_config(cfg, nemo_occ_cfg, v, job.seed, probe["checkpoint_every"])
-        folder = _run_dir(out, job) / v.regime
+        folder = run_dir(out, job) / v.regime
         run = finished_run(folder, regime_fingerprint(rcfg, rocc, v.regime), steps)
         rows_of[(v.name, job.seed)] = run.metrics
         runs[v.name][job.seed] = run_metrics(run.metrics, steps, run.wall_time_s)
     probes: dict[str, dict[int, list[dict]]] = {}
     for job in jobs:
         if job.kind == "probe" and done[job]:
-            rec = json.loads(_probe_path(out, job, job.step, ".json").read_text())
+            rec = json.loads(probe_path(out, job, job.step, ".json").read_text())
             probes.setdefault(job.variant.name, {}).setdefault(job.seed, []).extend(rec["records"])
     unfinished = [j.label for j in jobs if not done[j]]
 

@@ -31,22 +31,21 @@ import math
 import os
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from nemo_occ.atomic_io import atomic_write
+from nemo_occ.atomic_io import atomic_link_or_copy, atomic_write
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.lab.demo.config import DemoConfig, _merge
+from nemo_occ.lab.demo.config import DemoConfig
 from nemo_occ.lab.demo.output import (
     DemoOutputError,
     prepare_output,
     regime_fingerprint,
     results_config,
 )
-from nemo_occ.lab.study.plan import Job, Variant, build_plan, probe_steps
+from nemo_occ.lab.study.plan import Job, build_plan, probe_path, probe_steps, run_dir, variant_config
 
 __all__ = ["StudyError", "run_study", "study_identity", "variant_config", "job_done"]
 
@@ -95,40 +94,18 @@ def study_identity(cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) ->
     return {"base": ident, "probe": probe}
 
 
-def variant_config(
-    cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, variant: Variant, seed: int, checkpoint_every: int
-) -> tuple[DemoConfig, NemoOCCConfig]:
-    """The demo configuration of one run: the base one with the variant's ``nemo_occ`` settings."""
-    demo = cfg.model_dump()
-    demo.update(seed=seed, regimes=[variant.regime])
-    demo["rl"]["checkpoint_every"] = checkpoint_every
-    occ = _merge(nemo_occ_cfg.model_dump(), variant.overrides)
-    occ["regime"] = variant.regime
-    with warnings.catch_warnings():  # advisories on base settings a regime ignores (coef under occ, ...)
-        warnings.simplefilter("ignore", UserWarning)
-        return DemoConfig.model_validate(demo), NemoOCCConfig.model_validate(occ)
-
-
-def _run_dir(out: Path, job: Job) -> Path:
-    return out / "runs" / job.variant.name / f"seed{job.seed}"
-
-
-def _probe_path(out: Path, job: Job, step: int, suffix: str) -> Path:
-    return out / "probes" / job.variant.name / f"seed{job.seed}" / f"step{step}{suffix}"
-
-
 def job_done(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) -> bool:
     from nemo_occ.lab.demo.trainer import regime_progress
 
     if job.kind == "probe":
-        p = _probe_path(out, job, job.step, ".json")
+        p = probe_path(out, job, job.step, ".json")
         try:
             rec = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError):
             return False
         return rec.get("settings") == probe
     rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
-    folder = _run_dir(out, job) / job.variant.regime
+    folder = run_dir(out, job) / job.variant.regime
     return regime_progress(folder, regime_fingerprint(rcfg, rocc, job.variant.regime)) == cfg.rl.steps
 
 
@@ -183,16 +160,6 @@ def prepare_study(out: Path, identity: dict, invocation: dict, *, overwrite: boo
     return resume
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.link.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
 class _Snapshots:
     """Progress hook of ``run_regime``: after step K+1 starts reporting, the run's checkpoint.pt holds
     step K (the trainer logs a step, updates the progress, then checkpoints); copy it aside when K is a
@@ -229,24 +196,24 @@ def _train(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, pr
     from nemo_occ.lab.demo.warmstart import warm_start
 
     rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
-    folder = _run_dir(out, job)
+    folder = run_dir(out, job)
     try:
         prepare_output(folder, results_config(rcfg, rocc), invocation, overwrite=False)
     except DemoOutputError as err:
         raise StudyError(str(err)) from None
     shared = out / "warmstart" / f"seed{job.seed}.pt"
     if shared.exists() and not (folder / "warmstart.pt").exists():
-        _link_or_copy(shared, folder / "warmstart.pt")
+        atomic_link_or_copy(shared, folder / "warmstart.pt")
     warm_state, _ = warm_start(rcfg, folder / "warmstart.pt")
     if not shared.exists():
         shared.parent.mkdir(parents=True, exist_ok=True)
-        _link_or_copy(folder / "warmstart.pt", shared)
+        atomic_link_or_copy(folder / "warmstart.pt", shared)
     regime = job.variant.regime
     ckpt = folder / regime / "checkpoint.pt"
     start = regime_progress(folder / regime, regime_fingerprint(rcfg, rocc, regime))
     wanted = {}
     if job.variant.core and probe["minibatches"] > 0 and regime in probe["regimes"]:
-        wanted = {k: _probe_path(out, job, k, ".pt") for k in probe["steps"]}
+        wanted = {k: probe_path(out, job, k, ".pt") for k in probe["steps"]}
     with tqdm(
         total=cfg.rl.steps, initial=start, desc=job.label, disable=not show_progress, leave=False
     ) as bar:
@@ -260,7 +227,7 @@ def _probe(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, pr
     """Probe one checkpoint; returns why it could not run (None when it ran)."""
     from nemo_occ.lab.study.probe import probe_checkpoint
 
-    snap = _probe_path(out, job, job.step, ".pt")
+    snap = probe_path(out, job, job.step, ".pt")
     if not snap.exists():
         return f"no checkpoint of step {job.step} was kept (the run finished before the study kept them)"
     rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
@@ -270,7 +237,7 @@ def _probe(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, pr
     result = {"settings": probe, "variant": job.variant.name, "seed": job.seed, "step": job.step,
               "wall_s": time.perf_counter() - t0, "records": records}  # fmt: skip
     text = json.dumps(result) + "\n"
-    atomic_write(_probe_path(out, job, job.step, ".json"), lambda f: f.write(text.encode()))
+    atomic_write(probe_path(out, job, job.step, ".json"), lambda f: f.write(text.encode()))
     return None
 
 
