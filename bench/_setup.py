@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from nemo_occ.core.inputs import TokenInputs
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}  # what a GPU trains in; the CPU's fast path
 
@@ -123,15 +125,15 @@ def main_head_loss(cur, b: SyntheticBatch, policy_cfg) -> torch.Tensor:
 def update_losses(cur, b: SyntheticBatch, policy_cfg, objective) -> tuple[torch.Tensor, torch.Tensor]:
     """The main head's clipped policy loss and ``objective``'s MTP loss (regime-scaled, with its statistics)
     on ``b``: what one training update backpropagates, summed."""
-    mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, old_logprobs=b.old_logprobs, advantages=b.advantages,
-                            mask=b.mask, mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **b.counts)  # fmt: skip
+    mtp_loss, _ = objective(TokenInputs(main_logprobs=cur.main_logprobs, old_logprobs=b.old_logprobs, advantages=b.advantages,
+                                        mask=b.mask, mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks, **b.counts))  # fmt: skip
     return main_head_loss(cur, b, policy_cfg), mtp_loss
 
 
 def unscaled_mtp_losses(cur, b: SyntheticBatch, objective) -> list[torch.Tensor]:
     """Each depth's MTP loss before the regime's coefficient (the exact probes' g_MTP)."""
-    return objective.unscaled_losses(mtp_logprobs=cur.mtp_logprobs, old_logprobs=b.old_logprobs,
-                                     advantages=b.advantages, mask=b.mask, mtp_masks=cur.mtp_masks, **b.counts)  # fmt: skip
+    return objective.unscaled_losses(TokenInputs(mtp_logprobs=cur.mtp_logprobs, old_logprobs=b.old_logprobs,
+                                                 advantages=b.advantages, mask=b.mask, mtp_masks=cur.mtp_masks, **b.counts))  # fmt: skip
 
 
 def state_snapshot(model: torch.nn.Module) -> dict:

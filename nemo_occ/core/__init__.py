@@ -20,12 +20,14 @@ from nemo_occ.core.diagnostics import (
     gradient_statistics,
 )
 from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
 from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics, acceptance_counts, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import RegimeSpec, get_regime
 
 __all__ = [
+    "TokenInputs",
     "REGIMES",
     "ConfigError",
     "DepthStatistics",

@@ -53,12 +53,12 @@ term ½·λ²·v̂². Under these prefactors λ = ĉ/v̂² (Eq. 13 with λ+ = 1)
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import torch
 
 from nemo_occ.core.config import OCCConfig
 from nemo_occ.core.distributed import all_reduce_sum_, collective_device
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import check_logprob_inputs
 from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics
 
@@ -155,38 +155,23 @@ class OCCCalibrator:
         return out
 
     # -- statistics --------------------------------------------------------------------------------
-    def statistics(
-        self,
-        main_logprobs: torch.Tensor,
-        old_logprobs: torch.Tensor,
-        mtp_logprobs: Sequence[torch.Tensor],
-        mask: torch.Tensor,
-        *,
-        mtp_masks: Sequence[torch.Tensor] | None = None,
-        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """[K, 4] statistics of one micro-batch (not accumulated)."""
-        if len(mtp_logprobs) != self.num_depths:
+    def statistics(self, inputs: TokenInputs) -> torch.Tensor:
+        """[K, 4] statistics of one micro-batch (not accumulated): :func:`proxy_statistics` of each depth k over
+        mask ∧ mtp_masks[k], with δ_MTP against ``mtp_old_logprobs[k]`` when given, else the main head's old."""
+        if inputs.main_logprobs is None:
+            raise ValueError("the calibrator's statistics need the main head's log-probs (main_logprobs)")
+        if inputs.num_depths != self.num_depths:
             raise ValueError(
-                f"got MTP log-probs for {len(mtp_logprobs)} depth(s) but the calibrator has num_depths={self.num_depths}"
+                f"got MTP log-probs for {inputs.num_depths} depth(s) but the calibrator has num_depths={self.num_depths}"
             )
-        if mtp_masks is not None and len(mtp_masks) != self.num_depths:
-            raise ValueError(f"mtp_masks has {len(mtp_masks)} entries, expected {self.num_depths}")
-        for k, mk in enumerate(mtp_masks if mtp_masks is not None else []):
-            if mk.shape != mask.shape:  # `mask & mk` would broadcast a [S] or [B, 1] mask silently
-                raise ValueError(
-                    f"mtp_masks[{k}] has shape {tuple(mk.shape)} but mask has {tuple(mask.shape)}; "
-                    "they must match"
-                )
-        if mtp_old_logprobs is not None and len(mtp_old_logprobs) != self.num_depths:
-            raise ValueError(
-                f"mtp_old_logprobs has {len(mtp_old_logprobs)} entries, expected {self.num_depths}"
-            )
+        olds = inputs.mtp_old_logprobs or [inputs.old_logprobs] * self.num_depths
         rows = []
-        for k, lp in enumerate(mtp_logprobs):
-            mask_k = mask.bool() if mtp_masks is None else (mask.bool() & mtp_masks[k].bool())
-            old_k = old_logprobs if mtp_old_logprobs is None else mtp_old_logprobs[k]
-            rows.append(proxy_statistics(main_logprobs, old_logprobs, lp, old_k, mask_k, self.cfg.eps).cpu())
+        for lp, old_k, mask_k in zip(inputs.mtp_logprobs, olds, inputs.depth_masks(), strict=True):
+            rows.append(
+                proxy_statistics(
+                    inputs.main_logprobs, inputs.old_logprobs, lp, old_k, mask_k, self.cfg.eps
+                ).cpu()
+            )
         return torch.stack(rows)
 
     def add_statistics(self, stats: torch.Tensor) -> None:

@@ -28,7 +28,6 @@ Letters: B sequences, S token positions, K MTP depths.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
@@ -36,7 +35,7 @@ import torch
 from nemo_occ.core.calibration import OCCCalibrator
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.fidelity import HeadGap
-from nemo_occ.core.losses import Number
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.metrics import UpdateStatistics
 
 __all__ = ["MTPObjective"]
@@ -62,72 +61,52 @@ class MTPObjective:
             return self.calibrator.lambdas
         return [self.cfg.coef] * self.cfg.num_depths
 
-    def __call__(
-        self,
-        *,
-        main_logprobs: torch.Tensor,  # [B, S]
-        old_logprobs: torch.Tensor,  # [B, S] main head's old log-probs
-        advantages: torch.Tensor,  # [B] or [B, S]
-        mask: torch.Tensor,  # [B, S]
-        mtp_logprobs: Sequence[torch.Tensor],  # K x [B, S], aligned to main positions
-        mtp_masks: Sequence[torch.Tensor] | None = None,  # K x [B, S]
-        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,  # K x [B, S], for old_logprobs: mtp
-        global_valid_tokens: Number,
-        global_valid_seqs: Number = 0,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
-        """(Σ_k λ_k L_MTP,k, metrics) of one micro-batch; metrics with a ``mtp/`` prefix are summable.
+    def __call__(self, inputs: TokenInputs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """(Σ_k λ_k · L_MTP,k, metrics) of one micro-batch; metrics with a ``mtp/`` prefix are summable.
 
-        All inputs are validated before any state moves: a call that raises adds nothing to the
+        Nothing moves before everything that can raise has run: a call that raises adds nothing to the
         calibrator's sums (nor, under ``timing: microbatch``, to the record of applied λ).
-        Regime ``none`` returns 0 and only checks that the per-depth lists agree in length.
+        Regime ``none`` returns 0.
         """
-        K = self.cfg.num_depths
-        self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
         if not self.regime.has_mtp_term:
-            return main_logprobs.new_zeros(()), {}
-        if mtp_masks is None:
-            mtp_masks = [mask] * K
-        masks = [mask.bool() & mk.bool() for mk in mtp_masks]
-
-        # 1. everything that can raise: the micro-batch's statistics (pure) and each depth's loss
-        depth_losses = self.depth_losses(
-            mtp_logprobs=mtp_logprobs,
-            old_logprobs=old_logprobs,
-            advantages=advantages,
-            mask=mask,
-            mtp_masks=mtp_masks,
-            mtp_old_logprobs=mtp_old_logprobs,
-            global_valid_tokens=global_valid_tokens,
-            global_valid_seqs=global_valid_seqs,
-        )
+            return inputs.main_logprobs.new_zeros(()), {}
+        # 1. everything that can raise: each depth's loss and the micro-batch's statistics (pure)
+        depth_losses = self.depth_losses(inputs)
         stats = None
         if self.calibrator is not None:
-            stats = self.calibrator.statistics(
-                main_logprobs,
-                old_logprobs,
-                mtp_logprobs,
-                mask,
-                mtp_masks=mtp_masks,
-                mtp_old_logprobs=mtp_old_logprobs if self.cfg.old_logprobs == "mtp" else None,
-            )
+            own_old = inputs.mtp_old_logprobs if self.cfg.old_logprobs == "mtp" else None
+            stats = self.calibrator.statistics(replace(inputs, mtp_old_logprobs=own_old))
         gap = None
-        if self.head_gap is not None and mtp_old_logprobs is not None:
-            gap = self.head_gap.statistics(mtp_logprobs, old_logprobs, mtp_old_logprobs, masks)
+        if self.head_gap is not None and inputs.mtp_old_logprobs is not None:
+            gap = self.head_gap.statistics(
+                inputs.mtp_logprobs, inputs.old_logprobs, inputs.mtp_old_logprobs, inputs.depth_masks()
+            )
         microbatch_lambdas = self.regime.calibrated and self.cfg.occ.timing == "microbatch"
         if microbatch_lambdas:
             self.calibrator.lambda_from_statistics(stats)  # raises, before any state moves, if λ overflows
         # 2. only then move state
+        coefs = self._record(stats, gap, microbatch_lambdas)
+        return self._scaled_sum(inputs, depth_losses, coefs)
+
+    def _record(self, stats, gap, microbatch_lambdas: bool) -> list[float]:
+        """Add a micro-batch's statistics to the sums; the λ_k its MTP term uses."""
         if stats is not None:
             self.calibrator.add_statistics(stats)
         if gap is not None:
             self.head_gap.add(gap)
             self._head_gap_seen = True
         if microbatch_lambdas:
-            coefs = self.calibrator.local_lambdas(stats)
-        else:
-            coefs = self.coefficients()
+            return self.calibrator.local_lambdas(stats)
+        return self.coefficients()
 
-        total = main_logprobs.new_zeros(())
+    @staticmethod
+    def _scaled_sum(inputs, depth_losses, coefs) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Σ_k λ_k · L_MTP,k and its per-depth metrics (``mtp/loss_d``, ``mtp/clip_fraction_d``)."""
+        total = (
+            inputs.old_logprobs.new_zeros(())
+            if inputs.main_logprobs is None
+            else inputs.main_logprobs.new_zeros(())
+        )
         metrics: dict[str, torch.Tensor | float] = {}
         for k, (loss_k, m_k) in enumerate(depth_losses):
             total = total + coefs[k] * loss_k
@@ -138,80 +117,57 @@ class MTPObjective:
         metrics["mtp/loss_scaled"] = total.detach()
         return total, metrics
 
-    def depth_losses(
-        self,
-        *,
-        mtp_logprobs: Sequence[torch.Tensor],  # K x [B, S]
-        old_logprobs: torch.Tensor,  # [B, S] main head's old log-probs
-        advantages: torch.Tensor,  # [B] or [B, S]
-        mask: torch.Tensor,  # [B, S]
-        mtp_masks: Sequence[torch.Tensor] | None = None,  # K x [B, S]
-        mtp_old_logprobs: Sequence[torch.Tensor] | None = None,  # K x [B, S]
-        global_valid_tokens: Number,
-        global_valid_seqs: Number = 0,
-    ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    def depth_losses(self, inputs: TokenInputs) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
         """Each depth's unscaled loss L_MTP,k and its metrics, before λ_k; no state moves.
 
         What the training term scales by λ_k, and what the exact probes differentiate for g_MTP,k.
-        The ratio's old log-prob is the main head's or each MTP head's own (``old_logprobs``).
+        The ratio's old log-prob is the main head's or each MTP head's own (``nemo_occ.old_logprobs``).
         """
         K = self.cfg.num_depths
-        self._check_depth_lists(mask, mtp_logprobs, mtp_masks, mtp_old_logprobs)
+        self._check_depths(inputs)
         if not self.regime.has_mtp_term:
             raise ValueError(f"regime '{self.regime.name}' has no MTP loss")
-        if mtp_masks is None:
-            mtp_masks = [mask] * K
+        if inputs.advantages is None or inputs.global_valid_tokens is None:
+            raise ValueError("the MTP loss needs the advantages and global_valid_tokens of the micro-batch")
         if self.cfg.old_logprobs == "mtp":
-            if mtp_old_logprobs is None:
+            if inputs.mtp_old_logprobs is None:
                 raise ValueError(
                     "nemo_occ.old_logprobs is 'mtp' but no old MTP log-probs were given; compute them with the "
                     "rollout's old log-probs or set old_logprobs: main"
                 )
-            olds = list(mtp_old_logprobs)
+            olds = list(inputs.mtp_old_logprobs)
         else:
-            olds = [old_logprobs] * K
+            olds = [inputs.old_logprobs] * K
+        masks = inputs.depth_masks()
         return [
             self.regime.depth_loss(
-                mtp_logprobs[k],
+                inputs.mtp_logprobs[k],
                 olds[k],
-                advantages,
-                mask.bool() & mtp_masks[k].bool(),
+                inputs.advantages,
+                masks[k],
                 self.policy_cfg,
-                global_valid_tokens=global_valid_tokens,
-                global_valid_seqs=global_valid_seqs,
+                global_valid_tokens=inputs.global_valid_tokens,
+                global_valid_seqs=inputs.global_valid_seqs,
             )
             for k in range(K)
         ]
 
-    def unscaled_losses(self, **inputs) -> list[torch.Tensor]:
+    def unscaled_losses(self, inputs: TokenInputs) -> list[torch.Tensor]:
         """L_MTP,k for every depth k, before λ_k: what the exact probes differentiate for g_MTP,k.
 
-        Takes :meth:`depth_losses`' keyword arguments, so the caller never chooses which old log-prob
-        the ratio uses (``nemo_occ.old_logprobs`` decides); no state moves.
+        The caller never chooses which old log-prob the ratio uses (``nemo_occ.old_logprobs`` decides); no
+        state moves.
         """
-        return [loss for loss, _ in self.depth_losses(**inputs)]
+        return [loss for loss, _ in self.depth_losses(inputs)]
 
-    def _check_depth_lists(self, mask, mtp_logprobs, mtp_masks, mtp_old_logprobs) -> None:
-        """One entry per MTP depth in every per-depth list, and [B, S] depth masks like ``mask``."""
-        # regime none reads no MTP input: its lists need only agree with each other
-        K = self.cfg.num_depths if self.regime.has_mtp_term else len(mtp_logprobs)
-        if len(mtp_logprobs) != K:
+    def _check_depths(self, inputs: TokenInputs) -> None:
+        """The inputs carry one entry per MTP depth of the config (the lists agree with each other already)."""
+        K = self.cfg.num_depths
+        if inputs.num_depths != K:
             raise ValueError(
-                f"the model produced {len(mtp_logprobs)} MTP depth(s) but nemo_occ.num_depths={K}; "
+                f"the model produced {inputs.num_depths} MTP depth(s) but nemo_occ.num_depths={K}; "
                 "set num_depths to the model's mtp_num_layers"
             )
-        for name, entries in (("mtp_masks", mtp_masks), ("mtp_old_logprobs", mtp_old_logprobs)):
-            if entries is not None and len(entries) != K:
-                raise ValueError(
-                    f"{name} has {len(entries)} entries but there are {K} MTP depth(s) "
-                    f"(mtp_logprobs has {len(mtp_logprobs)}); pass one per depth, depth 1 first"
-                )
-        for k, mk in enumerate(mtp_masks if mtp_masks is not None else []):
-            if mk.shape != mask.shape:
-                raise ValueError(
-                    f"mtp_masks[{k}] has shape {tuple(mk.shape)} but mask has {tuple(mask.shape)}; "
-                    "each depth's mask must be [B, S] like the main mask"
-                )
 
     def close_update(
         self, group=None, *, refresh: bool = True, skipped: bool = False

@@ -34,5 +34,5 @@ def require_lab(command: str) -> None:
     missing = missing_lab_packages()
     if missing:
         raise SystemExit(
-            f"nemo-occ {command} needs the lab extra: pip install -e \".[lab]\" (missing: {', '.join(missing)})"
+            f'nemo-occ {command} needs the lab extra: pip install -e ".[lab]" (missing: {", ".join(missing)})'
         )

@@ -50,7 +50,7 @@ KEYS: dict[str, tuple[str, ...]] = {
     "reward": ("reward/mean",),
     "eval": ("eval/accuracy",),
     "agreement": ("mtp/accuracy_1",),
-    "lambda_applied": ("lambda_applied_mean_1", "occ/lambda_applied_1", "proxy/lambda_applied_1"),
+    "lambda_applied": ("occ/lambda_applied_1", "proxy/lambda_applied_1"),
     # λ after the step's last update: Eq. 13 on that update's own statistics (what OCC applies next)
     "lambda_stats": ("occ/lambda_1", "proxy/lambda_1"),
     "first_order": ("occ/first_order_1", "proxy/first_order_1"),

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.metrics import acceptance_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.loss_config import check_loss_settings
@@ -156,11 +157,13 @@ class OCCLossFn:
         K = self.nemo_occ_cfg.num_depths
         mtp_lps, mtp_masks, correct = read_mtp_inputs(data, K, width, lp.device)
         mtp_olds = read_mtp_old_logprobs(data, K, width, required=self.nemo_occ_cfg.old_logprobs == "mtp")
+        inputs = TokenInputs(
+            main_logprobs=lp, old_logprobs=old, advantages=advantages, mask=mask, mtp_logprobs=mtp_lps,
+            mtp_masks=mtp_masks, mtp_old_logprobs=mtp_olds, global_valid_tokens=global_valid_toks,
+            global_valid_seqs=global_valid_seqs,
+        )  # fmt: skip
         if self._probe is not None:  # depth k's unscaled loss alone: no statistics, no λ
-            return self.objective.unscaled_losses(
-                mtp_logprobs=mtp_lps, old_logprobs=old, advantages=advantages, mask=mask, mtp_masks=mtp_masks,
-                mtp_old_logprobs=mtp_olds, global_valid_tokens=global_valid_toks, global_valid_seqs=global_valid_seqs,
-            )[self._probe - 1], {}  # fmt: skip
+            return self.objective.unscaled_losses(inputs)[self._probe - 1], {}
 
         with (
             torch.no_grad()
@@ -169,17 +172,7 @@ class OCCLossFn:
             hits = acceptance_counts(correct, depth_masks) if all(c is not None for c in correct) else None
             # one device-to-host copy for all depths (the training forward records the arg-max hits)
             valid = (hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])).tolist()
-        mtp_loss, mtp_metrics = self.objective(
-            main_logprobs=lp,
-            old_logprobs=old,
-            advantages=advantages,
-            mask=mask,
-            mtp_logprobs=mtp_lps,
-            mtp_masks=mtp_masks,
-            mtp_old_logprobs=mtp_olds,
-            global_valid_tokens=global_valid_toks,
-            global_valid_seqs=global_valid_seqs,
-        )
+        mtp_loss, mtp_metrics = self.objective(inputs)
         metrics = dict(metrics)
         for key, value in mtp_metrics.items():
             metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)

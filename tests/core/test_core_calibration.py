@@ -10,6 +10,7 @@ import torch
 
 from nemo_occ.core.calibration import OCCCalibrator, proxy_statistics
 from nemo_occ.core.config import OCCConfig
+from nemo_occ.core.inputs import TokenInputs
 from tests._refs import close_metrics, loop_lambda, loop_proxies, rand_batch
 
 
@@ -17,9 +18,11 @@ def _assert_float(a: float, b: float):
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
 
 
-def _accumulate(cal, *args, **kwargs):
+def _accumulate(cal, main, old, mtp, mask, **kwargs):
     """One micro-batch's statistics added to the open update, as ``MTPObjective`` does; returns them."""
-    stats = cal.statistics(*args, **kwargs)
+    stats = cal.statistics(
+        TokenInputs(main_logprobs=main, old_logprobs=old, mtp_logprobs=mtp, mask=mask, **kwargs)
+    )
     cal.add_statistics(stats)
     return stats
 
@@ -45,7 +48,11 @@ def test_proxy_statistics_with_own_mtp_old_logprobs():
     main, old, mtp, _, mask = rand_batch(seed=21)
     mtp_old = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1), dtype=old.dtype)
     cal = OCCCalibrator(1)
-    stats = cal.statistics(main, old, [mtp], mask, mtp_old_logprobs=[mtp_old])
+    stats = cal.statistics(
+        TokenInputs(
+            main_logprobs=main, old_logprobs=old, mtp_logprobs=[mtp], mask=mask, mtp_old_logprobs=[mtp_old]
+        )
+    )
     c, v2, _ = loop_proxies(main, old, mtp, mask, mtp_old=mtp_old)
     _assert_float(float(stats[0, 0]), c)
     _assert_float(float(stats[0, 1]), v2)
@@ -241,7 +248,11 @@ def test_statistics_do_not_depend_on_the_calibrator_that_computes_them():
     a = OCCCalibrator(1)
     _accumulate(a, main, old, [mtp], mask)
     b = OCCCalibrator(1)
-    b.add_statistics(OCCCalibrator(1).statistics(main, old, [mtp], mask))
+    b.add_statistics(
+        OCCCalibrator(1).statistics(
+            TokenInputs(main_logprobs=main, old_logprobs=old, mtp_logprobs=[mtp], mask=mask)
+        )
+    )
     close_metrics(a)
     close_metrics(b)
     assert a.lambdas == b.lambdas
@@ -426,7 +437,7 @@ def test_an_overflowing_lambda_raises_and_leaves_state_unchanged(timing):
     with pytest.raises(ValueError, match="λ overflowed to inf.*lower occ.lambda_plus"):
         close_metrics(cal)
     assert _unchanged(cal, snap)
-    stats = cal.statistics(main, old, [mtp], mask)
+    stats = cal.statistics(TokenInputs(main_logprobs=main, old_logprobs=old, mtp_logprobs=[mtp], mask=mask))
     with pytest.raises(ValueError, match="λ overflowed"):
         cal.local_lambdas(stats)
     assert _unchanged(cal, snap)

@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig, PolicyLossConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
 from nemo_occ.core.distributed import all_reduce_sum_
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.objective import MTPObjective
 from tests._refs import TinyMTPModel, close_metrics, count_valid, loop_lambda
@@ -63,13 +64,15 @@ def _step(ids, old, adv, mask, policy_cfg, group=None):
     main, mtp, mtp_masks = model(ids)
     main_loss, _ = clipped_policy_loss(main, old, adv, mask, policy_cfg, **kw)
     mtp_term, _ = obj(
-        main_logprobs=main,
-        old_logprobs=old,
-        advantages=adv,
-        mask=mask,
-        mtp_logprobs=mtp,
-        mtp_masks=mtp_masks,
-        **kw,
+        TokenInputs(
+            main_logprobs=main,
+            old_logprobs=old,
+            advantages=adv,
+            mask=mask,
+            mtp_logprobs=mtp,
+            mtp_masks=mtp_masks,
+            **kw,
+        )
     )
     unscaled, _ = obj.regime.depth_loss(mtp[0], old, adv, mask & mtp_masks[0], policy_cfg, **kw)
     exact = exact_gradient_statistics(main_loss, [unscaled], params, group=group)

@@ -16,6 +16,7 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig
 from nemo_occ.core.diagnostics import GradientStatistics
 from nemo_occ.core.fidelity import HeadGap, ProbeHistory, probed_update, sign_agreement, spearman_interval
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.objective import MTPObjective
 from tests._refs import close_metrics, rand_batch
 
@@ -151,8 +152,8 @@ def test_head_gap_matches_a_token_loop_through_the_objective():
     )
     obj = MTPObjective(NemoOCCConfig(regime="occ", occ=OCCConfig()))
     n = int(mask.sum())
-    obj(main_logprobs=new, old_logprobs=old, advantages=adv, mask=mask, mtp_logprobs=[mtp],
-        mtp_old_logprobs=[mtp_old], global_valid_tokens=n, global_valid_seqs=mask.shape[0])  # fmt: skip
+    obj(TokenInputs(main_logprobs=new, old_logprobs=old, advantages=adv, mask=mask, mtp_logprobs=[mtp],
+        mtp_old_logprobs=[mtp_old], global_valid_tokens=n, global_valid_seqs=mask.shape[0]))  # fmt: skip
     metrics = close_metrics(obj)
     vs_main = vs_own = gap = 0.0
     for i in range(mask.shape[0]):
@@ -171,12 +172,14 @@ def test_head_gap_absent_without_own_old_logprobs_and_untouched_by_a_raising_cal
     new, old, mtp, adv, mask = rand_batch(seed=5)
     obj = MTPObjective(NemoOCCConfig(regime="policy"))
     kw = dict(advantages=adv, mask=mask, global_valid_tokens=int(mask.sum()), global_valid_seqs=8)
-    obj(main_logprobs=new, old_logprobs=old, mtp_logprobs=[mtp], **kw)
+    obj(TokenInputs(main_logprobs=new, old_logprobs=old, mtp_logprobs=[mtp], **kw))
     assert not any("head_gap" in k for k in close_metrics(obj))
     bad = old.clone()
     bad[mask] = math.nan
     with pytest.raises(ValueError, match="NaN"):
-        obj(main_logprobs=new, old_logprobs=old, mtp_logprobs=[mtp], mtp_old_logprobs=[bad], **kw)
+        obj(
+            TokenInputs(main_logprobs=new, old_logprobs=old, mtp_logprobs=[mtp], mtp_old_logprobs=[bad], **kw)
+        )
     assert not bool(obj.head_gap._sums.any())
     gap = HeadGap(1)
     with pytest.raises(ValueError, match="shape"):

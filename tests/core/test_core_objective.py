@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from nemo_occ.core.config import REGIMES, NemoOCCConfig, OCCConfig, PolicyLossConfig
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.core.regimes import get_regime
@@ -45,14 +46,16 @@ def _f(x, y):
 def _call(obj, main, old, adv, mask, mtp, **extra):
     n_tok, n_seq = count_valid(mask)
     return obj(
-        main_logprobs=main,
-        old_logprobs=old,
-        advantages=adv,
-        mask=mask,
-        mtp_logprobs=mtp,
-        global_valid_tokens=n_tok,
-        global_valid_seqs=n_seq,
-        **extra,
+        TokenInputs(
+            main_logprobs=main,
+            old_logprobs=old,
+            advantages=adv,
+            mask=mask,
+            mtp_logprobs=mtp,
+            global_valid_tokens=n_tok,
+            global_valid_seqs=n_seq,
+            **extra,
+        )
     )
 
 
@@ -103,12 +106,14 @@ def test_occ_lagged_lambda_comes_from_the_previous_update():
     total_u = 0.0
     for sl in (slice(0, 5), slice(5, 8)):
         t, _ = obj(
-            main_logprobs=main[sl],
-            old_logprobs=old[sl],
-            advantages=adv[sl],
-            mask=mask[sl],
-            mtp_logprobs=[mtp[sl]],
-            **kw,
+            TokenInputs(
+                main_logprobs=main[sl],
+                old_logprobs=old[sl],
+                advantages=adv[sl],
+                mask=mask[sl],
+                mtp_logprobs=[mtp[sl]],
+                **kw,
+            )
         )
         total_u += t
     torch.testing.assert_close(total_u, 0.2 * ref_u)
@@ -142,12 +147,14 @@ def test_occ_microbatch_timing_uses_each_micro_batch_local_lambda():
     for sl in (slice(0, 3), slice(3, 8)):
         lp = mtp[sl].clone().requires_grad_(True)
         t, _ = obj(
-            main_logprobs=main[sl],
-            old_logprobs=old[sl],
-            advantages=adv[sl],
-            mask=mask[sl],
-            mtp_logprobs=[lp],
-            **kw,
+            TokenInputs(
+                main_logprobs=main[sl],
+                old_logprobs=old[sl],
+                advantages=adv[sl],
+                mask=mask[sl],
+                mtp_logprobs=[lp],
+                **kw,
+            )
         )
         (g,) = torch.autograd.grad(t, lp)
         lam = loop_lambda(main[sl], old[sl], mtp[sl], mask[sl])
@@ -234,9 +241,8 @@ def test_unscaled_losses_use_the_old_logprob_the_config_names(old_logprobs):
     obj = MTPObjective(NemoOCCConfig(regime="occ", old_logprobs=old_logprobs), POLICY)
     n_tok, n_seq = count_valid(mask)
     (loss,) = obj.unscaled_losses(
-        mtp_logprobs=[mtp], old_logprobs=old, advantages=adv, mask=mask, mtp_old_logprobs=[mtp_old],
-        global_valid_tokens=n_tok, global_valid_seqs=n_seq,
-    )  # fmt: skip
+        TokenInputs(mtp_logprobs=[mtp], old_logprobs=old, advantages=adv, mask=mask, mtp_old_logprobs=[mtp_old],
+        global_valid_tokens=n_tok, global_valid_seqs=n_seq))  # fmt: skip
     ratio_old = mtp_old if old_logprobs == "mtp" else old
     _f(loss, loop_policy_loss(mtp, ratio_old, adv, mask, **loss_kwargs(POLICY, mask)))
     assert obj.close_update().depths[0].tokens == 0  # no state moved: nothing was accumulated
@@ -307,13 +313,15 @@ def test_no_valid_token_gives_zero_term_zero_gradient_and_flags_it():
     empty = torch.zeros_like(mask)
     lp = mtp.clone().requires_grad_(True)
     total, _ = obj(
-        main_logprobs=main,
-        old_logprobs=old,
-        advantages=adv,
-        mask=empty,
-        mtp_logprobs=[lp],
-        global_valid_tokens=0,
-        global_valid_seqs=0,
+        TokenInputs(
+            main_logprobs=main,
+            old_logprobs=old,
+            advantages=adv,
+            mask=empty,
+            mtp_logprobs=[lp],
+            global_valid_tokens=0,
+            global_valid_seqs=0,
+        )
     )
     (g,) = torch.autograd.grad(total, lp)
     assert float(total.detach()) == 0.0 and bool((g == 0).all())
@@ -351,14 +359,16 @@ def _run_update(obj, model, ids, old, adv, mask, policy_cfg, splits):
             main, old[sl], adv[sl], mask[sl], policy_cfg, global_valid_tokens=n_tok, global_valid_seqs=n_seq
         )
         mtp_term, _ = obj(
-            main_logprobs=main,
-            old_logprobs=old[sl],
-            advantages=adv[sl],
-            mask=mask[sl],
-            mtp_logprobs=mtp,
-            mtp_masks=mtp_masks,
-            global_valid_tokens=n_tok,
-            global_valid_seqs=n_seq,
+            TokenInputs(
+                main_logprobs=main,
+                old_logprobs=old[sl],
+                advantages=adv[sl],
+                mask=mask[sl],
+                mtp_logprobs=mtp,
+                mtp_masks=mtp_masks,
+                global_valid_tokens=n_tok,
+                global_valid_seqs=n_seq,
+            )
         )
         (main_loss + mtp_term).backward()
         total += float(mtp_term.detach())
@@ -489,13 +499,13 @@ def test_a_raising_call_leaves_every_piece_of_state_unchanged(regime, timing):
         MTPObjective(cfg, AGGREGATIONS["seq_mean_token_mean"]),
     )
     for o in (obj, twin):  # some state already: one closed update and one pending micro-batch
-        o(**good)
+        o(TokenInputs(**good))
         close_metrics(o)
-        o(**good)
+        o(TokenInputs(**good))
     for name, bad in _bad_inputs(regime).items():
         before = obj.state_dict()
         with pytest.raises(ValueError):
-            obj(**(good | bad))
+            obj(TokenInputs(**(good | bad)))
         assert _same_state(obj.state_dict(), before), name
     assert obj.coefficients() == twin.coefficients()
     assert close_metrics(obj) == close_metrics(twin)

@@ -23,7 +23,7 @@ def _rows(seed: int, steps: int = 12, occ: bool = True) -> list[dict]:
             "step": t,
             "reward/mean": 0.3 + 0.04 * t + 0.02 * float(rng.normal()),
             "mtp/accuracy_1": 0.6 + 0.01 * t,
-            "lambda_applied_mean_1": lam,
+            f"{pre}/lambda_applied_1": lam,
             f"{pre}/lambda_1": lam + 0.01,
             f"{pre}/first_order_1": lam * 0.1,
             f"{pre}/second_order_1": 0.5 * lam**2 * 0.2,

@@ -41,6 +41,7 @@ from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.metrics import UpdateStatistics, acceptance_counts, step_metrics
 from nemo_occ.core.objective import MTPObjective
@@ -291,22 +292,22 @@ class _Trainer:
         )
         # draft acceptance at θ over the update's loss tokens with a depth-k target (the metrics contract)
         acceptance = acceptance_counts(cur.mtp_top1, [mask & m for m in cur.mtp_masks])
-        inputs = dict(
-            old_logprobs=batch.old.main_logprobs[idx], advantages=batch.advantages[idx], mask=mask,
+        inputs = TokenInputs(
+            main_logprobs=cur.main_logprobs, old_logprobs=batch.old.main_logprobs[idx], advantages=batch.advantages[idx], mask=mask,
             mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks,
             mtp_old_logprobs=[o[idx] for o in batch.old.mtp_logprobs],
             global_valid_tokens=n_tok, global_valid_seqs=n_seq,
         )  # fmt: skip
         main_loss, main_m = clipped_policy_loss(
-            cur.main_logprobs, inputs["old_logprobs"], inputs["advantages"], mask, self.cfg.policy_loss,
+            cur.main_logprobs, inputs.old_logprobs, inputs.advantages, mask, self.cfg.policy_loss,
             global_valid_tokens=n_tok, global_valid_seqs=n_seq,
         )  # fmt: skip
-        mtp_loss, mtp_m = self.objective(main_logprobs=cur.main_logprobs, **inputs)
+        mtp_loss, mtp_m = self.objective(inputs)
         exact, probed, t_probe = None, {}, 0.0
         if probe:
             tf = time.perf_counter()
             exact = exact_gradient_statistics(
-                main_loss, self.objective.unscaled_losses(**inputs), self.params, stats_group=self.stats_group
+                main_loss, self.objective.unscaled_losses(inputs), self.params, stats_group=self.stats_group
             )
             probed = {**exact.metrics("exact"), **_cosines(exact)}
             probed["exact/half_batch_cos"] = self._half_batch_cosine(cur.main_logprobs, batch, idx)

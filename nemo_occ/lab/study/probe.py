@@ -31,6 +31,7 @@ import torch
 
 from nemo_occ.core.config import NemoOCCConfig
 from nemo_occ.core.diagnostics import exact_gradient_statistics
+from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.metrics import metric_prefix, step_metrics
 from nemo_occ.core.objective import MTPObjective
@@ -113,7 +114,7 @@ def probe_checkpoint(
         main_loss, _ = clipped_policy_loss(cur.main_logprobs, cfg=cfg.policy_loss, **common)
         mtp = dict(mtp_logprobs=cur.mtp_logprobs, mtp_masks=cur.mtp_masks,
                    mtp_old_logprobs=[o[idx] for o in old.mtp_logprobs])  # fmt: skip
-        mtp_loss, _ = objective(main_logprobs=cur.main_logprobs, **common, **mtp)
+        mtp_loss, _ = objective(TokenInputs(main_logprobs=cur.main_logprobs, **common, **mtp))
         return cur, mask, main_loss, mtp_loss, common, mtp
 
     per_mb = per_update * G
@@ -131,7 +132,7 @@ def probe_checkpoint(
     records = []
     for j, idx in enumerate(chunks[1:], start=1):
         cur, mask, main_loss, _, common, mtp = losses(idx)
-        unscaled = [loss for loss, _ in objective.depth_losses(**common, **mtp)]
+        unscaled = [loss for loss, _ in objective.depth_losses(TokenInputs(**common, **mtp))]
         exact = exact_gradient_statistics(main_loss, unscaled, params, stats_group=probe_statistics_group())
         m = step_metrics([objective.close_update(refresh=False)])  # this minibatch's proxies, λ kept
         pre = metric_prefix(get_regime(regime).calibrated)

@@ -528,7 +528,11 @@ def summary_markdown(s: dict) -> str:
             for step, b in p["pooled"]["by_step"].items():
                 L.append(f"| {name} | {step} | {_pm(b['cos_mean'], b['cos_sd'])} | {_fmt(b['cos_positive'], '.2f')} "
                          f"| {_fmt(b['proxy_cos_mean'])} | {b['n']} |")  # fmt: skip
-    L += ["", "## The paper's mechanism, claim by claim (rule in nemo_occ/lab/study/report.py::_mechanism)", ""]
+    L += [
+        "",
+        "## The paper's mechanism, claim by claim (rule in nemo_occ/lab/study/report.py::_mechanism)",
+        "",
+    ]
     for m in s["mechanism"].values():
         L.append(f"- {m['claim']}: **{'holds' if m['holds'] else 'not shown'}** — "
                  + json.dumps({k: v for k, v in m.items() if k not in ('claim', 'holds')}, default=str))  # fmt: skip
