@@ -19,7 +19,8 @@ class NoCapture(contextlib.AbstractContextManager):
 def without_capture(monkeypatch) -> None:
     """Swap the worker's ``MTPCapture`` and ``ModelInputRecorder`` for no-ops (undone by monkeypatch)."""
     import nemo_occ.megatron.mtp_capture as capture_mod
-    from nemo_occ.nemo_rl import worker
+    from nemo_occ.nemo_rl import worker, worker_capture
 
     monkeypatch.setattr(capture_mod, "MTPCapture", NoCapture)
-    monkeypatch.setattr(worker, "ModelInputRecorder", lambda model: contextlib.nullcontext())
+    for module in (worker, worker_capture):  # the training forward (worker) and get_logprobs (worker_capture)
+        monkeypatch.setattr(module, "ModelInputRecorder", lambda model: contextlib.nullcontext())
