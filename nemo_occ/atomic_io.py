@@ -130,6 +130,7 @@ class Leftover:
         return self.pid != os.getpid()
 
     def describe(self) -> str:
+        """What this leftover is and what to do with it, in one sentence for the user."""
         if self.kind == "moved-aside":
             return (
                 f"{self.path}: an earlier export moved aside by an --overwrite that was interrupted; if --out is "

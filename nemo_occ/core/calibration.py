@@ -246,6 +246,7 @@ class OCCCalibrator:
 
     # -- checkpointing -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """λ per depth, the open update's sums, the update count and the config: what a resume restores."""
         return {
             "num_depths": self.num_depths,
             "lambdas": list(self._lambdas),

@@ -208,12 +208,14 @@ class MTPObjective:
             self.head_gap.discard()
 
     def state_dict(self) -> dict:
+        """The regime and the calibrator's state (None without a calibrator)."""
         return {
             "regime": self.cfg.regime,
             "calibrator": self.calibrator.state_dict() if self.calibrator else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; a different regime or calibrator shape is refused unchanged."""
         if state.get("regime") != self.cfg.regime:
             raise ValueError(
                 f"checkpoint was trained with regime '{state.get('regime')}' but the config says '{self.cfg.regime}'"

@@ -98,6 +98,7 @@ RegimeName = Literal[REGIMES]  # the config field's type: the same names, nothin
 
 
 def get_regime(name: str) -> RegimeSpec:
+    """The :class:`RegimeSpec` of ``name`` (none | detach | ce | policy | occ); ValueError names the choices."""
     try:
         return _SPECS[name]
     except KeyError:

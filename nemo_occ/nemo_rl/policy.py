@@ -28,12 +28,14 @@ class OCCPolicy(Policy):
     _occ_pending: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
 
     def get_logprobs(self, data: Any, *args: Any, **kwargs: Any) -> Any:
+        """NeMo-RL's ``get_logprobs``; the MTP depths' old log-probs it also returned are kept for the next ``train``."""
         out = super().get_logprobs(data, *args, **kwargs)
         mtp_old = take_mtp_old_logprobs(out)
         self._occ_pending = (data["input_ids"], mtp_old) if mtp_old else None
         return out
 
     def train(self, data: Any, loss_fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """NeMo-RL's ``train`` on ``data`` with the kept MTP old log-probs added (:meth:`with_mtp_old_logprobs`)."""
         return super().train(self.with_mtp_old_logprobs(data), loss_fn, *args, **kwargs)
 
     def with_mtp_old_logprobs(self, data: Any) -> Any:

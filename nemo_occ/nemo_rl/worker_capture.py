@@ -41,6 +41,7 @@ class MTPCaptureMixin:
             )
 
     def holds_output_layer(self) -> bool:
+        """Whether this pipeline stage has the output layer (and so the MTP layers and the loss)."""
         from nemo_occ.megatron.model_access import unwrap_gpt_model
 
         return bool(getattr(unwrap_gpt_model(self.model), "post_process", True))

@@ -34,6 +34,7 @@ class CheckpointMixin:
         )
 
     def save_checkpoint(self, weights_path: str, *args: Any, **kwargs: Any):
+        """NeMo-RL's ``save_checkpoint``, then the OCC state next to it (one rank writes it)."""
         result = super().save_checkpoint(weights_path, *args, **kwargs)
         if self.is_state_writer():
             self.save_occ_state(Path(weights_path).parent / STATE_FILE)

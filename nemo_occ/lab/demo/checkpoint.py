@@ -20,10 +20,12 @@ __all__ = ["save_checkpoint", "load_checkpoint", "fingerprint_of"]
 
 
 def fingerprint_of(config: dict) -> str:
+    """16 hex digits of SHA-256 over the sorted JSON of ``config``: which configuration a checkpoint belongs to."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def save_checkpoint(path: Path, state: dict, config: dict) -> None:
+    """Write ``state`` with ``config``'s fingerprint to ``path`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"fingerprint": fingerprint_of(config), **state}

@@ -17,6 +17,7 @@ _EPILOG = (
 
 
 def register(subparsers) -> None:
+    """Add ``nemo-occ demo`` to the CLI's sub-commands (import-light)."""
     p = subparsers.add_parser(
         "demo",
         help="the OCC paper's experiment in miniature on a CPU (all five regimes)",

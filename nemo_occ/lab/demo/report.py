@@ -147,6 +147,7 @@ def _rho(entry: dict, name: str) -> str:
 
 
 def summary_markdown(summary: dict, header: str) -> str:
+    """summary.md: ``header``, then one table row per regime and the notes on what the numbers mean."""
     lines = [
         header,
         "",
@@ -236,6 +237,7 @@ def plot(runs: dict[str, dict], out_dir: Path, setting: str) -> tuple[list[str],
 def build_report(
     runs: dict[str, dict], out_dir: Path, header: str, setting: str, warm_start: dict | None = None
 ) -> dict:
+    """Summarize ``runs``, write summary.json, summary.md and the plots into ``out_dir``; the summary."""
     summary = summarize(runs, warm_start)
     summary["plots"], not_drawn = plot(runs, out_dir, setting)
     if not_drawn:

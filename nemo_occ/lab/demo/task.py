@@ -32,14 +32,17 @@ class AdditionTask:
 
     @property
     def prompt_len(self) -> int:
+        """Tokens of a prompt: two ``digits``-digit operands, '+', '=' and the start token."""
         return 2 * self.digits + 3
 
     @property
     def response_len(self) -> int:
+        """Tokens of a response: the sum's digits and the end token."""
         return self.digits + 2
 
     @property
     def seq_len(self) -> int:
+        """Tokens of a whole sequence: prompt and response."""
         return self.prompt_len + self.response_len
 
     # -- data ----------------------------------------------------------------------------------------
@@ -110,4 +113,5 @@ class AdditionTask:
         return (responses == self.answers(ops)).all(dim=1).float()
 
     def render(self, tokens: torch.Tensor) -> str:
+        """``tokens`` as text, for logs and reports."""
         return "".join(_SYMBOLS.get(int(t), str(int(t))) for t in tokens)

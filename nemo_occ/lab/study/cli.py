@@ -13,6 +13,7 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
+    """Add ``nemo-occ study`` to the CLI's sub-commands (import-light)."""
     p = subparsers.add_parser(
         "study",
         help="the demo over seeds, the paper's coefficient sweeps and fidelity probes (resumable)",

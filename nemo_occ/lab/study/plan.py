@@ -42,6 +42,7 @@ class Variant:
     core: bool = False
 
     def describe(self) -> str:
+        """The regime and its overrides, as the report names the variant."""
         if not self.overrides:
             return self.regime
         parts = []
@@ -63,6 +64,7 @@ class Job:
 
     @property
     def label(self) -> str:
+        """'<variant> seed <s>: training' or '...: probe at step <k>', for progress lines."""
         what = f"probe at step {self.step}" if self.kind == "probe" else "training"
         return f"{self.variant.name} seed {self.seed}: {what}"
 

@@ -183,6 +183,7 @@ def _probe_table(probes: dict) -> list[str]:
 
 def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg, probe: dict, invocation: dict,
                        skipped: dict, *, say: Callable[[str], None] = print) -> dict:  # fmt: skip
+    """Read every finished run and probe of the plan, write summary.json, summary.md and the figures; the summary."""
     from nemo_occ.lab.demo.output import regime_fingerprint
     from nemo_occ.lab.demo.trainer import finished_run
 
@@ -428,6 +429,7 @@ def _figures(
 
 
 def summary_markdown(s: dict) -> str:
+    """The study's summary.md: the setting, then each comparison as measured, then the paper's claims one by one."""
     c = s["config"]
     L = [
         "# nemo-occ study — results as measured",

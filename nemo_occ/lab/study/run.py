@@ -95,6 +95,7 @@ def study_identity(cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) ->
 
 
 def job_done(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict) -> bool:
+    """Whether ``job``'s result is in ``out`` already, made with the same configuration (then it is not rerun)."""
     from nemo_occ.lab.demo.trainer import regime_progress
 
     if job.kind == "probe":
