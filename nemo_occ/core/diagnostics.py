@@ -149,6 +149,8 @@ def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
+# Over 60 lines on purpose: the checks, the per-parameter reductions and the one collective run in this
+# order on every rank (a collective split across helpers is easier to call out of order on one rank).
 def gradient_statistics(
     rl_grads: Sequence[torch.Tensor | None],
     mtp_grads: Sequence[Sequence[torch.Tensor | None]],

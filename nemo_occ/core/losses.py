@@ -150,6 +150,8 @@ def _aggregate(
     return seq_mean.sum() / _denominator(global_valid_seqs, "global_valid_seqs", int((n > 0).sum()))
 
 
+# Over 60 lines on purpose: checks, ratio, clip, dual clip, aggregation and metrics are one formula read
+# top to bottom; its pieces share the masked tensors and would only be split into arguments of each other.
 def clipped_policy_loss(
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
