@@ -70,11 +70,10 @@ class CheckpointMixin:
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
         probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
-        if "probes" in state:  # states written before the probes existed have none
-            probes.load_state_dict(state["probes"])
+        probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
-        self.occ_probes, self.occ_rl_steps = probes, int(state.get("rl_steps", 0))
-        changed = _config_changes(state.get("nemo_occ", {}), self.nemo_occ_cfg.model_dump())
+        self.occ_probes, self.occ_rl_steps = probes, int(state["rl_steps"])
+        changed = _config_changes(state["nemo_occ"], self.nemo_occ_cfg.model_dump())
         if changed and self.is_state_writer():  # one rank says it, not every rank of the job
             warnings.warn(
                 f"resuming the OCC state of {path} under changed nemo_occ settings ({'; '.join(changed)}): "
