@@ -159,5 +159,64 @@ def test_built_loss_pickles_with_nemo_rls_main_loss():
     assert copy.loss_type == ours.loss_type and copy.sequence_level_importance_ratios is True
     assert copy._objective is None
     names = copy.metric_normalizations
-    assert names["mtp/loss_1"] == nemo_loss.interfaces.MetricNormalizer.SEQUENCES  # GSPO: per sequence
-    assert names["probs_ratio"] == nemo_loss.interfaces.MetricNormalizer.TOKENS  # NeMo-RL's own kept
+    assert names["mtp/loss_1"].value == "sequences"  # GSPO: per sequence
+    assert names["mtp/valid_fraction_1"].value == "tokens"
+    upstream = getattr(nemo_loss.interfaces, "MetricNormalizer", None)  # NeMo-RL #2683, after v0.7.0
+    if upstream is not None:
+        assert type(names["mtp/loss_1"]) is upstream  # NeMo-RL's own enum, compared by identity there
+        assert names["probs_ratio"] is upstream.TOKENS  # NeMo-RL's own kept
+    else:  # v0.7.0: ClippedPGLossFn names no denominators, and no trainer reads the table
+        assert not hasattr(ours.main_loss, "metric_normalizations")
+
+
+def _split(data, parts):
+    """The batch's micro-batches, as NeMo-RL's trainer cuts it (rows in order)."""
+    B = data["token_mask"].shape[0]
+    bounds = [round(i * B / parts) for i in range(parts + 1)]
+    return [
+        {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in data.items()}
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("cfg", [DAPO, GSPO], ids=["dapo", "gspo"])
+def test_mtp_metrics_reduce_over_micro_batches_like_the_whole_batch(cfg):
+    """The MTP metrics of a step are there and reduced right on the installed NeMo-RL.
+
+    NeMo-RL's synchronous trainer (v0.7.0 and main) hands every micro-batch the step's global denominators
+    and sums the per-micro-batch metrics (grpo.py); main's split-API trainer (#2683) instead runs each
+    micro-batch with denominators 1 and divides each summed metric by the denominator
+    ``metric_normalizations`` names. Both must give the whole batch's value.
+    """
+    main, mtp, data = _data(B=4, S=12, seed=5)
+    data = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in data.items()}
+    main = main.detach()
+    n_seq, n_tok = _counts(data)
+    whole = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
+    _, whole_metrics = whole(main, data, n_seq, n_tok)
+    mtp_keys = [k for k in whole_metrics if k.startswith("mtp/")]
+    assert {"mtp/loss_1", "mtp/valid_fraction_1"} <= set(mtp_keys)
+    assert whole_metrics["mtp/loss_1"] != 0.0
+
+    synchronous = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
+    split_api = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
+    summed: dict[str, float] = {}
+    raw: dict[str, float] = {}
+    width = data["token_mask"].shape[1] - 1
+    rows = 0
+    for part in _split(data, 3):
+        b = part["token_mask"].shape[0]
+        lp = main[rows : rows + b]
+        rows += b
+        assert part[mtp_logprobs_key(1)].shape == (b, width)
+        _, m = synchronous(lp, part, n_seq, n_tok)
+        for k in mtp_keys:
+            summed[k] = summed.get(k, 0.0) + m[k]
+        _, m = split_api(lp, part, torch.tensor(1.0), torch.tensor(1.0))
+        for k in mtp_keys:
+            raw[k] = raw.get(k, 0.0) + m[k]
+    for k in mtp_keys:
+        assert summed[k] == pytest.approx(whole_metrics[k], rel=1e-5), k
+        kind = whole.metric_normalizations[k].value
+        rescaled = raw[k] / float(n_tok if kind == "tokens" else n_seq)
+        assert rescaled == pytest.approx(whole_metrics[k], rel=1e-5), k
