@@ -195,7 +195,10 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
 
     occ = load_config(config["policy"][CONFIG_KEY], key=None)
     master = MasterConfig(**config)
-    if master.grpo.async_grpo.enabled or (master.data_plane or {}).get("enabled", False):
+    # read from the plain config: NeMo-RL main's GRPOConfig is a pydantic model, v0.7.0's a TypedDict
+    if ((config["grpo"].get("async_grpo") or {}).get("enabled", False)) or (
+        (config.get("data_plane") or {}).get("enabled", False)
+    ):
         raise SystemExit(
             "nemo-occ supports the synchronous GRPO trainer only: set grpo.async_grpo.enabled: false"
         )
