@@ -186,11 +186,17 @@ def drop_newer_keys(config: dict, declares) -> list[str]:
 
 
 def installed_declares(dotted: str) -> bool:
-    """Whether the imported NeMo-RL's ``MasterConfig`` types declare ``dotted`` (``grpo.<key>`` only)."""
+    """Whether the imported NeMo-RL's ``MasterConfig`` types declare ``dotted`` (``grpo.<key>`` only).
+
+    True where NeMo-RL's ``grpo`` module does not import: nothing can be launched there, and the key is
+    left for the launch's own import to fail on."""
     block, _, key = dotted.partition(".")
     if block != "grpo" or "." in key:
         raise ValueError(f"installed_declares reads grpo.<key> only, not {dotted}")
-    from nemo_rl.algorithms.grpo import GRPOConfig
+    try:
+        from nemo_rl.algorithms.grpo import GRPOConfig
+    except ImportError:
+        return True
 
     fields = getattr(GRPOConfig, "model_fields", None)  # a pydantic model on main
     if fields is not None:
