@@ -181,42 +181,39 @@ def _split(data, parts):
 
 @pytest.mark.parametrize("cfg", [DAPO, GSPO], ids=["dapo", "gspo"])
 def test_mtp_metrics_reduce_over_micro_batches_like_the_whole_batch(cfg):
-    """The MTP metrics of a step are there and reduced right on the installed NeMo-RL.
+    """The MTP metrics of a step are there and reduced right on the installed NeMo-RL (v0.7.0 and main).
 
-    NeMo-RL's synchronous trainer (v0.7.0 and main) hands every micro-batch the step's global denominators
-    and sums the per-micro-batch metrics (grpo.py); main's split-API trainer (#2683) instead runs each
-    micro-batch with denominators 1 and divides each summed metric by the denominator
-    ``metric_normalizations`` names. Both must give the whole batch's value.
+    NeMo-RL's synchronous trainer, the one nemo-occ runs, hands every micro-batch the step's global
+    denominators and sums the per-micro-batch metrics (grpo.py): the sum must be the whole batch's value.
+    ``metric_normalizations`` must name the denominator each metric is really divided by: doubling the
+    token count halves exactly the metrics it names ``tokens`` and leaves the ``sequences`` ones alone.
     """
-    main, mtp, data = _data(B=4, S=12, seed=5)
+    main, _, data = _data(B=4, S=12, seed=5)
     data = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in data.items()}
     main = main.detach()
     n_seq, n_tok = _counts(data)
     whole = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
     _, whole_metrics = whole(main, data, n_seq, n_tok)
     mtp_keys = [k for k in whole_metrics if k.startswith("mtp/")]
-    assert {"mtp/loss_1", "mtp/valid_fraction_1"} <= set(mtp_keys)
-    assert whole_metrics["mtp/loss_1"] != 0.0
+    assert {"mtp/loss_1", "mtp/loss_scaled", "mtp/valid_fraction_1"} <= set(mtp_keys)
+    assert all(whole_metrics[k] != 0.0 for k in ("mtp/loss_1", "mtp/valid_fraction_1"))
 
     synchronous = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
-    split_api = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
     summed: dict[str, float] = {}
-    raw: dict[str, float] = {}
-    width = data["token_mask"].shape[1] - 1
     rows = 0
     for part in _split(data, 3):
         b = part["token_mask"].shape[0]
-        lp = main[rows : rows + b]
+        _, m = synchronous(main[rows : rows + b], part, n_seq, n_tok)
         rows += b
-        assert part[mtp_logprobs_key(1)].shape == (b, width)
-        _, m = synchronous(lp, part, n_seq, n_tok)
         for k in mtp_keys:
             summed[k] = summed.get(k, 0.0) + m[k]
-        _, m = split_api(lp, part, torch.tensor(1.0), torch.tensor(1.0))
-        for k in mtp_keys:
-            raw[k] = raw.get(k, 0.0) + m[k]
+    assert rows == main.shape[0]
     for k in mtp_keys:
         assert summed[k] == pytest.approx(whole_metrics[k], rel=1e-5), k
-        kind = whole.metric_normalizations[k].value
-        rescaled = raw[k] / float(n_tok if kind == "tokens" else n_seq)
-        assert rescaled == pytest.approx(whole_metrics[k], rel=1e-5), k
+
+    _, doubled = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))(main, data, n_seq, 2 * n_tok)
+    kinds = {k: whole.metric_normalizations[k].value for k in mtp_keys}
+    assert set(kinds.values()) <= {"tokens", "sequences"}
+    for k, kind in kinds.items():
+        expected = whole_metrics[k] / 2 if kind == "tokens" else whole_metrics[k]
+        assert doubled[k] == pytest.approx(expected, rel=1e-5), (k, kind)
