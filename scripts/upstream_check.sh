@@ -25,8 +25,22 @@
 #   UPSTREAM_LOG_DIR   where pytest logs and JUnit files go (default $UPSTREAM_VENV_DIR/logs/<time>)
 #   NEMO_RL_COMMIT, MEGATRON_LM_COMMIT  commits to report when a checkout has no .git
 #
+# The matrix: the NeMo-RL refs nemo-occ supports, each with the megatron-core it pins. Set UPSTREAM_REFS
+# to some of them (e.g. UPSTREAM_REFS="v0.7.0 main") and the check runs once per ref, with the checkouts
+# named below instead of NEMO_RL_ROOT/MEGATRON_LM_ROOT; the NeMo-RL venv (b) is shared (both refs pin the
+# same driver dependencies), venv (a) is one per Megatron-LM checkout (installed editable):
+#   main    NeMo-RL main (NEMO_RL_MAIN_ROOT) with megatron-core 0.20 (MEGATRON_LM_MAIN_ROOT, the
+#           Megatron-LM commit NeMo-RL main pins)
+#   v0.7.0  NeMo-RL v0.7.0 (NEMO_RL_RELEASE_ROOT) with megatron-core 0.19 (MEGATRON_LM_RELEASE_ROOT). The
+#           Megatron-LM commit v0.7.0 pins (through Megatron-Bridge) is on a fork that cannot be fetched;
+#           what runs is a reconstruction of it, Megatron-LM 00225507 plus a cherry-pick of #5715
+#           (53a2dd56fe), and the summary says so.
+# Each ref's checkouts are checked for the versions the ref means (megatron-core 0.20 / 0.19, NeMo-RL
+# 0.7.0 for the release) before anything is built.
+#
 # Prints what ran: pass/skip/fail counts per environment and the NeMo-RL, Megatron-LM and torch
-# versions. Exits 0 only when nothing failed, some test ran, and both checkouts are unchanged.
+# versions. Exits 0 only when nothing failed, some test ran, and both checkouts are unchanged (with
+# UPSTREAM_REFS: for every ref).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -34,6 +48,59 @@ die() {
   echo "upstream_check: $*" >&2
   exit 2
 }
+
+# -- the matrix: one run of this script per ref ------------------------------------------------------
+package_version() { # root package: MAJOR.MINOR.PATCH from <root>/<package>/package_info.py, else nothing
+  sed -n -E "s/^(MAJOR|MINOR|PATCH) = ([0-9]+).*/\2/p" "$1/$2/package_info.py" 2>/dev/null | paste -sd.
+}
+if [[ -n "${UPSTREAM_REFS:-}" ]]; then
+  MATRIX_LOG_DIR=${UPSTREAM_LOG_DIR:-${UPSTREAM_VENV_DIR:-$HOME/.cache/nemo-occ-upstream}/logs/$(date -u +%Y%m%dT%H%M%SZ)}
+  mkdir -p "$MATRIX_LOG_DIR"
+  matrix_status=0
+  ran=()
+  for ref in $UPSTREAM_REFS; do
+    case "$ref" in
+      main)
+        nemo_rl=${NEMO_RL_MAIN_ROOT:-} megatron=${MEGATRON_LM_MAIN_ROOT:-} mcore=0.20 nemo_rl_version=
+        ;;
+      v0.7.0)
+        nemo_rl=${NEMO_RL_RELEASE_ROOT:-} megatron=${MEGATRON_LM_RELEASE_ROOT:-} mcore=0.19 nemo_rl_version=0.7.0
+        ;;
+      *) die "UPSTREAM_REFS: unknown ref '$ref' (known: main v0.7.0)" ;;
+    esac
+    [[ -n "$nemo_rl" && -n "$megatron" ]] ||
+      die "UPSTREAM_REFS=$ref needs $([[ $ref == main ]] && echo NEMO_RL_MAIN_ROOT and MEGATRON_LM_MAIN_ROOT || echo NEMO_RL_RELEASE_ROOT and MEGATRON_LM_RELEASE_ROOT)"
+    found=$(package_version "$megatron" megatron/core)
+    [[ "$found" == "$mcore".* ]] || die "$ref: $megatron is megatron-core ${found:-?}, not $mcore"
+    if [[ -n "$nemo_rl_version" ]]; then
+      found=$(package_version "$nemo_rl" nemo_rl)
+      [[ "$found" == "$nemo_rl_version" ]] || die "$ref: $nemo_rl is NeMo-RL ${found:-?}, not $nemo_rl_version"
+    fi
+  done
+  for ref in $UPSTREAM_REFS; do
+    case "$ref" in
+      main) nemo_rl=$NEMO_RL_MAIN_ROOT megatron=$MEGATRON_LM_MAIN_ROOT ;;
+      v0.7.0) nemo_rl=$NEMO_RL_RELEASE_ROOT megatron=$MEGATRON_LM_RELEASE_ROOT ;;
+    esac
+    echo "== $ref"
+    rc=0
+    UPSTREAM_REFS='' UPSTREAM_REF=$ref NEMO_RL_ROOT=$nemo_rl MEGATRON_LM_ROOT=$megatron \
+      MCORE_VENV=${UPSTREAM_VENV_DIR:-$HOME/.cache/nemo-occ-upstream}/mcore-$ref-py311 \
+      UPSTREAM_LOG_DIR=$MATRIX_LOG_DIR/$ref NEMO_RL_COMMIT='' MEGATRON_LM_COMMIT='' \
+      "${BASH_SOURCE[0]}" >"$MATRIX_LOG_DIR/$ref.out" 2>&1 || rc=$?
+    sed -n '/^== nemo-occ upstream check/,$p' "$MATRIX_LOG_DIR/$ref.out"
+    ((rc == 0)) || { matrix_status=1; echo "($ref exited $rc; its output: $MATRIX_LOG_DIR/$ref.out)"; }
+    ran+=("$ref")
+  done
+  echo
+  echo "== matrix: ${ran[*]}: $( ((matrix_status == 0)) && echo 'all passed' || echo 'FAILED')"
+  exit "$matrix_status"
+fi
+case "${UPSTREAM_REF:-}" in
+  main) REF_LABEL="main: NeMo-RL main with megatron-core 0.20" ;;
+  v0.7.0) REF_LABEL="v0.7.0: NeMo-RL v0.7.0 with megatron-core 0.19, reconstructed (Megatron-LM 00225507 + cherry-pick of #5715; the pinned fork commit cannot be fetched)" ;;
+  *) REF_LABEL="" ;;
+esac
 
 [[ -n "${NEMO_RL_ROOT:-}" && -d "${NEMO_RL_ROOT}/nemo_rl" ]] ||
   die "set NEMO_RL_ROOT to a NeMo-RL checkout (the folder that holds nemo_rl/)"
@@ -185,6 +252,7 @@ done
 
 echo
 echo "== nemo-occ upstream check ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+[[ -z "$REF_LABEL" ]] || echo "ref          $REF_LABEL"
 echo "NeMo-RL      $(commit_of "$NEMO_RL_ROOT" "${NEMO_RL_COMMIT:-}")  $NEMO_RL_ROOT"
 echo "Megatron-LM  $(commit_of "$MEGATRON_LM_ROOT" "${MEGATRON_LM_COMMIT:-}")  $MEGATRON_LM_ROOT"
 summary=$("$MCORE_VENV/bin/python" - "$LOG_DIR" <<'EOF'

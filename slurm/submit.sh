@@ -28,7 +28,8 @@
 #   MOUNTS         container mounts "src:dst[,...]" (default "$PWD:$PWD"); must make the checkout
 #                  visible at the same path; add your Hugging Face cache and data here
 #   NEMO_RL_ROOT   NeMo-RL checkout on the login node, at the container's commit: holds ray.sub and
-#                  the base configs the recipe check resolves (`nemo_rl:` parents)
+#                  the base configs and config types the recipe check resolves and checks against
+#                  (`nemo_rl:` parents, key names); needed for the check even when RAY_SUB is set
 #   RAY_SUB        path of ray.sub (default: $NEMO_RL_ROOT/ray.sub)
 #   GPUS_PER_NODE  GPUs per node (default 8, ray.sub's default); must equal cluster.gpus_per_node
 #   GRES           sbatch --gres value (default gpu:$GPUS_PER_NODE; empty on clusters without GRES)

@@ -45,7 +45,9 @@ def _fake_checkouts(tmp_path: Path) -> dict[str, str]:
 
 
 def _upstream_check(env_updates: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("NEMO_RL_ROOT", "MEGATRON_LM_ROOT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("NEMO_RL_ROOT", "MEGATRON_LM_ROOT", "UPSTREAM_REFS")
+    }
     env.update(env_updates)
     return subprocess.run(["bash", str(UPSTREAM)], capture_output=True, text=True, env=env, timeout=60)
 
@@ -67,3 +69,40 @@ def test_upstream_check_never_builds_inside_the_repo_or_a_checkout(tmp_path, whe
     expected = {"repository": "is inside the repository", "checkout": "is inside a checkout"}[where]
     assert result.returncode == 2 and expected in result.stderr
     assert not inside.exists()
+
+
+def _versioned_checkout(root: Path, package: str, version: str) -> Path:
+    major, minor, patch = version.split(".")
+    (root / package).mkdir(parents=True)
+    (root / package / "package_info.py").write_text(
+        f"MAJOR = {major}\nMINOR = {minor}\nPATCH = {patch}\nPRE_RELEASE = ''\n"
+    )
+    return root
+
+
+@pytest.mark.parametrize(
+    "refs, nemo_rl, megatron, message",
+    [
+        ("v0.7.0", "0.7.0", "0.20.0", "megatron-core 0.20.0, not 0.19"),  # the release with main's megatron
+        ("v0.7.0", "0.6.0", "0.19.0", "NeMo-RL 0.6.0, not 0.7.0"),  # main's tree given as the release
+        ("main", "0.6.0", "0.19.0", "megatron-core 0.19.0, not 0.20"),
+        ("v0.8.0", "0.7.0", "0.19.0", "unknown ref 'v0.8.0'"),
+    ],
+)
+def test_the_matrix_refuses_checkouts_that_are_not_the_ref_before_building(
+    tmp_path, refs, nemo_rl, megatron, message
+):
+    rl = _versioned_checkout(tmp_path / "rl", "nemo_rl", nemo_rl)
+    mlm = _versioned_checkout(tmp_path / "mlm", "megatron/core", megatron)
+    env = {"UPSTREAM_REFS": refs, "UPSTREAM_VENV_DIR": str(tmp_path / "venvs")}
+    for prefix in ("MAIN", "RELEASE"):
+        env[f"NEMO_RL_{prefix}_ROOT"] = str(rl)
+        env[f"MEGATRON_LM_{prefix}_ROOT"] = str(mlm)
+    result = _upstream_check(env)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert not (tmp_path / "venvs" / "mcore-v0.7.0-py311").exists()
+
+
+def test_the_matrix_names_the_checkouts_a_ref_needs(tmp_path):
+    result = _upstream_check({"UPSTREAM_REFS": "v0.7.0", "UPSTREAM_VENV_DIR": str(tmp_path)})
+    assert result.returncode == 2 and "NEMO_RL_RELEASE_ROOT and MEGATRON_LM_RELEASE_ROOT" in result.stderr

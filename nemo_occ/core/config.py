@@ -72,6 +72,12 @@ class OCCConfig(_Strict):
     initial_lambda: float = Field(
         0.0, description="λ used before any statistics exist (the first update of a run under lagged timing)."
     )
+    allow_one_update_per_step: bool = Field(
+        False,
+        description="Accept a NeMo-RL recipe with one optimizer update per RL step (train_global_batch_size "
+        "equal to the step's samples). That update runs at θ = θ_old, where δ_RL = 0, so OCC gets no statistics "
+        "and λ stays initial_lambda for the whole run; the recipe check refuses it unless this is true.",
+    )
 
 
 class FidelityConfig(_Strict):

@@ -32,7 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MASTER_CONFIG", "NemoRLSchema", "Schema", "UnknownKey", "load_nemo_rl_schema", "unknown_keys"]
+__all__ = [
+    "MASTER_CONFIG",
+    "NemoRLSchema",
+    "Schema",
+    "UnknownKey",
+    "declares",
+    "load_nemo_rl_schema",
+    "unknown_keys",
+]
 
 # Where NeMo-RL's GRPO entry point validates its config (examples/run_grpo.py: MasterConfig(**config)).
 MASTER_CONFIG = ("nemo_rl.algorithms.grpo", "MasterConfig")
@@ -389,6 +397,21 @@ def load_nemo_rl_schema(root: str | Path) -> NemoRLSchema | None:
 # ---------------------------------------------------------------------------------------------
 # Walking a recipe
 # ---------------------------------------------------------------------------------------------
+def declares(schema: Schema, dotted: str) -> bool:
+    """Whether ``schema`` names the dotted key path (an open or ``dict[str, X]`` level names every key)."""
+    node = schema
+    for part in dotted.split("."):
+        if node.open:
+            return True
+        if node.fields is not None and part in node.fields:
+            node = node.fields[part]
+        elif node.values is not None:
+            node = node.values
+        else:
+            return False
+    return True
+
+
 def unknown_keys(
     config: Mapping[str, Any],
     schema: Schema,

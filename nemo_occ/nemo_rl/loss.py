@@ -43,6 +43,7 @@ from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.metrics import acceptance_counts
 from nemo_occ.core.objective import MTPObjective
+from nemo_occ.nemo_rl.compat import clipped_pg_loss, metric_normalizer
 from nemo_occ.nemo_rl.loss_config import check_loss_settings
 from nemo_occ.nemo_rl.mtp_batch import read_mtp_inputs, read_mtp_old_logprobs
 
@@ -110,10 +111,10 @@ class OCCLossFn:
             self._probe = None
 
     def _our_normalizations(self) -> dict[str, Any]:
-        try:
-            from nemo_rl.algorithms.loss.interfaces import MetricNormalizer
-        except ImportError:  # only NeMo-RL's split-API trainers read this table
-            return {}
+        # NeMo-RL's enum where it has one (#2683), else one with the same values: NeMo-RL v0.7.0 reads no
+        # table (its synchronous trainer passes the global denominators and sums the metrics), so there
+        # the table documents the denominators and changes nothing (nemo_occ.nemo_rl.compat).
+        MetricNormalizer = metric_normalizer()
         seq_level = self.policy_cfg.aggregation == "seq_mean_token_mean"
         loss_norm = (
             MetricNormalizer.SEQUENCES
@@ -196,10 +197,11 @@ def build_loss_fn(
     use_fused_linear_logprobs: bool = False,
 ) -> OCCLossFn:
     """NeMo-RL's ``ClippedPGLossFn(loss_cfg)`` wrapped with the MTP term of ``nemo_occ_cfg`` (needs NeMo-RL)."""
-    from nemo_rl.algorithms.loss import ClippedPGLossConfig, ClippedPGLossFn
+    from nemo_rl.algorithms.loss import ClippedPGLossConfig
 
     policy_cfg = check_loss_settings(loss_cfg, nemo_occ_cfg)
     if isinstance(loss_cfg, Mapping):
         loss_cfg = ClippedPGLossConfig(**loss_cfg)
-    main = ClippedPGLossFn(loss_cfg, use_fused_linear_logprobs=use_fused_linear_logprobs)
+    # seam: the use_fused_linear_logprobs keyword came with NeMo-RL #2833, after v0.7.0
+    main = clipped_pg_loss(loss_cfg, use_fused_linear_logprobs=use_fused_linear_logprobs)
     return OCCLossFn(main, nemo_occ_cfg, policy_cfg)

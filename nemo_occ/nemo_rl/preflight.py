@@ -6,8 +6,14 @@ to ``MasterConfig``, which accepts unknown keys and ignores them. :func:`preflig
 (the same override parser: :mod:`nemo_occ.nemo_rl.overrides`) and adds what the launch does not do:
 every key NeMo-RL's config types do not declare (:mod:`nemo_occ.nemo_rl.config_schema`).
 
+The report names the NeMo-RL tree it checked against (version and commit). Keys NeMo-RL declares only
+after a release (:data:`nemo_occ.nemo_rl.compat.RECIPE_KEYS_AFTER_RELEASE`) are checked per version:
+where that tree does not declare one, it is left out as the launch leaves it out, with a note saying
+what the run does instead.
+
 Where no NeMo-RL source tree is found (``$NEMO_RL_ROOT``, or the checkout of an importable ``nemo_rl``),
-the recipe's ``nemo_rl:`` parents and the key check are skipped and the report says so.
+the recipe's ``nemo_rl:`` parents and the key check are skipped and the report says so; ``--strict``
+then fails, since it cannot do what it promises.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from pathlib import Path
 from typing import TextIO
 
 from nemo_occ.core.config import CONFIG_KEY, NemoOCCConfig
-from nemo_occ.nemo_rl.config_schema import UnknownKey, load_nemo_rl_schema, unknown_keys
+from nemo_occ.nemo_rl.compat import describe_nemo_rl_tree, drop_newer_keys
+from nemo_occ.nemo_rl.config_schema import UnknownKey, declares, load_nemo_rl_schema, unknown_keys
 from nemo_occ.nemo_rl.recipes import (
     Recipe,
     check_recipe,
@@ -40,6 +47,7 @@ class Preflight:
     nemo_rl_root: Path | None
     unknown: list[UnknownKey] = field(default_factory=list)
     keys_checked: bool = False
+    newer_keys: list[str] = field(default_factory=list)  # notes: keys this NeMo-RL does not declare yet
 
 
 def nemo_rl_unknown_keys(config: dict, root: Path | None) -> list[UnknownKey] | None:
@@ -56,8 +64,14 @@ def preflight(config_path: str | Path, overrides: Sequence[str] = ()) -> Preflig
     root = find_nemo_rl_root()
     recipe = load_recipe(config_path, overrides, nemo_rl_root=root or False)
     occ = check_recipe(recipe)
-    unknown = nemo_rl_unknown_keys(recipe.config, root if not recipe.skipped_parents else None)
-    return Preflight(recipe, occ, root, unknown or [], keys_checked=unknown is not None)
+    schema = load_nemo_rl_schema(root) if root is not None and not recipe.skipped_parents else None
+    newer: list[str] = []
+    if schema is not None:
+        # as the launch does: keys this tree's NeMo-RL does not declare yet (a release before the change
+        # that added them) are taken out, with a note; checked per version, not reported as unknown
+        newer = drop_newer_keys(recipe.config, lambda dotted: declares(schema.master, dotted))
+    unknown = nemo_rl_unknown_keys(recipe.config, root) if schema is not None else None
+    return Preflight(recipe, occ, root, unknown or [], keys_checked=unknown is not None, newer_keys=newer)
 
 
 def print_report(result: Preflight, out: TextIO | None = None, err: TextIO | None = None) -> None:
@@ -71,8 +85,14 @@ def print_report(result: Preflight, out: TextIO | None = None, err: TextIO | Non
         f"  GPUs {lay.world} = DP {lay.dp} x TP {lay.tp} x PP {lay.pp} x CP {lay.cp}; EP {lay.ep}, ETP {lay.etp}",
         file=out,
     )
+    if result.keys_checked:
+        print(f"  checked against {describe_nemo_rl_tree(result.nemo_rl_root)}", file=out)
+    else:
+        print("  not checked against any NeMo-RL (see the note)", file=out)
     for key in result.unknown:
         print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL would ignore it", file=err)
+    for note in result.newer_keys:
+        print(f"note: {note}", file=err)
     for note in result.recipe.notes:
         print(f"note: {note}", file=err)
     if result.recipe.skipped_parents:

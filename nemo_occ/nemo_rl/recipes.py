@@ -427,6 +427,28 @@ def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, probl
             )
 
 
+def _check_updates_per_step(cfg: Mapping, occ: NemoOCCConfig, problems: list[str]) -> None:
+    """OCC needs at least two optimizer updates per RL step: the first runs at θ = θ_old, where δ_RL = 0."""
+    if not occ.regime_spec.calibrated or occ.occ.allow_one_update_per_step:
+        return
+    prompts = _get(cfg, "grpo.num_prompts_per_step")
+    samples_per_prompt = _get(cfg, "grpo.num_generations_per_prompt")
+    gbs = _get(cfg, "policy.train_global_batch_size")
+    if not all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (prompts, samples_per_prompt, gbs)
+    ):
+        return  # unresolved (a skipped NeMo-RL parent) or refused elsewhere
+    samples = prompts * samples_per_prompt
+    if gbs >= samples:
+        problems.append(
+            f"regime '{occ.regime}' with one optimizer update per RL step: policy.train_global_batch_size={gbs} "
+            f">= grpo.num_prompts_per_step x num_generations_per_prompt = {prompts} x {samples_per_prompt} = "
+            f"{samples}; that update runs at θ = θ_old (δ_RL = 0), so OCC never gets statistics and λ never "
+            f"moves: make train_global_batch_size at most {samples // 2} (the paper: {samples // 4}, 4 updates), "
+            "or set nemo_occ.occ.allow_one_update_per_step: true to run with λ fixed at occ.initial_lambda"
+        )
+
+
 def _check_fp8(cfg: Mapping, problems: list[str]) -> None:
     """Blockwise FP8 needs the two settings every NeMo-RL blockwise-FP8 Megatron recipe carries.
 
@@ -490,6 +512,7 @@ def check_recipe(recipe: Recipe | Mapping, facts: ModelFacts | None = None) -> N
             "(the TransferQueue trainer is not supported)"
         )
     _check_mtp(cfg, occ, facts, problems)
+    _check_updates_per_step(cfg, occ, problems)
     _check_fp8(cfg, problems)
     try:
         check_loss_settings(cfg.get("loss_fn") or {}, occ)

@@ -15,8 +15,11 @@ The steps are those of NeMo-RL's ``examples/run_grpo.py`` (load config + Hydra o
 2. ``grpo.setup``'s ``ClippedPGLossFn`` replaced by :class:`nemo_occ.nemo_rl.loss.OCCLossFn` built from
    the same ``loss_fn`` block.
 
-Before Ray starts, the recipe is checked (:func:`nemo_occ.nemo_rl.recipes.check_recipe`), so a wrong
-parallel layout or a missing ``mtp_num_layers`` fails in seconds, not after model loading. Simplified:
+Before Ray starts, the installed NeMo-RL is checked (:func:`nemo_occ.nemo_rl.compat.require_supported_nemo_rl`:
+v0.7.0 up to main, with every seam nemo-occ needs) and the recipe is checked
+(:func:`nemo_occ.nemo_rl.recipes.check_recipe`), so a wrong NeMo-RL, a wrong parallel layout or a missing
+``mtp_num_layers`` fails in seconds, not after model loading. Where NeMo-RL v0.7.0 and main differ, the
+calls go through :mod:`nemo_occ.nemo_rl.compat`. Simplified:
 only the synchronous trainer (NeMo-RL's ``grpo_train``) is supported; async GRPO and the TransferQueue
 data plane are rejected.
 """
@@ -29,6 +32,12 @@ import os
 import sys
 from collections.abc import Sequence
 
+from nemo_occ.nemo_rl.compat import (
+    UnsupportedNemoRL,
+    checkpointer_context,
+    require_supported_nemo_rl,
+    shutdown_environments,
+)
 from nemo_occ.nemo_rl.recipes import RecipeError, check_recipe, load_recipe_tree
 
 __all__ = ["main", "parse_args", "register_worker"]
@@ -59,6 +68,7 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
     from omegaconf import OmegaConf
 
     from nemo_occ.core.config import CONFIG_KEY
+    from nemo_occ.nemo_rl.compat import drop_newer_keys, installed_declares
     from nemo_occ.nemo_rl.loss_config import policy_loss_config
     from nemo_occ.nemo_rl.overrides import OverrideError, apply_overrides
     from nemo_occ.nemo_rl.preflight import nemo_rl_unknown_keys
@@ -78,6 +88,10 @@ def load_and_check(config_path: str, overrides: Sequence[str]) -> dict:
         raise RecipeError(str(err)) from None
     config = OmegaConf.to_container(cfg, resolve=True)
     occ = check_recipe(config)
+    # seam: keys the installed NeMo-RL's config types do not declare yet (grpo.val_num_generations_per_prompt
+    # came with NeMo-RL #3401, after v0.7.0) are taken out, and the run says what it does instead
+    for note in drop_newer_keys(config, installed_declares):
+        print(f"note: {note}", file=sys.stderr)
     for key in nemo_rl_unknown_keys(config, find_nemo_rl_root()) or []:
         print(f"warning: NeMo-RL's config types do not know {key}: NeMo-RL will ignore it", file=sys.stderr)
     config.pop(CONFIG_KEY)
@@ -118,8 +132,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.check:
             return check_only(args.config, overrides, print_config=args.print_config, strict=args.strict)
+        # before Ray starts: a NeMo-RL outside the supported range, or without a seam nemo-occ needs,
+        # stops here with the version it needs (nemo_occ.nemo_rl.compat)
+        require_supported_nemo_rl()
         config = load_and_check(args.config, overrides)
-    except RecipeError as err:
+    except (RecipeError, UnsupportedNemoRL) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return train(config, args.config)
@@ -131,7 +148,8 @@ def check_only(
     """``--check``: what a launch would see (:mod:`nemo_occ.nemo_rl.preflight`), without NeMo-RL or a GPU.
 
     ``print_config`` prints the whole resolved config as YAML; ``strict`` turns keys NeMo-RL's types do
-    not know into an error (exit 2), which is how ``slurm/submit.sh`` checks before asking for GPUs.
+    not know, and a check that could not read NeMo-RL's types at all, into an error (exit 2), which is how
+    ``slurm/submit.sh`` checks before asking for GPUs.
     """
     from omegaconf import OmegaConf
 
@@ -141,6 +159,18 @@ def check_only(
     if print_config:
         print(OmegaConf.to_yaml(OmegaConf.create(result.recipe.config)), end="")
     print_report(result)
+    if strict and not result.keys_checked:
+        where = (
+            "without a NeMo-RL source tree"
+            if result.nemo_rl_root is None or result.recipe.skipped_parents
+            else f"in {result.nemo_rl_root} (no nemo_rl/algorithms/grpo.py with a MasterConfig)"
+        )
+        print(
+            f"error: --strict cannot check NeMo-RL's key names {where}: set NEMO_RL_ROOT to a NeMo-RL "
+            "checkout at the container's commit",
+            file=sys.stderr,
+        )
+        return 2
     if strict and result.unknown:
         print(
             f"error: {len(result.unknown)} key(s) NeMo-RL does not know (see the warnings): fix the spelling, "
@@ -152,7 +182,7 @@ def check_only(
 
 
 def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GPUs, Ray and NeMo-RL
-    from nemo_rl.algorithms.grpo import MasterConfig, grpo_train, setup, shutdown_environments
+    from nemo_rl.algorithms.grpo import MasterConfig, grpo_train, setup
     from nemo_rl.algorithms.utils import get_tokenizer
     from nemo_rl.data.utils import setup_response_data
     from nemo_rl.distributed.virtual_cluster import init_ray
@@ -165,7 +195,10 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
 
     occ = load_config(config["policy"][CONFIG_KEY], key=None)
     master = MasterConfig(**config)
-    if master.grpo.async_grpo.enabled or (master.data_plane or {}).get("enabled", False):
+    # read from the plain config: NeMo-RL main's GRPOConfig is a pydantic model, v0.7.0's a TypedDict
+    if ((config["grpo"].get("async_grpo") or {}).get("enabled", False)) or (
+        (config.get("data_plane") or {}).get("enabled", False)
+    ):
         raise SystemExit(
             "nemo-occ supports the synchronous GRPO trainer only: set grpo.async_grpo.enabled: false"
         )
@@ -213,7 +246,7 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
         use_fused_linear_logprobs=getattr(loss_fn, "use_fused_linear_logprobs", False),
     )
     try:
-        with checkpointer:
+        with checkpointer_context(checkpointer):  # seam: a context manager since NeMo-RL #2828
             grpo_train(
                 policy,
                 policy_generation,
@@ -229,7 +262,7 @@ def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GP
                 master_config,
             )
     finally:
-        shutdown_environments(task_to_env, val_task_to_env)
+        shutdown_environments(task_to_env, val_task_to_env)  # seam: NeMo-RL #3391; a no-op on v0.7.0
         try:
             policy_generation.shutdown()
         except Exception as error:  # mirror NeMo-RL: shutdown errors must not mask training errors

@@ -159,5 +159,61 @@ def test_built_loss_pickles_with_nemo_rls_main_loss():
     assert copy.loss_type == ours.loss_type and copy.sequence_level_importance_ratios is True
     assert copy._objective is None
     names = copy.metric_normalizations
-    assert names["mtp/loss_1"] == nemo_loss.interfaces.MetricNormalizer.SEQUENCES  # GSPO: per sequence
-    assert names["probs_ratio"] == nemo_loss.interfaces.MetricNormalizer.TOKENS  # NeMo-RL's own kept
+    assert names["mtp/loss_1"].value == "sequences"  # GSPO: per sequence
+    assert names["mtp/valid_fraction_1"].value == "tokens"
+    upstream = getattr(nemo_loss.interfaces, "MetricNormalizer", None)  # NeMo-RL #2683, after v0.7.0
+    if upstream is not None:
+        assert type(names["mtp/loss_1"]) is upstream  # NeMo-RL's own enum, compared by identity there
+        assert names["probs_ratio"] is upstream.TOKENS  # NeMo-RL's own kept
+    else:  # v0.7.0: ClippedPGLossFn names no denominators, and no trainer reads the table
+        assert not hasattr(ours.main_loss, "metric_normalizations")
+
+
+def _split(data, parts):
+    """The batch's micro-batches, as NeMo-RL's trainer cuts it (rows in order)."""
+    B = data["token_mask"].shape[0]
+    bounds = [round(i * B / parts) for i in range(parts + 1)]
+    return [
+        {k: (v[lo:hi] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in data.items()}
+        for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+
+
+@pytest.mark.parametrize("cfg", [DAPO, GSPO], ids=["dapo", "gspo"])
+def test_mtp_metrics_reduce_over_micro_batches_like_the_whole_batch(cfg):
+    """The MTP metrics of a step are there and reduced right on the installed NeMo-RL (v0.7.0 and main).
+
+    NeMo-RL's synchronous trainer, the one nemo-occ runs, hands every micro-batch the step's global
+    denominators and sums the per-micro-batch metrics (grpo.py): the sum must be the whole batch's value.
+    ``metric_normalizations`` must name the denominator each metric is really divided by: doubling the
+    token count halves exactly the metrics it names ``tokens`` and leaves the ``sequences`` ones alone.
+    """
+    main, _, data = _data(B=4, S=12, seed=5)
+    data = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in data.items()}
+    main = main.detach()
+    n_seq, n_tok = _counts(data)
+    whole = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
+    _, whole_metrics = whole(main, data, n_seq, n_tok)
+    mtp_keys = [k for k in whole_metrics if k.startswith("mtp/")]
+    assert {"mtp/loss_1", "mtp/loss_scaled", "mtp/valid_fraction_1"} <= set(mtp_keys)
+    assert all(whole_metrics[k] != 0.0 for k in ("mtp/loss_1", "mtp/valid_fraction_1"))
+
+    synchronous = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))
+    summed: dict[str, float] = {}
+    rows = 0
+    for part in _split(data, 3):
+        b = part["token_mask"].shape[0]
+        _, m = synchronous(main[rows : rows + b], part, n_seq, n_tok)
+        rows += b
+        for k in mtp_keys:
+            summed[k] = summed.get(k, 0.0) + m[k]
+    assert rows == main.shape[0]
+    for k in mtp_keys:
+        assert summed[k] == pytest.approx(whole_metrics[k], rel=1e-5), k
+
+    _, doubled = build_loss_fn(cfg, NemoOCCConfig(regime="policy", coef=0.2))(main, data, n_seq, 2 * n_tok)
+    kinds = {k: whole.metric_normalizations[k].value for k in mtp_keys}
+    assert set(kinds.values()) <= {"tokens", "sequences"}
+    for k, kind in kinds.items():
+        expected = whole_metrics[k] / 2 if kind == "tokens" else whole_metrics[k]
+        assert doubled[k] == pytest.approx(expected, rel=1e-5), (k, kind)

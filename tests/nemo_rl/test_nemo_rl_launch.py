@@ -99,12 +99,20 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
     calls: dict[str, inspect.BoundArguments] = {}
     setup_size = len(typing.get_args(typing.get_type_hints(grpo.setup)["return"]))
 
+    from nemo_rl.utils.checkpoint import CheckpointManager
+
     class Checkpointer:
-        def __enter__(self):
+        """A stand-in CheckpointManager: a context manager only where NeMo-RL's is one."""
+
+    if hasattr(CheckpointManager, "__enter__"):  # NeMo-RL #2828, after v0.7.0: the launch must flush it
+
+        def _enter(self):
+            calls["checkpointer.enter"] = None
             return self
 
-        def __exit__(self, *exc):
-            return False
+        Checkpointer.__enter__ = _enter
+        Checkpointer.__exit__ = lambda self, *exc: False
+    has_shutdown = hasattr(grpo, "shutdown_environments")  # NeMo-RL #3391, after v0.7.0
 
     class Generation:
         def shutdown(self):
@@ -130,7 +138,7 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
         "setup_response_data": ({"math": "data"}, None, {"math": "env"}, {"math": "env"}),
         "setup": setup_result,
         "grpo_train": None,
-        "shutdown_environments": None,
+        **({"shutdown_environments": None} if has_shutdown else {}),
     }
     modules = {
         "init_ray": virtual_cluster,
@@ -139,7 +147,7 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
         "setup_response_data": data_utils,
         "setup": grpo,
         "grpo_train": grpo,
-        "shutdown_environments": grpo,
+        **({"shutdown_environments": grpo} if has_shutdown else {}),
     }
     for name, module in modules.items():
         signature = inspect.signature(getattr(module, name))
@@ -173,4 +181,5 @@ def test_train_calls_nemo_rl_with_its_real_signatures(tmp_path, monkeypatch):
     assert trained["master_config"] is out[10]
     assert isinstance(trained["loss_fn"], OCCLossFn) and trained["loss_fn"].nemo_occ_cfg.regime == "occ"
     assert trained["task_to_env"] == {"math": "env"}
-    assert "shutdown_environments" in calls and "generation.shutdown" in calls
+    assert ("shutdown_environments" in calls) == has_shutdown and "generation.shutdown" in calls
+    assert ("checkpointer.enter" in calls) == hasattr(CheckpointManager, "__enter__")

@@ -19,7 +19,9 @@ import pytest
 import yaml
 
 from nemo_occ.cli import main
-from nemo_occ.nemo_rl.config_schema import load_nemo_rl_schema, unknown_keys
+from nemo_occ.nemo_rl.compat import drop_newer_keys
+from nemo_occ.nemo_rl.config_schema import declares, load_nemo_rl_schema, unknown_keys
+from nemo_occ.nemo_rl.preflight import preflight
 from nemo_occ.nemo_rl.recipes import RecipeError, find_nemo_rl_root, load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -123,6 +125,9 @@ def test_print_config_prints_the_whole_resolved_config(capsys, monkeypatch):
     printed = yaml.safe_load(out[: out.index("recipe OK")])
     root = find_nemo_rl_root()
     expected = load_recipe(ROOT / MIMO, ["grpo.max_num_steps=7"], nemo_rl_root=root or False).config
+    schema = load_nemo_rl_schema(root) if root is not None else None
+    if schema is not None:  # what the launch hands NeMo-RL: without the keys this NeMo-RL lacks
+        drop_newer_keys(expected, lambda dotted: declares(schema.master, dotted))
     assert printed == expected
     assert printed["grpo"]["max_num_steps"] == 7 and {"policy", "cluster", "nemo_occ", "loss_fn"} <= set(
         printed
@@ -243,6 +248,56 @@ def test_check_warns_about_a_typo_in_a_recipe_file_and_strict_fails(fake_tree, t
     assert "key(s) NeMo-RL does not know" in capsys.readouterr().err
 
 
+def _add_grpo_field(tree: Path, line: str) -> None:
+    grpo = tree / "nemo_rl" / "algorithms" / "grpo.py"
+    grpo.write_text(
+        grpo.read_text().replace("    max_num_steps: int\n", f"    max_num_steps: int\n    {line}\n", 1)
+    )
+
+
+def test_a_key_this_nemo_rl_declares_only_later_is_left_out_with_a_note(
+    fake_tree, tmp_path, monkeypatch, capsys
+):
+    """grpo.val_num_generations_per_prompt came after v0.7.0 (NeMo-RL #3401): checked per version."""
+    _write(fake_tree / "examples" / "configs" / "grpo_math_1B.yaml", "grpo:\n  max_num_steps: 1\n")
+    _write(
+        fake_tree / "nemo_rl" / "package_info.py",
+        'MAJOR = 0\nMINOR = 7\nPATCH = 0\nPRE_RELEASE = ""\n',
+    )
+    recipe = _write(tmp_path / "child.yaml", f"defaults: {ROOT / MIMO}\n")
+    monkeypatch.setenv("NEMO_RL_ROOT", str(fake_tree))
+    # (the stand-in tree declares few keys: the recipe's others are reported unknown, so no --strict)
+    assert main(["train", "--config", str(recipe), "--check"]) == 0
+    out, err = capsys.readouterr()
+    assert f"checked against NeMo-RL 0.7.0 at {fake_tree}" in out
+    assert "note: grpo.val_num_generations_per_prompt=32 left out" in err and "#3401" in err
+    assert "avg@1" in err and "do not know grpo.val_num_generations_per_prompt" not in err
+    assert "val_num_generations_per_prompt" not in preflight(recipe).recipe.config["grpo"]
+
+    _add_grpo_field(fake_tree, "val_num_generations_per_prompt: int = 1")  # a NeMo-RL that has #3401
+    assert main(["train", "--config", str(recipe), "--check"]) == 0
+    err = capsys.readouterr().err
+    assert "left out" not in err and "do not know grpo.val_num_generations_per_prompt" not in err
+    assert preflight(recipe).recipe.config["grpo"]["val_num_generations_per_prompt"] == 32
+
+
+def test_strict_fails_when_it_cannot_check_nemo_rls_keys(monkeypatch, capsys):
+    """Without a NeMo-RL tree, --strict cannot do what it promises: one line saying what to set."""
+    import nemo_occ.nemo_rl.preflight as preflight_module
+
+    monkeypatch.delenv("NEMO_RL_ROOT", raising=False)
+    monkeypatch.setattr(preflight_module, "find_nemo_rl_root", lambda: None)
+    monkeypatch.chdir(ROOT)
+    smoke = "recipes/grpo-occ-mimo-7b-rl-1n8g-h100-tp2-smoke.yaml"
+    assert main(["train", "--config", smoke, "--check", "--strict", "grpo.max_num_step=1"]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "set NEMO_RL_ROOT" in errors[0]
+    assert "not checked against any NeMo-RL" in out
+    assert main(["train", "--config", smoke, "--check"]) == 0  # without --strict: a report with a note
+    assert "note: not checked (no NeMo-RL source tree" in capsys.readouterr().err
+
+
 # -- the real NeMo-RL tree -------------------------------------------------------------------------------
 def _real_schema():
     root = find_nemo_rl_root()
@@ -255,10 +310,21 @@ def _real_schema():
 
 @pytest.mark.nemo_rl
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_recipe_uses_only_keys_nemo_rl_knows(path):
+def test_every_recipe_uses_only_keys_nemo_rl_knows(path, monkeypatch):
+    """Per version: a key this NeMo-RL declares stays and must be known; one it declares only later
+    (compat.RECIPE_KEYS_AFTER_RELEASE) is left out with a note, as the launch leaves it out."""
     root, schema = _real_schema()
+    monkeypatch.setenv("NEMO_RL_ROOT", str(root))
+    result = preflight(path)
+    assert result.keys_checked and result.unknown == []
     config = load_recipe(path, nemo_rl_root=root).config
-    assert unknown_keys(config, schema.master, ignore={"nemo_occ"}, read_keys=schema.read_keys) == []
+    val_key = "grpo.val_num_generations_per_prompt"
+    if declares(schema.master, val_key):  # NeMo-RL main (#3401)
+        assert result.newer_keys == [] and "val_num_generations_per_prompt" in result.recipe.config["grpo"]
+    else:  # v0.7.0
+        value = config["grpo"]["val_num_generations_per_prompt"]
+        assert [n.split(" left out")[0] for n in result.newer_keys] == [f"{val_key}={value}"]
+        assert "val_num_generations_per_prompt" not in result.recipe.config["grpo"]
 
 
 @pytest.mark.nemo_rl

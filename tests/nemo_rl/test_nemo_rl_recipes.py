@@ -141,12 +141,17 @@ def test_header_gives_the_launch_command(path: Path):
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_every_recipe_passes_check_with_its_own_overrides(path: Path, capsys, monkeypatch):
-    """`nemo-occ train --check --strict` with the header's overrides, as slurm/submit.sh runs it."""
+    """`nemo-occ train --check --strict` with the header's overrides, as slurm/submit.sh runs it.
+
+    Without a NeMo-RL tree --strict cannot check NeMo-RL's key names and fails (tests/test_preflight.py),
+    so there the check runs without it."""
     from nemo_occ.cli import main
+    from nemo_occ.nemo_rl.recipes import find_nemo_rl_root
 
     monkeypatch.chdir(RECIPES_DIR.parent)
     _, overrides = _header_launch(path)
-    assert main(["train", "--config", f"recipes/{path.name}", "--check", "--strict", *overrides]) == 0
+    strict = ["--strict"] if find_nemo_rl_root() is not None else []
+    assert main(["train", "--config", f"recipes/{path.name}", "--check", *strict, *overrides]) == 0
     assert "recipe OK" in capsys.readouterr().out
 
 
@@ -240,6 +245,30 @@ def test_checker_rejects_with_a_message_saying_what_to_set(override, match):
     path = "recipes/gspo-occ-mimo-7b-rl-4n8g-h100-tp2.yaml" if "token_level" in override else GLM
     with pytest.raises(RecipeError, match=match):
         _check(path, override)
+
+
+def test_occ_with_one_update_per_step_is_refused_naming_the_sizes_to_change():
+    """One optimizer update per RL step runs at θ = θ_old (δ_RL = 0): OCC would never move λ."""
+    samples = 128 * 16  # the paper runs' prompts x samples per step
+    with pytest.raises(RecipeError) as err:
+        _check(MIMO, f"policy.train_global_batch_size={samples}")
+    message = str(err.value)
+    assert f"policy.train_global_batch_size={samples} >= grpo.num_prompts_per_step" in message
+    assert f"128 x 16 = {samples}" in message and f"at most {samples // 2}" in message
+    assert "nemo_occ.occ.allow_one_update_per_step: true" in message
+    # the explicit key accepts it; a regime with a fixed coefficient never needed the check
+    _check(MIMO, f"policy.train_global_batch_size={samples}", "++nemo_occ.occ.allow_one_update_per_step=true")
+    _check("recipes/dapo-policy-mimo-7b-rl-4n8g-h100-tp2.yaml", f"policy.train_global_batch_size={samples}")
+    # two updates per step are enough for OCC's second update to see δ_RL != 0
+    _check(MIMO, f"policy.train_global_batch_size={samples // 2}")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipes_make_several_updates_per_step(path: Path):
+    cfg = _load(path).config
+    samples = cfg["grpo"]["num_prompts_per_step"] * cfg["grpo"]["num_generations_per_prompt"]
+    assert samples // cfg["policy"]["train_global_batch_size"] >= 2
+    assert not cfg["nemo_occ"].get("occ", {}).get("allow_one_update_per_step", False)
 
 
 def test_blockwise_fp8_by_default_recipe_needs_the_upstream_settings_too():

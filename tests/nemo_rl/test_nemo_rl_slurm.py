@@ -48,6 +48,15 @@ def nemo_rl_tree(tmp_path):
     (tree / "examples" / "configs").mkdir(parents=True)
     (tree / "ray.sub").write_text("#!/bin/bash\nCONTAINER=$CONTAINER\nCOMMAND=${COMMAND:-}\n")
     (tree / "examples" / "configs" / "grpo_math_1B.yaml").write_text("grpo:\n  seed: 42\n")
+    # NeMo-RL's config types, as open as they come: --strict needs a MasterConfig to check keys against
+    (tree / "nemo_rl" / "algorithms").mkdir(parents=True)
+    (tree / "nemo_rl" / "algorithms" / "grpo.py").write_text(
+        "from typing import Any\nfrom pydantic import BaseModel\n\nclass MasterConfig(BaseModel):\n"
+        + "".join(
+            f"    {block}: Any\n"
+            for block in ("grpo", "loss_fn", "policy", "data", "env", "logger", "cluster", "checkpointing")
+        )
+    )
     return tree
 
 
@@ -166,6 +175,17 @@ def test_without_ray_sub_it_says_where_to_find_it(tmp_path):
     (tmp_path / "ray.sub").write_text("#!/bin/bash\necho hello\n")
     result = _submit("--dry-run", MIMO_SMOKE, "1", "--", "-A", "a", "-p", "b", tree=tmp_path)
     assert result.returncode == 2 and "not NeMo-RL's ray.sub" in result.stderr
+
+
+def test_with_ray_sub_but_no_nemo_rl_tree_it_does_not_submit_an_unchecked_recipe(nemo_rl_tree):
+    """RAY_SUB alone gives no NeMo-RL tree to check the recipe's keys against: --strict fails, no sbatch."""
+    result = _submit(
+        "--dry-run", MIMO_SMOKE, "1", "--", "-A", "a", "-p", "b",
+        env_extra={"RAY_SUB": str(nemo_rl_tree / "ray.sub"), "PYTHONPATH": ""},  # no importable nemo_rl
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "set NEMO_RL_ROOT" in result.stderr and "the recipe check failed" in result.stderr
+    assert "sbatch" not in result.stdout
 
 
 @pytest.mark.nemo_rl
