@@ -19,7 +19,7 @@ from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, token_
 from nemo_occ.megatron import chunked_logprobs
 from nemo_occ.megatron.chunked_logprobs import fused_token_loss, raise_deferred_errors, token_logprobs
 
-B, S, H, V = 3, 13, 16, 40
+B, S, H, V = 4, 13, 16, 40
 
 
 def _batch(seed=0, dtype=torch.float32, v=V):
@@ -148,11 +148,11 @@ def test_wrong_incoming_scale_is_an_error_not_a_wrong_gradient():
 
 
 class _CountAllocations(TorchDispatchMode):
-    """Counts new buffers of at least ``numel`` elements made by any op (not views, not in-place results)."""
+    """Counts new buffers of ``shape`` made by any op (not views, not in-place results)."""
 
-    def __init__(self, numel):
+    def __init__(self, shape):
         super().__init__()
-        self.numel, self.count = numel, 0
+        self.shape, self.count = tuple(shape), 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -165,7 +165,7 @@ class _CountAllocations(TorchDispatchMode):
         for t in torch.utils._pytree.tree_leaves(out):
             if (
                 isinstance(t, torch.Tensor)
-                and t.numel() >= self.numel
+                and tuple(t.shape) == self.shape
                 and t.untyped_storage().data_ptr() not in seen
             ):
                 self.count += 1
@@ -187,7 +187,7 @@ def test_no_fresh_weight_sized_gradient_per_call_with_main_grad(fused):
         return torch.autograd.grad(out, [h])  # our backward only: autograd's own accumulation is not ours
 
     step()  # the first call may build the shared dummy gradient
-    with _CountAllocations(V * H) as counter:
+    with _CountAllocations((V, H)) as counter:
         step()
         step()
     assert counter.count == 0
@@ -286,3 +286,63 @@ def test_cp_positions_need_no_host_sync():
     ]
     for g, e in zip(got, expected, strict=True):
         assert torch.equal(g, e)
+
+
+# ---------------------------------------------------------------------------------------------------
+# TP2 (gloo): each rank holds half the vocabulary; the fused gradient equals TP1 autograd of the unfused.
+
+
+def _tp2_body(rank, world_size):
+    for case in ("policy-token-mean", "policy-seq-mean", "ce"):
+        for sequence_parallel in (False, True):
+            _tp2_case(rank, world_size, case, sequence_parallel)
+
+
+def _tp2_case(rank, world_size, case, sequence_parallel):
+    import torch.distributed as dist
+
+    objective, cfg = CASES[case]
+    hidden, weight, targets, old, adv, mask = _batch(seed=11, v=V)
+    coef = 0.61
+    h_ref = hidden.clone().requires_grad_(True)
+    w_ref = _leaf_with_main_grad(weight)
+    lp_ref = token_logprobs(h_ref, w_ref, targets, chunk_size=7).view(B, S)
+    _unfused_loss(objective, cfg, lp_ref, old, adv, mask, coef).backward()
+
+    shard = V // world_size
+    rows = slice(rank * shard, (rank + 1) * shard)
+    w = _leaf_with_main_grad(weight[rows])
+    before = w.main_grad.clone()
+    tokens = B * S
+    if sequence_parallel:
+        h = hidden[rank * tokens // 2 : (rank + 1) * tokens // 2].clone().requires_grad_(True)
+    else:
+        h = hidden.clone().requires_grad_(True)
+    lp, _, carrier = fused_token_loss(
+        h,
+        w,
+        targets,
+        _token_grad(objective, cfg, old, adv, mask, coef),
+        tp_group=dist.group.WORLD,
+        vocab_start=rank * shard,
+        chunk_size=7,
+        sequence_parallel=sequence_parallel,
+    )
+    carrier.backward()
+    torch.testing.assert_close(lp.view(B, S), lp_ref.detach())
+    grad_h = h.grad.clone()
+    if not sequence_parallel:
+        dist.all_reduce(grad_h)  # what copy_to_tensor_model_parallel_region does in backward
+        torch.testing.assert_close(grad_h, h_ref.grad)
+    else:
+        torch.testing.assert_close(grad_h, h_ref.grad[rank * tokens // 2 : (rank + 1) * tokens // 2])
+    reference_delta = w_ref.main_grad[rows] - _leaf_with_main_grad(weight).main_grad[rows]
+    torch.testing.assert_close(w.main_grad - before, reference_delta)
+
+
+@pytest.mark.distributed
+def test_fused_tp2_and_tp2_sp_equal_tp1_autograd():
+    # one spawn for all cases (token mean, sequence mean, cross-entropy; with and without SP)
+    from _megatron_dist import run_ranks
+
+    run_ranks(_tp2_body, 2)

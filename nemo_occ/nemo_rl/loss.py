@@ -167,8 +167,7 @@ class OCCLossFn:
         ):  # before the objective records anything: a bad input raises with state unchanged
             depth_masks = [mask & valid_d for valid_d in mtp_masks]  # K x [B, S-1]: loss tokens with a target
             hits = acceptance_counts(correct, depth_masks) if all(c is not None for c in correct) else None
-            # one device-to-host copy for all depths (the training forward records the arg-max hits)
-            valid = (hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])).tolist()
+            valid = hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])  # [K]
         mtp_loss, mtp_metrics = self.objective(
             main_logprobs=lp,
             old_logprobs=old,
@@ -180,11 +179,17 @@ class OCCLossFn:
             global_valid_tokens=global_valid_toks,
             global_valid_seqs=global_valid_seqs,
         )
+        # NeMo-RL's metrics are floats: one device-to-host copy for all of ours (each .item() stalls the stream)
+        keys = list(mtp_metrics)
+        device = valid.device
+        host = torch.cat(
+            [torch.as_tensor(mtp_metrics[k], device=device).detach().double().reshape(1) for k in keys]
+            + [valid.double(), torch.as_tensor(global_valid_toks).to(device).double().reshape(1)]
+        ).tolist()
         metrics = dict(metrics)
-        for key, value in mtp_metrics.items():
-            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        n_tok = float(global_valid_toks) if float(global_valid_toks) > 0 else 1.0
-        for d, tokens in enumerate(valid, start=1):
+        metrics.update(zip(keys, host[: len(keys)], strict=True))
+        n_tok = host[-1] if host[-1] > 0 else 1.0
+        for d, tokens in enumerate(host[len(keys) : -1], start=1):
             metrics[f"mtp/valid_fraction_{d}"] = float(tokens) / n_tok
         if hits is not None:
             self._acceptance = hits if self._acceptance is None else self._acceptance + hits
