@@ -34,7 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "defer_error", "fused_token_loss", "raise_deferred_errors", "token_logprobs"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "defer_error",
+    "discard_deferred_errors",
+    "fused_token_loss",
+    "raise_deferred_errors",
+    "token_logprobs",
+]
 
 # Tokens per chunk: chosen by bench/bench_chunked_logprobs.py (>= 8x lower peak memory than full logits
 # at 4096 tokens, vocab 32k); every caller in the package defaults to it.
@@ -151,24 +158,36 @@ def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:
 # Checks that would need the host to wait for the device (a target owned by no vocab shard, an
 # unexpected gradient scale) are recorded as device tensors and raised by ``raise_deferred_errors``
 # once per step; ``validate=True`` raises at once instead (one host sync per call).
-_DEFERRED: list[tuple[torch.Tensor, str]] = []
+_DEFERRED: dict[str, torch.Tensor] = {}  # message -> count of failures (on the device)
 
 
 def defer_error(bad: torch.Tensor, message: str) -> None:
-    """Record ``bad`` (a device count, 0 = fine) to be raised with ``message`` by :func:`raise_deferred_errors`."""
-    _DEFERRED.append((bad.detach().reshape(()).to(torch.int64), message))
+    """Record ``bad`` (a device count, 0 = fine) to be raised with ``message`` by :func:`raise_deferred_errors`.
+
+    Counts of one message are summed on the device, so the record stays one scalar per message.
+    """
+    bad = bad.detach().reshape(()).to(torch.int64)
+    _DEFERRED[message] = (
+        _DEFERRED[message] + bad.to(_DEFERRED[message].device) if message in _DEFERRED else bad
+    )
+
+
+def discard_deferred_errors() -> None:
+    """Forget the recorded checks (a step that failed for another reason)."""
+    _DEFERRED.clear()
 
 
 def raise_deferred_errors() -> None:
     """Raise the first error recorded since the last call (one host sync for all of them), then forget them.
 
-    The training path calls this once per step; a caller with ``validate=True`` never needs it.
+    The training path calls this once per step (``MTPCapture``'s exit); ``validate=True`` never needs it.
     """
-    pending, _DEFERRED[:] = list(_DEFERRED), []
+    pending = list(_DEFERRED.items())
+    _DEFERRED.clear()
     if not pending:
         return
-    counts = torch.stack([bad.to(pending[0][0].device) for bad, _ in pending]).tolist()
-    for count, (_, message) in zip(counts, pending, strict=True):
+    counts = torch.stack([bad.to(pending[0][1].device) for _, bad in pending]).tolist()
+    for count, (message, _) in zip(counts, pending, strict=True):
         if count:
             raise ValueError(f"{message} ({count} token(s) or call(s); recorded without a host sync)")
 

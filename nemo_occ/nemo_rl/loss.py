@@ -42,6 +42,7 @@ import torch
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.metrics import acceptance_counts
 from nemo_occ.core.objective import MTPObjective
+from nemo_occ.nemo_rl.fused_mtp import MTP_CARRIER_KEY
 from nemo_occ.nemo_rl.loss_config import check_loss_settings
 from nemo_occ.nemo_rl.mtp_batch import read_mtp_inputs, read_mtp_old_logprobs
 
@@ -193,7 +194,9 @@ class OCCLossFn:
             metrics[f"mtp/valid_fraction_{d}"] = float(tokens) / n_tok
         if hits is not None:
             self._acceptance = hits if self._acceptance is None else self._acceptance + hits
-        return loss + mtp_loss, metrics
+        # fused path (nemo_occ.nemo_rl.fused_mtp): the MTP log-probs are detached, a scalar 0 carries the gradient
+        carrier = data.get(MTP_CARRIER_KEY) if hasattr(data, "get") else None
+        return loss + mtp_loss + (carrier if carrier is not None else 0.0), metrics
 
     def pop_acceptance_counts(self) -> torch.Tensor | None:
         """[K, 2] float64 (arg-max hits, MTP-valid loss tokens) per depth since the last pop; None if none."""
