@@ -124,7 +124,7 @@ def _add_weight_grad(out: torch.Tensor, grad_logits: torch.Tensor, hidden_c: tor
 def _wgrad_target(weight: torch.Tensor, main_grad: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
     """(where the chunks' weight gradients are summed [Vl, H], whether it is a temporary to add at the end).
 
-    Megatron's fp32 ``main_grad`` (or one in the operands' dtype for fp32 weights) takes them directly.
+    Megatron's fp32 ``main_grad`` takes them directly.
     A low-precision ``main_grad`` (``grad_reduce_in_fp32: false``) would round once per chunk; Megatron's
     fused kernel rounds once per micro-batch (fp32 accumulation inside one GEMM), so the chunks are summed
     in one fp32 [Vl, H] temporary and added once, which rounds once as well. Without ``main_grad`` the
@@ -135,24 +135,13 @@ def _wgrad_target(weight: torch.Tensor, main_grad: torch.Tensor | None) -> tuple
     return torch.zeros(weight.shape, dtype=torch.float32, device=weight.device), True
 
 
-_DUMMY_WGRADS: dict[tuple, torch.Tensor] = {}
-
-
-def _dummy_wgrad(weight: torch.Tensor) -> torch.Tensor:
-    """One shared all-zero [Vl, H] gradient per shape/dtype/device, handed to autograd as ``weight.grad``.
-
-    The real gradient is in ``main_grad`` already. A gradient (not None) keeps Megatron DDP's backward
-    hook firing for this parameter on the backward thread (with ``overlap_grad_reduce`` it asserts one);
-    zeros, because that hook adds ``.grad`` into ``main_grad`` unless the weight's own layer set
-    ``grad_added_to_main_grad``, and whatever else reaches ``.grad`` (the main head's or a tied
-    embedding's gradient) is summed with it by autograd first. Never written, so one tensor serves every
-    call (Megatron's output layer shares one dummy the same way, through Transformer Engine).
-    """
-    key = (tuple(weight.shape), weight.dtype, weight.device)
-    dummy = _DUMMY_WGRADS.get(key)
-    if dummy is None:
-        dummy = _DUMMY_WGRADS[key] = torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device)
-    return dummy
+# Where the weight gradient went into ``main_grad``, backward returns None for the weight, not a dummy:
+# a dummy gradient (Megatron's output layer returns one) costs a [Vl, H] buffer per backward anyway, in
+# autograd (which sums it with the other contributions, or clones a shared one into ``.grad``) and in
+# DDP's hook (which adds it into ``main_grad``). None leaves ``.grad`` to the weight's other users. The
+# MTP heads' weight is always the main head's output weight (or the tied embedding), whose own backward
+# fires DDP's per-parameter hook; a weight used by nothing else under ``overlap_grad_reduce`` would leave
+# its bucket unreported, which megatron-core's ``finish_grad_sync`` refuses loudly (not a silent loss).
 
 
 # Checks that would need the host to wait for the device (a target owned by no vocab shard, an
@@ -321,12 +310,10 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
             del logits, grad_logits  # free before the next chunk allocates (one chunk alive at a time)
         del hidden
 
-        grad_weight = None
-        if main_grad is not None:
-            if temporary:
-                main_grad.add_(wgrad)  # a low-precision main_grad: one rounding per call
-            grad_weight = _dummy_wgrad(weight)
-        elif need_weight:
+        grad_weight = None  # in main_grad already (see above), or:
+        if main_grad is not None and temporary:
+            main_grad.add_(wgrad)  # a low-precision main_grad: one rounding per call
+        elif main_grad is None and need_weight:
             grad_weight = wgrad.to(weight.dtype)
         if need_hidden and ctx.sequence_parallel:
             grad_hidden = _reduce_scatter_tokens(grad_hidden, ctx.tp_group)  # [Tl, H]
@@ -409,7 +396,7 @@ class _FusedTokenLoss(torch.autograd.Function):
         ctx.in_main_grad = main_grad is not None
         ctx.grad_scale = grad_scale
         ctx.validate = validate
-        ctx.weight_meta = weight.detach()  # shape/dtype/device of the dummy gradient (no copy)
+        ctx.weight_meta = weight.detach()  # dtype of the returned gradient (no copy)
         ctx.mark_non_differentiable(logprobs, is_top1)
         return logprobs, is_top1, hidden_in.new_zeros((), dtype=torch.float32)
 
@@ -438,12 +425,9 @@ class _FusedTokenLoss(torch.autograd.Function):
         ctx.grad_hidden = ctx.wgrad = None
         if grad_hidden is not None:
             grad_hidden.mul_(ratio.to(grad_hidden.dtype))
-        if ctx.in_main_grad:
-            grad_weight = _dummy_wgrad(ctx.weight_meta)
-        elif wgrad is not None:
+        grad_weight = None  # in main_grad already (see above), or:
+        if wgrad is not None:
             grad_weight = wgrad.mul_(ratio).to(ctx.weight_meta.dtype)
-        else:
-            grad_weight = None
         return (grad_hidden, grad_weight) + no_grads
 
 
@@ -480,9 +464,10 @@ def token_logprobs(
         and the partial input gradients are reduce-scattered, as ``output_layer`` with sequence
         parallelism does: ``hidden.grad`` is complete, and only the shard is kept for backward.
       * Weight: the gradient of this rank's shard (no reduction needed). Where Megatron's DDP gave the
-        weight a ``main_grad`` buffer, it is added into ``weight.main_grad`` in that buffer's dtype
-        (fp32 with ``grad_reduce_in_fp32``; bf16 operands go through Megatron's fused fp32-accumulating
-        wgrad kernel where it is installed) and ``.grad`` receives zeros. With
+        weight a ``main_grad`` buffer, it is added into ``weight.main_grad`` (fp32 with
+        ``grad_reduce_in_fp32``, bf16 operands through Megatron's fused fp32-accumulating wgrad kernel
+        where it is installed; a bf16 ``main_grad`` receives one rounded sum per call) and ``.grad``
+        receives nothing (None: see the note above ``defer_error``). With
         ``gradient_accumulation_fusion`` the output layer marks the weight ``grad_added_to_main_grad``
         and DDP then ignores ``.grad``: a gradient returned through ``.grad`` would be dropped for an
         untied output weight.
