@@ -129,6 +129,25 @@ def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+def await_output_weight(gpt: torch.nn.Module) -> None:
+    """Wait for the output weight's all-gather, as the output layer's forward would have.
+
+    Under Megatron's distributed optimizer with ``overlap_param_gather``, DDP all-gathers the updated
+    parameters bucket by bucket and each module's forward pre-hook waits for its own bucket (and
+    dispatches the next). The log-probs here read the output weight outside ``output_layer.forward``:
+    where that forward did not run in this step (``forward_with_mtp_logprobs`` stops the model before
+    it), the weight would be read before its all-gather finished and the bucket's handle left pending
+    (megatron-core asserts on it at the next step). Runs DDP's own pre-hooks of the module holding the
+    weight; they do nothing where the gather is done already (NeMo-RL's forward ran the output layer).
+    """
+    module = gpt.output_layer
+    if gpt.share_embeddings_and_output_weights and getattr(gpt, "pre_process", False):
+        module = gpt.embedding.word_embeddings
+    for hook in list(module._forward_pre_hooks.values()):
+        if "_make_forward_pre_hook" in getattr(hook, "__qualname__", ""):  # DistributedDataParallel's
+            hook(module, ())
+
+
 def logit_scale(gpt: torch.nn.Module) -> float:
     """The factor megatron multiplies the output layer's logits by, main head and MTP depths alike.
 
@@ -346,6 +365,7 @@ def logprobs_from_hidden(
     weight; the main head always trains it.
     """
     layout = sequence_layout(gpt, input_ids, packed_seq_params)
+    await_output_weight(gpt)
     heads = [(0, main_hidden)] if main_hidden is not None else []
     heads += list(enumerate(mtp_hidden, start=1))
     results = {
