@@ -214,8 +214,13 @@ class MTPCapture(contextlib.AbstractContextManager):
         packed_seq_params=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
+        fused: FusedMTPTerm | None = None,
     ) -> ModelLogProbs:
         """``take().logprobs(...)``: aligned MTP log-probs of the last forward."""
         return self.take().logprobs(
-            input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk_size, return_top1=return_top1
+            input_ids,
+            packed_seq_params=packed_seq_params,
+            chunk_size=chunk_size,
+            return_top1=return_top1,
+            fused=fused,
         )
