@@ -59,8 +59,8 @@ def _main_grads(
 
     Also returns the name of the weight the output layer multiplies with and its ``main_grad``.
     ``mtp_path="fused"``: the MTP term's gradient is taken in the log-prob kernel (``FusedMTPTerm``);
-    ``overlap``: DDP with ``overlap_grad_reduce``, whose ``finish_grad_sync`` refuses a bucket whose
-    parameters' hooks did not all fire.
+    ``overlap``: DDP with ``overlap_grad_reduce``, which refuses a first batch in which some parameter's
+    backward hook did not fire.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -105,10 +105,12 @@ def _main_grads(
     if term is not None:
         loss = loss + mtp.mtp_carrier
     loss.backward()
-    if overlap:
-        model.finish_grad_sync()
     # DP size 1: finish_grad_sync would only all-reduce over one rank.
     grads = {n: p.main_grad.clone() for n, p in gpt.named_parameters()}
+    if overlap:
+        # The next step's reset asserts that every parameter's hook fired in this first batch (on a CPU;
+        # finish_grad_sync's overlapped path needs CUDA streams in newer cores).
+        model.zero_grad_buffer()
     output = "embedding.word_embeddings.weight" if tied else "output_layer.weight"
     return grads, output, gpt.get_parameter(output).main_grad
 

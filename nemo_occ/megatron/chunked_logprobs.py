@@ -43,8 +43,9 @@ __all__ = [
     "token_logprobs",
 ]
 
-# Tokens per chunk: chosen by bench/bench_chunked_logprobs.py (>= 8x lower peak memory than full logits
-# at 4096 tokens, vocab 32k); every caller in the package defaults to it.
+# Tokens per chunk; every caller in the package defaults to it. Peak memory against Megatron's
+# cross-entropy on full logits is about T / C lower (docs/benchmarks.md: 6.5x at T = 4096, C = 512;
+# 13x at C = 256): 512 rows keep a GPU GEMM efficient, and a training micro-batch has 16k+ tokens.
 DEFAULT_CHUNK_SIZE = 512
 
 
@@ -488,11 +489,11 @@ def token_logprobs(
         vocab_start: global id of this rank's first vocab row (Megatron: rank * Vl).
         chunk_size: tokens per chunk. Peak extra memory ~ chunk_size * Vl * 4 bytes (one fp32 logits
             chunk; 1.5x that for bf16/fp16 inputs) plus the gradients; for bf16/fp16 weights without a
-            ``main_grad`` the weight gradient is summed in an fp32 [Vl, H] buffer (plus one [Vl, H]
-            low-precision product per chunk where the fused kernel is missing). 512 gave 10.5x less peak memory than full logits at 1.21-1.35x the time (fp32, CPU,
-            T=4096, H=512, V=32768; bench/bench_chunked_logprobs.py). The extra time is the recomputed
-            logits matmul in backward (4 matmuls instead of 3). Smaller saves memory, larger amortises
-            per-chunk overhead.
+            ``main_grad`` (or with a bf16 one) the weight gradient is summed in an fp32 [Vl, H] buffer.
+            At T=4096, H=512, V=32768 (fp32, CPU) 512 kept 6.3x less peak memory than Megatron's
+            cross-entropy at 1.31x its CPU time, 256 12.9x at 1.37x (docs/benchmarks.md). The extra time
+            is the recomputed logits matmul in backward (4 GEMMs instead of 3; ``fused_token_loss`` does
+            3). Smaller saves memory, larger amortises per-chunk overhead.
         return_top1: also return a bool tensor, True where the target attains the maximum logit over
             the full vocabulary (ties count as hits); no gradient. Used as the MTP draft-acceptance proxy.
         sequence_parallel: ``hidden`` is this rank's sequence shard (see GRADIENT SEMANTICS).
