@@ -20,6 +20,11 @@ fused linear log-probs (``policy.megatron_cfg.use_fused_linear_logprobs``, main 
 full logits tensor the same way; it is written again here for Megatron's vocab-parallel layout and for
 the MTP heads.
 
+Two paths. ``token_logprobs`` returns log-probs with autograd: backward recomputes each chunk's logits,
+four GEMMs per chunk. ``fused_token_loss`` takes a loss's gradient per log-prob up front (known in
+forward for token-level losses) and does the backward's work inside the forward chunk loop, three
+GEMMs per chunk, the physical limit; backward only scales the stored input gradient.
+
 Simplifications: the matmul ``hidden @ weight.T`` runs in the inputs' dtype, exactly like Megatron's
 ``ColumnParallelLinear`` output layer (BF16 logits with fp32 accumulation on GPU), so the log-probs equal
 the ones of the unchunked Megatron path; everything after the matmul is fp32. No context parallelism
