@@ -1,14 +1,21 @@
-"""Benchmark: chunked token log-probs vs full logits, forward + backward, on the CPU or one CUDA GPU.
+"""Benchmark: MTP log-probs at the physical limit vs full logits, forward + backward, CPU or one CUDA GPU.
 
-Compares ``nemo_occ.megatron.chunked_logprobs.token_logprobs`` (one [C, V] logits chunk at a time,
-recomputed in backward) with two full-logits baselines, all computing log-probs and the gradients of
-hidden and weight for a random upstream gradient:
+Every variant computes the token log-probs of ``hidden @ weight.T`` and the gradients of hidden and of
+the weight for a given upstream gradient dL/dlog p, the weight's accumulated into an existing
+``main_grad`` buffer (Megatron DDP's, allocated before the measurement, like the model's weights):
 
-* ``naive``: ``log_softmax(hidden @ weight.T).gather(targets)`` + autograd;
-* ``megatron``: Megatron's own ``tensor_parallel.vocab_parallel_cross_entropy`` on the fp32 logits (what
-  its output layer feeds; it works in place on the logits, so it keeps fewer [T, V] copies than
-  ``log_softmax``), with a TP group of one (gloo, one process). The fused variant
-  (``fusions.fused_cross_entropy``) is the same arithmetic JIT-compiled for CUDA and is not run here.
+* ``log_softmax``: full [T, V] logits, ``log_softmax`` + gather + autograd;
+* ``megatron``: full [T, V] logits -> Megatron's own ``tensor_parallel.vocab_parallel_cross_entropy``
+  (works in place on the fp32 logits; TP group of one). In both, the logits come from Megatron's
+  ``linear_with_grad_accumulation_and_async_allreduce`` with ``gradient_accumulation_fusion``: its
+  backward adds the weight gradient into ``main_grad`` through ``fused_weight_gradient_mlp_cuda`` (on
+  the CPU a stand-in with the kernel's signature and effect, ``main_grad += grad^T @ input`` in fp32);
+* ``chunked``: ``token_logprobs``, one [C, V] logits chunk at a time, recomputed in backward (4 GEMMs);
+* ``fused``: ``fused_token_loss``, dL/dlog p known in forward, the gradient taken chunk by chunk there
+  (3 GEMMs); backward only scales.
+
+GEMMs: the matmul FLOPs of one step (``torch.utils.flop_counter``) divided by 2·T·V·H, counted on a small
+shape: 3 is the limit (logits, input gradient, weight gradient).
 
 Memory, measured honestly for CPU torch: each (variant, chunk size) runs in a FRESH subprocess that
 builds the inputs and runs the variant once on a tiny shape (so one-time library workspaces are paid
@@ -32,8 +39,9 @@ process CPU time (user + sys of all threads) are reported. On a shared machine C
 of the two: it does not count the time other processes held the cores. On CUDA each step is bracketed by
 ``torch.cuda.synchronize()`` and the ratios are of wall time (host CPU time says nothing about the GPU).
 
-Run:  /work/venv/bin/python bench/bench_chunked_logprobs.py            (defaults: T=4096, H=512, V=32768)
-      /work/venv/bin/python bench/bench_chunked_logprobs.py --chunk-sizes 256 512 1024 --repeats 5 --threads 1
+Run:  python bench/bench_chunked_logprobs.py --threads 1                (defaults: T=4096, H=512, V=32768)
+      python bench/bench_chunked_logprobs.py --threads 1 --hidden 1024 --vocab 9472 --chunk-sizes 64 128
+          (GLM-4.5-Air's ratio at TP4: V/TP = 151552/4 = 37888 = 9.25 H, H = 4096)
       python bench/bench_chunked_logprobs.py --device cuda --tokens 8192 --hidden 1024 --vocab 65536  (bf16)
 """
 
@@ -51,9 +59,10 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from nemo_occ.megatron.chunked_logprobs import token_logprobs  # noqa: E402
+from nemo_occ.megatron.chunked_logprobs import fused_token_loss, token_logprobs  # noqa: E402
 
 DEFAULT_CHUNK = inspect.signature(token_logprobs).parameters["chunk_size"].default
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,11 +85,37 @@ def make_inputs(tokens, hidden_size, vocab, dtype, seed=0, device="cpu"):
     return hidden, weight, targets, grad_out
 
 
+class _CPUWgradKernel:
+    """CPU stand-in for ``fused_weight_gradient_mlp_cuda``: the same call, main_grad += grad^T @ input (fp32)."""
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input, grad_output, main_grad):
+        main_grad.addmm_(grad_output.reshape(-1, grad_output.shape[-1]).t().float(),
+                         total_input.reshape(-1, total_input.shape[-1]).float())  # fmt: skip
+
+
+def megatron_logits(hidden, weight):
+    """[T, V] fp32 logits from Megatron's output-layer matmul with fused weight-gradient accumulation."""
+    from megatron.core.tensor_parallel import layers
+
+    if getattr(layers, "fused_weight_gradient_mlp_cuda", None) is None or not hidden.is_cuda:
+        layers.fused_weight_gradient_mlp_cuda = _CPUWgradKernel()
+    logits = layers.linear_with_grad_accumulation_and_async_allreduce(
+        hidden,
+        weight,
+        None,
+        gradient_accumulation_fusion=True,
+        allreduce_dgrad=False,
+        sequence_parallel=False,
+    )
+    return logits.float()
+
+
 def megatron_logprobs(hidden, weight, targets):
     """Full [T, V] fp32 logits -> -vocab_parallel_cross_entropy (megatron-core, TP group of one)."""
     from megatron.core import tensor_parallel
 
-    logits = (hidden @ weight.t()).float().unsqueeze(1)  # [T, 1, V]: megatron's [s, b, V/tp]
+    logits = megatron_logits(hidden, weight).unsqueeze(1)  # [T, 1, V]: megatron's [s, b, V/tp]
     return -tensor_parallel.vocab_parallel_cross_entropy(logits, targets.unsqueeze(1)).squeeze(1)
 
 
@@ -92,18 +127,60 @@ def init_single_rank_megatron(device: str = "cpu") -> None:
     init_model_parallel(tensor_parallel=1, backend="nccl" if device == "cuda" else "gloo")
 
 
-def step(variant, chunk_size, hidden, weight, targets, grad_out):
-    """Forward + backward; returns the gradients so their memory counts for every variant."""
-    h = hidden.detach().requires_grad_(True)
+def weight_with_main_grad(weight):
+    """The weight as Megatron DDP leaves it: a leaf with an fp32 ``main_grad`` buffer (earlier micro-batches)."""
     w = weight.detach().requires_grad_(True)
-    if variant == "naive":
-        lp = naive_logprobs(h, w, targets)
-    elif variant == "megatron":
-        lp = megatron_logprobs(h, w, targets)
+    w.main_grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+    w.grad_added_to_main_grad = False
+    return w
+
+
+def step(variant, chunk_size, hidden, weight, targets, grad_out):
+    """Forward + backward; returns the input gradient so its memory counts for every variant."""
+    h = hidden.detach().requires_grad_(True)
+    if variant == "fused":
+        _, _, carrier = fused_token_loss(
+            h, weight, targets, lambda rows, lp: grad_out[rows], chunk_size=chunk_size
+        )
+        carrier.backward()
     else:
-        lp = token_logprobs(h, w, targets, chunk_size=chunk_size)
-    (lp * grad_out).sum().backward()
-    return h.grad, w.grad
+        if variant == "log_softmax":
+            lp = F.log_softmax(megatron_logits(h, weight), dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+        elif variant == "megatron":
+            lp = megatron_logprobs(h, weight, targets)
+        else:
+            lp = token_logprobs(h, weight, targets, chunk_size=chunk_size)
+        (lp * grad_out).sum().backward()
+    weight.grad = None  # the dummy DDP's hook would drop
+    return h.grad
+
+
+class _MatmulFlops(TorchDispatchMode):
+    """2·m·n·k of every matrix product (mm, addmm and its in-place form, bmm), as the ops see them."""
+
+    OPS = {"mm", "addmm", "addmm_", "bmm", "baddbmm", "baddbmm_"}
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.OPS:
+            a, b = (args[1], args[2]) if name.startswith(("addmm", "baddbmm")) else (args[0], args[1])
+            batch = a.shape[0] if a.dim() == 3 else 1
+            self.flops += 2 * batch * a.shape[-2] * a.shape[-1] * b.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+
+def count_gemms(args, variant, chunk_size) -> float:
+    """Matmul FLOPs of one step / (2 T V H), on a small shape (T=256, V=1024, H=64)."""
+    t, v, h = 256, 1024, 64
+    hidden, weight, targets, grad_out = make_inputs(t, h, v, DTYPES[args.dtype], seed=2, device=args.device)
+    weight = weight_with_main_grad(weight)
+    with _MatmulFlops() as counter:
+        step(variant, min(chunk_size, 64) if chunk_size else 0, hidden, weight, targets, grad_out)
+    return counter.flops / (2 * t * v * h)
 
 
 def _status_bytes(field: str) -> int:
@@ -119,14 +196,23 @@ def _reset_peak_rss() -> None:
         f.write("5")  # Linux >= 4.0: reset VmHWM to the current RSS
 
 
+def make_small_twin(inputs):
+    """A few tokens against the real weight: builds what is made once per weight shape (the dummy gradient)."""
+    hidden, weight, targets, grad_out = inputs
+    return hidden[:8], weight, targets[:8], grad_out[:8]
+
+
 def measure_memory_child(args) -> None:
     """Runs in a fresh process; prints one JSON line with the peak extra bytes."""
     dtype = DTYPES[args.dtype]
     if args.variant == "megatron":
         init_single_rank_megatron()
-    small = make_inputs(8, args.hidden, 64, dtype)
+    small = list(make_inputs(8, args.hidden, 64, dtype))
+    small[1] = weight_with_main_grad(small[1])
     step(args.variant, args.chunk_size, *small)  # warm up kernels/workspaces on a tiny shape
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype)
+    inputs = list(make_inputs(args.tokens, args.hidden, args.vocab, dtype))
+    inputs[1] = weight_with_main_grad(inputs[1])
+    step(args.variant, args.chunk_size, *make_small_twin(inputs))  # the dummy gradient, once per shape
     _reset_peak_rss()
     before = _status_bytes("VmRSS")
     grads = step(args.variant, args.chunk_size, *inputs)
@@ -138,8 +224,12 @@ def measure_memory_child(args) -> None:
 def measure_memory_cuda(args, variant, chunk_size) -> int:
     """Peak bytes the CUDA caching allocator handed out during one step, beyond what was allocated before."""
     dtype = DTYPES[args.dtype]
-    step(variant, chunk_size, *make_inputs(8, args.hidden, 64, dtype, device="cuda"))  # warm-up (cuBLAS)
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, dtype, device="cuda")
+    small = list(make_inputs(8, args.hidden, 64, dtype, device="cuda"))
+    small[1] = weight_with_main_grad(small[1])
+    step(variant, chunk_size, *small)  # warm-up (cuBLAS)
+    inputs = list(make_inputs(args.tokens, args.hidden, args.vocab, dtype, device="cuda"))
+    inputs[1] = weight_with_main_grad(inputs[1])
+    step(variant, chunk_size, *make_small_twin(inputs))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
@@ -189,12 +279,17 @@ def check_same_logprobs(args, variants) -> None:
         bound = 4 * torch.finfo(hidden.dtype).eps * (hidden.float() @ weight.float().t()).abs().max().item()
         tolerance = dict(rtol=0.0, atol=bound)
     for variant, chunk_size in variants:
-        if variant == "naive":
+        w = weight_with_main_grad(weight)
+        if variant == "log_softmax":
             if not tolerance:
                 continue
             got = naive_logprobs(hidden, weight, targets)
         elif variant == "megatron":
-            got = megatron_logprobs(hidden, weight, targets)
+            got = megatron_logprobs(hidden, w, targets)
+        elif variant == "fused":
+            got, _, _ = fused_token_loss(
+                hidden, weight, targets, lambda rows, lp: torch.zeros_like(lp), chunk_size=chunk_size
+            )
         else:
             got = token_logprobs(hidden, weight, targets, chunk_size=chunk_size)
         torch.testing.assert_close(got, reference, **tolerance, msg=lambda m, v=variant: f"{v}: {m}")
@@ -202,7 +297,8 @@ def check_same_logprobs(args, variants) -> None:
 
 def measure_time(args, variants) -> dict[tuple[str, int], tuple[float, float]]:
     """Median (wall seconds, CPU seconds) of one forward + backward per variant."""
-    inputs = make_inputs(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype], device=args.device)
+    inputs = list(make_inputs(args.tokens, args.hidden, args.vocab, DTYPES[args.dtype], device=args.device))
+    inputs[1] = weight_with_main_grad(inputs[1])
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     wall: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
     cpu: dict[tuple[str, int], list[float]] = {v: [] for v in variants}
@@ -262,18 +358,19 @@ def main(argv=None) -> int:
         measure_memory_child(args)
         return 0
 
-    variants = [("naive", 0), ("megatron", 0)] + [("chunked", c) for c in args.chunk_sizes]
+    variants = [("log_softmax", 0), ("megatron", 0)]
+    variants += [("chunked", c) for c in args.chunk_sizes] + [("fused", c) for c in args.chunk_sizes]
     mib = 2**20
-    floor = (args.tokens + args.vocab) * args.hidden * torch.finfo(DTYPES[args.dtype]).bits // 8
+    floor = args.tokens * args.hidden * torch.finfo(DTYPES[args.dtype]).bits // 8
     cuda = args.device == "cuda"
     where = f" device={torch.cuda.get_device_name()}" if cuda else ""
     print(
-        f"T={args.tokens} H={args.hidden} V={args.vocab} dtype={args.dtype} torch={torch.__version__} "
-        f"threads={torch.get_num_threads()} repeats={args.repeats}{where}"
+        f"T={args.tokens} H={args.hidden} V={args.vocab} (V/H={args.vocab / args.hidden:.2f}) dtype={args.dtype} "
+        f"torch={torch.__version__} threads={torch.get_num_threads()} repeats={args.repeats}{where}"
     )
     print(
         f"[T, V] fp32 logits alone: {args.tokens * args.vocab * 4 / mib:.0f} MiB; "
-        f"gradient outputs (floor): {floor / mib:.0f} MiB"
+        f"input gradient (floor): {floor / mib:.0f} MiB; weight gradient: into the existing main_grad"
     )
     if cuda:
         init_single_rank_megatron("cuda")
@@ -281,27 +378,32 @@ def main(argv=None) -> int:
     else:
         memory = {v: measure_memory(args, *v) for v in variants}
         init_single_rank_megatron()
+    gemms = {v: count_gemms(args, *v) for v in variants}
     check_same_logprobs(args, variants)
     seconds = measure_time(args, variants)
-    naive, megatron = ("naive", 0), ("megatron", 0)
+    naive, megatron = ("log_softmax", 0), ("megatron", 0)
     clock = 0 if cuda else 1  # ratios of wall time on CUDA, of process CPU time on the CPU
     label = "wall" if cuda else "cpu"
     print(
-        f"{'variant':<16}{'peak extra MiB':>15}{'wall s':>9}{'cpu s':>9}"
-        f"{'mem naive/x':>13}{'mem mcore/x':>13}{label + ' x/naive':>13}{label + ' x/mcore':>13}"
+        f"{'variant':<16}{'GEMMs':>6}{'peak extra MiB':>15}{'wall s':>9}{'cpu s':>9}"
+        f"{'mem lsm/x':>11}{'mem mcore/x':>13}{label + ' x/lsm':>11}{label + ' x/mcore':>13}"
     )
     for v in variants:
-        name = v[0] if v[0] != "chunked" else f"chunked C={v[1]}"
+        name = v[0] if v[0] in ("log_softmax", "megatron") else f"{v[0]} C={v[1]}"
         (w, c), t = seconds[v], seconds[v][clock]
         t0, t1 = seconds[naive][clock], seconds[megatron][clock]
         digits = 4 if cuda else 2  # a GPU step takes milliseconds
         print(
-            f"{name:<16}{memory[v] / mib:>15.1f}{w:>9.{digits}f}{c:>9.{digits}f}"
-            f"{memory[naive] / memory[v]:>13.2f}{memory[megatron] / memory[v]:>13.2f}"
-            f"{t / t0:>13.2f}{t / t1:>13.2f}"
+            f"{name:<16}{gemms[v]:>6.2f}{memory[v] / mib:>15.1f}{w:>9.{digits}f}{c:>9.{digits}f}"
+            f"{memory[naive] / memory[v]:>11.2f}{memory[megatron] / memory[v]:>13.2f}"
+            f"{t / t0:>11.2f}{t / t1:>13.2f}"
         )
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from nemo_occ.lab.cpu_compat import cpu_compat
+
+    # Megatron's output-layer backward allocates its dummy gradient on torch.cuda.current_device()
+    with cpu_compat():  # no patch where CUDA is available
+        raise SystemExit(main())

@@ -10,14 +10,14 @@
 #               log-probs in bf16 on CUDA
 #   wgrad       the fused weight-gradient DDP test with megatron's real fused_weight_gradient_mlp_cuda
 #               (-k real_kernel), after checking that megatron-core imported that kernel
-#   bench-*     bench/bench_regime_step.py, bench/bench_probe.py and bench/bench_chunked_logprobs.py with
-#               --device cuda (bf16), at small shapes (a bench without a --device option is reported as
-#               not run)
+#   bench-*     bench/bench_regime_step.py, bench/bench_probe.py and bench/bench_chunked_logprobs.py (twice:
+#               V/H = 64 and GLM-4.5-Air's V/TP = 9.25 H at TP4) with --device cuda (bf16), at small shapes
+#               (a bench without a --device option is reported as not run)
 # Prints one line per step and exits non-zero if any step failed or did not run.
 #
 # Settings: PYTHON (default python3); time limits GPU_CHECK_PYTEST_TIMEOUT (marked tests, default 120 s),
 # GPU_CHECK_WGRAD_TIMEOUT (default 90 s), GPU_CHECK_BENCH_TIMEOUT (default 75 s per bench), 30 s for the
-# environment report: 7 min 45 s at most in all.
+# environment report: 9 min at most in all.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -133,6 +133,9 @@ run_bench bench-probe bench/bench_probe.py --layers 8 --hidden 1024 --heads 16 -
   --tokens 1024 --batch 8 --rounds 5
 run_bench bench-logprobs bench/bench_chunked_logprobs.py --tokens 8192 --hidden 1024 --vocab 65536 \
   --chunk-sizes 512 2048 8192 --repeats 5
+# GLM-4.5-Air's shard at TP4: V/TP = 151552 / 4 = 37888 = 9.25 H, H = 4096
+run_bench bench-logprobs-glm bench/bench_chunked_logprobs.py --tokens 8192 --hidden 4096 --vocab 37888 \
+  --chunk-sizes 512 2048 --repeats 5
 
 echo
 echo "== nemo-occ GPU check ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo 'no git')), logs in $LOG_DIR"

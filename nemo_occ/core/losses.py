@@ -50,6 +50,8 @@ __all__ = [
     "cross_entropy_loss",
     "valid_counts",
     "check_logprob_inputs",
+    "token_loss_weights",
+    "token_loss_grad",
 ]
 
 # |log r| beyond this is clamped before exp() (see the module docstring): it keeps r finite in float32
@@ -150,6 +152,21 @@ def _aggregate(
     return seq_mean.sum() / _denominator(global_valid_seqs, "global_valid_seqs", int((n > 0).sum()))
 
 
+def _surrogate(
+    log_ratio: torch.Tensor, adv: torch.Tensor, cfg: PolicyLossConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ratio r_t, per-token loss l_t, dual-clipped) of the module docstring's surrogate, elementwise."""
+    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
+    low, high = 1.0 - cfg.ratio_clip_low, 1.0 + cfg.ratio_clip_high
+    per_token = torch.maximum(-adv * ratio, -adv * ratio.clamp(low, high))
+    dual = torch.zeros(per_token.shape, dtype=torch.bool, device=per_token.device)
+    if cfg.ratio_clip_c is not None:
+        cap = -adv * cfg.ratio_clip_c
+        dual = (adv < 0) & (per_token > cap)
+        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
+    return ratio, per_token, dual
+
+
 # Over 60 lines on purpose: checks, ratio, clip, dual clip, aggregation and metrics are one formula read
 # top to bottom; its pieces share the masked tensors and would only be split into arguments of each other.
 def clipped_policy_loss(
@@ -191,17 +208,9 @@ def clipped_policy_loss(
         n = m.sum(dim=-1, keepdim=True).clamp(min=1)
         seq_log_ratio = log_ratio.sum(dim=-1, keepdim=True) / n  # [B, 1]
         log_ratio = seq_log_ratio.expand_as(log_ratio)
-    ratio = torch.exp(log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))  # [B, S]
-
+    ratio, per_token, dual = _surrogate(log_ratio, adv, cfg)  # [B, S] each
+    dual = dual & m
     low, high = 1.0 - cfg.ratio_clip_low, 1.0 + cfg.ratio_clip_high
-    loss_unclipped = -adv * ratio
-    loss_clipped = -adv * ratio.clamp(low, high)
-    per_token = torch.maximum(loss_unclipped, loss_clipped)
-    dual = torch.zeros_like(m)
-    if cfg.ratio_clip_c is not None:
-        cap = -adv * cfg.ratio_clip_c
-        dual = (adv < 0) & (per_token > cap) & m
-        per_token = torch.where(adv < 0, torch.minimum(per_token, cap), per_token)
 
     loss = _aggregate(per_token, m, cfg.aggregation, global_valid_tokens, global_valid_seqs)
 
@@ -233,3 +242,76 @@ def cross_entropy_loss(
     nll = torch.where(m, -lp, torch.zeros_like(lp))
     loss = nll.sum() / _denominator(global_valid_tokens, "global_valid_tokens", int(m.sum()))
     return loss, {"loss": loss.detach()}
+
+
+# -- the per-token gradient, for callers that fuse it into the log-prob computation ----------------------
+# A loss of the form L = Σ_t w_t · l(log π_t) has dL/d log π_t = w_t · l'(log π_t): known token by token
+# as soon as log π_t is, without the other tokens. That holds for the cross-entropy and for the clipped
+# surrogate with a token ratio, under either aggregation (w_t = 1 / G_tok, or 1 / (n_i · G_seq)); it does
+# not hold for GSPO's sequence ratio, whose gradient needs every token of the sequence.
+
+
+def token_loss_weights(
+    objective: str,
+    mask: torch.Tensor,
+    aggregation: str,
+    coef: float,
+    *,
+    global_valid_tokens: Number,
+    global_valid_seqs: Number = 0,
+) -> torch.Tensor:
+    """w_t [B, S] float32 such that coef · loss = Σ_t w_t · l_t, 0 where ``mask`` is 0 (no host sync).
+
+    ``objective`` ``"ce"`` (:func:`cross_entropy_loss`, always a token mean) or ``"policy"``
+    (:func:`clipped_policy_loss` with ``aggregation``). The denominators are the same global counts.
+    """
+    m = mask.bool()
+    coef_t = torch.tensor(float(coef), dtype=torch.float32, device=mask.device)
+    if objective == "ce" or aggregation == "token_mean":
+        scale = coef_t / _as_tensor(global_valid_tokens, mask.device)
+        return torch.where(m, scale, torch.zeros((), device=mask.device))
+    n = m.sum(dim=-1, keepdim=True).clamp(min=1).to(torch.float32)  # [B, 1]
+    scale = coef_t / _as_tensor(global_valid_seqs, mask.device) / n  # [B, 1]
+    return torch.where(m, scale.expand_as(m), torch.zeros((), device=mask.device))
+
+
+def _as_tensor(count: Number, device) -> torch.Tensor:
+    """A global count as a float32 scalar on ``device``; 0 (an empty global batch) becomes 1 as in the losses."""
+    value = torch.as_tensor(count, dtype=torch.float32, device=device).reshape(())
+    return torch.where(value > 0, value, torch.ones_like(value))
+
+
+def token_loss_grad(
+    objective: str,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor | None,
+    weights: torch.Tensor,
+    cfg: PolicyLossConfig | None = None,
+) -> torch.Tensor:
+    """w_t · dl_t / d log π_t, elementwise (any shape), float32: the gradient the loss sends each log-prob.
+
+    ``objective`` ``"ce"``: l = -log π. ``"policy"``: the clipped surrogate l_t of
+    :func:`clipped_policy_loss` with the token ratio r_t = exp(log π_t - log π_old,t), differentiated by
+    autograd through the same elementwise function, so ties between the clipped and unclipped branch and
+    the ±``MAX_LOG_RATIO`` clamp get the gradient the loss gets. ``weights`` from
+    :func:`token_loss_weights`; tokens with weight 0 get 0 whatever their inputs. No host sync; no
+    validation (the loss itself validates the same inputs).
+    """
+    active = weights != 0
+    if objective == "ce":
+        return torch.where(active, -weights, torch.zeros_like(weights)).to(torch.float32)
+    if objective != "policy" or cfg is None or cfg.importance_ratio != "token":
+        raise ValueError(
+            "token_loss_grad needs objective 'ce' or 'policy' with a token ratio (GSPO's sequence ratio "
+            "couples the tokens of a sequence)"
+        )
+    dtype = _compute_dtype(logprobs, old_logprobs)
+    zeros = torch.zeros(weights.shape, dtype=dtype, device=weights.device)
+    lp = logprobs.detach().to(dtype).requires_grad_(True)
+    with torch.enable_grad():
+        log_ratio = torch.where(active, lp - old_logprobs.detach().to(dtype), zeros)
+        adv = torch.where(active, advantages.to(dtype), zeros)
+        _, per_token, _ = _surrogate(log_ratio, adv, cfg)
+        (grad,) = torch.autograd.grad(per_token, lp, grad_outputs=weights.to(dtype))
+    return grad.to(torch.float32)

@@ -23,27 +23,42 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from nemo_occ.megatron.chunked_logprobs import defer_error
+
 
 def cp_local_positions(
     length: int, cp_size: int, cp_rank: int, *, cu_seqlens_padded: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Global positions (long [L / C]) that CP rank ``cp_rank`` holds, in its local order."""
+    """Global positions (long [L / C]) that CP rank ``cp_rank`` holds, in its local order.
+
+    Computed on ``cu_seqlens_padded``'s device without reading it on the host (no sync per micro-batch):
+    each position's document, its chunk within the document, kept iff the chunk is ``cp_rank`` or
+    ``2C-1-cp_rank``, ordered by (document, first or second chunk, position). A layout that does not fit
+    (a segment length not divisible by 2C, bounds that do not end at ``length``) is recorded and raised
+    by ``chunked_logprobs.raise_deferred_errors``, once per step.
+    """
     if cp_size == 1:
         return torch.arange(length)
-    bounds = [0, length] if cu_seqlens_padded is None else [int(b) for b in cu_seqlens_padded.tolist()]
-    if bounds[-1] != length:
-        raise ValueError(f"cu_seqlens_padded ends at {bounds[-1]} but the packed row has {length} tokens")
-    pieces = []
-    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        if (end - start) % (2 * cp_size):
-            raise ValueError(
-                f"with context parallel size {cp_size} every (padded) sequence length must be divisible "
-                f"by {2 * cp_size}; got a segment of {end - start} tokens (pad it)"
-            )
-        chunk = (end - start) // (2 * cp_size)
-        for index in (cp_rank, 2 * cp_size - 1 - cp_rank):
-            pieces.append(torch.arange(start + index * chunk, start + (index + 1) * chunk))
-    return torch.cat(pieces)
+    if cu_seqlens_padded is None:
+        bounds = torch.tensor([0, length])
+    else:
+        bounds = cu_seqlens_padded.to(torch.long)  # [N+1]
+    device = bounds.device
+    sizes = bounds[1:] - bounds[:-1]  # [N]
+    defer_error(
+        (sizes % (2 * cp_size) != 0).sum() + (bounds[-1] != length).long(),
+        f"with context parallel size {cp_size} every (padded) sequence length must be divisible by "
+        f"{2 * cp_size} and cu_seqlens_padded must end at the packed row length {length} (pad it)",
+    )
+    pos = torch.arange(length, device=device)  # [L]
+    doc = (torch.searchsorted(bounds, pos, right=True) - 1).clamp(0, sizes.numel() - 1)  # [L]
+    chunk = (sizes[doc] // (2 * cp_size)).clamp(min=1)  # [L] chunk length of each position's document
+    index = (pos - bounds[doc]) // chunk  # [L] which of the document's 2C chunks
+    mirror = 2 * cp_size - 1 - cp_rank
+    keep = (index == cp_rank) | (index == mirror)
+    key = (doc * 2 + (index == mirror).long()) * length + pos  # document, then chunk r before 2C-1-r
+    key = torch.where(keep, key, torch.full_like(key, 2 * length * (sizes.numel() + 1)))
+    return pos[torch.argsort(key)[: length // cp_size]]
 
 
 class _GatherContextParallel(torch.autograd.Function):

@@ -39,11 +39,12 @@ K MTP depths.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 
 from nemo_occ.core.alignment import align_mtp_to_main, mtp_targets, segment_ids, shift_right
-from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
+from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE, fused_token_loss, token_logprobs
 from nemo_occ.megatron.context_parallel import cp_local_positions, gather_context_parallel
 
 
@@ -128,6 +129,25 @@ def output_weight(gpt: torch.nn.Module) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+def await_output_weight(gpt: torch.nn.Module) -> None:
+    """Wait for the output weight's all-gather, as the output layer's forward would have.
+
+    Under Megatron's distributed optimizer with ``overlap_param_gather``, DDP all-gathers the updated
+    parameters bucket by bucket and each module's forward pre-hook waits for its own bucket (and
+    dispatches the next). The log-probs here read the output weight outside ``output_layer.forward``:
+    where that forward did not run in this step (``forward_with_mtp_logprobs`` stops the model before
+    it), the weight would be read before its all-gather finished and the bucket's handle left pending
+    (megatron-core asserts on it at the next step). Runs DDP's own pre-hooks of the module holding the
+    weight; they do nothing where the gather is done already (NeMo-RL's forward ran the output layer).
+    """
+    module = gpt.output_layer
+    if gpt.share_embeddings_and_output_weights and getattr(gpt, "pre_process", False):
+        module = gpt.embedding.word_embeddings
+    for hook in list(module._forward_pre_hooks.values()):
+        if "_make_forward_pre_hook" in getattr(hook, "__qualname__", ""):  # DistributedDataParallel's
+            hook(module, ())
+
+
 def logit_scale(gpt: torch.nn.Module) -> float:
     """The factor megatron multiplies the output layer's logits by, main head and MTP depths alike.
 
@@ -139,6 +159,32 @@ def logit_scale(gpt: torch.nn.Module) -> float:
     if not getattr(config, "use_mup", False):
         return 1.0
     return float(config.mup_output_mult)
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedMTPTerm:
+    """The MTP loss term's gradient per token, known before the depths' chunk loops (the fused path).
+
+    ``prepare(depth, valid)`` is called once per MTP depth with the depth's aligned validity [B, L-1]
+    (what ``ModelLogProbs.mtp_masks`` will hold) and returns ``grad(b, j, logprobs)``: dL/d log p (fp32)
+    of the aligned positions (b, j) given their log-probs (1-D tensors of one length), 0 where the loss
+    does not read the position. ``grad_scale``: the factor backward will bring to the loss (Megatron's
+    loss scale and normalisation), see ``chunked_logprobs.fused_token_loss``. The CP ranks' sum of the
+    gathered log-probs' gradient is applied here (each CP rank's loss is the full-sequence loss / C).
+    """
+
+    prepare: Callable[[int, torch.Tensor], Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]
+    grad_scale: float = 1.0
+
+
+def _aligned_valid(layout: SequenceLayout, has_target: torch.Tensor, depth: int) -> torch.Tensor:
+    """[B, L] bool: aligned position j scores a real target of depth ``depth`` (before the last column is cut)."""
+    if depth == 0:
+        return has_target & layout.is_real
+    _, valid = align_mtp_to_main(
+        torch.zeros(has_target.shape, device=has_target.device), depth, cu_seqlens=layout.boundaries
+    )
+    return valid & layout.is_real
 
 
 def head_logprobs(
@@ -156,6 +202,31 @@ def head_logprobs(
     ``hidden`` is the head's output [s, b, H] as megatron produced it (before the output layer).
     ``detach_weight`` stops the gradient into the (shared) output weight.
     """
+    return _head(
+        gpt,
+        hidden,
+        layout,
+        depth,
+        detach_weight=detach_weight,
+        chunk_size=chunk_size,
+        return_top1=return_top1,
+    )[:3]
+
+
+def _head(
+    gpt: torch.nn.Module,
+    hidden: torch.Tensor,
+    layout: SequenceLayout,
+    depth: int,
+    *,
+    detach_weight: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    return_top1: bool = False,
+    fused: FusedMTPTerm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`head_logprobs` and a carrier: with ``fused`` the loss gradient is taken in the chunk loop
+    (``chunked_logprobs.fused_token_loss``), the log-probs come back detached and the carrier (a scalar 0)
+    brings the gradient; else the carrier is None."""
     from megatron.core import tensor_parallel
 
     tp_group, _ = _groups(gpt)
@@ -190,17 +261,30 @@ def head_logprobs(
 
     targets, has_target = mtp_targets(layout.full_ids, depth, cu_seqlens=layout.boundaries)  # [B, L]
     local_targets = targets.index_select(-1, layout.local_positions)  # [B, L / C]
-    result = token_logprobs(
-        hidden,  # [s, b, H] (SP: this TP rank's s / tp rows)
-        weight,
-        local_targets.t(),  # [L / C, B]: Megatron's sequence-first token order
+    kernel_args = dict(
         tp_group=tp_group if tp_size > 1 else None,
         vocab_start=tp_rank * weight.shape[0],
         chunk_size=chunk_size,
-        return_top1=return_top1,
         sequence_parallel=sequence_parallel,
+        validate=False,  # checked once per step (MTPCapture), not with a host sync per head
     )
-    local_lp, local_top1 = result if return_top1 else (result, None)
+    carrier = None
+    if fused is not None:
+        grad = fused.prepare(depth, _aligned_valid(layout, has_target, depth)[..., :-1])
+        local_lp, local_top1, carrier = fused_token_loss(
+            hidden, weight, local_targets.t(), _local_token_grad(layout, depth, grad), grad_scale=fused.grad_scale,
+            **kernel_args,
+        )  # fmt: skip
+        local_top1 = local_top1 if return_top1 else None
+    else:
+        result = token_logprobs(
+            hidden,  # [s, b, H] (SP: this TP rank's s / tp rows)
+            weight,
+            local_targets.t(),  # [L / C, B]: Megatron's sequence-first token order
+            return_top1=return_top1,
+            **kernel_args,
+        )
+        local_lp, local_top1 = result if return_top1 else (result, None)
     local_lp = local_lp.t()  # [B, L / C]
     local_top1 = local_top1.t() if local_top1 is not None else None
     logprobs = gather_context_parallel(local_lp, layout.cp_group, cu_seqlens_padded=layout.cu_seqlens_padded)
@@ -222,7 +306,26 @@ def head_logprobs(
     logprobs = torch.where(valid, logprobs, torch.zeros_like(logprobs))
     if top1 is not None:
         top1 = (top1 & valid)[..., :-1]
-    return logprobs[..., :-1], valid[..., :-1], top1
+    return logprobs[..., :-1], valid[..., :-1], top1, carrier
+
+
+def _local_token_grad(layout: SequenceLayout, depth: int, grad):
+    """``fused_token_loss``'s token_grad: the kernel's flat rows r = s * B + b ([L / C, B] order) mapped to
+    the aligned position (b, j = position + depth) the loss reads, times C (the CP ranks' sum)."""
+    rows_b = layout.full_ids.shape[0]
+    length = layout.full_ids.shape[-1]
+    positions = layout.local_positions.repeat_interleave(rows_b)  # [L / C * B]
+    b_index = torch.arange(rows_b, device=positions.device).repeat(layout.local_positions.numel())
+    j_index = positions + depth  # aligned index of each row's log-prob
+    inside = j_index <= length - 2  # the last aligned column is cut
+    j_index = j_index.clamp(max=length - 2)
+    cp_size = 1 if layout.cp_group is None else torch.distributed.get_world_size(layout.cp_group)
+
+    def token_grad(rows: slice, logprobs: torch.Tensor) -> torch.Tensor:
+        g = grad(b_index[rows], j_index[rows], logprobs) * cp_size
+        return torch.where(inside[rows], g, torch.zeros_like(g))
+
+    return token_grad
 
 
 @dataclasses.dataclass
@@ -239,6 +342,8 @@ class ModelLogProbs:
     mtp_masks: list[torch.Tensor]  # K x [B, L-1] bool: a valid MTP target exists at j
     main_top1: torch.Tensor | None = None  # [B, L-1] bool: sampled token is the main arg-max
     mtp_top1: list[torch.Tensor] | None = None  # K x [B, L-1] bool: MTP draft would be accepted
+    # fused path: a scalar 0 carrying the MTP term's gradient (the log-probs are detached); add it to the loss
+    mtp_carrier: torch.Tensor | None = None
 
 
 def logprobs_from_hidden(
@@ -251,6 +356,7 @@ def logprobs_from_hidden(
     detach_trunk: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
+    fused: FusedMTPTerm | None = None,
 ) -> ModelLogProbs:
     """:func:`head_logprobs` of the main head (``main_hidden``, skipped when None) and of depth d = 1..K
     (``mtp_hidden[d-1]``), all [s, b, H] as one forward of ``gpt`` on ``input_ids`` produced them.
@@ -259,10 +365,11 @@ def logprobs_from_hidden(
     weight; the main head always trains it.
     """
     layout = sequence_layout(gpt, input_ids, packed_seq_params)
+    await_output_weight(gpt)
     heads = [(0, main_hidden)] if main_hidden is not None else []
     heads += list(enumerate(mtp_hidden, start=1))
     results = {
-        depth: head_logprobs(
+        depth: _head(
             gpt,
             hidden,
             layout,
@@ -270,16 +377,18 @@ def logprobs_from_hidden(
             detach_weight=detach_trunk and depth > 0,
             chunk_size=chunk_size,
             return_top1=return_top1,
+            fused=fused if depth > 0 else None,
         )
         for depth, hidden in heads
     }
-    main_lp, main_mask, main_top1 = results.pop(0, (None, None, None))
+    main_lp, main_mask, main_top1, _ = results.pop(0, (None, None, None, None))
     mtp = [results[depth] for depth in range(1, len(mtp_hidden) + 1)]
     return ModelLogProbs(
         main_logprobs=main_lp,
         main_mask=main_mask,
-        mtp_logprobs=[lp for lp, _, _ in mtp],
-        mtp_masks=[valid for _, valid, _ in mtp],
+        mtp_logprobs=[lp for lp, _, _, _ in mtp],
+        mtp_masks=[valid for _, valid, _, _ in mtp],
         main_top1=main_top1,
-        mtp_top1=[hit for _, _, hit in mtp] if return_top1 else None,
+        mtp_top1=[hit for _, _, hit, _ in mtp] if return_top1 else None,
+        mtp_carrier=sum(c for _, _, _, c in mtp) if fused is not None and mtp else None,
     )

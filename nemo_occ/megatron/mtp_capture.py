@@ -41,8 +41,12 @@ import dataclasses
 
 import torch
 
-from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-from nemo_occ.megatron.head_logprobs import ModelLogProbs, logprobs_from_hidden
+from nemo_occ.megatron.chunked_logprobs import (
+    DEFAULT_CHUNK_SIZE,
+    discard_deferred_errors,
+    raise_deferred_errors,
+)
+from nemo_occ.megatron.head_logprobs import FusedMTPTerm, ModelLogProbs, logprobs_from_hidden
 from nemo_occ.megatron.model_access import swapped_config, unwrap_gpt_model
 
 
@@ -91,8 +95,12 @@ class CapturedMTP:
         packed_seq_params=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
+        fused: FusedMTPTerm | None = None,
     ) -> ModelLogProbs:
-        """The MTP depths' aligned log-probs (``main_*`` None); ``input_ids`` exactly as passed to the model."""
+        """The MTP depths' aligned log-probs (``main_*`` None); ``input_ids`` exactly as passed to the model.
+
+        ``fused``: take the MTP loss term's gradient in the chunk loops (``ModelLogProbs.mtp_carrier``).
+        """
         return logprobs_from_hidden(
             self.gpt,
             input_ids,
@@ -102,6 +110,7 @@ class CapturedMTP:
             detach_trunk=self.detach_trunk,
             chunk_size=chunk_size,
             return_top1=return_top1,
+            fused=fused,
         )
 
 
@@ -180,6 +189,12 @@ class MTPCapture(contextlib.AbstractContextManager):
         if self._stack is not None:
             self._stack.close()
             self._stack = None
+        # The log-prob kernels' checks were recorded on the device during the block (no host sync per
+        # micro-batch): raised here, once, unless the block is failing anyway.
+        if exc[0] is None:
+            raise_deferred_errors()
+        else:
+            discard_deferred_errors()
         return None
 
     # -- results -------------------------------------------------------------------------------
@@ -199,8 +214,13 @@ class MTPCapture(contextlib.AbstractContextManager):
         packed_seq_params=None,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         return_top1: bool = False,
+        fused: FusedMTPTerm | None = None,
     ) -> ModelLogProbs:
         """``take().logprobs(...)``: aligned MTP log-probs of the last forward."""
         return self.take().logprobs(
-            input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk_size, return_top1=return_top1
+            input_ids,
+            packed_seq_params=packed_seq_params,
+            chunk_size=chunk_size,
+            return_top1=return_top1,
+            fused=fused,
         )

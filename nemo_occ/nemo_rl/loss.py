@@ -44,6 +44,7 @@ from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.metrics import acceptance_counts
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.compat import clipped_pg_loss, metric_normalizer
+from nemo_occ.nemo_rl.fused_mtp import MTP_CARRIER_KEY
 from nemo_occ.nemo_rl.loss_config import check_loss_settings
 from nemo_occ.nemo_rl.mtp_batch import read_mtp_inputs, read_mtp_old_logprobs
 
@@ -171,18 +172,25 @@ class OCCLossFn:
         ):  # before the objective records anything: a bad input raises with state unchanged
             depth_masks = [mask & valid_d for valid_d in mtp_masks]  # K x [B, S-1]: loss tokens with a target
             hits = acceptance_counts(correct, depth_masks) if all(c is not None for c in correct) else None
-            # one device-to-host copy for all depths (the training forward records the arg-max hits)
-            valid = (hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])).tolist()
+            valid = hits[:, 1] if hits is not None else torch.stack([m.sum() for m in depth_masks])  # [K]
         mtp_loss, mtp_metrics = self.objective(inputs)
+        # NeMo-RL's metrics are floats: one device-to-host copy for all of ours (each .item() stalls the stream)
+        keys = list(mtp_metrics)
+        device = valid.device
+        host = torch.cat(
+            [torch.as_tensor(mtp_metrics[k], device=device).detach().double().reshape(1) for k in keys]
+            + [valid.double(), torch.as_tensor(global_valid_toks).to(device).double().reshape(1)]
+        ).tolist()
         metrics = dict(metrics)
-        for key, value in mtp_metrics.items():
-            metrics[key] = float(value.item() if isinstance(value, torch.Tensor) else value)
-        n_tok = float(global_valid_toks) if float(global_valid_toks) > 0 else 1.0
-        for d, tokens in enumerate(valid, start=1):
+        metrics.update(zip(keys, host[: len(keys)], strict=True))
+        n_tok = host[-1] if host[-1] > 0 else 1.0
+        for d, tokens in enumerate(host[len(keys) : -1], start=1):
             metrics[f"mtp/valid_fraction_{d}"] = float(tokens) / n_tok
         if hits is not None:
             self._acceptance = hits if self._acceptance is None else self._acceptance + hits
-        return loss + mtp_loss, metrics
+        # fused path (nemo_occ.nemo_rl.fused_mtp): the MTP log-probs are detached, a scalar 0 carries the gradient
+        carrier = data.get(MTP_CARRIER_KEY) if hasattr(data, "get") else None
+        return loss + mtp_loss + (carrier if carrier is not None else 0.0), metrics
 
     def pop_acceptance_counts(self) -> torch.Tensor | None:
         """[K, 2] float64 (arg-max hits, MTP-valid loss tokens) per depth since the last pop; None if none."""

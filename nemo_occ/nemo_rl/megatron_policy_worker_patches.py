@@ -147,10 +147,21 @@ def mtp_loss_post_processor_class(base: type, capture: Any, inputs: Any) -> type
 
             def with_mtp(output_tensor, *args, **kwargs):
                 # Runs right after this micro-batch's forward, on the stage holding the MTP layers.
-                mtp = capture.take().logprobs(
-                    inputs.input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk, return_top1=True
-                )
+                from nemo_occ.nemo_rl.fused_mtp import MTP_CARRIER_KEY, fused_mtp_term
+
+                captured = capture.take()
+                fused = fused_mtp_term(
+                    self.loss_fn, data_dict, global_valid_seqs, global_valid_toks,
+                    fp16=bool(getattr(captured.gpt.config, "fp16", False)), packed=packed_seq_params is not None,
+                    cp_size=int(getattr(captured.gpt.config, "context_parallel_size", 1) or 1),
+                )  # fmt: skip
+                mtp = captured.logprobs(
+                    inputs.input_ids, packed_seq_params=packed_seq_params, chunk_size=chunk, return_top1=True,
+                    fused=fused,
+                )  # fmt: skip
                 attach_mtp_to_batch(data_dict, mtp, packed_seq_params)
+                if mtp.mtp_carrier is not None:
+                    data_dict[MTP_CARRIER_KEY] = mtp.mtp_carrier
                 return compute_loss(output_tensor, *args, **kwargs)
 
             return with_mtp

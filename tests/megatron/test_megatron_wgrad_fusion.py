@@ -19,6 +19,7 @@ pytest.importorskip("megatron.core", reason="needs megatron-core")
 
 from nemo_occ.lab import parallel  # noqa: E402
 from nemo_occ.lab.tiny_gpt import build_tiny_gpt  # noqa: E402
+from nemo_occ.megatron.head_logprobs import FusedMTPTerm  # noqa: E402
 from nemo_occ.megatron.mtp_capture import MTPCapture  # noqa: E402
 
 V = 48
@@ -51,10 +52,15 @@ class _Kernel:
         raise AssertionError("the models here keep fp32 gradient buffers")
 
 
-def _main_grads(*, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu"):
+def _main_grads(
+    *, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu", mtp_path="unfused", overlap=False
+):
     """main_grad of every parameter after one NeMo-RL-style step: model(...) -> logits, captured MTP.
 
     Also returns the name of the weight the output layer multiplies with and its ``main_grad``.
+    ``mtp_path="fused"``: the MTP term's gradient is taken in the log-prob kernel (``FusedMTPTerm``);
+    ``overlap``: DDP with ``overlap_grad_reduce``, which refuses a first batch in which some parameter's
+    backward hook did not fire.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -73,22 +79,38 @@ def _main_grads(*, tied: bool, fused: bool, with_mtp: bool, device: str = "cpu")
         for module in gpt.modules():
             if hasattr(module, "gradient_accumulation_fusion"):
                 module.gradient_accumulation_fusion = True
-    model = DistributedDataParallel(gpt.config, DistributedDataParallelConfig(), gpt)
+    model = DistributedDataParallel(
+        gpt.config, DistributedDataParallelConfig(overlap_grad_reduce=overlap), gpt
+    )
     model.zero_grad_buffer()
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, V, (2, 10), generator=g).to(device)
     pos = torch.arange(10, device=device).expand(2, 10).contiguous()
+    main_w = torch.rand(2, 9, generator=g).to(device)
+    mtp_w = torch.rand(2, 2, 9, generator=g).to(device)  # [depth, B, S-1]
+
+    def prepare(depth, valid):  # the MTP term Σ w·lp below: dL/dlp = w where valid
+        weights = mtp_w[depth - 1] * valid
+        return lambda b, j, lp: weights[b, j]
+
+    term = FusedMTPTerm(prepare=prepare) if mtp_path == "fused" and with_mtp else None
     with MTPCapture(model, detach_trunk=False) as cap:
         logits = model(ids, pos, None)  # [B, S, V] through the real output layer
-        mtp = cap.logprobs(ids, chunk_size=7)
+        mtp = cap.logprobs(ids, chunk_size=7, fused=term)
     main = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    loss = (main * torch.rand(main.shape, generator=g).to(device)).sum()
+    loss = (main * main_w).sum()
     if with_mtp:
-        for lp, mask in zip(mtp.mtp_logprobs, mtp.mtp_masks, strict=True):
-            loss = loss + (lp * mask * torch.rand(lp.shape, generator=g).to(device)).sum()
+        for d, (lp, mask) in enumerate(zip(mtp.mtp_logprobs, mtp.mtp_masks, strict=True)):
+            loss = loss + (lp * mask * mtp_w[d]).sum()
+    if term is not None:
+        loss = loss + mtp.mtp_carrier
     loss.backward()
     # DP size 1: finish_grad_sync would only all-reduce over one rank.
     grads = {n: p.main_grad.clone() for n, p in gpt.named_parameters()}
+    if overlap:
+        # The next step's reset asserts that every parameter's hook fired in this first batch (on a CPU;
+        # finish_grad_sync's overlapped path needs CUDA streams in newer cores).
+        model.zero_grad_buffer()
     output = "embedding.word_embeddings.weight" if tied else "output_layer.weight"
     return grads, output, gpt.get_parameter(output).main_grad
 
@@ -113,6 +135,23 @@ def _check_fused_equals_unfused(monkeypatch, kernel: _Kernel, *, tied: bool, dev
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 def test_fused_wgrad_keeps_mtp_gradient_in_output_weight(single_rank, monkeypatch, tied):
     _check_fused_equals_unfused(monkeypatch, _Kernel(), tied=tied, device="cpu")
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap_grad_reduce"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_fused_mtp_path_equals_unfused_under_fused_wgrad(single_rank, monkeypatch, tied, overlap):
+    # Megatron's output layer with fused weight-gradient accumulation, and the MTP term's gradient taken
+    # in the log-prob kernel's forward: every main_grad equals the unfused reference's, tied and untied;
+    # with overlap_grad_reduce every bucket's hooks fired (the MTP heads give the weight no .grad).
+    from megatron.core.tensor_parallel import layers
+
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", _Kernel(), raising=False)
+    reference, output, _ = _main_grads(tied=tied, fused=True, with_mtp=True)
+    main_only, _, _ = _main_grads(tied=tied, fused=True, with_mtp=False)
+    assert (reference[output] - main_only[output]).abs().max() > 1e-3
+    got, _, _ = _main_grads(tied=tied, fused=True, with_mtp=True, mtp_path="fused", overlap=overlap)
+    for name, grad in reference.items():
+        torch.testing.assert_close(got[name], grad, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.fixture

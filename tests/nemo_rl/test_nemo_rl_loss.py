@@ -291,3 +291,33 @@ def test_a_batch_the_acceptance_count_refuses_leaves_the_calibrator_unchanged():
         fn(main_lp, bad, torch.tensor(2.0), torch.tensor(_local_tokens(bad)))
     assert _same_state(fn.objective.state_dict(), before)  # the bad batch's statistics were not recorded
     assert fn.pop_acceptance_counts() is None and counts is not None
+
+
+def test_our_metrics_cost_one_device_to_host_copy_per_micro_batch():
+    # Each .item()/.tolist() stalls the GPU stream; loss.py's own reads are counted (core and the main
+    # loss stand-in are not this test's concern).
+    import sys
+
+    fn = _loss("policy", num_depths=2)
+    lp, data = _batch(K=2)
+    n_seq, n_tok = torch.tensor(3.0), torch.tensor(_local_tokens(data) + 2.0)
+    reads = []
+    saved = {name: getattr(torch.Tensor, name) for name in ("item", "tolist", "__float__", "__bool__")}
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            if sys._getframe(1).f_code.co_filename.endswith("nemo_rl/loss.py"):
+                reads.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return method
+
+    for name in saved:
+        setattr(torch.Tensor, name, counting(name))
+    try:
+        _, metrics = fn(lp, data, n_seq, n_tok)
+    finally:
+        for name, method in saved.items():
+            setattr(torch.Tensor, name, method)
+    assert len(reads) == 1, reads
+    assert all(isinstance(v, float) for k, v in metrics.items() if k.startswith("mtp/"))
