@@ -3,7 +3,11 @@
 1. GLM MTP aliases: ``model.layers.{L+i}.embed_tokens.weight := model.embed_tokens.weight`` and
    ``model.layers.{L+i}.shared_head.head.weight := lm_head.weight`` (GLM45Bridge has no mapping for
    them; a newer GLM bridge yields them itself, then nothing is added).
-2. MiMo ``input_proj`` orientation. Megatron's ``eh_proj`` weight ``W`` ``[H, 2H]`` multiplies
+2. GLM dense-MTP MLP names. GLM45Bridge maps a dense MTP layer's ``linear_fc1`` to
+   ``model.layers.{L+i}.mlp.linear_fc1.gate.weight`` / ``.up.weight``; the checkpoint names them
+   ``mlp.gate_proj.weight`` / ``mlp.up_proj.weight`` (as every dense decoder layer). They are renamed
+   when the reference has the right name and not the Bridge's; the values are not touched.
+3. MiMo ``input_proj`` orientation. Megatron's ``eh_proj`` weight ``W`` ``[H, 2H]`` multiplies
    ``[enorm(emb), hnorm(h)]``; HF MiMo's ``input_proj`` multiplies ``[hidden, emb]``. The same linear
    map therefore needs the two column halves swapped: ``W_hf = [W[:, H:], W[:, :H]]``. Whether the
    Bridge in use already swaps is *detected* by comparing the exported tensor with the Megatron
@@ -77,7 +81,8 @@ def apply_fixups(
     megatron_eh_proj: Mapping[int, torch.Tensor] | None = None,
     log: FixupLog | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the Bridge stream with MiMo ``input_proj`` oriented and missing GLM aliases appended.
+    """Yield the Bridge stream with wrong GLM MTP names corrected, MiMo ``input_proj`` oriented and
+    missing GLM aliases appended.
 
     Aliases are appended after the stream ends, and only those that the reference checkpoint lists
     (GLM-4.5 ships them; a checkpoint without them would otherwise get unexpected tensors) and that
@@ -91,11 +96,17 @@ def apply_fixups(
         if alias not in reference:
             log.add("alias", alias, action="skipped: not in the reference checkpoint", source=source)
     alias_sources = set(wanted_aliases.values())
+    renames = {
+        wrong: right for wrong, right in layout.bridge_renames if right in reference and wrong not in reference
+    }
     input_proj = dict(layout.input_proj)
 
     seen: set[str] = set()
     sources: dict[str, torch.Tensor] = {}
     for name, tensor in stream:
+        if name in renames:
+            log.add("bridge_name", renames[name], action="renamed by nemo-occ", bridge_name=name)
+            name = renames[name]
         seen.add(name)
         if name in alias_sources:
             sources[name] = tensor  # kept until the end: the alias may still come from the Bridge

@@ -10,7 +10,9 @@ GLM-4.5 / GLM-4.5-Air (``model_type: glm4_moe``)
     output head, ``model.layers.{L+i}.embed_tokens.weight`` (= ``model.embed_tokens.weight``) and
     ``model.layers.{L+i}.shared_head.head.weight`` (= ``lm_head.weight``); GLM45Bridge has no mapping
     for these two, so they are the aliases nemo-occ adds. ``eh_proj`` takes ``[enorm(emb), hnorm(h)]``
-    exactly like Megatron's, so no reordering.
+    exactly like Megatron's, so no reordering. A dense MTP layer (``first_k_dense_replace`` beyond it)
+    keeps its gated MLP as ``mlp.gate_proj`` / ``mlp.up_proj``, but GLM45Bridge (067f987) exports it as
+    ``mlp.linear_fc1.gate`` / ``mlp.linear_fc1.up``: ``bridge_renames`` puts the right names back.
 
 MiMo-7B (``model_type: mimo``, remote code)
     MTP layer ``i`` is ``model.mtp_layers.{i}.*`` and shares the main embedding and head (no copies).
@@ -43,6 +45,8 @@ class MTPLayout:
     """``(alias, source)``: the checkpoint stores ``alias`` as a copy of ``source``."""
     input_proj: tuple[tuple[str, int], ...]
     """``(hf_name, mtp_layer)`` of projections whose input halves are ``[hidden, emb]``."""
+    bridge_renames: tuple[tuple[str, str], ...] = ()
+    """``(name Megatron-Bridge yields, HF name)`` for MTP tensors a Bridge mapping names wrongly."""
 
     def is_mtp(self, name: str) -> bool:
         return name.startswith(self.mtp_prefixes)
@@ -91,6 +95,11 @@ def mtp_layout(config: Mapping[str, Any]) -> MTPLayout:
                 )
             ),
             input_proj=(),
+            bridge_renames=tuple(
+                (f"model.layers.{i}.mlp.linear_fc1.{part}.weight", f"model.layers.{i}.mlp.{part}_proj.weight")
+                for i in layers
+                for part in ("gate", "up")
+            ),
         )
     return MTPLayout(  # mimo
         model_type=model_type,
