@@ -9,7 +9,9 @@ Used by ``test_export_real_bridge.py`` only, in the environment ``scripts/bridge
   fixed batch. Every weight is moved off its initial value so that a mapping that loads the wrong
   tensor, or none, changes the logits.
 - ``BridgeGap``: the three gaps of Megatron-Bridge 067f987 on the local (non-TE) spec that the tests
-  patch. Each knows how to show that the gap is still there (``present``) and how to patch it.
+  patch, and its bug in GLM's dense-MTP ``linear_fc1`` names. Each knows how to show that it is still
+  there (``present``) and how to patch it. The bug is patched only where HF -> Megatron runs (the
+  worker ranks), never where ``nemo-occ export`` runs: there nemo-occ's own fix-up must repair it.
 - ``build_and_save``: one rank of HF -> Megatron (Bridge), Megatron logits against HF's, and Bridge's
   Megatron checkpoint, at any tensor-parallel size (run by ``_megatron_dist.run_ranks``).
 
@@ -29,7 +31,6 @@ from types import SimpleNamespace
 import torch
 
 VOCAB, HIDDEN, SEQ = 128, 64, 12
-GLM_DENSE_FC1 = ("mlp.linear_fc1.gate.weight", "mlp.linear_fc1.up.weight")  # what GLM45Bridge exports
 
 MIMO_CONFIG_PY = textwrap.dedent(
     '''
@@ -355,6 +356,51 @@ class MimoLocalMTPNorms(BridgeGap):
         monkeypatch.setattr(MimoBridge, "mapping_registry", mapping_registry)
 
 
+class GLMDenseMTPNames(BridgeGap):
+    name = "GLM45Bridge maps a dense MTP layer's linear_fc1 to names the checkpoint does not have"
+    upstream = (
+        "GLM45Bridge.mapping_registry maps mtp.layers.<i>.<layer>.mlp.linear_fc1.weight to "
+        "model.layers.<L+i>.mlp.linear_fc1.gate.weight / .up.weight instead of mlp.gate_proj.weight / "
+        "mlp.up_proj.weight: import leaves the weight unloaded, export drops it"
+    )
+    probe = "mtp.layers.0.mtp_model_layer.mlp.linear_fc1.weight"
+
+    @classmethod
+    def present(cls, reference: Path) -> bool:
+        mapping = _registry(reference, False).mapping_registry().megatron_to_hf_lookup(cls.probe)
+        return mapping is not None and mapping.hf_param == {
+            "gate": "model.layers.2.mlp.linear_fc1.gate.weight",
+            "up": "model.layers.2.mlp.linear_fc1.up.weight",
+        }
+
+    @staticmethod
+    def patch(monkeypatch) -> None:
+        """Correct names for HF -> Megatron (the tests' worker ranks only)."""
+        from megatron.bridge.models.conversion.mapping_registry import MegatronMappingRegistry
+        from megatron.bridge.models.conversion.param_mapping import GatedMLPMapping
+        from megatron.bridge.models.glm.glm45_bridge import GLM45Bridge
+
+        original = GLM45Bridge.mapping_registry
+
+        def mapping_registry(self):
+            config = self.hf_config
+            layers = config.num_hidden_layers
+            fixed = [
+                GatedMLPMapping(
+                    megatron_param=f"mtp.layers.{i}.{prefix}.mlp.linear_fc1.weight",
+                    gate=f"model.layers.{layers + i}.mlp.gate_proj.weight",
+                    up=f"model.layers.{layers + i}.mlp.up_proj.weight",
+                )
+                for i in range(config.num_nextn_predict_layers)
+                for prefix in ("mtp_model_layer", "transformer_layer")
+            ]
+            replaced = {m.megatron_param for m in fixed}
+            kept = [m for m in original(self).mappings if m.megatron_param not in replaced]
+            return MegatronMappingRegistry(*kept, *fixed)
+
+        monkeypatch.setattr(GLM45Bridge, "mapping_registry", mapping_registry)
+
+
 class _Patcher:
     """``monkeypatch``'s ``setattr`` for the worker processes, where no pytest fixture runs."""
 
@@ -362,11 +408,14 @@ class _Patcher:
         setattr(owner, name, value)
 
 
-def patch_all_gaps(model_type: str, monkeypatch=None) -> None:
+def patch_all_gaps(model_type: str, monkeypatch=None, *, import_side: bool = False) -> None:
+    """Patch the gaps; ``import_side`` also patches GLM's dense-MTP names (for HF -> Megatron only)."""
     monkeypatch = monkeypatch or _Patcher()
     MTPSpecHardCodesTE.patch(monkeypatch)
     if model_type.startswith("glm"):
         GLMLocalExperts.patch(monkeypatch)
+        if import_side:
+            GLMDenseMTPNames.patch(monkeypatch)
     else:
         MimoLocalMTPNorms.patch(monkeypatch)
 
@@ -437,7 +486,7 @@ def build_and_save(rank: int, world_size: int, reference: Reference, checkpoint:
     """
     from nemo_occ.megatron.parallel import init_model_parallel
 
-    patch_all_gaps(reference.model_type)
+    patch_all_gaps(reference.model_type, import_side=True)
     init_model_parallel(rank=rank, world_size=world_size, tensor_parallel=world_size)
     bridge, model = megatron_from_hf(reference, world_size)
     logits = megatron_logits(model, reference.input_ids)

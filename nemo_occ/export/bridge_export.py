@@ -34,6 +34,8 @@ from nemo_occ.export.target import check_export_target, check_room
 from nemo_occ.export.verify import ValueLimits
 
 _EH_PROJ = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.eh_proj\.weight$")
+# A dense MTP layer's gated MLP input projection (MoE experts and shared experts have other names).
+_DENSE_FC1 = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.(?:mtp_model_layer|transformer_layer)\.mlp\.linear_fc1\.weight$")
 # What makes a folder a loadable checkpoint: Bridge's run config, or a torch_dist checkpoint's metadata.
 _CHECKPOINT_MARKERS = ("run_config.yaml", "metadata.json")
 _WHERE = "NeMo-RL writes it to <results>/step_<N>/policy/weights"
@@ -110,15 +112,24 @@ def training_step_of(iteration_dir: Path) -> TrainingStep:
     return TrainingStep(None, f"unknown: no step_<N> folder above {folder}, and its iteration number says nothing")
 
 
-def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
-    """``{mtp_layer: eh_proj weight}`` from Megatron model chunks (wrappers like ``module.`` allowed)."""
+def _mtp_weights(model_chunks: Iterable[torch.nn.Module], pattern: re.Pattern) -> dict[int, torch.Tensor]:
     found: dict[int, torch.Tensor] = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
-            match = _EH_PROJ.search(name)
+            match = pattern.search(name)
             if match:
                 found[int(match.group(1))] = param.detach().to("cpu")
     return found
+
+
+def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``{mtp_layer: eh_proj weight}`` from Megatron model chunks (wrappers like ``module.`` allowed)."""
+    return _mtp_weights(model_chunks, _EH_PROJ)
+
+
+def megatron_dense_fc1_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``{mtp_layer: linear_fc1 weight}`` of dense MTP layers (GLM45Bridge drops their export, see fixups)."""
+    return _mtp_weights(model_chunks, _DENSE_FC1)
 
 
 def _bridge_version() -> str | None:
@@ -181,6 +192,7 @@ def export_megatron_to_hf(
                 f"({message}). Pass the folder holding the iter_* folders ({_WHERE})."
             ) from err
         eh_proj = megatron_eh_proj_weights(model) if layout.input_proj else None
+        fc1 = megatron_dense_fc1_weights(model) if layout.gated_fc1 else None
         stream = bridge.export_hf_weights(model, cpu=True, show_progress=False)
         return write_hf_export(
             stream,
@@ -188,6 +200,7 @@ def export_megatron_to_hf(
             out,
             source=str(iteration_dir.absolute()),
             megatron_eh_proj=eh_proj,
+            megatron_fc1=fc1,
             overwrite=overwrite,
             show_progress=show_progress,
             limits=limits,

@@ -64,6 +64,7 @@ def write_hf_export(
     *,
     source: str,
     megatron_eh_proj: Mapping[int, torch.Tensor] | None = None,
+    megatron_fc1: Mapping[int, torch.Tensor] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
     limits: ValueLimits | None = None,
@@ -91,7 +92,12 @@ def write_hf_export(
     with atomic_directory(out, overwrite=overwrite, check_replaceable=check_replaceable) as tmp:
         writer = ShardedSafetensorsWriter(tmp, reference.weight_map)
         fixed = apply_fixups(
-            stream, layout, reference_names=reference.weight_map, megatron_eh_proj=megatron_eh_proj, log=log
+            stream,
+            layout,
+            reference_names=reference.weight_map,
+            megatron_eh_proj=megatron_eh_proj,
+            megatron_fc1=megatron_fc1,
+            log=log,
         )
         bar = tqdm(
             fixed, total=len(reference.weight_map), unit="tensor", desc="export", disable=not show_progress
