@@ -224,7 +224,11 @@ def _local_mtp_block_spec(config, vp_stage=None):
         return None
     spec = config.transformer_layer_spec
     if callable(spec):
-        spec = spec(config, vp_stage=vp_stage) if "vp_stage" in inspect.signature(spec).parameters else spec(config)
+        spec = (
+            spec(config, vp_stage=vp_stage)
+            if "vp_stage" in inspect.signature(spec).parameters
+            else spec(config)
+        )
     return get_gpt_mtp_block_spec(config, spec, use_transformer_engine=False, vp_stage=vp_stage)
 
 
@@ -315,7 +319,9 @@ class GLMLocalExperts(BridgeGap):
 
         def mapping_registry(self):
             config = self.hf_config
-            extra = _local_expert_mappings(config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0))
+            extra = _local_expert_mappings(
+                config.num_hidden_layers, getattr(config, "num_nextn_predict_layers", 0)
+            )
             return MegatronMappingRegistry(*original(self).mappings, *extra)
 
         monkeypatch.setattr(GLM45Bridge, "mapping_registry", mapping_registry)
@@ -344,7 +350,9 @@ class MimoLocalMTPNorms(BridgeGap):
 
         def mapping_registry(self):
             extra = [
-                AutoMapping(megatron_param=f"mtp.layers.*.{prefix}.{megatron}", hf_param=f"model.mtp_layers.*.{hf}")
+                AutoMapping(
+                    megatron_param=f"mtp.layers.*.{prefix}.{megatron}", hf_param=f"model.mtp_layers.*.{hf}"
+                )
                 for prefix in ("mtp_model_layer", "transformer_layer")
                 for megatron, hf in (
                     ("input_layernorm.weight", "input_layernorm.weight"),
@@ -493,6 +501,10 @@ def build_and_save(rank: int, world_size: int, reference: Reference, checkpoint:
     names = [name for name, _ in model[0].named_parameters()]
     bridge.save_megatron_model(model, str(checkpoint))
     torch.save(
-        {"max_abs_diff": (logits - reference.hf_logits).abs().max().item(), "names": names, "shape": logits.shape},
+        {
+            "max_abs_diff": (logits - reference.hf_logits).abs().max().item(),
+            "names": names,
+            "shape": logits.shape,
+        },
         out / f"rank{rank}.pt",
     )

@@ -64,7 +64,9 @@ def glm_ref(tmp_path: Path) -> Path:
 def export(glm_ref: Path, tmp_path: Path) -> Path:
     trained = train_like(_all_tensors(glm_ref))
     out = tmp_path / "export"
-    write_hf_export(bridge_like_stream(trained, "glm4_moe"), read_reference(glm_ref), out, source="c", show_progress=False)
+    write_hf_export(
+        bridge_like_stream(trained, "glm4_moe"), read_reference(glm_ref), out, source="c", show_progress=False
+    )
     return out
 
 
@@ -85,7 +87,10 @@ def test_no_manifest_verifies_without_it_and_says_what_was_not_checked(glm_ref, 
     assert run(["verify-export", str(export), "--reference", str(glm_ref), "--no-manifest"]) == 0
     out = capsys.readouterr().out
     assert "PASSED" in out
-    assert "not read (--no-manifest): the per-tensor checksums, the training step and the source checkpoint were NOT checked" in out
+    assert (
+        "not read (--no-manifest): the per-tensor checksums, the training step and the source checkpoint were NOT checked"
+        in out
+    )
 
 
 def test_no_manifest_does_not_read_a_manifest_that_is_there(glm_ref, export):
@@ -160,7 +165,16 @@ def test_outside_nemo_rl_the_iteration_is_the_step_and_iteration_zero_says_nothi
 
 def _export_via_cli(ref: Path, ckpt: Path, out: Path, monkeypatch) -> None:
     install_stand_in_bridge(monkeypatch, train_like(_all_tensors(ref)), "glm4_moe")
-    argv = ["export", "--megatron-ckpt", str(ckpt), "--hf-model", str(ref), "--out", str(out), "--no-progress"]
+    argv = [
+        "export",
+        "--megatron-ckpt",
+        str(ckpt),
+        "--hf-model",
+        str(ref),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert run(argv) == 0
 
 
@@ -217,7 +231,11 @@ def test_the_export_puts_back_the_names_glm45bridge_gets_wrong(dense_mtp_ref, tm
     trained = train_like(_all_tensors(dense_mtp_ref))
     out = tmp_path / "hf"
     result = write_hf_export(
-        _bridge_stream_with_the_naming_bug(trained), read_reference(dense_mtp_ref), out, source="c", show_progress=False
+        _bridge_stream_with_the_naming_bug(trained),
+        read_reference(dense_mtp_ref),
+        out,
+        source="c",
+        show_progress=False,
     )
     assert result.report.ok
     saved = _all_tensors(out)
@@ -227,13 +245,85 @@ def test_the_export_puts_back_the_names_glm45bridge_gets_wrong(dense_mtp_ref, tm
     assert [(e["name"], e["bridge_name"]) for e in renamed] == list(DENSE_MTP.items())
 
 
+def _bridge_stream_dropping_the_dense_fc1(trained: dict[str, torch.Tensor]):
+    """What GLM45Bridge 067f987 yields with the checkpoint's key list at hand: the two halves are left out."""
+    for name, tensor in bridge_like_stream(trained, "glm4_moe"):
+        if name not in DENSE_MTP:
+            yield name, tensor
+
+
+def test_the_export_rebuilds_the_dense_mtp_fc1_glm45bridge_drops(dense_mtp_ref, tmp_path):
+    trained = train_like(_all_tensors(dense_mtp_ref))
+    gate, up = (trained[name] for name in DENSE_MTP)
+    fc1 = torch.cat([gate, up], dim=0).float()  # Megatron's linear_fc1 at TP=1: [gate; up]
+    result = write_hf_export(
+        _bridge_stream_dropping_the_dense_fc1(trained),
+        read_reference(dense_mtp_ref),
+        tmp_path / "hf",
+        source="c",
+        megatron_fc1={0: fc1},
+        show_progress=False,
+    )
+    assert result.report.ok
+    saved = _all_tensors(tmp_path / "hf")
+    assert torch.equal(saved["model.layers.2.mlp.gate_proj.weight"], gate)
+    assert torch.equal(saved["model.layers.2.mlp.up_proj.weight"], up)
+    rebuilt = [e["name"] for e in result.manifest["fixups"] if e["kind"] == "dense_mtp_fc1"]
+    assert rebuilt == list(DENSE_MTP)
+
+
+def test_without_the_megatron_weight_the_dropped_halves_fail_the_export(dense_mtp_ref, tmp_path):
+    from nemo_occ.export.verify import ExportVerificationError
+
+    trained = train_like(_all_tensors(dense_mtp_ref))
+    with pytest.raises(ExportVerificationError) as failure:
+        write_hf_export(
+            _bridge_stream_dropping_the_dense_fc1(trained),
+            read_reference(dense_mtp_ref),
+            tmp_path / "hf",
+            source="c",
+            show_progress=False,
+        )
+    assert failure.value.report.missing == sorted(DENSE_MTP)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_the_dense_mtp_fc1_is_found_by_name_and_expert_fc1s_are_not():
+    from nemo_occ.export.bridge_export import megatron_dense_fc1_weights
+
+    def linear():
+        return torch.nn.Linear(2, 4, bias=False)
+
+    layer = torch.nn.Module()
+    layer.mlp = torch.nn.Module()
+    layer.mlp.linear_fc1 = linear()
+    layer.mlp.shared_experts = torch.nn.Module()
+    layer.mlp.shared_experts.linear_fc1 = linear()
+    mtp_layer = torch.nn.Module()
+    mtp_layer.mtp_model_layer = layer
+    model = torch.nn.Module()
+    model.module = torch.nn.Module()  # Float16Module-like wrapper
+    model.module.mtp = torch.nn.Module()
+    model.module.mtp.layers = torch.nn.ModuleList([mtp_layer])
+    found = megatron_dense_fc1_weights([model])
+    assert list(found) == [0] and torch.equal(found[0], layer.mlp.linear_fc1.weight)
+
+
 def test_verify_export_fails_an_export_that_carries_the_wrong_names(dense_mtp_ref, tmp_path, capsys):
     """An export written without the fix-up (by another tool, or before it): the names are caught."""
     trained = train_like(_all_tensors(dense_mtp_ref))
     out = tmp_path / "hf"
-    write_hf_export(bridge_like_stream(trained, "glm4_moe"), read_reference(dense_mtp_ref), out, source="c", show_progress=False)
+    write_hf_export(
+        bridge_like_stream(trained, "glm4_moe"),
+        read_reference(dense_mtp_ref),
+        out,
+        source="c",
+        show_progress=False,
+    )
     shard = load_file(out / MTP_SHARD)
-    save_file({DENSE_MTP.get(k, k): v for k, v in shard.items()}, str(out / MTP_SHARD), metadata={"format": "pt"})
+    save_file(
+        {DENSE_MTP.get(k, k): v for k, v in shard.items()}, str(out / MTP_SHARD), metadata={"format": "pt"}
+    )
     index = json.loads((out / INDEX).read_text())
     index["weight_map"] = {DENSE_MTP.get(k, k): v for k, v in index["weight_map"].items()}
     (out / INDEX).write_text(json.dumps(index))
@@ -253,7 +343,9 @@ def test_the_rename_is_only_done_where_the_reference_has_the_right_name(glm_ref,
     from nemo_occ.export.verify import ExportVerificationError
 
     with pytest.raises(ExportVerificationError) as failure:
-        write_hf_export(iter(stream), read_reference(glm_ref), tmp_path / "hf", source="c", show_progress=False)
+        write_hf_export(
+            iter(stream), read_reference(glm_ref), tmp_path / "hf", source="c", show_progress=False
+        )
     assert failure.value.report.unexpected == ["model.layers.2.mlp.linear_fc1.gate.weight"]
 
 
@@ -267,7 +359,9 @@ def _no_partial_left(tmp_path: Path, out: Path) -> None:
     assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
 
 
-def test_a_disk_that_fills_up_before_a_shard_is_one_line_and_leaves_nothing(glm_ref, tmp_path, monkeypatch, capsys):
+def test_a_disk_that_fills_up_before_a_shard_is_one_line_and_leaves_nothing(
+    glm_ref, tmp_path, monkeypatch, capsys
+):
     calls = []
 
     def disk_usage(path):  # room when the export starts (check_room), 1 KiB once the shards are written
@@ -278,11 +372,20 @@ def test_a_disk_that_fills_up_before_a_shard_is_one_line_and_leaves_nothing(glm_
     ckpt = make_megatron_folder(tmp_path / "ckpt")
     install_stand_in_bridge(monkeypatch, train_like(_all_tensors(glm_ref)), "glm4_moe")
     out = tmp_path / "hf"
-    argv = ["export", "--megatron-ckpt", str(ckpt), "--hf-model", str(glm_ref), "--out", str(out), "--no-progress"]
+    argv = [
+        "export",
+        "--megatron-ckpt",
+        str(ckpt),
+        "--hf-model",
+        str(glm_ref),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert run(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("nemo-occ: error:") and err.count("\n") == 1, err
-    assert "not enough disk space for shard model-00001-of-00003.safetensors" in err
+    assert "not enough disk space for shard model-0000" in err  # the first shard completed
     assert "has 1.0 KiB free" in err and "short)" in err and "Traceback" not in err
     assert len(calls) == 2  # checked before the first shard, which was then not written
     _no_partial_left(tmp_path, out)
@@ -291,7 +394,9 @@ def test_a_disk_that_fills_up_before_a_shard_is_one_line_and_leaves_nothing(glm_
 def test_a_write_that_fails_anyway_is_an_os_error_and_leaves_nothing(glm_ref, tmp_path, monkeypatch):
     def full(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"half")  # what a full disk leaves
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(writer, "save_file", full)
     out = tmp_path / "hf"
@@ -301,7 +406,9 @@ def test_a_write_that_fails_anyway_is_an_os_error_and_leaves_nothing(glm_ref, tm
     _no_partial_left(tmp_path, out)
 
 
-def test_room_is_checked_before_the_model_is_loaded_with_the_shortfall(glm_ref, tmp_path, monkeypatch, capsys):
+def test_room_is_checked_before_the_model_is_loaded_with_the_shortfall(
+    glm_ref, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(10**12, 10**12, 2**20))
     calls = install_stand_in_bridge(monkeypatch, {}, "glm4_moe")
     ckpt = make_megatron_folder(tmp_path / "ckpt")

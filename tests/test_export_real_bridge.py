@@ -92,7 +92,9 @@ def patched_bridge(request, references, monkeypatch):
 
 @pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["tp1", "tp2"])
 @pytest.mark.parametrize("patched_bridge", MODELS, indirect=True)
-def test_hf_to_megatron_to_nemo_occ_export_round_trip(patched_bridge, tensor_parallel, tmp_path, record_property):
+def test_hf_to_megatron_to_nemo_occ_export_round_trip(
+    patched_bridge, tensor_parallel, tmp_path, record_property
+):
     from nemo_occ.megatron.cpu_compat import cpu_compat
 
     reference = patched_bridge
@@ -108,7 +110,15 @@ def test_hf_to_megatron_to_nemo_occ_export_round_trip(patched_bridge, tensor_par
 
     # 2. Megatron checkpoint -> nemo-occ export -> verify-export, in this process (gaps patched here too)
     out = tmp_path / "hf-export"
-    argv = ["export", "--megatron-ckpt", str(checkpoint), "--hf-model", str(reference.path), "--out", str(out)]
+    argv = [
+        "export",
+        "--megatron-ckpt",
+        str(checkpoint),
+        "--hf-model",
+        str(reference.path),
+        "--out",
+        str(out),
+    ]
     argv += ["--no-progress", "--allow-unchanged-mtp"]
     if reference.trust_remote_code:
         argv.append("--trust-remote-code")
