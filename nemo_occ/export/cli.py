@@ -157,7 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Export a Megatron checkpoint to Hugging Face with its MTP layers (Megatron-Bridge), verified.",
         description=(
             "Convert a Megatron (torch_dist) checkpoint to Hugging Face safetensors with Megatron-Bridge, "
-            "add the MTP tensors Bridge misses (GLM-4.5 embed/head aliases; MiMo input_proj orientation), "
+            "add the MTP tensors Bridge misses (GLM-4.5 embed/head aliases and a dense MTP layer's gate/up; MiMo "
+            "input_proj orientation), "
             "verify against the reference checkpoint and move the folder into place only when complete. "
             "Supported: GLM-4.5, GLM-4.5-Air (glm4_moe), MiMo-7B (mimo)."
         ),

@@ -1,6 +1,6 @@
 """Turn an HF-named tensor stream into a verified HF checkpoint folder, atomically.
 
-    stream (Megatron-Bridge export_hf_weights) -> fix-ups (GLM aliases, MiMo input_proj halves)
+    stream (Megatron-Bridge export_hf_weights) -> fix-ups (GLM aliases and dense-MTP fc1, MiMo input_proj halves)
       -> cast to the reference dtype -> shards laid out like the reference index
       -> config/tokenizer/remote-code files copied from the reference
       -> verification against the reference, values read back from disk (``verify.verify_folder``)

@@ -211,7 +211,8 @@ class VerificationReport:
         if summary:
             lines.append(f"  {summary}")
         if self.manifest_problems:
-            lines.append(f"  {len(self.manifest_problems)} problems with {MANIFEST_FILE}:")
+            count = len(self.manifest_problems)
+            lines.append(f"  {count} problem{'s' if count > 1 else ''} with {MANIFEST_FILE}:")
             lines += [f"    - {problem}" for problem in self.manifest_problems]
         lines += self._names("tensors missing from the export", self.missing, tag, limit)
         lines += self._names("unexpected tensors (not in the reference)", self.unexpected, tag, limit)
