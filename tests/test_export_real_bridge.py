@@ -90,7 +90,9 @@ def patched_bridge(request, references, monkeypatch):
     return references[model]
 
 
-@pytest.mark.parametrize("tensor_parallel", [1, 2], ids=["tp1", "tp2"])
+@pytest.mark.parametrize(
+    "tensor_parallel", [1, pytest.param(2, marks=pytest.mark.distributed)], ids=["tp1", "tp2"]
+)
 @pytest.mark.parametrize("patched_bridge", MODELS, indirect=True)
 def test_hf_to_megatron_to_nemo_occ_export_round_trip(
     patched_bridge, tensor_parallel, tmp_path, record_property
