@@ -72,20 +72,46 @@ def _gap_still_there(gap, present: bool) -> None:
     if not present:
         pytest.fail(
             f"Megatron-Bridge no longer has the gap '{gap.name}' ({gap.upstream}): remove its patch "
-            f"({gap.__name__} in tests/_bridge_real.py) and this check."
+            f"({gap.__name__} in tests/_bridge_real.py) and its fixture."
         )
+
+
+# One fixture per gap of Bridge: each asserts that its gap is still there, so it fails once fixed upstream.
+
+
+@pytest.fixture()
+def gap_mtp_spec_hard_codes_te():
+    _gap_still_there(MTPSpecHardCodesTE, MTPSpecHardCodesTE.present())
+
+
+@pytest.fixture()
+def gap_glm_local_experts(references):
+    _gap_still_there(GLMLocalExperts, GLMLocalExperts.present(references["glm"].path))
+
+
+@pytest.fixture()
+def gap_glm_dense_mtp_names(references):
+    _gap_still_there(GLMDenseMTPNames, GLMDenseMTPNames.present(references["glm-dense-mtp"].path))
+
+
+@pytest.fixture()
+def gap_mimo_local_mtp_norms(references):
+    _gap_still_there(MimoLocalMTPNorms, MimoLocalMTPNorms.present(references["mimo"].path))
+
+
+GAPS = {
+    "glm": ("gap_mtp_spec_hard_codes_te", "gap_glm_local_experts"),
+    "glm-dense-mtp": ("gap_mtp_spec_hard_codes_te", "gap_glm_local_experts", "gap_glm_dense_mtp_names"),
+    "mimo": ("gap_mtp_spec_hard_codes_te", "gap_mimo_local_mtp_norms"),
+}
 
 
 @pytest.fixture()
 def patched_bridge(request, references, monkeypatch):
-    """The gaps of Bridge on the local spec, each asserted present, then patched in this process."""
+    """The reference of one model, with the gaps of Bridge its conversion meets asserted, then patched here."""
     model = request.param
-    _gap_still_there(MTPSpecHardCodesTE, MTPSpecHardCodesTE.present())
-    if model.startswith("glm"):
-        _gap_still_there(GLMLocalExperts, GLMLocalExperts.present(references["glm"].path))
-        _gap_still_there(GLMDenseMTPNames, GLMDenseMTPNames.present(references["glm-dense-mtp"].path))
-    else:
-        _gap_still_there(MimoLocalMTPNorms, MimoLocalMTPNorms.present(references["mimo"].path))
+    for gap in GAPS[model]:
+        request.getfixturevalue(gap)
     patch_all_gaps(model, monkeypatch)
     return references[model]
 
@@ -156,3 +182,21 @@ def test_hf_to_megatron_to_nemo_occ_export_round_trip(
         "logits_max_abs_diff": f"{worst:.2g}",
     }.items():
         record_property(key, value)
+
+
+@pytest.mark.parametrize(
+    "gap, reference",
+    [
+        (MTPSpecHardCodesTE, None),
+        (GLMLocalExperts, "glm"),
+        (GLMDenseMTPNames, "glm-dense-mtp"),
+        (MimoLocalMTPNorms, "mimo"),
+    ],
+    ids=lambda x: getattr(x, "__name__", x),
+)
+def test_each_gap_check_sees_a_fixed_bridge_as_fixed(gap, reference, references, monkeypatch):
+    """A gap fixture can fail: with its patch applied (Bridge as if fixed upstream), ``present`` is False."""
+    args = () if reference is None else (references[reference].path,)
+    assert gap.present(*args)
+    gap.patch(monkeypatch)
+    assert not gap.present(*args)
