@@ -126,14 +126,11 @@ mkdir -p "$LOG_DIR"
 export PYTHONDONTWRITEBYTECODE=1
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# nemo-occ's own dependencies, read from pyproject.toml (less torch and megatron-core, which each
+# nemo-occ's own dependencies: the core's and every layer extra's, from pyproject.toml through
+# scripts/occ_deps.py (less torch and megatron-core, which each
 # environment brings its own way), and the test runner. Installed on every run, so a reused environment
 # picks up a dependency added since it was built.
-mapfile -t OCC_DEPS < <("${PYTHON311:-python3.11}" -c '
-import re, sys, tomllib
-deps = tomllib.load(open(sys.argv[1], "rb"))["project"]["dependencies"]
-print("\n".join(d for d in deps if re.split(r"[<>=!~ \[]", d)[0] not in ("torch", "megatron-core")))
-' "$REPO/pyproject.toml")
+mapfile -t OCC_DEPS < <("${PYTHON311:-python3.11}" "$REPO/scripts/occ_deps.py" "$REPO/pyproject.toml")
 (( ${#OCC_DEPS[@]} > 0 )) || die "could not read nemo-occ's dependencies from $REPO/pyproject.toml"
 OCC_DEPS+=(pytest)
 # NeMo-RL's driver-side imports (its container's default venv), light enough for a CPU machine.

@@ -18,6 +18,7 @@ Megatron-Bridge container is available (test marker ``megatron_bridge``).
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable
 from importlib import metadata
@@ -27,11 +28,14 @@ import torch
 
 from nemo_occ.export.hf_checkpoint import read_reference
 from nemo_occ.export.hf_export import ExportResult, write_hf_export
+from nemo_occ.export.manifest import TrainingStep
 from nemo_occ.export.models import mtp_layout
 from nemo_occ.export.target import check_export_target, check_room
 from nemo_occ.export.verify import ValueLimits
 
 _EH_PROJ = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.eh_proj\.weight$")
+# A dense MTP layer's gated MLP input projection (MoE experts and shared experts have other names).
+_DENSE_FC1 = re.compile(r"(?:^|\.)mtp\.layers\.(\d+)\.(?:mtp_model_layer|transformer_layer)\.mlp\.linear_fc1\.weight$")
 # What makes a folder a loadable checkpoint: Bridge's run config, or a torch_dist checkpoint's metadata.
 _CHECKPOINT_MARKERS = ("run_config.yaml", "metadata.json")
 _WHERE = "NeMo-RL writes it to <results>/step_<N>/policy/weights"
@@ -72,15 +76,60 @@ def resolve_iteration_dir(megatron_ckpt: str | Path) -> Path:
     return folder
 
 
-def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
-    """``{mtp_layer: eh_proj weight}`` from Megatron model chunks (wrappers like ``module.`` allowed)."""
+_STEP_FOLDER = re.compile(r"step_(\d+)")
+
+
+def training_step_of(iteration_dir: Path) -> TrainingStep:
+    """The training step ``iteration_dir`` was saved at, for the manifest (``verify-export --expect-step``).
+
+    NeMo-RL saves every step's Megatron weights as ``step_<N>/policy/weights/iter_0000000`` (the
+    iteration folder is always 0 there): the ``step_<N>`` folder up to three levels above wins, and the
+    ``total_steps`` of its ``training_info.json``, if present, must agree. Otherwise (Megatron-Bridge's
+    own training) the iteration number ``iter_<N>`` is the step. An ``iter_0000000`` outside a
+    ``step_<N>`` folder says nothing: the step is recorded as unknown.
+    """
+    folder = iteration_dir.absolute()
+    for above in (folder, *list(folder.parents)[:3]):
+        match = _STEP_FOLDER.fullmatch(above.name)
+        if not match:
+            continue
+        step, info = int(match.group(1)), above / "training_info.json"
+        recorded = None
+        if info.is_file():
+            try:
+                recorded = json.loads(info.read_text()).get("total_steps")
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+                raise ValueError(f"{info} is not a JSON object ({err}); was the checkpoint save interrupted?") from err
+        if isinstance(recorded, int) and recorded != step:
+            raise ValueError(
+                f"{info} says total_steps={recorded}, but its folder is {above.name}: which step is this "
+                "checkpoint? Export from an untouched NeMo-RL step folder."
+            )
+        return TrainingStep(step, f"the folder name {above}")
+    iteration = _iteration_number(folder)
+    if iteration > 0:
+        return TrainingStep(iteration, f"the Megatron iteration folder {folder}")
+    return TrainingStep(None, f"unknown: no step_<N> folder above {folder}, and its iteration number says nothing")
+
+
+def _mtp_weights(model_chunks: Iterable[torch.nn.Module], pattern: re.Pattern) -> dict[int, torch.Tensor]:
     found: dict[int, torch.Tensor] = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
-            match = _EH_PROJ.search(name)
+            match = pattern.search(name)
             if match:
                 found[int(match.group(1))] = param.detach().to("cpu")
     return found
+
+
+def megatron_eh_proj_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``{mtp_layer: eh_proj weight}`` from Megatron model chunks (wrappers like ``module.`` allowed)."""
+    return _mtp_weights(model_chunks, _EH_PROJ)
+
+
+def megatron_dense_fc1_weights(model_chunks: Iterable[torch.nn.Module]) -> dict[int, torch.Tensor]:
+    """``{mtp_layer: linear_fc1 weight}`` of dense MTP layers (GLM45Bridge drops their export, see fixups)."""
+    return _mtp_weights(model_chunks, _DENSE_FC1)
 
 
 def _bridge_version() -> str | None:
@@ -112,6 +161,7 @@ def export_megatron_to_hf(
     match.
     """
     iteration_dir = resolve_iteration_dir(megatron_ckpt)
+    step = training_step_of(iteration_dir)
     reference = read_reference(hf_model)
     reference.check_complete("--hf-model")
     layout = mtp_layout(reference.config)
@@ -142,6 +192,7 @@ def export_megatron_to_hf(
                 f"({message}). Pass the folder holding the iter_* folders ({_WHERE})."
             ) from err
         eh_proj = megatron_eh_proj_weights(model) if layout.input_proj else None
+        fc1 = megatron_dense_fc1_weights(model) if layout.gated_fc1 else None
         stream = bridge.export_hf_weights(model, cpu=True, show_progress=False)
         return write_hf_export(
             stream,
@@ -149,10 +200,12 @@ def export_megatron_to_hf(
             out,
             source=str(iteration_dir.absolute()),
             megatron_eh_proj=eh_proj,
+            megatron_fc1=fc1,
             overwrite=overwrite,
             show_progress=show_progress,
             limits=limits,
             inputs=inputs,
+            training_step=step,
             extra_manifest={
                 "megatron_checkpoint": str(Path(megatron_ckpt).absolute()),
                 "megatron_iteration_dir": iteration_dir.name,

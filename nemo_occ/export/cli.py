@@ -100,10 +100,13 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from nemo_occ.export.verify import verify_export
+    from nemo_occ.export.verify import ManifestCheck, verify_export
 
     try:
-        report = verify_export(args.export_dir, args.reference, limits=_limits(args), raise_on_failure=False)
+        manifest = ManifestCheck(required=not args.no_manifest, expect_step=args.expect_step)
+        report = verify_export(
+            args.export_dir, args.reference, limits=_limits(args), manifest=manifest, raise_on_failure=False
+        )
     except _USER_ERRORS as err:
         return _fail(err)
     except KeyboardInterrupt as err:
@@ -120,6 +123,16 @@ def _positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
     return value
 
 
@@ -144,7 +157,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Export a Megatron checkpoint to Hugging Face with its MTP layers (Megatron-Bridge), verified.",
         description=(
             "Convert a Megatron (torch_dist) checkpoint to Hugging Face safetensors with Megatron-Bridge, "
-            "add the MTP tensors Bridge misses (GLM-4.5 embed/head aliases; MiMo input_proj orientation), "
+            "add the MTP tensors Bridge misses (GLM-4.5 embed/head aliases and a dense MTP layer's gate/up; MiMo "
+            "input_proj orientation), "
             "verify against the reference checkpoint and move the folder into place only when complete. "
             "Supported: GLM-4.5, GLM-4.5-Air (glm4_moe), MiMo-7B (mimo)."
         ),
@@ -192,6 +206,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Compare an exported checkpoint with the reference checkpoint: tensor names, shapes, dtypes and "
             "shards; config.json and tokenizer files; every tensor finite; GLM MTP alias copies bit-identical; "
             "each tensor's SHA-256 against nemo_occ_export.json; the MTP layer's change against the reference. "
+            "The export must hold its nemo_occ_export.json (else it fails, unless --no-manifest). "
             "Lists what is wrong, MTP tensors first. Exit code 1 on any mismatch, 2 on unusable input."
         ),
     )
@@ -204,6 +219,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     verify.add_argument(
         "--show-all", action="store_true", help="List every mismatching tensor, not the first 50."
+    )
+    verify.add_argument(
+        "--expect-step",
+        type=_non_negative_int,
+        metavar="N",
+        help="Fail unless the manifest says the export comes from training step N (NeMo-RL's step_N folder).",
+    )
+    verify.add_argument(
+        "--no-manifest",
+        action="store_true",
+        help="Verify a folder without nemo_occ_export.json (e.g. written by another tool). Its per-tensor "
+        "checksums, training step and source checkpoint are then NOT checked, and the report says so.",
     )
     _add_value_limits(verify)
     verify.set_defaults(func=_verify)

@@ -3,7 +3,14 @@
 1. GLM MTP aliases: ``model.layers.{L+i}.embed_tokens.weight := model.embed_tokens.weight`` and
    ``model.layers.{L+i}.shared_head.head.weight := lm_head.weight`` (GLM45Bridge has no mapping for
    them; a newer GLM bridge yields them itself, then nothing is added).
-2. MiMo ``input_proj`` orientation. Megatron's ``eh_proj`` weight ``W`` ``[H, 2H]`` multiplies
+2. GLM dense-MTP MLP names. GLM45Bridge maps a dense MTP layer's ``linear_fc1`` to
+   ``model.layers.{L+i}.mlp.linear_fc1.gate.weight`` / ``.up.weight``; the checkpoint names them
+   ``mlp.gate_proj.weight`` / ``mlp.up_proj.weight`` (as every dense decoder layer). Yielded under the
+   wrong names, they are renamed (when the reference has the right name and not the Bridge's; values
+   untouched). Not yielded at all (Bridge exports only names the checkpoint has, so it drops them), they
+   are rebuilt from the Megatron ``linear_fc1`` weight, which stacks ``[gate; up]`` along its output
+   dim at tensor-parallel size 1 (``split_gated_fc1``).
+3. MiMo ``input_proj`` orientation. Megatron's ``eh_proj`` weight ``W`` ``[H, 2H]`` multiplies
    ``[enorm(emb), hnorm(h)]``; HF MiMo's ``input_proj`` multiplies ``[hidden, emb]``. The same linear
    map therefore needs the two column halves swapped: ``W_hf = [W[:, H:], W[:, :H]]``. Whether the
    Bridge in use already swaps is *detected* by comparing the exported tensor with the Megatron
@@ -69,20 +76,33 @@ def orient_input_proj(exported: torch.Tensor, megatron_eh_proj: torch.Tensor) ->
     )
 
 
+def split_gated_fc1(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[gate; up]`` (``[2F, H]``, Megatron's unsharded gated ``linear_fc1``) -> ``gate``, ``up`` (``[F, H]`` each)."""
+    if weight.ndim != 2 or weight.shape[0] % 2:
+        raise ValueError(
+            f"A gated linear_fc1 weight must be 2-D [2F, H] with an even output dim, got {tuple(weight.shape)}."
+        )
+    gate, up = weight.chunk(2, dim=0)
+    return gate, up
+
+
 def apply_fixups(
     stream: Iterable[tuple[str, torch.Tensor]],
     layout: MTPLayout,
     *,
     reference_names: Iterable[str],
     megatron_eh_proj: Mapping[int, torch.Tensor] | None = None,
+    megatron_fc1: Mapping[int, torch.Tensor] | None = None,
     log: FixupLog | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield the Bridge stream with MiMo ``input_proj`` oriented and missing GLM aliases appended.
+    """Yield the Bridge stream with wrong GLM MTP names corrected, MiMo ``input_proj`` oriented and
+    missing GLM aliases appended.
 
     Aliases are appended after the stream ends, and only those that the reference checkpoint lists
     (GLM-4.5 ships them; a checkpoint without them would otherwise get unexpected tensors) and that
     the Bridge did not yield. An alias whose source tensor never came is left out, and verification
-    reports it missing.
+    reports it missing. The same holds for a dense MTP layer's gate/up halves, rebuilt from
+    ``megatron_fc1`` (``{mtp_layer: linear_fc1 weight}`` of a model at tensor-parallel size 1).
     """
     log = log if log is not None else FixupLog()
     reference = set(reference_names)
@@ -91,11 +111,17 @@ def apply_fixups(
         if alias not in reference:
             log.add("alias", alias, action="skipped: not in the reference checkpoint", source=source)
     alias_sources = set(wanted_aliases.values())
+    renames = {
+        wrong: right for wrong, right in layout.bridge_renames if right in reference and wrong not in reference
+    }
     input_proj = dict(layout.input_proj)
 
     seen: set[str] = set()
     sources: dict[str, torch.Tensor] = {}
     for name, tensor in stream:
+        if name in renames:
+            log.add("bridge_name", renames[name], action="renamed by nemo-occ", bridge_name=name)
+            name = renames[name]
         seen.add(name)
         if name in alias_sources:
             sources[name] = tensor  # kept until the end: the alias may still come from the Bridge
@@ -114,6 +140,16 @@ def apply_fixups(
                 convention="megatron [emb, hidden] -> hf [hidden, emb]",
             )
         yield name, tensor
+
+    for mtp_layer, gate_name, up_name in layout.gated_fc1:
+        if gate_name not in reference or up_name not in reference or {gate_name, up_name} <= seen:
+            continue
+        if megatron_fc1 is None or mtp_layer not in megatron_fc1 or {gate_name, up_name} & seen:
+            continue  # nothing to rebuild them from, or only one came: verification names what is missing
+        gate, up = split_gated_fc1(megatron_fc1[mtp_layer])
+        for name, half in ((gate_name, gate), (up_name, up)):
+            log.add("dense_mtp_fc1", name, action="added by nemo-occ from the Megatron linear_fc1 weight")
+            yield name, half
 
     for alias, source in wanted_aliases.items():
         if alias in seen:

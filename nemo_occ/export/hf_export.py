@@ -1,6 +1,6 @@
 """Turn an HF-named tensor stream into a verified HF checkpoint folder, atomically.
 
-    stream (Megatron-Bridge export_hf_weights) -> fix-ups (GLM aliases, MiMo input_proj halves)
+    stream (Megatron-Bridge export_hf_weights) -> fix-ups (GLM aliases and dense-MTP fc1, MiMo input_proj halves)
       -> cast to the reference dtype -> shards laid out like the reference index
       -> config/tokenizer/remote-code files copied from the reference
       -> verification against the reference, values read back from disk (``verify.verify_folder``)
@@ -27,7 +27,7 @@ from nemo_occ import __version__
 from nemo_occ.atomic_io import atomic_directory
 from nemo_occ.export.fixups import FixupLog, apply_fixups
 from nemo_occ.export.hf_checkpoint import CheckpointInfo, TensorMeta
-from nemo_occ.export.manifest import CHECKSUM_ALGORITHM, MANIFEST_FILE
+from nemo_occ.export.manifest import CHECKSUM_ALGORITHM, MANIFEST_FILE, TrainingStep
 from nemo_occ.export.models import mtp_layout
 from nemo_occ.export.target import check_export_target, check_replaceable
 from nemo_occ.export.verify import ExportVerificationError, ValueLimits, VerificationReport, verify_folder
@@ -64,10 +64,12 @@ def write_hf_export(
     *,
     source: str,
     megatron_eh_proj: Mapping[int, torch.Tensor] | None = None,
+    megatron_fc1: Mapping[int, torch.Tensor] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
     limits: ValueLimits | None = None,
     inputs: Mapping[str, str | Path | None] | None = None,
+    training_step: TrainingStep | None = None,
     extra_manifest: Mapping[str, Any] | None = None,
 ) -> ExportResult:
     """Write ``stream`` as an HF checkpoint shaped like ``reference`` into ``out``; verify; commit.
@@ -75,8 +77,10 @@ def write_hf_export(
     Refuses (before touching ``stream``) an incomplete reference and an ``out`` that would endanger the
     reference or the ``inputs`` folders (``target.check_export_target``); the front end checks space.
     Raises ``ExportVerificationError`` (listing what is wrong, MTP first) when the result does not match
-    the reference; ``out`` is then left untouched.
+    the reference; ``out`` is then left untouched. ``source`` (the checkpoint the stream comes from)
+    and ``training_step`` go into the manifest, where ``verify-export --expect-step`` reads them.
     """
+    step = training_step or TrainingStep(None, "not given to the export")
     layout = mtp_layout(reference.config)
     limits = limits or ValueLimits()
     reference.check_complete("reference")
@@ -88,7 +92,12 @@ def write_hf_export(
     with atomic_directory(out, overwrite=overwrite, check_replaceable=check_replaceable) as tmp:
         writer = ShardedSafetensorsWriter(tmp, reference.weight_map)
         fixed = apply_fixups(
-            stream, layout, reference_names=reference.weight_map, megatron_eh_proj=megatron_eh_proj, log=log
+            stream,
+            layout,
+            reference_names=reference.weight_map,
+            megatron_eh_proj=megatron_eh_proj,
+            megatron_fc1=megatron_fc1,
+            log=log,
         )
         bar = tqdm(
             fixed, total=len(reference.weight_map), unit="tensor", desc="export", disable=not show_progress
@@ -103,7 +112,7 @@ def write_hf_export(
         for path in reference.side_files:
             shutil.copy2(path, tmp / path.name)
 
-        report, scan = verify_folder(tmp, reference, limits=limits, check_manifest=False)
+        report, scan = verify_folder(tmp, reference, limits=limits, manifest_check=None)
         report.export = str(out)
         if not report.ok:
             report.export = f"{out} (not written)"
@@ -119,6 +128,8 @@ def write_hf_export(
             "nemo_occ_version": __version__,
             "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "source_checkpoint": source,
+            "training_step": step.step,
+            "training_step_from": step.read_from,
             "hf_reference": reference.source,
             "model_type": layout.model_type,
             "num_mtp_layers": layout.num_mtp_layers,

@@ -10,7 +10,12 @@ GLM-4.5 / GLM-4.5-Air (``model_type: glm4_moe``)
     output head, ``model.layers.{L+i}.embed_tokens.weight`` (= ``model.embed_tokens.weight``) and
     ``model.layers.{L+i}.shared_head.head.weight`` (= ``lm_head.weight``); GLM45Bridge has no mapping
     for these two, so they are the aliases nemo-occ adds. ``eh_proj`` takes ``[enorm(emb), hnorm(h)]``
-    exactly like Megatron's, so no reordering.
+    exactly like Megatron's, so no reordering. A dense MTP layer (the last decoder layer dense, so
+    Megatron builds the MTP layer dense too) keeps its gated MLP as ``mlp.gate_proj`` /
+    ``mlp.up_proj``, but GLM45Bridge (067f987) maps Megatron's ``linear_fc1`` to
+    ``mlp.linear_fc1.gate`` / ``mlp.linear_fc1.up``: its export then drops the two tensors (those
+    names are not in the checkpoint), or yields them under the wrong names (``bridge_renames`` puts the
+    right ones back); ``gated_fc1`` says where to rebuild them from the Megatron weight.
 
 MiMo-7B (``model_type: mimo``, remote code)
     MTP layer ``i`` is ``model.mtp_layers.{i}.*`` and shares the main embedding and head (no copies).
@@ -43,6 +48,10 @@ class MTPLayout:
     """``(alias, source)``: the checkpoint stores ``alias`` as a copy of ``source``."""
     input_proj: tuple[tuple[str, int], ...]
     """``(hf_name, mtp_layer)`` of projections whose input halves are ``[hidden, emb]``."""
+    bridge_renames: tuple[tuple[str, str], ...] = ()
+    """``(name Megatron-Bridge yields, HF name)`` for MTP tensors a Bridge mapping names wrongly."""
+    gated_fc1: tuple[tuple[int, str, str], ...] = ()
+    """``(mtp_layer, gate name, up name)``: the HF halves of a dense MTP layer's Megatron ``linear_fc1``."""
 
     def is_mtp(self, name: str) -> bool:
         return name.startswith(self.mtp_prefixes)
@@ -91,6 +100,15 @@ def mtp_layout(config: Mapping[str, Any]) -> MTPLayout:
                 )
             ),
             input_proj=(),
+            bridge_renames=tuple(
+                (f"model.layers.{i}.mlp.linear_fc1.{part}.weight", f"model.layers.{i}.mlp.{part}_proj.weight")
+                for i in layers
+                for part in ("gate", "up")
+            ),
+            gated_fc1=tuple(
+                (i - num_hidden, f"model.layers.{i}.mlp.gate_proj.weight", f"model.layers.{i}.mlp.up_proj.weight")
+                for i in layers
+            ),
         )
     return MTPLayout(  # mimo
         model_type=model_type,

@@ -7,7 +7,8 @@
 - Leftovers of interrupted earlier runs next to ``--out`` are reported; unfinished ones are removed
   only when asked (never one whose export still runs on this host).
 - The folder that will hold ``--out`` must be writable and have room for the reference's tensors
-  (its index's ``total_size``): better to learn it now than after loading a 100-GB model.
+  (its index's ``total_size``) and side files: better to learn it now than after loading a 100-GB
+  model. (The writer checks again before each shard: the disk may fill up meanwhile.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from nemo_occ.atomic_io import check_output_free, find_leftovers
 from nemo_occ.export.hf_checkpoint import CheckpointInfo
 from nemo_occ.export.manifest import MANIFEST_FILE, is_nemo_occ_export
+from nemo_occ.export.writer import SPACE_MARGIN, check_free_space
 
 
 class ExportWarning(UserWarning):
@@ -36,10 +38,6 @@ def check_replaceable(out: Path) -> None:
         f"--overwrite only replaces an earlier nemo-occ export (a folder holding {MANIFEST_FILE}); {out} is "
         "not one, so nothing was deleted. Choose another --out, or remove that folder yourself."
     )
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -94,9 +92,5 @@ def check_room(out: str | Path, *, reference: CheckpointInfo, remove_stale_parti
         os.unlink(probe)
     except OSError as err:
         raise ValueError(f"--out {out}: cannot write in {parent} ({err.strerror or err}).") from err
-    need, free = reference.total_bytes(), shutil.disk_usage(parent).free
-    if need > free:
-        raise ValueError(
-            f"--out {out}: the export needs about {_gib(need)} (the reference's tensors) but {parent} has "
-            f"{_gib(free)} free. Free some space or choose another --out."
-        )
+    side_files = sum(path.stat().st_size for path in reference.side_files if path.is_file())
+    check_free_space(parent, reference.total_bytes() + side_files + SPACE_MARGIN, f"--out {out}")

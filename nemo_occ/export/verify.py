@@ -11,8 +11,11 @@ Checks (each failure is listed by name, MTP tensors first):
   ``num_nextn_predict_layers`` and the dtype field, and every tokenizer file is there, byte-identical;
 - values (every tensor read once, ``values.scan_values``): every floating tensor is finite; GLM's
   MTP alias copies are bit-identical to the embedding/head they copy; each tensor's SHA-256 equals
-  the one the export recorded in ``nemo_occ_export.json`` (when it has one); and the MTP layer moved
-  by a plausible amount from the reference (``ValueLimits``).
+  the one the export recorded in ``nemo_occ_export.json``; and the MTP layer moved by a plausible
+  amount from the reference (``ValueLimits``);
+- the manifest (``ManifestCheck``): it must exist, be readable and record checksums, unless the caller
+  says explicitly not to read it (``--no-manifest``; the report then says what went unchecked); the
+  training step it records must be the expected one (``--expect-step``).
 
 The reference must be complete (every shard of its index present): it is what the export is judged
 against, so a missing shard is an error, not a tensor quietly left unchecked.
@@ -35,7 +38,13 @@ from nemo_occ.export.hf_checkpoint import (
     read_local_checkpoint,
     read_reference,
 )
-from nemo_occ.export.manifest import MANIFEST_FILE, read_manifest, recorded_checksums
+from nemo_occ.export.manifest import (
+    MANIFEST_FILE,
+    TrainingStep,
+    read_manifest,
+    recorded_checksums,
+    recorded_training_step,
+)
 from nemo_occ.export.models import mtp_layout, mtp_predicate
 from nemo_occ.export.values import ValueScan, file_digest, scan_values
 
@@ -69,6 +78,28 @@ class ValueLimits:
             raise ValueError(f"max_mtp_change must be > 0, got {self.max_mtp_change}.")
 
 
+@dataclass(frozen=True)
+class ManifestCheck:
+    """What ``verify-export`` demands of the export's ``nemo_occ_export.json``.
+
+    ``required`` (the default) makes a missing manifest, or one without checksums, a failure: without
+    it an edited or corrupted tensor, or an export of another run, would pass. ``required=False``
+    (``--no-manifest``) does not read it at all, and the report says what was not checked.
+    ``expect_step`` is the training step the export must come from (``--expect-step``).
+    """
+
+    required: bool = True
+    expect_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.expect_step is not None and not self.required:
+            raise ValueError(
+                "--expect-step is checked against the manifest, which --no-manifest says not to read: give one."
+            )
+        if self.expect_step is not None and (isinstance(self.expect_step, bool) or self.expect_step < 0):
+            raise ValueError(f"--expect-step must be a non-negative integer, got {self.expect_step!r}.")
+
+
 class ExportVerificationError(RuntimeError):
     """The exported checkpoint does not match its reference; ``report`` holds the details."""
 
@@ -100,6 +131,10 @@ class VerificationReport:
     """(alias, source) pairs of GLM MTP copies that are not bit-identical."""
     checksum_problems: list[tuple[str, str]] = field(default_factory=list)
     """(tensor, what is wrong) against the checksums recorded in the export's manifest."""
+    manifest_problems: list[str] = field(default_factory=list)
+    """The manifest is missing, records no checksums, or names another training step than expected."""
+    provenance: str | None = None
+    """Where the manifest says the export came from (training step, source checkpoint)."""
     mtp_changes: dict[str, float] = field(default_factory=dict)
     """MTP tensor -> relative change against the reference (empty if the reference values are remote)."""
     mtp_too_far: list[tuple[str, float]] = field(default_factory=list)
@@ -127,6 +162,7 @@ class VerificationReport:
             or self.non_finite
             or self.alias_mismatches
             or self.checksum_problems
+            or self.manifest_problems
             or self.mtp_too_far
             or (self.mtp_unchanged and not self.limits.allow_unchanged_mtp)
         )
@@ -169,9 +205,15 @@ class VerificationReport:
             f"  {self.num_exported} tensors exported, {self.num_reference} in the reference "
             f"({self.num_mtp_reference} in MTP layers).",
         ]
+        if self.provenance:
+            lines.append(f"  {self.provenance}")
         summary = self.mtp_change_summary()
         if summary:
             lines.append(f"  {summary}")
+        if self.manifest_problems:
+            count = len(self.manifest_problems)
+            lines.append(f"  {count} problem{'s' if count > 1 else ''} with {MANIFEST_FILE}:")
+            lines += [f"    - {problem}" for problem in self.manifest_problems]
         lines += self._names("tensors missing from the export", self.missing, tag, limit)
         lines += self._names("unexpected tensors (not in the reference)", self.unexpected, tag, limit)
         lines += self._names("shape mismatches", self.shape_mismatches, pair, limit)
@@ -362,25 +404,64 @@ def _judge_values(
         report.notes.append("every MTP tensor equals the reference's (allowed by --allow-unchanged-mtp).")
 
 
+def _check_manifest(
+    report: VerificationReport, manifest: dict[str, Any] | None, check: ManifestCheck
+) -> dict[str, str] | None:
+    """Judge the manifest itself (presence, checksums, training step); return its recorded checksums."""
+    if not check.required:
+        report.notes.append(
+            f"{MANIFEST_FILE} not read (--no-manifest): the per-tensor checksums, the training step and the "
+            "source checkpoint were NOT checked."
+        )
+        return None
+    if manifest is None:
+        report.manifest_problems.append(
+            f"no {MANIFEST_FILE}: not a nemo-occ export, or its manifest was deleted, so the per-tensor "
+            "checksums, the training step and the source checkpoint cannot be checked (--no-manifest verifies "
+            "without them, on purpose)"
+        )
+        return None
+    recorded = recorded_checksums(manifest)
+    if recorded is None:
+        report.manifest_problems.append(
+            f"{MANIFEST_FILE} records no checksums (written by an older nemo-occ): the tensors cannot be checked "
+            "against what was exported (--no-manifest verifies without them, on purpose)"
+        )
+    step = recorded_training_step(manifest) or TrainingStep(None, "not recorded (older nemo-occ)")
+    source = manifest.get("source_checkpoint", "not recorded")
+    report.provenance = (
+        f"exported from training step {step.step if step.step is not None else 'unknown'} "
+        f"(read from {step.read_from}); source checkpoint {source}"
+    )
+    if check.expect_step is not None and step.step != check.expect_step:
+        found = "records no training step" if step.step is None else f"records training step {step.step}"
+        report.manifest_problems.append(
+            f"expected training step {check.expect_step}, but the manifest {found} (read from {step.read_from}; "
+            f"source checkpoint {source})"
+        )
+    return recorded
+
+
 def verify_folder(
     export_dir: str | Path,
     reference: CheckpointInfo,
     *,
     limits: ValueLimits | None = None,
-    check_manifest: bool = True,
+    manifest_check: ManifestCheck | None = ManifestCheck(),
 ) -> tuple[VerificationReport, ValueScan]:
     """Run every check on ``export_dir`` against a reference already read (and checked complete).
 
-    ``check_manifest=False`` is for the export pipeline, which is about to write the manifest.
+    ``manifest_check=None`` is for the export pipeline, which is about to write the manifest.
     """
     export_dir = Path(export_dir)
     limits = limits or ValueLimits()
     exported = _stray_shards(export_dir, read_local_checkpoint(export_dir, require_config=False))
     # read first: a broken manifest fails before the long read of every tensor
-    manifest = read_manifest(export_dir) if check_manifest else None
-    recorded = recorded_checksums(manifest) if manifest is not None else None
+    read = manifest_check is not None and manifest_check.required
+    manifest = read_manifest(export_dir) if read else None
     report = compare_checkpoints(exported, reference)
     report.limits = limits
+    recorded = _check_manifest(report, manifest, manifest_check) if manifest_check is not None else None
     _check_side_files(report, export_dir, reference)
     readable: dict[str, set[str]] = {}
     for name, shard in exported.weight_map.items():
@@ -391,13 +472,6 @@ def verify_folder(
     scan = scan_values(
         export_dir, readable, reference=reference, compare=lambda n: report.is_mtp(n) and n not in aliases
     )
-    if check_manifest:
-        if manifest is None:
-            report.notes.append(
-                f"no {MANIFEST_FILE}: per-tensor checksums not checked (not a nemo-occ export)."
-            )
-        elif recorded is None:
-            report.notes.append(f"{MANIFEST_FILE} records no checksums (older nemo-occ): not checked.")
     _judge_values(report, scan, exported, reference, recorded)
     return report, scan
 
@@ -407,16 +481,18 @@ def verify_export(
     reference: str | Path | CheckpointInfo,
     *,
     limits: ValueLimits | None = None,
+    manifest: ManifestCheck | None = None,
     raise_on_failure: bool = True,
 ) -> VerificationReport:
     """Verify ``export_dir`` against ``reference`` (folder, Hub id or a description already read).
 
+    ``manifest`` says what the export's manifest must hold (default: it must exist, with checksums).
     Raises ``ExportVerificationError`` when a check fails (unless ``raise_on_failure=False``), and
-    ``ValueError`` when the reference itself is incomplete.
+    ``ValueError`` when the reference itself is incomplete or the manifest unreadable.
     """
     ref = reference if isinstance(reference, CheckpointInfo) else read_reference(reference)
     ref.check_complete("reference")
-    report, _ = verify_folder(export_dir, ref, limits=limits)
+    report, _ = verify_folder(export_dir, ref, limits=limits, manifest_check=manifest or ManifestCheck())
     if raise_on_failure and not report.ok:
         raise ExportVerificationError(report)
     return report

@@ -6,23 +6,49 @@ filled. Tensors the reference does not know go to ``EXTRA_SHARD`` (verification 
 unexpected). ``close()`` writes whatever is still buffered (incomplete shards included: the verifier,
 not the writer, decides whether the result is acceptable) and the index with ``total_size``.
 
-The writer only writes into the folder it is given; making the result appear atomically is
-``nemo_occ.atomic_io.atomic_directory``'s job.
+Before each shard is written, the free space of its file system is checked against the shard's size
+(plus ``SPACE_MARGIN``): a disk that filled up since the export started fails with one line naming the
+shortfall, not with safetensors' traceback, and a write that fails anyway is re-raised as ``OSError``.
+The writer only writes into the folder it is given; making the result appear atomically (and removing
+the unfinished folder on any error) is ``nemo_occ.atomic_io.atomic_directory``'s job.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from nemo_occ.export.hf_checkpoint import INDEX_FILE, check_shard_name
 
 EXTRA_SHARD = "model-extra-not-in-reference.safetensors"
+SPACE_MARGIN = 16 * 2**20
+"""Bytes kept free beyond a shard's tensors: its header, the index, the manifest, the side files."""
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def check_free_space(directory: Path, need: int, what: str) -> None:
+    """Raise a one-line ``OSError`` (ENOSPC) unless ``directory``'s file system has ``need`` bytes free."""
+    free = shutil.disk_usage(directory).free
+    if need > free:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough disk space for {what}: it needs {human_bytes(need)}, {directory} has {human_bytes(free)} "
+            f"free ({human_bytes(need - free)} short). Nothing was written; free some space or choose another --out",
+        )
 
 
 def _standalone(tensor: torch.Tensor, taken: set[int]) -> torch.Tensor:
@@ -78,8 +104,13 @@ class ShardedSafetensorsWriter:
         self._pending.pop(shard, None)
         if not tensors:
             return
-        save_file(tensors, str(self.directory / shard), metadata={"format": "pt"})
-        self._total_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        check_free_space(self.directory, size + SPACE_MARGIN, f"shard {shard}")
+        try:
+            save_file(tensors, str(self.directory / shard), metadata={"format": "pt"})
+        except SafetensorError as err:  # the disk filled up meanwhile, or the file system refused
+            raise OSError(f"writing {self.directory / shard} failed ({err}). Nothing was written") from err
+        self._total_bytes += size
         self._written.update(dict.fromkeys(tensors, shard))
 
     def close(self) -> dict[str, str]:

@@ -13,7 +13,13 @@ from safetensors.torch import load_file, save_file
 
 from nemo_occ.export.hf_checkpoint import read_local_checkpoint, read_reference
 from nemo_occ.export.hf_export import MANIFEST_FILE, write_hf_export
-from nemo_occ.export.verify import ExportVerificationError, ValueLimits, compare_checkpoints, verify_export
+from nemo_occ.export.verify import (
+    ExportVerificationError,
+    ManifestCheck,
+    ValueLimits,
+    compare_checkpoints,
+    verify_export,
+)
 from tests._export_synthetic import bridge_like_stream, make_reference_checkpoint, train_like
 
 INDEX = "model.safetensors.index.json"
@@ -56,10 +62,11 @@ def test_a_plain_copy_of_the_reference_is_an_untrained_mtp_layer(ref_and_copy, t
     ref, _ = ref_and_copy
     copy = tmp_path / "copy"
     shutil.copytree(ref, copy)
-    report = verify_export(copy, ref, raise_on_failure=False)
+    no_manifest = ManifestCheck(required=False)
+    report = verify_export(copy, ref, manifest=no_manifest, raise_on_failure=False)
     assert not report.ok and report.mtp_unchanged
-    assert f"no {MANIFEST_FILE}: per-tensor checksums not checked" in report.format()
-    assert verify_export(copy, ref, limits=ValueLimits(allow_unchanged_mtp=True)).ok
+    assert f"{MANIFEST_FILE} not read (--no-manifest)" in report.format()
+    assert verify_export(copy, ref, limits=ValueLimits(allow_unchanged_mtp=True), manifest=no_manifest).ok
 
 
 def test_missing_mtp_tensors_are_named_first(ref_and_copy):
@@ -347,10 +354,11 @@ def test_swapped_eh_proj_halves_in_an_export_and_the_configurable_limit(ref_and_
 
     _rewrite_shard(export, MTP_SHARD, swap)
     (export / MANIFEST_FILE).unlink()  # an export written by another tool: no checksums to fail
-    report = verify_export(export, ref, raise_on_failure=False)
+    no_manifest = ManifestCheck(required=False)
+    report = verify_export(export, ref, manifest=no_manifest, raise_on_failure=False)
     ((name, change),) = report.mtp_too_far
     assert name == "model.layers.2.eh_proj.weight" and change > 1.0
-    assert verify_export(export, ref, limits=ValueLimits(max_mtp_change=2.0)).ok
+    assert verify_export(export, ref, limits=ValueLimits(max_mtp_change=2.0), manifest=no_manifest).ok
 
 
 @pytest.mark.parametrize(
