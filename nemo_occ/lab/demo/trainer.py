@@ -43,7 +43,13 @@ from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statis
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
-from nemo_occ.core.metrics import UpdateStatistics, acceptance_counts, step_metrics
+from nemo_occ.core.metrics import (
+    UpdateStatistics,
+    acceptance_counts,
+    metric_rule,
+    reduce_values,
+    step_metrics,
+)
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.lab.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.lab.demo.config import DemoConfig
@@ -432,13 +438,14 @@ def step_row(updates: list[UpdateResult]) -> dict:
     """One step's row from its updates: the OCC statistics and draft acceptance reduced by the metrics
     contract (``nemo_occ.core.metrics.step_metrics``: λ of the last update, statistics averaged over
     applied updates, ``mtp/accuracy_k`` = Σ hits / Σ tokens), this demo's per-update metrics (losses,
-    ``grad_norm``, ``update/*``) averaged over the updates, and the probed update's ``exact/*``, ``fidelity/*``."""
+    ``grad_norm``, ``update/*``) reduced over the updates by the same rule (``metric_rule``: the mean),
+    and the probed update's ``exact/*``, ``fidelity/*``."""
     row: dict = {"updates": len(updates)}
     if not updates:
         return row
-    for key in updates[0].metrics:
+    for key in updates[0].metrics:  # one micro-batch per update: a Reduce.SUM metric is its update's value
         vals = [u.metrics[key] for u in updates if u.metrics.get(key) is not None]
-        row[key] = sum(vals) / len(vals) if vals else None
+        row[key] = reduce_values(vals, metric_rule(key)) if vals else None
     statistics = [u.statistics for u in updates if u.statistics is not None]
     acceptance = torch.stack([u.acceptance for u in updates]).sum(0)
     for key, value in step_metrics(statistics, acceptance).items():
