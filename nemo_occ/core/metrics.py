@@ -27,7 +27,8 @@ Keys per MTP depth d, and how a step's updates combine (applied: not skipped by 
 proxies are only monitored (``detach``/``ce``/``policy`` with ``monitor_proxies``): there ``lambda_<d>``
 is the λ OCC would pick and ``lambda_applied_<d>`` the fixed ``coef``. An applied update is one the
 optimizer applied (``skipped`` False); a skipped update's statistics were discarded. The keys are
-relative: NeMo-RL logs them under ``train/mtp/`` (docs/nemo_rl.md, section 4).
+relative: NeMo-RL logs them under ``train/mtp/`` (docs/nemo_rl.md, section 4), and so does the CPU demo
+(:func:`logged_name`).
 
 How each metric reduces is one rule, :func:`metric_rule` (a :class:`MetricRule` per relative key), read by
 every path: the NeMo-RL loss names each summable metric's global denominator from it
@@ -53,6 +54,7 @@ __all__ = [
     "Reduce",
     "UpdateStatistics",
     "acceptance_counts",
+    "logged_name",
     "loss_metric_names",
     "metric_prefix",
     "metric_rule",
@@ -124,6 +126,18 @@ def metric_rule(key: str, *, loss_per_sequence: bool = False) -> MetricRule:
     if base.startswith("fidelity/"):
         return MetricRule(Reduce.LAST)
     return MetricRule(Reduce.MEAN)
+
+
+def logged_name(key: str) -> str:
+    """The name a relative metric key is logged under, on every path: NeMo-RL's ``grpo_train`` logs a loss
+    metric ``k`` (``mtp/*``) as ``train/k`` and the worker's ``mtp_metrics`` (``occ/*``, ``proxy/*``,
+    ``accuracy_<d>``, ``fidelity/*``) as ``train/mtp/k``; the CPU demo names its rows the same way. Any
+    other key (a caller's own metric, e.g. the demo's ``reward/mean``) is returned as it is."""
+    if key.startswith("mtp/"):
+        return f"train/{key}"
+    if key.startswith(("occ/", "proxy/", "fidelity/")) or re.fullmatch(r"accuracy_\d+", key):
+        return f"train/mtp/{key}"
+    return key
 
 
 def loss_metric_names(num_depths: int) -> list[str]:

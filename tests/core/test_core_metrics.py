@@ -13,6 +13,7 @@ from nemo_occ.core.metrics import (
     Reduce,
     UpdateStatistics,
     acceptance_counts,
+    logged_name,
     loss_metric_names,
     metric_rule,
     reduce_values,
@@ -121,3 +122,21 @@ def test_reduce_values_follows_the_rule_and_refuses_what_it_cannot_reduce():
         reduce_values(vals, MetricRule(Reduce.RATIO))
     with pytest.raises(ValueError, match="no values"):
         reduce_values([], MetricRule(Reduce.MEAN))
+
+
+@pytest.mark.parametrize(
+    ("key", "logged"),
+    [
+        ("mtp/loss_1", "train/mtp/loss_1"),  # a loss metric: NeMo-RL's grpo_train logs it as train/<key>
+        ("mtp/loss_scaled", "train/mtp/loss_scaled"),
+        ("occ/lambda_2", "train/mtp/occ/lambda_2"),  # the worker's mtp_metrics: train/mtp/<key>
+        ("proxy/refreshed", "train/mtp/proxy/refreshed"),
+        ("accuracy_1", "train/mtp/accuracy_1"),
+        ("fidelity/trusted_1", "train/mtp/fidelity/trusted_1"),
+        ("reward/mean", "reward/mean"),  # a caller's own metric keeps its name
+        ("loss/clip_fraction", "loss/clip_fraction"),
+        ("accuracy", "accuracy"),
+    ],
+)
+def test_logged_name_is_the_name_nemo_rl_logs(key, logged):
+    assert logged_name(key) == logged

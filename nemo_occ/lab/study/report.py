@@ -60,7 +60,7 @@ def run_metrics(rows: list[dict], steps: int, wall_s: float | None = None) -> di
     ev = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
     out["eval_start"] = ev[0][1] if ev and ev[0][0] == 0 else None
     out["eval_final"] = ev[-1][1] if ev else None
-    agr = _vals(rl_rows, "mtp/accuracy_1")
+    agr = _vals(rl_rows, KEYS["agreement"][0])
     out["agreement_final"] = sum(agr) / len(agr) if agr else None
     lam_key = next((k for k in KEYS["lambda_stats"] if any(r.get(k) is not None for r in rows)), None)
     lam = _vals(rows, lam_key) if lam_key else []
