@@ -77,6 +77,8 @@ def write_hf_export(
     Raises ``ExportVerificationError`` (listing what is wrong, MTP first) when the result does not match
     the reference; ``out`` is then left untouched.
     """
+    # long on purpose: the write is one transaction inside atomic_directory (shards, copied files,
+    # verification, manifest, commit); split, its steps would leave the temporary folder's scope
     layout = mtp_layout(reference.config)
     limits = limits or ValueLimits()
     reference.check_complete("reference")

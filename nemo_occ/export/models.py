@@ -45,6 +45,7 @@ class MTPLayout:
     """``(hf_name, mtp_layer)`` of projections whose input halves are ``[hidden, emb]``."""
 
     def is_mtp(self, name: str) -> bool:
+        """Whether Hugging Face tensor ``name`` belongs to an MTP layer."""
         return name.startswith(self.mtp_prefixes)
 
 

@@ -377,6 +377,7 @@ def fig2_dynamics(
     (c) v̂² per token (δ_MTP against the main head's old log-prob) split into the MTP head's own change
     Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))²;
     (d) first-order λĉ (solid) and second-order ½λ²v̂² (dashed) terms of Eq. 10."""
+    # long on purpose: one figure's panels, drawn in reading order
     figure = "Fig. 2 (coefficient components)"
     _check_probes(probes, figure, keys=tuple(k for k in PROBE_KEYS if k != "d_rl2"))
     _check_runs(training, figure)
@@ -509,6 +510,7 @@ def regime_figures(
     checkpoint probes" (e.g. how many minibatches each). Returns the file names drawn and, for each figure
     that could not be drawn for lack of data (:class:`FigureDataError`), why: its file is then absent,
     an earlier one of that name removed. Any other error propagates."""
+    # long on purpose: the list of figures a study or demo draws, each with why it could not be drawn
     from nemo_occ.core.regimes import REGIMES, get_regime
 
     regime_of = dict(regime_of or {label: label for label in runs})

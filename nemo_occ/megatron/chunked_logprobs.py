@@ -118,6 +118,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     def forward(ctx, hidden_in, weight, targets, tp_group, vocab_start, chunk_size, sequence_parallel):
         # With sequence parallelism hidden_in is this rank's [Tl, H] shard: gathered here without
         # autograd, and only the shard is saved (backward gathers again).
+        # long on purpose: the chunk loop keeps one chunk's logits alive at a time and the tensors backward
+        # needs are saved in the same place they are made
         hidden = _gather_tokens(hidden_in, tp_group) if sequence_parallel else hidden_in  # [T, H]
         num_tokens = hidden.shape[0]
         vocab_local = weight.shape[0]
@@ -307,6 +309,8 @@ def token_logprobs(
     Returns:
         fp32 log-probs shaped like ``targets``; with ``return_top1`` a tuple (log-probs, is_top1).
     """
+    # long mostly in its docstring (the formula and what is saved for backward); the body checks the
+    # arguments and calls the autograd function
     if not isinstance(hidden, torch.Tensor) or not isinstance(weight, torch.Tensor):
         raise TypeError("token_logprobs: hidden and weight must be torch.Tensors")
     if not isinstance(targets, torch.Tensor) or targets.is_floating_point() or targets.is_complex():

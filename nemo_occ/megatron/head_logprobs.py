@@ -156,6 +156,8 @@ def head_logprobs(
     ``hidden`` is the head's output [s, b, H] as megatron produced it (before the output layer).
     ``detach_weight`` stops the gradient into the (shared) output weight.
     """
+    # long on purpose: one head's path from Megatron's hidden states to aligned log-probs (checks, targets,
+    # chunked log-probs, context-parallel gather, alignment) in order, sharing its layout
     from megatron.core import tensor_parallel
 
     tp_group, _ = _groups(gpt)

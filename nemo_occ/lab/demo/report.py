@@ -193,26 +193,7 @@ def summary_markdown(summary: dict, header: str) -> str:
         )
     fid = {r: e["fidelity"] for r, e in summary["regimes"].items() if "fidelity" in e}
     if fid:
-        lines += [
-            "",
-            "Proxy fidelity (`train/mtp/fidelity/*` at the last probe, `nemo_occ.core.fidelity`): per-token "
-            "proxies of the probed update against the exact c and v² over the main model's parameters "
-            "(the paper's Fig. 8). "
-            "Spearman ρ with its 95% interval; how often sign(ĉ) = sign(c), against chance; median "
-            "|λ|·‖g_MTP‖/‖g_RL‖; trusted = both intervals above 0 and the sign beats chance. "
-            "— : undefined (a constant series).",
-            "",
-            "| regime | depth | probes | ρ(ĉ, c) [95%] | ρ(v̂², v²) [95%] | sign(ĉ) = sign(c) (chance) "
-            "| update share | trusted |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r, f in fid.items():
-            for d, e in f["depths"].items():
-                lines.append(
-                    f"| {r} | {d} | {f['probes']} | {_rho(e, 'c')} | {_rho(e, 'v2')} | "
-                    f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
-                    f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
-                )
+        lines += _fidelity_table(fid)
     if summary.get("plots"):
         lines += ["", "Figures (`nemo_occ.lab.figures`; each caption names the setting):", ""]
         lines += [f"![{name}]({name})" for name in summary["plots"]]
@@ -220,6 +201,31 @@ def summary_markdown(summary: dict, header: str) -> str:
         lines += ["", "Figures not drawn, their metrics missing: "
                   + "; ".join(f"{k}: {v}" for k, v in summary["plots_not_drawn"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_table(fid: dict) -> list[str]:
+    """summary.md's proxy-fidelity notes and table: one row per regime and MTP depth."""
+    lines = [
+        "",
+        "Proxy fidelity (`train/mtp/fidelity/*` at the last probe, `nemo_occ.core.fidelity`): per-token "
+        "proxies of the probed update against the exact c and v² over the main model's parameters "
+        "(the paper's Fig. 8). "
+        "Spearman ρ with its 95% interval; how often sign(ĉ) = sign(c), against chance; median "
+        "|λ|·‖g_MTP‖/‖g_RL‖; trusted = both intervals above 0 and the sign beats chance. "
+        "— : undefined (a constant series).",
+        "",
+        "| regime | depth | probes | ρ(ĉ, c) [95%] | ρ(v̂², v²) [95%] | sign(ĉ) = sign(c) (chance) "
+        "| update share | trusted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r, f in fid.items():
+        for d, e in f["depths"].items():
+            lines.append(
+                f"| {r} | {d} | {f['probes']} | {_rho(e, 'c')} | {_rho(e, 'v2')} | "
+                f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
+                f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
+            )
+    return lines
 
 
 def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
