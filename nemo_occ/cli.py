@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nemo-occ`` parser: one sub-command per module of ``_COMMAND_MODULES`` that imports."""
     from nemo_occ import __version__
 
     parser = argparse.ArgumentParser(
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` names (default ``sys.argv``); its exit code (2, with help, for none)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -148,6 +148,7 @@ def _print(report: dict) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``nemo-occ info`` (what is installed and which layers work) to ``subparsers``."""
     parser = subparsers.add_parser(
         "info",
         help="versions, CUDA, megatron capabilities and import checks (paste it into bug reports)",

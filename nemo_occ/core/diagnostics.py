@@ -166,6 +166,9 @@ def gradient_statistics(
     the model (the world, for one model per world); the scalars are summed over it once. Every rank of
     every group involved must call this with its parameters in the same order as its peers.
     """
+    # long on purpose: one pass over the parameters accumulates c, v² and ‖g_RL‖² of every depth, then the
+    # scalars are summed over the group once; split, each part would walk the parameters and their missing
+    # gradients again
     K = len(mtp_grads)
     if K < 1:
         raise ValueError("no MTP depth: pass one gradient list per MTP depth")

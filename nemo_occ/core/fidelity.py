@@ -210,6 +210,7 @@ class ProbeHistory:
         return out
 
     def state_dict(self) -> dict:
+        """The probes recorded so far, as lists (for the OCC checkpoint; :meth:`load_state_dict` reads it)."""
         return {"num_depths": self.num_depths, "records": [[list(r) for r in rec] for rec in self.records]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -265,6 +266,7 @@ class HeadGap:
         return torch.stack(rows)
 
     def add(self, stats: torch.Tensor) -> None:
+        """Add one micro-batch's [K, 4] sums (:meth:`statistics`) to the open update's."""
         self._sums += stats
 
     def discard(self) -> None:

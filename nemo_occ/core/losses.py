@@ -191,6 +191,8 @@ def clipped_policy_loss(
     Returns ``(loss, metrics)``; ``loss`` is this micro-batch's share of the global-batch mean, in
     float32 (float64 for float64 inputs), with |log r| clamped to ``MAX_LOG_RATIO`` (module docstring).
     """
+    # long on purpose: one formula (ratio, clip, dual clip, aggregation) read top-down against NeMo-RL's
+    # ClippedPGLossFn; split, the aggregation would drift from the ratio it divides
     m = check_logprob_inputs(mask, ("logprobs", logprobs), ("old_logprobs", old_logprobs))
     adv = _broadcast_advantages(advantages, mask)
     if not bool(torch.isfinite(adv[m]).all()):

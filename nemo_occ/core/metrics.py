@@ -27,17 +27,142 @@ Keys per MTP depth d, and how a step's updates combine (applied: not skipped by 
 proxies are only monitored (``detach``/``ce``/``policy`` with ``monitor_proxies``): there ``lambda_<d>``
 is the λ OCC would pick and ``lambda_applied_<d>`` the fixed ``coef``. An applied update is one the
 optimizer applied (``skipped`` False); a skipped update's statistics were discarded. The keys are
-relative: NeMo-RL logs them under ``train/mtp/`` (docs/nemo_rl.md, section 4).
+relative: NeMo-RL logs them under ``train/mtp/`` (docs/nemo_rl.md, section 4), and so does the CPU demo
+(:func:`logged_name`).
+
+How each metric reduces is one rule, :func:`metric_rule` (a :class:`MetricRule` per relative key), read by
+every path: the NeMo-RL loss names each summable metric's global denominator from it
+(``OCCLossFn.metric_normalizations``), :func:`step_metrics` reduces the updates by it, and the CPU demo
+reduces its per-update rows by it. NeMo-RL's contract for a loss's metrics: each micro-batch's value is
+already divided by a global denominator and the values are summed downstream (keys ending ``_min`` /
+``_max`` excepted, which are reduced by min / max).
 """
 
 from __future__ import annotations
 
+import enum
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DepthStatistics", "UpdateStatistics", "acceptance_counts", "metric_prefix", "step_metrics"]
+__all__ = [
+    "Denominator",
+    "DepthStatistics",
+    "MetricRule",
+    "Reduce",
+    "UpdateStatistics",
+    "acceptance_counts",
+    "logged_name",
+    "loss_metric_names",
+    "metric_prefix",
+    "metric_rule",
+    "reduce_values",
+    "step_metrics",
+]
+
+
+class Reduce(enum.Enum):
+    """How a metric's values over one RL step (its micro-batches and optimizer updates) become one value."""
+
+    SUM = "sum"  # a loss's micro-batch value pre-divided by its update's global denominator: Σ over the
+    # update's micro-batches is the update's batch mean, and the step logs the mean of its updates' means
+    MEAN = "mean"  # mean over the step's applied updates (a skipped update's statistics were discarded)
+    SHARE = "share"  # a 0/1 flag per update: mean over all the step's updates
+    LAST = "last"  # the step's last update
+    RATIO = "ratio"  # Σ numerators / Σ denominators over the step (draft acceptance: hits / tokens)
+    MIN = "min"  # smallest value (NeMo-RL reduces keys ending _min so and does not sum them)
+    MAX = "max"  # largest value (keys ending _max)
+
+
+class Denominator(enum.Enum):
+    """The global count a ``Reduce.SUM`` metric is divided by; the values are NeMo-RL's ``MetricNormalizer``'s."""
+
+    TOKENS = "tokens"  # global_valid_toks
+    SEQUENCES = "sequences"  # global_valid_seqs
+    NONE = "none"  # not divided by a global count
+
+
+@dataclass(frozen=True)
+class MetricRule:
+    """How one metric reduces over a step, and for a summed loss metric the denominator it carries."""
+
+    reduce: Reduce
+    denominator: Denominator = Denominator.NONE
+
+
+_DEPTH = re.compile(r"_\d+$")
+
+
+def metric_rule(key: str, *, loss_per_sequence: bool = False) -> MetricRule:
+    """The one reduction rule for a relative metric key (``mtp/loss_1``, ``occ/lambda_1``, ``accuracy_1``, ...).
+
+    - ``mtp/*`` (the loss's per-micro-batch metrics): ``Reduce.SUM``, divided by the global valid tokens,
+      except ``mtp/loss_<d>`` and ``mtp/loss_scaled``, divided by the global valid sequences when the MTP
+      term is a sequence-level policy loss (``loss_per_sequence``);
+    - ``occ/*``, ``proxy/*`` (the calibrator's per-update statistics): λ_d ``Reduce.LAST``, the
+      ``refreshed`` / ``skipped`` flags ``Reduce.SHARE``, the rest ``Reduce.MEAN``;
+    - ``accuracy_<d>``: ``Reduce.RATIO`` (Σ hits / Σ tokens, :func:`acceptance_counts`);
+    - ``fidelity/*`` (the probe's running statistics): ``Reduce.LAST``;
+    - keys ending ``_min`` / ``_max``: ``Reduce.MIN`` / ``Reduce.MAX``; any other key (a caller's own
+      per-update metric): ``Reduce.MEAN``.
+    """
+    base = _DEPTH.sub("", key)
+    if base.endswith("_min"):
+        return MetricRule(Reduce.MIN)
+    if base.endswith("_max"):
+        return MetricRule(Reduce.MAX)
+    if base.startswith("mtp/"):
+        per_seq = loss_per_sequence and base in ("mtp/loss", "mtp/loss_scaled")
+        return MetricRule(Reduce.SUM, Denominator.SEQUENCES if per_seq else Denominator.TOKENS)
+    if base.startswith(("occ/", "proxy/")):
+        name = base.partition("/")[2]
+        if name == "lambda":
+            return MetricRule(Reduce.LAST)
+        return MetricRule(Reduce.SHARE if name in ("refreshed", "skipped") else Reduce.MEAN)
+    if base == "accuracy":
+        return MetricRule(Reduce.RATIO)
+    if base.startswith("fidelity/"):
+        return MetricRule(Reduce.LAST)
+    return MetricRule(Reduce.MEAN)
+
+
+def logged_name(key: str) -> str:
+    """The name a relative metric key is logged under, on every path: NeMo-RL's ``grpo_train`` logs a loss
+    metric ``k`` (``mtp/*``) as ``train/k`` and the worker's ``mtp_metrics`` (``occ/*``, ``proxy/*``,
+    ``accuracy_<d>``, ``fidelity/*``) as ``train/mtp/k``; the CPU demo names its rows the same way. Any
+    other key (a caller's own metric, e.g. the demo's ``reward/mean``) is returned as it is."""
+    if key.startswith("mtp/"):
+        return f"train/{key}"
+    if key.startswith(("occ/", "proxy/", "fidelity/")) or re.fullmatch(r"accuracy_\d+", key):
+        return f"train/mtp/{key}"
+    return key
+
+
+def loss_metric_names(num_depths: int) -> list[str]:
+    """The summable metrics a loss with an MTP term reports per micro-batch: ``mtp/loss_scaled`` and per
+    depth ``mtp/loss_<d>``, ``mtp/clip_fraction_<d>`` (policy-loss regimes), ``mtp/valid_fraction_<d>``."""
+    names = ["mtp/loss_scaled"]
+    for d in range(1, num_depths + 1):
+        names += [f"mtp/loss_{d}", f"mtp/clip_fraction_{d}", f"mtp/valid_fraction_{d}"]
+    return names
+
+
+def reduce_values(values: Sequence[float], rule: MetricRule) -> float:
+    """One step's value of a metric from its values in order (per update, or per micro-batch for SUM)."""
+    if not values:
+        raise ValueError("no values to reduce")
+    if rule.reduce in (Reduce.SUM, Reduce.MEAN, Reduce.SHARE):
+        # SUM: per-update values are each update's micro-batch sums, so the step's value is their mean
+        return sum(values) / len(values)
+    if rule.reduce is Reduce.LAST:
+        return values[-1]
+    if rule.reduce is Reduce.MIN:
+        return min(values)
+    if rule.reduce is Reduce.MAX:
+        return max(values)
+    raise ValueError(f"{rule.reduce.value} needs numerators and denominators, not values")
 
 
 @dataclass(frozen=True)
@@ -114,16 +239,18 @@ def step_metrics(
     if updates:
         pre = updates[-1].prefix
         applied = [u for u in updates if not u.skipped]
-        for k, last in enumerate(updates[-1].depths):
+        for k in range(len(updates[-1].depths)):
             d = k + 1
-            out[f"{pre}/lambda_{d}"] = last.lambda_next
+            key = f"{pre}/lambda_{d}"
+            out[key] = reduce_values([u.depths[k].lambda_next for u in updates], metric_rule(key))
             per_update = [_depth_metrics(u.depths[k]) for u in applied]
             for name in dict.fromkeys(name for m in per_update for name in m):  # in order, each once
-                values = [m[name] for m in per_update if name in m]
-                out[f"{pre}/{name}_{d}"] = sum(values) / len(values)
-        out[f"{pre}/refreshed"] = sum(u.refreshed for u in updates) / len(updates)
-        out[f"{pre}/skipped"] = sum(u.skipped for u in updates) / len(updates)
-    if acceptance is not None:
+                key = f"{pre}/{name}_{d}"  # Reduce.MEAN: over the applied updates only
+                out[key] = reduce_values([m[name] for m in per_update if name in m], metric_rule(key))
+        for flag in ("refreshed", "skipped"):
+            key = f"{pre}/{flag}"
+            out[key] = reduce_values([float(getattr(u, flag)) for u in updates], metric_rule(key))
+    if acceptance is not None:  # Reduce.RATIO
         hits, tokens = acceptance.to(torch.float64).cpu().unbind(-1)
         accuracy = (hits / tokens.clamp(min=1)).tolist()  # Megatron's clamp: 0 when nothing was valid
         out.update({f"accuracy_{d}": value for d, value in enumerate(accuracy, start=1)})

@@ -160,6 +160,8 @@ def export_megatron_to_hf(
     space) is checked before it is loaded. Raises ``ExportVerificationError`` if the result does not
     match.
     """
+    # long on purpose: the export's steps in order (load, stream, fix up, write, verify), each a call; kept
+    # as one script to read
     iteration_dir = resolve_iteration_dir(megatron_ckpt)
     step = training_step_of(iteration_dir)
     reference = read_reference(hf_model)

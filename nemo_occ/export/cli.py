@@ -152,6 +152,8 @@ def _add_value_limits(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``nemo-occ export`` (Megatron checkpoint to Hugging Face with its MTP layers) to ``subparsers``."""
+    # long on purpose: the command's argparse options, one after another
     export = subparsers.add_parser(
         "export",
         help="Export a Megatron checkpoint to Hugging Face with its MTP layers (Megatron-Bridge), verified.",

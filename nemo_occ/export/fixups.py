@@ -38,6 +38,7 @@ class FixupLog:
     entries: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, kind: str, name: str, **details: Any) -> None:
+        """Record one fix-up: its ``kind``, the tensor ``name`` it touched and what it did."""
         self.entries.append({"kind": kind, "name": name, **details})
 
 

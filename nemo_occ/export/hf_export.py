@@ -80,6 +80,8 @@ def write_hf_export(
     the reference; ``out`` is then left untouched. ``source`` (the checkpoint the stream comes from)
     and ``training_step`` go into the manifest, where ``verify-export --expect-step`` reads them.
     """
+    # long on purpose: the write is one transaction inside atomic_directory (shards, copied files,
+    # verification, manifest, commit); split, its steps would leave the temporary folder's scope
     step = training_step or TrainingStep(None, "not given to the export")
     layout = mtp_layout(reference.config)
     limits = limits or ValueLimits()

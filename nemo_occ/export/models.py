@@ -54,6 +54,7 @@ class MTPLayout:
     """``(mtp_layer, gate name, up name)``: the HF halves of a dense MTP layer's Megatron ``linear_fc1``."""
 
     def is_mtp(self, name: str) -> bool:
+        """Whether Hugging Face tensor ``name`` belongs to an MTP layer."""
         return name.startswith(self.mtp_prefixes)
 
 

@@ -34,6 +34,7 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 
 
 def file_digest(path: Path) -> str:
+    """SHA-256 of the file's bytes (hex), read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -149,6 +149,7 @@ class VerificationReport:
 
     @property
     def ok(self) -> bool:
+        """True when nothing is missing, unexpected, misshaped or different from the reference."""
         return not (
             self.missing
             or self.unexpected
@@ -179,6 +180,8 @@ class VerificationReport:
         return lines
 
     def mtp_change_summary(self) -> str | None:
+        """One line on how far the MTP layer moved from the reference (median and largest relative
+        change); None without MTP changes."""
         if not self.mtp_changes:
             return None
         worst = max(self.mtp_changes, key=self.mtp_changes.__getitem__)
@@ -191,6 +194,7 @@ class VerificationReport:
 
     def format(self, limit: int | None = 50) -> str:
         """A readable summary; lists are cut at ``limit`` names (MTP ones come first)."""
+        # long on purpose: one section per kind of finding, in the order the report prints them
         mtp = self.is_mtp
 
         def tag(name: str) -> str:

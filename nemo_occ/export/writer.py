@@ -83,6 +83,7 @@ class ShardedSafetensorsWriter:
         self._closed = False
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Queue ``tensor`` under ``name`` for the shards (each name once; not after :meth:`close`)."""
         if self._closed:
             raise RuntimeError("ShardedSafetensorsWriter.add() after close().")
         if not isinstance(tensor, torch.Tensor):

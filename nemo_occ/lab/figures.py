@@ -44,17 +44,18 @@ __all__ = [
     "training_probes",
 ]
 
-# Metric names read from training rows, in one place (the metrics contract may rename them).
-# A tuple lists accepted names, first match wins (occ/... under OCC, proxy/... when only monitored).
+# Metric names read from training rows, in one place: the MTP metrics as NeMo-RL logs them
+# (nemo_occ.core.metrics.logged_name). A tuple lists accepted names, first match wins (train/mtp/occ/...
+# under OCC, train/mtp/proxy/... when only monitored).
 KEYS: dict[str, tuple[str, ...]] = {
     "reward": ("reward/mean",),
     "eval": ("eval/accuracy",),
-    "agreement": ("mtp/accuracy_1",),
-    "lambda_applied": ("occ/lambda_applied_1", "proxy/lambda_applied_1"),
+    "agreement": ("train/mtp/accuracy_1",),
+    "lambda_applied": ("train/mtp/occ/lambda_applied_1", "train/mtp/proxy/lambda_applied_1"),
     # λ after the step's last update: Eq. 13 on that update's own statistics (what OCC applies next)
-    "lambda_stats": ("occ/lambda_1", "proxy/lambda_1"),
-    "first_order": ("occ/first_order_1", "proxy/first_order_1"),
-    "second_order": ("occ/second_order_1", "proxy/second_order_1"),
+    "lambda_stats": ("train/mtp/occ/lambda_1", "train/mtp/proxy/lambda_1"),
+    "first_order": ("train/mtp/occ/first_order_1", "train/mtp/proxy/first_order_1"),
+    "second_order": ("train/mtp/occ/second_order_1", "train/mtp/proxy/second_order_1"),
 }
 # Keys of one probe record (nemo_occ.lab.study.probe): per-token proxies next to the exact statistics.
 PROBE_KEYS = (
@@ -85,20 +86,22 @@ _STYLES = [
 
 
 # the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
-_TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fidelity/rl_norm2",
-                   "c_hat": "fidelity/c_hat_per_token_1", "v2_hat": "fidelity/v2_hat_per_token_1"}  # fmt: skip
+_TRAINING_PROBE = {"c": "train/mtp/fidelity/c_1", "v2": "train/mtp/fidelity/v2_1",
+                   "rl_norm2": "train/mtp/fidelity/rl_norm2", "c_hat": "train/mtp/fidelity/c_hat_per_token_1",
+                   "v2_hat": "train/mtp/fidelity/v2_hat_per_token_1"}  # fmt: skip
 
 
 def training_probes(rows: Sequence[dict]) -> list[dict]:
     """The run's in-training probes as probe records: per-token proxies and exact statistics of the probed
     update, and, when the row has them, v̂²'s readings and head gap per token (the step's updates' mean,
-    ``<p>/v2_hat_vs_main_old_1`` ... over ``<p>/valid_tokens_1``). No Σδ_RL², so no proxy cosine."""
+    ``train/mtp/<p>/v2_hat_vs_main_old_1`` ... over ``train/mtp/<p>/valid_tokens_1``). No Σδ_RL², so no
+    proxy cosine."""
     out = []
     for r in rows:
         if not all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
             continue
         rec = {"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}}
-        pre = "occ" if r.get("occ/valid_tokens_1") is not None else "proxy"
+        pre = "train/mtp/occ" if r.get("train/mtp/occ/valid_tokens_1") is not None else "train/mtp/proxy"
         n, main = r.get(f"{pre}/valid_tokens_1"), r.get(f"{pre}/v2_hat_vs_main_old_1")
         own, share = r.get(f"{pre}/v2_hat_vs_own_old_1"), r.get(f"{pre}/head_gap_share_1")
         if n and main is not None and own is not None and share is not None:
@@ -374,6 +377,7 @@ def fig2_dynamics(
     (c) v̂² per token (δ_MTP against the main head's old log-prob) split into the MTP head's own change
     Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))²;
     (d) first-order λĉ (solid) and second-order ½λ²v̂² (dashed) terms of Eq. 10."""
+    # long on purpose: one figure's panels, drawn in reading order
     figure = "Fig. 2 (coefficient components)"
     _check_probes(probes, figure, keys=tuple(k for k in PROBE_KEYS if k != "d_rl2"))
     _check_runs(training, figure)
@@ -506,6 +510,7 @@ def regime_figures(
     checkpoint probes" (e.g. how many minibatches each). Returns the file names drawn and, for each figure
     that could not be drawn for lack of data (:class:`FigureDataError`), why: its file is then absent,
     an earlier one of that name removed. Any other error propagates."""
+    # long on purpose: the list of figures a study or demo draws, each with why it could not be drawn
     from nemo_occ.core.regimes import REGIMES, get_regime
 
     regime_of = dict(regime_of or {label: label for label in runs})

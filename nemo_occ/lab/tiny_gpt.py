@@ -58,6 +58,7 @@ def build_transformer_config(cfg: TinyGPTConfig, **fields):
 
     ``fields`` are further ``TransformerConfig`` fields (e.g. ``use_mup=True`` on newer cores).
     """
+    # long on purpose: one TransformerConfig's fields, listed
     from megatron.core import parallel_state
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig

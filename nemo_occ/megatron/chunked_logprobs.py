@@ -228,6 +228,8 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
     ):
         # With sequence parallelism hidden_in is this rank's [Tl, H] shard: gathered here without
         # autograd, and only the shard is saved (backward gathers again).
+        # long on purpose: the chunk loop keeps one chunk's logits alive at a time and the tensors backward
+        # needs are saved in the same place they are made
         hidden = _gather_tokens(hidden_in, tp_group) if sequence_parallel else hidden_in  # [T, H]
         num_tokens = hidden.shape[0]
         safe_ids, in_shard = _shard_targets(targets, vocab_start, weight.shape[0])  # [T] each
@@ -341,6 +343,8 @@ class _FusedTokenLoss(torch.autograd.Function):
         ctx, hidden_in, weight, targets, token_grad, grad_scale, tp_group, vocab_start, chunk_size,
         sequence_parallel, validate,
     ):  # fmt: skip
+        # long on purpose: the fused chunk loop (logits, loss gradient, input and weight gradients) keeps
+        # one chunk alive at a time; split, each piece would take the same dozen arguments
         hidden = _gather_tokens(hidden_in, tp_group) if sequence_parallel else hidden_in  # [T, H]
         num_tokens = hidden.shape[0]
         safe_ids, in_shard = _shard_targets(targets, vocab_start, weight.shape[0])  # [T] each
@@ -509,6 +513,8 @@ def token_logprobs(
     Returns:
         fp32 log-probs shaped like ``targets``; with ``return_top1`` a tuple (log-probs, is_top1).
     """
+    # long mostly in its docstring (the formula and what is saved for backward); the body checks the
+    # arguments and calls the autograd function
     _check_inputs(hidden, weight, targets, sequence_parallel, tp_group)
     tp_size = _world_size(tp_group)
     _check_options(chunk_size, vocab_start, tp_group)

@@ -229,6 +229,8 @@ def _head(
     brings the gradient; else the carrier is None."""
     from megatron.core import tensor_parallel
 
+    # long on purpose: one head's path from Megatron's hidden states to aligned log-probs (checks, targets,
+    # fused or chunked log-probs, context-parallel gather, alignment) in order, sharing its layout
     tp_group, _ = _groups(gpt)
     tp_size = torch.distributed.get_world_size(tp_group) if tp_group is not None else 1
     tp_rank = torch.distributed.get_rank(tp_group) if tp_size > 1 else 0

@@ -8,6 +8,7 @@ __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``nemo-occ train`` (GRPO/DAPO/GSPO on NeMo-RL with nemo-occ's MTP training) to ``subparsers``."""
     parser = subparsers.add_parser(
         "train",
         help="run GRPO/DAPO/GSPO on NeMo-RL with nemo-occ's MTP training (inside the NeMo-RL container)",

@@ -142,6 +142,7 @@ class NewerKey:
     release_value: Any  # the value that means the same as leaving the key out
 
     def note(self, value: Any) -> str:
+        """The line the recipe check prints when this key, set to ``value``, is taken out of the config."""
         same = value == self.release_value
         return (
             f"{self.path}={value} left out: this NeMo-RL does not declare it (added by {self.change}); "

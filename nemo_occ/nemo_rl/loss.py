@@ -10,7 +10,8 @@ both terms sum over micro-batches and data-parallel ranks to full-batch means.
 Protocol (``nemo_rl.algorithms.loss.interfaces.LossFunction``): ``loss_type`` and ``input_type`` are the
 main loss's (TOKEN_LEVEL unless ``token_level_loss: false``; LOGPROB), ``__call__(next_token_logprobs,
 data, global_valid_seqs, global_valid_toks)`` returns ``(loss, metrics)`` with every summable metric
-pre-divided by a global denominator, and ``metric_normalizations`` names that denominator per metric.
+pre-divided by a global denominator, and ``metric_normalizations`` names that denominator per metric
+(the reduction rule of :func:`nemo_occ.core.metrics.metric_rule`, shared with the worker and the lab).
 Other attributes NeMo-RL reads off the loss (``reference_policy_kl_penalty``, ``force_on_policy_ratio``,
 ``use_fused_linear_logprobs``, ...) are the main loss's.
 
@@ -41,7 +42,7 @@ import torch
 
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
 from nemo_occ.core.inputs import TokenInputs
-from nemo_occ.core.metrics import acceptance_counts
+from nemo_occ.core.metrics import acceptance_counts, loss_metric_names, metric_rule
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl.compat import clipped_pg_loss, metric_normalizer
 from nemo_occ.nemo_rl.fused_mtp import MTP_CARRIER_KEY
@@ -112,22 +113,19 @@ class OCCLossFn:
             self._probe = None
 
     def _our_normalizations(self) -> dict[str, Any]:
+        """The denominator of each MTP metric this loss reports, by the one rule of
+        :func:`nemo_occ.core.metrics.metric_rule`, as NeMo-RL's ``MetricNormalizer``."""
         # NeMo-RL's enum where it has one (#2683), else one with the same values: NeMo-RL v0.7.0 reads no
         # table (its synchronous trainer passes the global denominators and sums the metrics), so there
         # the table documents the denominators and changes nothing (nemo_occ.nemo_rl.compat).
         MetricNormalizer = metric_normalizer()
-        seq_level = self.policy_cfg.aggregation == "seq_mean_token_mean"
-        loss_norm = (
-            MetricNormalizer.SEQUENCES
-            if (self.nemo_occ_cfg.regime_spec.uses_policy_loss and seq_level)
-            else MetricNormalizer.TOKENS
+        per_seq = self.nemo_occ_cfg.regime_spec.uses_policy_loss and (
+            self.policy_cfg.aggregation == "seq_mean_token_mean"
         )
-        out = {"mtp/loss_scaled": loss_norm}
-        for d in range(1, self.nemo_occ_cfg.num_depths + 1):
-            out[f"mtp/loss_{d}"] = loss_norm
-            out[f"mtp/clip_fraction_{d}"] = MetricNormalizer.TOKENS
-            out[f"mtp/valid_fraction_{d}"] = MetricNormalizer.TOKENS
-        return out
+        return {
+            name: MetricNormalizer(metric_rule(name, loss_per_sequence=per_seq).denominator.value)
+            for name in loss_metric_names(self.nemo_occ_cfg.num_depths)
+        }
 
     # -- LossFunction protocol ---------------------------------------------------------------------
     def __call__(

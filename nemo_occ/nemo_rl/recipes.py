@@ -265,10 +265,12 @@ class ParallelLayout:
 
     @property
     def dp(self) -> int:
+        """Data-parallel size: world / (TP · PP · CP)."""
         return self.world // (self.tp * self.pp * self.cp)
 
 
 def parallel_layout(cfg: Mapping) -> ParallelLayout:
+    """The recipe's GPU count and Megatron parallel sizes (``policy.megatron_cfg``), as integers."""
     mc = _get(cfg, "policy.megatron_cfg", {}) or {}
     return ParallelLayout(
         world=_int(_get(cfg, "cluster.num_nodes")) * _int(_get(cfg, "cluster.gpus_per_node")),
@@ -281,6 +283,7 @@ def parallel_layout(cfg: Mapping) -> ParallelLayout:
 
 
 def _check_layout(cfg: Mapping, facts: ModelFacts | None, problems: list[str]) -> None:
+    # long on purpose: one check per parallel-layout rule, each appending its own message
     lay = parallel_layout(cfg)
     mc = _get(cfg, "policy.megatron_cfg", {}) or {}
     model_parallel = lay.tp * lay.pp * lay.cp
@@ -344,6 +347,7 @@ def _check_layout(cfg: Mapping, facts: ModelFacts | None, problems: list[str]) -
 
 
 def _check_mtp(cfg: Mapping, occ: NemoOCCConfig, facts: ModelFacts | None, problems: list[str]) -> None:
+    # long on purpose: one check per MTP setting of the recipe, each appending its own message
     temperature = _get(cfg, "policy.generation.temperature", 1.0)
     if occ.regime_spec.uses_policy_loss and temperature is not None and float(temperature) != 1.0:
         # NeMo-RL divides the main logits by the sampling temperature before its log-probs; the MTP

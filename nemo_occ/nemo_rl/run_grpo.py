@@ -44,6 +44,7 @@ __all__ = ["main", "parse_args", "register_worker"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """(the entry script's options, the Hydra-style ``key=value`` overrides that follow them)."""
     parser = argparse.ArgumentParser(
         prog="python -m nemo_occ.nemo_rl.run_grpo",
         description="Run NeMo-RL GRPO with nemo-occ's MTP training (OCC).",
@@ -128,6 +129,7 @@ def register_worker() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: check the recipe (``--check``) or train with it; the exit code."""
     args, overrides = parse_args(argv)
     try:
         if args.check:
@@ -182,6 +184,9 @@ def check_only(
 
 
 def train(config: dict, config_path: str) -> int:  # pragma: no cover - needs GPUs, Ray and NeMo-RL
+    """NeMo-RL's GRPO set-up and ``grpo_train`` on ``config``, with nemo-occ's policy worker and loss."""
+    # long on purpose: NeMo-RL's own entry script's steps in its order (Ray, tokenizer, data, setup,
+    # grpo_train), so it can be read against upstream
     from nemo_rl.algorithms.grpo import MasterConfig, grpo_train, setup
     from nemo_rl.algorithms.utils import get_tokenizer
     from nemo_rl.data.utils import setup_response_data

@@ -6,7 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics, acceptance_counts, step_metrics
+from nemo_occ.core.metrics import (
+    Denominator,
+    DepthStatistics,
+    MetricRule,
+    Reduce,
+    UpdateStatistics,
+    acceptance_counts,
+    logged_name,
+    loss_metric_names,
+    metric_rule,
+    reduce_values,
+    step_metrics,
+)
 
 
 def _update(c, v2, n, applied, nxt, *, refreshed=True, skipped=False, calibrated=True, **gap):
@@ -65,3 +77,66 @@ def test_accuracy_is_hits_over_mtp_valid_loss_tokens_summed_before_the_ratio():
         acceptance_counts([batches[0][0]], [])
     with pytest.raises(ValueError, match="differ"):
         acceptance_counts([batches[0][0]], [batches[0][1][:, :-1]])
+
+
+@pytest.mark.parametrize(
+    ("key", "per_seq", "expected"),
+    [
+        ("mtp/loss_2", False, MetricRule(Reduce.SUM, Denominator.TOKENS)),
+        ("mtp/loss_2", True, MetricRule(Reduce.SUM, Denominator.SEQUENCES)),
+        ("mtp/loss_scaled", True, MetricRule(Reduce.SUM, Denominator.SEQUENCES)),
+        ("mtp/clip_fraction_1", True, MetricRule(Reduce.SUM, Denominator.TOKENS)),  # a share of tokens
+        ("mtp/valid_fraction_1", True, MetricRule(Reduce.SUM, Denominator.TOKENS)),
+        ("occ/lambda_1", False, MetricRule(Reduce.LAST)),
+        ("proxy/lambda_3", False, MetricRule(Reduce.LAST)),
+        ("occ/lambda_applied_1", False, MetricRule(Reduce.MEAN)),
+        ("occ/refreshed", False, MetricRule(Reduce.SHARE)),
+        ("proxy/skipped", False, MetricRule(Reduce.SHARE)),
+        ("accuracy_2", False, MetricRule(Reduce.RATIO)),
+        ("fidelity/trusted_1", False, MetricRule(Reduce.LAST)),
+        ("mtp/ratio_min", False, MetricRule(Reduce.MIN)),  # NeMo-RL never sums _min/_max keys
+        ("occ/c_hat_max_1", False, MetricRule(Reduce.MAX)),
+        ("grad_norm", False, MetricRule(Reduce.MEAN)),
+    ],
+)
+def test_one_rule_names_each_metrics_reduction(key, per_seq, expected):
+    assert metric_rule(key, loss_per_sequence=per_seq) == expected
+
+
+def test_loss_metric_names_list_each_depths_summable_metrics():
+    assert loss_metric_names(2) == [
+        "mtp/loss_scaled", "mtp/loss_1", "mtp/clip_fraction_1", "mtp/valid_fraction_1",
+        "mtp/loss_2", "mtp/clip_fraction_2", "mtp/valid_fraction_2",
+    ]  # fmt: skip
+
+
+def test_reduce_values_follows_the_rule_and_refuses_what_it_cannot_reduce():
+    vals = [3.0, 1.0, 2.0]
+    assert reduce_values(vals, MetricRule(Reduce.SUM, Denominator.TOKENS)) == 2.0  # mean of update sums
+    assert reduce_values(vals, MetricRule(Reduce.MEAN)) == 2.0
+    assert reduce_values([1.0, 0.0, 0.0, 1.0], MetricRule(Reduce.SHARE)) == 0.5
+    assert reduce_values(vals, MetricRule(Reduce.LAST)) == 2.0
+    assert reduce_values(vals, MetricRule(Reduce.MIN)) == 1.0
+    assert reduce_values(vals, MetricRule(Reduce.MAX)) == 3.0
+    with pytest.raises(ValueError, match="numerators and denominators"):
+        reduce_values(vals, MetricRule(Reduce.RATIO))
+    with pytest.raises(ValueError, match="no values"):
+        reduce_values([], MetricRule(Reduce.MEAN))
+
+
+@pytest.mark.parametrize(
+    ("key", "logged"),
+    [
+        ("mtp/loss_1", "train/mtp/loss_1"),  # a loss metric: NeMo-RL's grpo_train logs it as train/<key>
+        ("mtp/loss_scaled", "train/mtp/loss_scaled"),
+        ("occ/lambda_2", "train/mtp/occ/lambda_2"),  # the worker's mtp_metrics: train/mtp/<key>
+        ("proxy/refreshed", "train/mtp/proxy/refreshed"),
+        ("accuracy_1", "train/mtp/accuracy_1"),
+        ("fidelity/trusted_1", "train/mtp/fidelity/trusted_1"),
+        ("reward/mean", "reward/mean"),  # a caller's own metric keeps its name
+        ("loss/clip_fraction", "loss/clip_fraction"),
+        ("accuracy", "accuracy"),
+    ],
+)
+def test_logged_name_is_the_name_nemo_rl_logs(key, logged):
+    assert logged_name(key) == logged

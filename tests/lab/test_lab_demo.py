@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
 from nemo_occ.cli import main
+from nemo_occ.core.metrics import logged_name
 from nemo_occ.lab.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.lab.demo.output import DemoOutputError
 from nemo_occ.lab.demo.task import EOS, AdditionTask
@@ -50,7 +52,7 @@ def test_quick_demo_writes_every_artifact(quick_run):
         rows = _rows(out / regime / "metrics.jsonl")
         assert [r["step"] for r in rows] == list(range(0, 5)), regime  # step 0 = eval before RL
         for r in rows[1:]:
-            for key in ("reward/mean", "mtp/accuracy_1"):
+            for key in ("reward/mean", "train/mtp/accuracy_1"):
                 assert key in r and 0.0 <= r[key] <= 1.0, (regime, key)
         evals = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
         assert len(evals) == 3 and all(0.0 <= e <= 1.0 for e in evals)  # steps 0, 2, 4
@@ -60,16 +62,22 @@ def test_quick_demo_writes_every_artifact(quick_run):
     updated = [r for r in occ_rows if r["updates"] > 0]
     assert updated, "the quick run must perform at least one OCC update"
     for r in updated:
-        for key in ("occ/lambda_1", "occ/c_hat_1", "occ/v2_hat_1", "occ/first_order_1", "occ/second_order_1"):
+        for key in (
+            "train/mtp/occ/lambda_1",
+            "train/mtp/occ/c_hat_1",
+            "train/mtp/occ/v2_hat_1",
+            "train/mtp/occ/first_order_1",
+            "train/mtp/occ/second_order_1",
+        ):
             assert key in r and math.isfinite(r[key]), key
     # the first update of every step runs at θ = θ_old and must not set λ: with 2 updates per step,
     # one of the two refreshes λ (refreshed: share of the step's updates), with 1 update none does
-    assert all(r["occ/refreshed"] == 0.5 for r in updated if r["updates"] == 2)
-    assert all(r["occ/refreshed"] == 0.0 for r in updated if r["updates"] == 1)
+    assert all(r["train/mtp/occ/refreshed"] == 0.5 for r in updated if r["updates"] == 2)
+    assert all(r["train/mtp/occ/refreshed"] == 0.0 for r in updated if r["updates"] == 1)
     assert any(r["updates"] == 2 for r in updated)
     for prev, r in zip(updated, updated[1:], strict=False):  # a step's updates apply the λ the last one left
         if r["step"] == prev["step"] + 1:
-            assert r["occ/lambda_applied_1"] == pytest.approx(prev["occ/lambda_1"])
+            assert r["train/mtp/occ/lambda_applied_1"] == pytest.approx(prev["train/mtp/occ/lambda_1"])
 
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["regimes"]) == set(REGIMES)
@@ -88,6 +96,23 @@ def test_quick_demo_writes_every_artifact(quick_run):
 
 
 @pytest.mark.slow
+def test_quick_demo_names_its_mtp_metrics_as_nemo_rl_logs_them(quick_run):
+    """One name, one meaning: every MTP metric of the demo's rows is a name docs/nemo_rl.md documents for
+    the NeMo-RL path (depth written <d>, train/mtp/proxy/* as its train/mtp/occ/* row), none is left bare."""
+    from tests.nemo_rl.test_nemo_rl_metric_names import _documented
+
+    documented = set(_documented())
+    out, _, _ = quick_run
+    for regime in REGIMES:
+        for r in _rows(out / regime / "metrics.jsonl"):
+            bare = [k for k in r if k.startswith(("mtp/", "occ/", "proxy/", "fidelity/"))]
+            assert not bare, (regime, bare)
+            for key in (k for k in r if k.startswith("train/")):
+                name = re.sub(r"_1$", "_<d>", key).replace("/proxy/", "/occ/")
+                assert name in documented, (regime, key)
+
+
+@pytest.mark.slow
 def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     out, _, _ = quick_run
     rows = _rows(out / "occ" / "metrics.jsonl")
@@ -98,16 +123,19 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
         # the probe is recorded next to the probed update's own proxies: the step's last update, whose ĉ is
         # the step's ĉ summed over its updates (the row's mean times the count), as the first update runs at
         # θ = θ_old where δ_RL ≡ 0 and so ĉ = 0
-        assert r["fidelity/probes"] == n
-        assert r["fidelity/c_1"] == r["exact/c_1"]
-        assert r["fidelity/c_hat_1"] == pytest.approx(r["occ/c_hat_1"] * r["updates"])
+        assert r["train/mtp/fidelity/probes"] == n
+        assert r["train/mtp/fidelity/c_1"] == r["exact/c_1"]
+        assert r["train/mtp/fidelity/c_hat_1"] == pytest.approx(r["train/mtp/occ/c_hat_1"] * r["updates"])
         # both updates of a step apply the λ the previous step left (lagged timing; the first one keeps λ)
-        share = abs(r["occ/lambda_applied_1"]) * math.sqrt(r["exact/v2_1"] / r["exact/rl_norm2"])
-        assert r["fidelity/update_share_1"] == pytest.approx(share)
-        assert r["fidelity/trusted_1"] == 0.0  # two probes cannot show anything
+        share = abs(r["train/mtp/occ/lambda_applied_1"]) * math.sqrt(r["exact/v2_1"] / r["exact/rl_norm2"])
+        assert r["train/mtp/fidelity/update_share_1"] == pytest.approx(share)
+        assert r["train/mtp/fidelity/trusted_1"] == 0.0  # two probes cannot show anything
         # both readings of δ_MTP every update (the demo has the MTP heads' own old log-probs)
-        assert r["occ/v2_hat_vs_main_old_1"] == r["occ/v2_hat_1"] and r["occ/v2_hat_vs_own_old_1"] > 0
-        assert 0.0 <= r["occ/head_gap_share_1"]
+        assert (
+            r["train/mtp/occ/v2_hat_vs_main_old_1"] == r["train/mtp/occ/v2_hat_1"]
+            and r["train/mtp/occ/v2_hat_vs_own_old_1"] > 0
+        )
+        assert 0.0 <= r["train/mtp/occ/head_gap_share_1"]
     # the detach regime's MTP gradient lives only on MTP parameters: over the main model (the paper's
     # definition) its c and v² are zero whatever the data, over mtp.* its v² is not
     for r in _rows(out / "detach" / "metrics.jsonl"):
@@ -115,8 +143,8 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
             assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] == 0.0 and r["exact/mtp_params/v2_1"] > 0.0
     # the summary quotes the run's own fidelity metrics at its last probe
     fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
-    assert fid["probes"] == pairs[-1]["fidelity/probes"] == 2
-    assert fid["depths"]["1"]["trusted"] == pairs[-1]["fidelity/trusted_1"]
+    assert fid["probes"] == pairs[-1]["train/mtp/fidelity/probes"] == 2
+    assert fid["depths"]["1"]["trusted"] == pairs[-1]["train/mtp/fidelity/trusted_1"]
     assert (out / "fig8_training_probes.png").read_bytes()[:8] == PNG_MAGIC
 
 
@@ -148,7 +176,7 @@ def test_quick_demo_logs_clip_firing_mtp_share_and_the_gradient_cosines(quick_ru
     cond = json.loads((out / "summary.json").read_text())["regimes"]["policy"]["conditions"]
     clipped = [r["update/clipped"] for r in rows["policy"]]
     assert cond["clip_fired_share"] == pytest.approx(sum(clipped) / len(clipped))
-    assert cond["mtp_agreement_1_step1"] == rows["policy"][0]["mtp/accuracy_1"]
+    assert cond["mtp_agreement_1_step1"] == rows["policy"][0]["train/mtp/accuracy_1"]
 
 
 @pytest.mark.slow
@@ -236,7 +264,8 @@ def test_training_problems_never_hit_the_heldout_set():
 
 def _probe_rows(last_update_c_hat: list[float], probed: list[tuple[float, float, float, float, float]]):
     """metrics.jsonl rows of a 4-update run probed at every step, as the trainer writes them: the row's
-    occ/* keys are the step's LAST update, fidelity/* come from a ProbeHistory fed the PROBED update."""
+    train/mtp/occ/* keys are the step's LAST update, train/mtp/fidelity/* come from a ProbeHistory fed the
+    PROBED update."""
     from nemo_occ.core.diagnostics import GradientStatistics
     from nemo_occ.core.fidelity import ProbeHistory
 
@@ -246,11 +275,22 @@ def _probe_rows(last_update_c_hat: list[float], probed: list[tuple[float, float,
         zip(last_update_c_hat, probed, strict=True), 1
     ):
         exact = GradientStatistics(c=[c], v2=[v2], rl_norm2=4.0)
-        row = {"step": step, "reward/mean": 0.5, "mtp/accuracy_1": 0.5, "exact/c_1": c, "exact/v2_1": v2}
-        row.update({"occ/c_hat_1": last_c_hat, "occ/v2_hat_1": 1.0, "occ/lambda_1": 0.1})
+        row = {
+            "step": step,
+            "reward/mean": 0.5,
+            "train/mtp/accuracy_1": 0.5,
+            "exact/c_1": c,
+            "exact/v2_1": v2,
+        }
         row.update(
-            history.record(c_hat=[c_hat], v2_hat=[v2_hat], tokens=[tokens], lambdas=[0.1], exact=exact)
+            {
+                "train/mtp/occ/c_hat_1": last_c_hat,
+                "train/mtp/occ/v2_hat_1": 1.0,
+                "train/mtp/occ/lambda_1": 0.1,
+            }
         )
+        probe = history.record(c_hat=[c_hat], v2_hat=[v2_hat], tokens=[tokens], lambdas=[0.1], exact=exact)
+        row.update({logged_name(k): v for k, v in probe.items()})  # as the trainer's step_row names them
         rows.append(row)
     return rows, history
 

@@ -257,7 +257,8 @@ def test_run_json_records_config_seed_versions_and_command(tiny, finished):
 
 def _runs() -> dict:
     rows = [
-        {"step": s, "reward/mean": 0.1 * s, "eval/accuracy": 0.2, "mtp/accuracy_1": 0.3} for s in range(4)
+        {"step": s, "reward/mean": 0.1 * s, "eval/accuracy": 0.2, "train/mtp/accuracy_1": 0.3}
+        for s in range(4)
     ]
     return {"none": {"metrics": rows, "wall_time_s": 1.0, "step_time_s": 0.25}}
 

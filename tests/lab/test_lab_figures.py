@@ -15,14 +15,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _rows(seed: int, steps: int = 12, occ: bool = True) -> list[dict]:
     rng = np.random.default_rng(seed)
-    pre = "occ" if occ else "proxy"
+    pre = "train/mtp/occ" if occ else "train/mtp/proxy"
     rows = [{"step": 0, "eval/accuracy": 0.3}]
     for t in range(1, steps + 1):
         lam = float(rng.normal(0.2, 0.3))
         rows.append({
             "step": t,
             "reward/mean": 0.3 + 0.04 * t + 0.02 * float(rng.normal()),
-            "mtp/accuracy_1": 0.6 + 0.01 * t,
+            "train/mtp/accuracy_1": 0.6 + 0.01 * t,
             f"{pre}/lambda_applied_1": lam,
             f"{pre}/lambda_1": lam + 0.01,
             f"{pre}/first_order_1": lam * 0.1,
@@ -76,8 +76,10 @@ def test_fig2_without_the_proxy_cosine_input_still_draws(tmp_path, runs):
 def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
     for rows in runs["occ"]:
         for r in rows:
-            r.pop("occ/lambda_1", None)
-    with pytest.raises(F.FigureDataError, match=r"run 'occ'.*'occ/lambda_1' or 'proxy/lambda_1'"):
+            r.pop("train/mtp/occ/lambda_1", None)
+    with pytest.raises(
+        F.FigureDataError, match=r"run 'occ'.*'train/mtp/occ/lambda_1' or 'train/mtp/proxy/lambda_1'"
+    ):
         F.fig4_lambda({"occ": runs["occ"]}, tmp_path / "f4.png", caption="x")
     probes = {"policy": _probes(1)}
     del probes["policy"][3]["v2_hat_own"]
@@ -118,11 +120,13 @@ def test_smooth_is_a_trailing_mean_that_skips_nans():
 
 def _with_training_probe(rows: list[dict], pre: str) -> list[dict]:
     """The rows with an in-training probe at every 4th step (the keys ``training_probes`` reads)."""
-    out = []
+    out, pre = [], f"train/mtp/{pre}"
     for r in rows:
         if r["step"] and r["step"] % 4 == 0:
-            r = {**r, "fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
-                 "fidelity/c_hat_per_token_1": 0.01 * r["step"], "fidelity/v2_hat_per_token_1": 0.2,
+            r = {**r, "train/mtp/fidelity/c_1": 0.5, "train/mtp/fidelity/v2_1": 2.0,
+                 "train/mtp/fidelity/rl_norm2": 4.0,
+                 "train/mtp/fidelity/c_hat_per_token_1": 0.01 * r["step"],
+                 "train/mtp/fidelity/v2_hat_per_token_1": 0.2,
                  f"{pre}/valid_tokens_1": 10.0, f"{pre}/v2_hat_vs_main_old_1": 5.0,
                  f"{pre}/v2_hat_vs_own_old_1": 1.0, f"{pre}/head_gap_share_1": 0.6}  # fmt: skip
         out.append(r)
@@ -135,7 +139,14 @@ def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_p
         "policy": [_with_training_probe(_rows(2, occ=False), "proxy")],
         "occ_lp2": [_rows(4)],  # a sweep variant of regime occ: in Fig. 4, not in Fig. 6
         "none": [
-            [{k: v for k, v in r.items() if not k.startswith(("lambda", "occ/", "proxy/"))} for r in _rows(5)]
+            [
+                {
+                    k: v
+                    for k, v in r.items()
+                    if not k.startswith(("lambda", "train/mtp/occ/", "train/mtp/proxy/"))
+                }
+                for r in _rows(5)
+            ]
         ],  # fmt: skip
     }
     asked = []

@@ -82,7 +82,9 @@ def test_welch_comparison_matches_the_t_distribution_by_hand():
 def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
     rows = [{"step": 0, "eval/accuracy": 0.2}]
     for t in range(1, 11):
-        rows.append({"step": t, "reward/mean": t / 10, "mtp/accuracy_1": 0.5, "occ/lambda_1": t - 3.0})
+        rows.append(
+            {"step": t, "reward/mean": t / 10, "train/mtp/accuracy_1": 0.5, "train/mtp/occ/lambda_1": t - 3.0}
+        )
     rows[-1]["eval/accuracy"] = 0.9
     m = run_metrics(rows, steps=10, wall_s=3.0)
     assert m["reward_final"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 5)  # tail = max(5, 10/5)
@@ -187,15 +189,17 @@ def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
 def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
     from nemo_occ.lab.figures import training_probes
 
-    probe = {"fidelity/c_1": 0.5, "fidelity/v2_1": 2.0, "fidelity/rl_norm2": 4.0,
-             "fidelity/c_hat_per_token_1": 0.01, "fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
-    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, **probe}, {"step": 3, "fidelity/c_1": 1.0}]
+    probe = {"train/mtp/fidelity/c_1": 0.5, "train/mtp/fidelity/v2_1": 2.0,
+             "train/mtp/fidelity/rl_norm2": 4.0,
+             "train/mtp/fidelity/c_hat_per_token_1": 0.01,
+             "train/mtp/fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
+    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, **probe}, {"step": 3, "train/mtp/fidelity/c_1": 1.0}]
     assert training_probes(rows) == [
         {"step": 2, "c": 0.5, "v2": 2.0, "rl_norm2": 4.0, "c_hat": 0.01, "v2_hat": 0.2}
     ]
     # with the head-gap sums of the step: per token, the gap = share × v̂²(vs main old)
-    gap = {"proxy/valid_tokens_1": 10.0, "proxy/v2_hat_vs_main_old_1": 5.0, "proxy/v2_hat_vs_own_old_1": 1.0,
-           "proxy/head_gap_share_1": 0.6}  # fmt: skip
+    gap = {"train/mtp/proxy/valid_tokens_1": 10.0, "train/mtp/proxy/v2_hat_vs_main_old_1": 5.0,
+           "train/mtp/proxy/v2_hat_vs_own_old_1": 1.0, "train/mtp/proxy/head_gap_share_1": 0.6}  # fmt: skip
     (rec,) = training_probes([{"step": 3, **probe, **gap}])
     assert (rec["v2_hat_main"], rec["v2_hat_own"], rec["head_gap"]) == pytest.approx((0.5, 0.1, 0.3))
 

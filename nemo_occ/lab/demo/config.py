@@ -72,7 +72,7 @@ class WarmStartConfig(_Strict):
 
     Every ``check_every`` steps the model answers ``check_problems`` training problems at the rollout
     temperature; training stops at the first check where the pass rate lies in ``pass_rate`` and every
-    MTP depth's top-1 agreement with the sampled tokens (``mtp/accuracy_k`` of the RL steps) is at least
+    MTP depth's top-1 agreement with the sampled tokens (``train/mtp/accuracy_k`` of the RL steps) is at least
     ``mtp_agreement``: the paper's starting point, a policy with room to improve and a useful drafter.
     It also stops, with a message, when the pass rate overshoots ``pass_rate`` or ``max_steps`` is hit.
     """

@@ -2,10 +2,10 @@
 
 Everything here reads the per-regime ``metrics.jsonl`` files, so a report can be rebuilt from a
 finished (or resumed) run without re-training. Proxy fidelity is not recomputed here: the summary
-quotes the ``fidelity/*`` metrics that the run's ``nemo_occ.core.fidelity.ProbeHistory`` logged at
-its last probe (per-token proxies of the probed update against the exact c and v² over the main
-model; Spearman ρ with its 95% interval, sign agreement, the trust verdict), the same numbers
-NeMo-RL logs under ``train/mtp/fidelity/``.
+quotes the ``train/mtp/fidelity/*`` metrics that the run's ``nemo_occ.core.fidelity.ProbeHistory``
+logged at its last probe (per-token proxies of the probed update against the exact c and v² over the
+main model; Spearman ρ with its 95% interval, sign agreement, the trust verdict), the same numbers
+under the same names as NeMo-RL logs them (``nemo_occ.core.metrics.logged_name``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import statistics
 from pathlib import Path
 
 from nemo_occ.atomic_io import atomic_write
-from nemo_occ.core.metrics import metric_prefix
+from nemo_occ.core.metrics import logged_name, metric_prefix
 from nemo_occ.core.regimes import get_regime
 
 __all__ = ["build_report", "conditions_summary", "fidelity_summary"]
 
-# ProbeHistory.metrics: the running statistics over all probes so far (the rest of fidelity/* is per probe)
+# ProbeHistory.metrics: the running statistics over all probes so far (the rest of
+# train/mtp/fidelity/* is per probe)
 _RUNNING = ("spearman_", "sign_", "trusted")
 
 
@@ -40,34 +41,42 @@ def _tail_mean(rows: list[dict], key: str, n: int = 5) -> float | None:
 
 
 def _proxy_prefix(regime: str) -> str:
-    return metric_prefix(get_regime(regime).calibrated)
+    return logged_name(metric_prefix(get_regime(regime).calibrated) + "/")
+
+
+_FIDELITY = logged_name("fidelity/")  # the probes' metrics, named as NeMo-RL logs them
+_AGREEMENT_1 = logged_name("accuracy_1")
 
 
 def _depths(rows: list[dict]) -> list[int]:
-    return sorted({int(k.rpartition("_")[2]) for r in rows for k in r if k.startswith("fidelity/trusted_")})
+    return sorted(
+        {int(k.rpartition("_")[2]) for r in rows for k in r if k.startswith(f"{_FIDELITY}trusted_")}
+    )
 
 
 def fidelity_summary(rows: list[dict]) -> dict | None:
     """The run's proxy fidelity as its ``ProbeHistory`` reported it at the last probe (None: no probe).
 
-    ``probes`` and, per depth ``d`` (keys ``"1"``, ...), every running ``fidelity/*`` statistic under
-    its own name without the depth (``spearman_c``, ``spearman_c_low``, ..., ``trusted``; a statistic
+    ``probes`` and, per depth ``d`` (keys ``"1"``, ...), every running ``train/mtp/fidelity/*`` statistic
+    under its own name without the depth (``spearman_c``, ``spearman_c_low``, ..., ``trusted``; a statistic
     the core left undefined is absent), plus ``update_share_median``, the median over the probes of
-    ``fidelity/update_share_d``.
+    ``train/mtp/fidelity/update_share_d``.
     """
-    probed = [r for r in rows if r.get("fidelity/probes") is not None]
+    probed = [r for r in rows if r.get(f"{_FIDELITY}probes") is not None]
     if not probed:
         return None
     last = probed[-1]
-    out: dict = {"probes": int(last["fidelity/probes"]), "depths": {}}
+    out: dict = {"probes": int(last[f"{_FIDELITY}probes"]), "depths": {}}
     for d in _depths(probed):
         entry = {}
         for key, value in last.items():
-            name, _, depth = key.removeprefix("fidelity/").rpartition("_")
-            if key.startswith("fidelity/") and name.startswith(_RUNNING) and depth == str(d):
+            name, _, depth = key.removeprefix(_FIDELITY).rpartition("_")
+            if key.startswith(_FIDELITY) and name.startswith(_RUNNING) and depth == str(d):
                 entry[name] = value
         shares = [
-            r[f"fidelity/update_share_{d}"] for r in probed if r.get(f"fidelity/update_share_{d}") is not None
+            r[f"{_FIDELITY}update_share_{d}"]
+            for r in probed
+            if r.get(f"{_FIDELITY}update_share_{d}") is not None
         ]
         entry["update_share_median"] = statistics.median(shares) if shares else None
         out["depths"][str(d)] = entry
@@ -89,7 +98,7 @@ def summarize(runs: dict[str, dict], warm_start: dict | None = None) -> dict:
             else None,
             "eval_accuracy_final": _last(rows, "eval/accuracy"),
             "reward_final_mean5": _tail_mean(rows, "reward/mean"),
-            "mtp_accuracy_1_final_mean5": _tail_mean(rows, "mtp/accuracy_1"),
+            "mtp_accuracy_1_final_mean5": _tail_mean(rows, _AGREEMENT_1),
             "wall_time_s": run["wall_time_s"],
             "step_time_s": run["step_time_s"],
             "steps": max((r["step"] for r in rows), default=0),
@@ -97,7 +106,7 @@ def summarize(runs: dict[str, dict], warm_start: dict | None = None) -> dict:
         entry["conditions"] = conditions_summary(rows)
         spec = get_regime(regime)
         if spec.has_mtp_term:
-            entry["lambda_1_final"] = _last(rows, f"{pre}/lambda_1") if spec.calibrated else None
+            entry["lambda_1_final"] = _last(rows, f"{pre}lambda_1") if spec.calibrated else None
             fidelity = fidelity_summary(rows)
             if fidelity is not None:
                 entry["fidelity"] = fidelity
@@ -125,7 +134,7 @@ def conditions_summary(rows: list[dict]) -> dict:
     cosine between the RL gradients of a minibatch's two halves (``exact/*``)."""
     first = next((r for r in rows if r["step"] == 1), {})
     return {
-        "mtp_agreement_1_step1": first.get("mtp/accuracy_1"),
+        "mtp_agreement_1_step1": first.get(_AGREEMENT_1),
         "reward_step1": first.get("reward/mean"),
         "clip_fired_share": _mean(rows, "update/clipped"),
         "mtp_share_median": _median(rows, "update/mtp_share"),
@@ -184,25 +193,7 @@ def summary_markdown(summary: dict, header: str) -> str:
         )
     fid = {r: e["fidelity"] for r, e in summary["regimes"].items() if "fidelity" in e}
     if fid:
-        lines += [
-            "",
-            "Proxy fidelity (`fidelity/*` at the last probe, `nemo_occ.core.fidelity`): per-token proxies of the "
-            "probed update against the exact c and v² over the main model's parameters (the paper's Fig. 8). "
-            "Spearman ρ with its 95% interval; how often sign(ĉ) = sign(c), against chance; median "
-            "|λ|·‖g_MTP‖/‖g_RL‖; trusted = both intervals above 0 and the sign beats chance. "
-            "— : undefined (a constant series).",
-            "",
-            "| regime | depth | probes | ρ(ĉ, c) [95%] | ρ(v̂², v²) [95%] | sign(ĉ) = sign(c) (chance) "
-            "| update share | trusted |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r, f in fid.items():
-            for d, e in f["depths"].items():
-                lines.append(
-                    f"| {r} | {d} | {f['probes']} | {_rho(e, 'c')} | {_rho(e, 'v2')} | "
-                    f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
-                    f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
-                )
+        lines += _fidelity_table(fid)
     if summary.get("plots"):
         lines += ["", "Figures (`nemo_occ.lab.figures`; each caption names the setting):", ""]
         lines += [f"![{name}]({name})" for name in summary["plots"]]
@@ -210,6 +201,31 @@ def summary_markdown(summary: dict, header: str) -> str:
         lines += ["", "Figures not drawn, their metrics missing: "
                   + "; ".join(f"{k}: {v}" for k, v in summary["plots_not_drawn"].items())]  # fmt: skip
     return "\n".join(lines) + "\n"
+
+
+def _fidelity_table(fid: dict) -> list[str]:
+    """summary.md's proxy-fidelity notes and table: one row per regime and MTP depth."""
+    lines = [
+        "",
+        "Proxy fidelity (`train/mtp/fidelity/*` at the last probe, `nemo_occ.core.fidelity`): per-token "
+        "proxies of the probed update against the exact c and v² over the main model's parameters "
+        "(the paper's Fig. 8). "
+        "Spearman ρ with its 95% interval; how often sign(ĉ) = sign(c), against chance; median "
+        "|λ|·‖g_MTP‖/‖g_RL‖; trusted = both intervals above 0 and the sign beats chance. "
+        "— : undefined (a constant series).",
+        "",
+        "| regime | depth | probes | ρ(ĉ, c) [95%] | ρ(v̂², v²) [95%] | sign(ĉ) = sign(c) (chance) "
+        "| update share | trusted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r, f in fid.items():
+        for d, e in f["depths"].items():
+            lines.append(
+                f"| {r} | {d} | {f['probes']} | {_rho(e, 'c')} | {_rho(e, 'v2')} | "
+                f"{_fmt(e.get('sign_agreement_c'), '.2f')} ({_fmt(e.get('sign_base_rate_c'), '.2f')}) | "
+                f"{_fmt(e.get('update_share_median'), '.3g')} | {'yes' if e.get('trusted') else 'no'} |"
+            )
+    return lines
 
 
 def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:

@@ -43,7 +43,14 @@ from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statis
 from nemo_occ.core.fidelity import ProbeHistory, probed_update
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
-from nemo_occ.core.metrics import UpdateStatistics, acceptance_counts, step_metrics
+from nemo_occ.core.metrics import (
+    UpdateStatistics,
+    acceptance_counts,
+    logged_name,
+    metric_rule,
+    reduce_values,
+    step_metrics,
+)
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.lab.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.lab.demo.config import DemoConfig
@@ -196,7 +203,8 @@ class Rollout:
 
     def metrics(self) -> dict:
         """Reward, kept groups, and the main head's top-1 agreement with the sampled tokens at θ_old (the
-        MTP heads' agreement, ``mtp/accuracy_k``, comes from the updates' training forwards: ``step_row``)."""
+        MTP heads' agreement, ``train/mtp/accuracy_k``, comes from the updates' training forwards:
+        ``step_row``)."""
         return {
             "reward/mean": float(self.rewards.mean()),
             "rl/kept_groups": int(self.keep_groups.sum()),
@@ -431,20 +439,23 @@ def _cosines(exact) -> dict:
 def step_row(updates: list[UpdateResult]) -> dict:
     """One step's row from its updates: the OCC statistics and draft acceptance reduced by the metrics
     contract (``nemo_occ.core.metrics.step_metrics``: λ of the last update, statistics averaged over
-    applied updates, ``mtp/accuracy_k`` = Σ hits / Σ tokens), this demo's per-update metrics (losses,
-    ``grad_norm``, ``update/*``) averaged over the updates, and the probed update's ``exact/*``, ``fidelity/*``."""
+    applied updates, accuracy = Σ hits / Σ tokens), this demo's per-update metrics (losses,
+    ``grad_norm``, ``update/*``) reduced over the updates by the same rule (``metric_rule``: the mean),
+    and the probed update's ``exact/*``, ``fidelity/*``. The MTP metrics are named as NeMo-RL logs them
+    (``logged_name``: ``train/mtp/loss_k``, ``train/mtp/occ/lambda_k``, ``train/mtp/accuracy_k``,
+    ``train/mtp/fidelity/*``, ...)."""
     row: dict = {"updates": len(updates)}
     if not updates:
         return row
-    for key in updates[0].metrics:
+    for key in updates[0].metrics:  # one micro-batch per update: a Reduce.SUM metric is its update's value
         vals = [u.metrics[key] for u in updates if u.metrics.get(key) is not None]
-        row[key] = sum(vals) / len(vals) if vals else None
+        row[logged_name(key)] = reduce_values(vals, metric_rule(key)) if vals else None
     statistics = [u.statistics for u in updates if u.statistics is not None]
     acceptance = torch.stack([u.acceptance for u in updates]).sum(0)
     for key, value in step_metrics(statistics, acceptance).items():
-        row[f"mtp/{key}" if key.startswith("accuracy_") else key] = value  # NeMo-RL: train/mtp/accuracy_k
+        row[logged_name(key)] = value
     for u in updates:
-        row.update(u.probed)
+        row.update({logged_name(key): value for key, value in u.probed.items()})
     return row
 
 

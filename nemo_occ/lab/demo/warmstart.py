@@ -121,7 +121,7 @@ def _check(
     policy: DemoPolicy, task: AdditionTask, n: int, temperature: float, g: torch.Generator
 ) -> tuple[float, list[float]]:
     """(pass rate, per-depth MTP top-1 agreement) on ``n`` fresh training problems, one sample each,
-    measured as the RL step measures ``reward/mean`` and ``mtp/accuracy_k``."""
+    measured as the RL step measures ``reward/mean`` and ``train/mtp/accuracy_k``."""
     ops = task.sample_operands(n, g)
     seqs = policy.generate(task.prompts(ops), task.response_len, temperature, g)  # [N, L]
     pass_rate = float(task.rewards(ops, seqs[:, task.prompt_len :]).mean())

@@ -58,6 +58,8 @@ def probe_checkpoint(
 ) -> list[dict]:
     """One record per probed minibatch (``PROBE_FIELDS``) at the checkpoint ``snapshot`` (the demo
     trainer's checkpoint dict: ``step``, ``model``, ``optimizer``, ``objective``)."""
+    # long on purpose: rebuilding the checkpoint's model, objective and rollout and probing each minibatch
+    # share one restored state; split, it would be passed around piecemeal
     from nemo_occ.lab.demo.policy import DemoPolicy
     from nemo_occ.lab.demo.task import AdditionTask
     from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group

@@ -60,7 +60,7 @@ def run_metrics(rows: list[dict], steps: int, wall_s: float | None = None) -> di
     ev = [(r["step"], r["eval/accuracy"]) for r in rows if r.get("eval/accuracy") is not None]
     out["eval_start"] = ev[0][1] if ev and ev[0][0] == 0 else None
     out["eval_final"] = ev[-1][1] if ev else None
-    agr = _vals(rl_rows, "mtp/accuracy_1")
+    agr = _vals(rl_rows, KEYS["agreement"][0])
     out["agreement_final"] = sum(agr) / len(agr) if agr else None
     lam_key = next((k for k in KEYS["lambda_stats"] if any(r.get(k) is not None for r in rows)), None)
     lam = _vals(rows, lam_key) if lam_key else []
@@ -184,6 +184,8 @@ def _probe_table(probes: dict) -> list[str]:
 def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg, probe: dict, invocation: dict,
                        skipped: dict, *, say: Callable[[str], None] = print) -> dict:  # fmt: skip
     """Read every finished run and probe of the plan, write summary.json, summary.md and the figures; the summary."""
+    # long on purpose: reads each kind of run output in turn into one summary; the reading order is the
+    # report's order
     from nemo_occ.lab.demo.output import regime_fingerprint
     from nemo_occ.lab.demo.trainer import finished_run
 
@@ -305,6 +307,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
 def _mechanism(summary: dict) -> dict:
     """The paper's mechanism, claim by claim, with the numbers that decide each. Probe-based claims use
     the fixed-checkpoint probes when there are any, else the runs' own in-training probes (``source``)."""
+    # long on purpose: one entry per claim of the paper, each with the numbers that decide it
     out = {}
     source, probes = ("fixed-checkpoint probes", summary["probes"])
     if not probes:
@@ -430,6 +433,7 @@ def _figures(
 
 def summary_markdown(s: dict) -> str:
     """The study's summary.md: the setting, then each comparison as measured, then the paper's claims one by one."""
+    # long on purpose: summary.md's sections in the order they print
     c = s["config"]
     L = [
         "# nemo-occ study — results as measured",

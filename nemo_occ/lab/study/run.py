@@ -260,6 +260,8 @@ def run_study(
     say: Callable[[str], None] = print,
 ) -> dict:
     """Run the plan's unfinished jobs in order (or none with ``report_only``), then write the report."""
+    # long on purpose: the study's lifecycle (plan, what is done, run the unfinished jobs, report) in one
+    # place so its resume rules read together
     from nemo_occ.core.regimes import REGIMES, get_regime
     from nemo_occ.lab.demo.run import _machine, package_versions
     from nemo_occ.lab.study.report import _commit
