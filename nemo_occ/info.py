@@ -122,6 +122,9 @@ def collect() -> dict:
     ok, err = _probe(_WORKER, worker_python or sys.executable)
     report["worker_imports"] = {"python": worker_python or sys.executable, "result": "ok" if ok else err}
     report["nemo_rl_root"] = os.environ.get("NEMO_RL_ROOT") or None
+    from nemo_occ.cli import unavailable_commands
+
+    report["unavailable_commands"] = unavailable_commands()
     return report
 
 
@@ -145,6 +148,8 @@ def _print(report: dict) -> None:
     worker = report["worker_imports"]
     print(f"worker imports      {worker['result']} ({worker['python']})")
     print(f"NEMO_RL_ROOT        {report['nemo_rl_root'] or 'not set'}")
+    for command, why in report["unavailable_commands"].items():
+        print(f"{'nemo-occ ' + command:<20}unavailable ({why})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

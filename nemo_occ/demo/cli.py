@@ -59,18 +59,6 @@ def _nested(key: str, value) -> dict:
     return {head: _nested(rest, value) if rest else value}
 
 
-def _quiet_expected_megatron_warnings() -> None:
-    """On a CPU, megatron-core warns at import that TE/Apex are absent: expected here, not actionable."""
-    import warnings
-
-    for pattern in (
-        r"Transformer Engine and Apex are not installed",
-        r"Apex is not installed",
-        r"full scope is deprecated",
-    ):
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-
-
 def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -103,7 +91,9 @@ def _main(args) -> int:
 
 
 def _demo(args) -> int:
-    _quiet_expected_megatron_warnings()
+    from nemo_occ.cli import quiet_expected_megatron_warnings
+
+    quiet_expected_megatron_warnings()
 
     import warnings
 

@@ -72,6 +72,7 @@ from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl import megatron_policy_worker_patches as patches
 from nemo_occ.nemo_rl.mtp_batch import mtp_old_logprobs_key, stack_old_logprobs
+from nemo_occ.safe_load import load_state
 
 __all__ = ["OCCWorkerExtension", "ModelInputRecorder", "STATE_FILE", "WORKER_FQN"]
 
@@ -467,7 +468,11 @@ class OCCWorkerExtension:
                     stacklevel=2,
                 )
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # numbers, lists, dicts and tensors only: a checkpoint from elsewhere must not run code on load
+        state = load_state(
+            path,
+            what_to_do=f"move it away to restart the calibrator at λ = {self.nemo_occ_cfg.occ.initial_lambda}",
+        )
         probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
         if "probes" in state:  # states written before the probes existed have none
             probes.load_state_dict(state["probes"])

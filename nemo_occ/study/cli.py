@@ -7,6 +7,7 @@ resume: every finished job and every run's last checkpoint are kept).
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -59,9 +60,9 @@ def _main(args) -> int:
 
 
 def _study(args) -> int:
-    from nemo_occ.demo.cli import _quiet_expected_megatron_warnings
+    from nemo_occ.cli import quiet_expected_megatron_warnings
 
-    _quiet_expected_megatron_warnings()
+    quiet_expected_megatron_warnings()
     from nemo_occ.core.config import ConfigError
     from nemo_occ.demo.config import load_demo_config
 
@@ -69,6 +70,8 @@ def _study(args) -> int:
         return _error(f"--steps {args.steps}: give at least 1")
     if args.probe_minibatches < 0 or args.probe_checkpoints < 1:
         return _error("--probe-minibatches must be >= 0 and --probe-checkpoints >= 1")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        return _error(f"--max-minutes {args.max_minutes:g}: give a number of minutes > 0")
     if len(set(args.seeds)) != len(args.seeds):
         return _error(f"--seeds {' '.join(map(str, args.seeds))}: name each seed once")
     sweep = args.seeds if args.sweep_seeds is None else args.sweep_seeds
