@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,13 +43,16 @@ def load_state(path: str | Path, *, what_to_do: str = "move it away") -> Any:
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UnreadableStateError(
-            f"{path} holds objects other than numbers, lists, dicts and tensors, so nemo-occ did not write it; "
-            f"it was not loaded, because loading it could run code it contains ({what_to_do})"
-        ) from err
-    except (RuntimeError, EOFError) as err:  # not a torch zip file, or a truncated one
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+        text = str(err)
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if refused:  # a well-formed pickle that names a function or class to call
+            raise UnreadableStateError(
+                f"{path} holds objects other than numbers, lists, dicts and tensors ({refused.group(1)}), so "
+                f"nemo-occ did not write it; it was not loaded, because loading it could run code ({what_to_do})"
+            ) from err
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = (detail.group(1) if detail else text.splitlines()[0] if text else type(err).__name__).strip()
         raise UnreadableStateError(
             f"{path} is not a complete torch file ({reason}); it was not loaded ({what_to_do})"
         ) from err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,6 +262,32 @@ def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     resumed = Worker(_config(), None, weights_path=str(weights))
     assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()
     assert resumed.occ_objective.calibrator.num_updates == 2
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: what a planted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_state_file_is_refused_without_running_its_code(tmp_path):
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    weights = tmp_path / "step_10" / "policy" / "weights"
+    worker.save_checkpoint(str(weights))
+    state_file = weights.parent / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["objective"]["payload"] = _RunsCodeWhenUnpickled(marker)  # a checkpoint from someone else
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="holds objects other than numbers") as info:
+        Worker(_config(), None, weights_path=str(weights))
+    assert not marker.exists()
+    assert "\n" not in str(info.value) and f"{state_file}" in str(info.value)
 
 
 def test_resume_under_changed_settings_names_them(tmp_path):
