@@ -103,7 +103,10 @@ def test_nemo_occ_export_loads_the_checkpoint_weights_only(tmp_path, monkeypatch
         raise pickle.UnpicklingError("Weights only load failed ...\nmany lines")
 
     monkeypatch.setattr(bridge_export, "export_megatron_to_hf", export)
-    assert main(["export", "--megatron-ckpt", str(tmp_path), "--hf-model", "ref", "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["export", "--megatron-ckpt", str(tmp_path), "--hf-model", "ref", "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert seen == ["1"] and err.count("\n") == 1, err
     assert "it was not loaded, because loading it could run code it contains" in err
