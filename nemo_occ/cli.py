@@ -11,7 +11,8 @@ Every misuse ends in one line on stderr and a known exit status, never a traceba
 2 for a mistake in the command line (argparse's message, without the usage block: ``--help`` has it),
 a file the command may not read or write, a full or read-only disk, or a state file it refuses to load
 (``nemo_occ.safe_load``); 130 for Ctrl-C. A folder ``--out`` that the failed command created and left
-without a file is removed again. Each command documents its own exit statuses on top of these.
+without data (nothing but folders and empty files) is removed again. Each command documents its own
+exit statuses on top of these.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
-import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -103,15 +104,16 @@ def _first_missing(path: Path) -> Path | None:
 
 
 def _remove_if_empty(root: Path) -> None:
-    """Remove ``root`` if it holds nothing but empty folders (what a failed command's mkdir left)."""
+    """Remove ``root``, a folder the failed command created, if no file in it holds a byte.
+
+    Empty files (a lock file) and folders are what a command leaves when it fails before writing;
+    a folder with data (a checkpoint a rerun resumes from) stays.
+    """
     try:
-        for folder, dirs, files in os.walk(root, topdown=False):
-            if files:
-                return
-            for d in dirs:
-                os.rmdir(Path(folder) / d)
-        os.rmdir(root)
-    except OSError:  # it is not ours to force: leave whatever could not be removed
+        if any(p.is_file() and p.stat().st_size > 0 for p in root.rglob("*")):
+            return
+        shutil.rmtree(root)
+    except OSError:  # not ours to force: leave whatever could not be removed
         pass
 
 

@@ -81,7 +81,8 @@ def _study(args) -> int:
     try:
         cfg, nemo_occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
     except ConfigError as err:
-        return _error(" ".join(line.strip() for line in str(err).splitlines()))
+        flat = " ".join(line.strip() for line in str(err).splitlines())
+        return _error(f"--config {flat}" if args.config is not None else flat)
     if args.probe_minibatches and args.probe_checkpoints > cfg.rl.steps:
         return _error(f"--probe-checkpoints {args.probe_checkpoints} exceeds the {cfg.rl.steps} RL steps")
 
