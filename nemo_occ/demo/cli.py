@@ -1,7 +1,8 @@
 """``nemo-occ demo`` sub-command (import-light: the demo's modules load only when it runs).
 
 Exit status: 0 done (or already complete), 2 a user error (one line on stderr naming the flag to
-change; nothing in ``--out`` touched), 130 interrupted by Ctrl-C (rerun the same command to resume).
+change; nothing in ``--out`` touched) or an ``--out`` the run cannot write (full or read-only disk: one
+line from ``nemo_occ.cli``), 130 interrupted by Ctrl-C (rerun the same command to resume).
 """
 
 from __future__ import annotations

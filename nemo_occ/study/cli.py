@@ -1,7 +1,8 @@
 """``nemo-occ study`` sub-command (import-light: the study's modules load only when it runs).
 
 Exit status: 0 done (or stopped by ``--max-minutes``; the report lists what is unfinished), 2 a user
-error (one line on stderr; nothing in ``--out`` touched), 130 interrupted (rerun the same command to
+error (one line on stderr; nothing in ``--out`` touched) or an ``--out`` it cannot write (full or read-only
+disk: one line from ``nemo_occ.cli``), 130 interrupted (rerun the same command to
 resume: every finished job and every run's last checkpoint are kept).
 """
 
