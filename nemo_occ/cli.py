@@ -9,8 +9,8 @@ line naming the failed import, and every other command, ``nemo-occ info`` includ
 
 Every misuse ends in one line on stderr and a known exit status, never a traceback:
 2 for a mistake in the command line (argparse's message, without the usage block: ``--help`` has it),
-a file the command may not read or write, a full or read-only disk, or a state file it refuses to load
-(``nemo_occ.safe_load``); 130 for Ctrl-C. A folder ``--out`` that the failed command created and left
+a file the command may not read or write, a full or read-only disk, a state file it refuses to load
+(``nemo_occ.safe_load``), or a Python package it needs that is not installed; 130 for Ctrl-C. A folder ``--out`` that the failed command created and left
 without data (nothing but folders and empty files) is removed again. Each command documents its own
 exit statuses on top of these.
 """
@@ -66,8 +66,9 @@ def unavailable_commands() -> dict[str, str]:
         try:
             importlib.import_module(name)
         except Exception as err:  # any import failure: a missing package, or one that breaks on import
-            if isinstance(err, ModuleNotFoundError) and (err.name or "").startswith(name):
-                continue  # a layer not written (or moved away) yet is not an error of this machine
+            missing = err.name if isinstance(err, ModuleNotFoundError) and err.name else None
+            if missing and (name == missing or name.startswith(missing + ".")):
+                continue  # the command module itself is absent (not written, or moved): no command to offer
             broken.update(dict.fromkeys(commands, f"{type(err).__name__}: {err}"))
     return broken
 
@@ -151,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the commands that write say what they kept; this is everyone else's
         print(f"{who}: interrupted", file=sys.stderr)
         rc = INTERRUPTED
+    except ModuleNotFoundError as err:  # a package the command needs is not installed here
+        print(
+            f"{who}: error: needs the Python package {err.name or err}, which is not installed here "
+            "(`nemo-occ info` reports the environment)",
+            file=sys.stderr,
+        )
     except OSError as err:
         print(f"{who}: error: {_os_error_line(err, out)}", file=sys.stderr)
     except ValueError as err:

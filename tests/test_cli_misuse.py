@@ -463,6 +463,22 @@ def test_a_command_that_cannot_import_is_one_line_and_info_still_reports(tmp_pat
     assert main(["demo", "--steps", "0"]) == 2  # the other commands still work
 
 
+def test_a_missing_package_is_one_line_naming_it(tmp_path):
+    """A package the command imports when it runs is not installed (here: pydantic, blocked)."""
+    code = "import sys; sys.modules['pydantic'] = None; from nemo_occ.cli import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, "demo", "--steps", "3", "--out", str(tmp_path / "out")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    _one_line(
+        result.stderr,
+        r"nemo-occ demo: error: needs the Python package pydantic, which is not installed here "
+        r"\(`nemo-occ info` reports the environment\)",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- nothing a user can do nothing about --------------------------------------------------------------
 
 _EXPORT_WITH_STAND_IN = """
