@@ -4,7 +4,9 @@ Versions come from package metadata (nothing is imported for them). Everything t
 package (torch, megatron-core, NeMo-RL) runs in a child interpreter with a time limit, so a missing
 package, a failing import or even a crash in a CUDA library shows up as a line of the report instead of
 ending it. The worker-side import check runs in the interpreter of NeMo-RL's own Megatron worker venv
-when it exists (``$NEMO_RL_VENV_DIR`` or ``/opt/ray_venvs``), which is where the worker runs.
+when it exists (``$NEMO_RL_VENV_DIR`` or ``/opt/ray_venvs``), which is where the worker runs. A nemo-occ
+command whose module cannot be imported here is listed with the import error
+(``nemo_occ.cli.unavailable_commands``); ``nemo-occ info`` itself runs regardless.
 """
 
 from __future__ import annotations
