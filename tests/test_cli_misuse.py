@@ -101,8 +101,8 @@ MISUSES = [
     row("export: out inside the reference", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {ref}/x", r"nemo-occ: error: --out .*/x is inside the --hf-model checkpoint .*; choose a folder outside it\."),
     row("export: no Megatron-Bridge", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {home}/o", r"nemo-occ: error: nemo-occ export needs Megatron-Bridge .*could not be imported .*"),
     row("export: nan limit", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {home}/o --max-mtp-change nan", r"nemo-occ export: error: argument --max-mtp-change: must be a finite number > 0, got 'nan' \(see nemo-occ export --help\)"),
-    row("export: out on a full disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {full}/export", r"nemo-occ: error: .*(No space left on device|free)[^\n]*", needs=("bridge",)),
-    row("export: out on a read-only disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {ro}/export", rf"nemo-occ: error: .*{READ_ONLY}.*", needs=("bridge",)),
+    row("export: out on a full disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {full}/export", r"nemo-occ: error: --out .*/full/export: (the export needs about .* free\. Free some space or choose another --out\.|cannot write in .*/full \(No space left on device\)\.)", needs=("bridge",)),
+    row("export: out on a read-only disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {ro}/export", rf"nemo-occ: error: --out .*/ro/export: cannot write in .*/ro \({READ_ONLY}\)\.", needs=("bridge",)),
     # -- verify-export
     row("verify: missing export", "verify-export {home}/nope --reference {ref}", r"nemo-occ: error: .*/nope is not a directory\."),
     row("verify: missing reference", "verify-export {ref} --reference {home}/nope", r"nemo-occ: error: Reference '.*/nope' is neither a checkpoint folder nor a Hub id .*"),
