@@ -4,7 +4,9 @@ Versions come from package metadata (nothing is imported for them). Everything t
 package (torch, megatron-core, NeMo-RL) runs in a child interpreter with a time limit, so a missing
 package, a failing import or even a crash in a CUDA library shows up as a line of the report instead of
 ending it. The worker-side import check runs in the interpreter of NeMo-RL's own Megatron worker venv
-when it exists (``$NEMO_RL_VENV_DIR`` or ``/opt/ray_venvs``), which is where the worker runs.
+when it exists (``$NEMO_RL_VENV_DIR`` or ``/opt/ray_venvs``), which is where the worker runs. A nemo-occ
+command whose module cannot be imported here is listed with the import error
+(``nemo_occ.cli.unavailable_commands``); ``nemo-occ info`` itself runs regardless.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ def collect() -> dict:
     ok, err = _probe(_WORKER, worker_python or sys.executable)
     report["worker_imports"] = {"python": worker_python or sys.executable, "result": "ok" if ok else err}
     report["nemo_rl_root"] = os.environ.get("NEMO_RL_ROOT") or None
+    from nemo_occ.cli import unavailable_commands
+
+    report["unavailable_commands"] = unavailable_commands()
     return report
 
 
@@ -145,6 +150,8 @@ def _print(report: dict) -> None:
     worker = report["worker_imports"]
     print(f"worker imports      {worker['result']} ({worker['python']})")
     print(f"NEMO_RL_ROOT        {report['nemo_rl_root'] or 'not set'}")
+    for command, why in report["unavailable_commands"].items():
+        print(f"{'nemo-occ ' + command:<20}unavailable ({why})")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -492,7 +492,7 @@ def build_and_save(rank: int, world_size: int, reference: Reference, checkpoint:
     Writes ``out/rank<r>.pt`` with the largest |Megatron - HF| logit difference and the names of the
     Megatron parameters (for the parent to check and report).
     """
-    from nemo_occ.megatron.parallel import init_model_parallel
+    from nemo_occ.lab.parallel import init_model_parallel
 
     patch_all_gaps(reference.model_type, import_side=True)
     init_model_parallel(rank=rank, world_size=world_size, tensor_parallel=world_size)

@@ -27,9 +27,9 @@ its backward cannot wait for them without a second forward.
 The first update of every RL step runs at θ = θ_old, where δ_RL ≡ 0 and so ĉ = 0: its statistics
 carry no information, and letting them set λ would zero the coefficient of the step's second update.
 The caller therefore closes that update with ``close_update(refresh=False)``: its statistics are
-reported but λ is kept. The first update of step t uses the λ of the last update of step t−1, and update
-u ≥ 1 uses the λ of update u−1 of the same step. (The reference code instead has λ ≈ 0 on each
-step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
+reported but λ is kept. So the first two updates of step t (u = 0 and 1) use the λ of the last update
+of step t−1 (the first two updates of a run: ``initial_lambda``), and update u ≥ 2 uses the λ of update
+u−1. (The reference code instead has λ ≈ 0 on each step's first minibatch.) With a single update per step λ would never be refreshed: callers warn.
 
 An update the optimizer did not apply (Megatron's ``step()`` returns ``update_successful=False`` when
 fp16/bf16 loss scaling found inf/NaN gradients, or the gradient norm exceeded

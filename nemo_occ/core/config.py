@@ -60,17 +60,20 @@ class OCCConfig(_Strict):
     timing: Literal["lagged", "microbatch"] = Field(
         "lagged",
         description="lagged: statistics of update u (summed over its micro-batches and ranks) set the λ of "
-        "update u+1, identical on every rank and independent of the micro-batch split. microbatch: each "
+        "update u+1 (except an RL step's first update, made at θ = θ_old, whose statistics keep λ), identical "
+        "on every rank and independent of the micro-batch split. microbatch: each "
         "micro-batch uses the λ of its own local statistics, the reference code's timing "
         "(not split-invariant). It does not reproduce the reference code for λ < 0: this package applies "
         "λ·L(A) (the paper's Eq. 2), the reference code L(λ·A), which agree for λ >= 0 and differ for "
-        "λ < 0 because clipping then acts on the other side (README, 'Sign convention').",
+        "λ < 0 because clipping then acts on the other side (docs/library.md, 'Sign convention for λ < 0').",
     )
     lambda_max: float | None = Field(
         None, gt=0.0, description="Optional clamp |λ_t| <= lambda_max; None (the paper) leaves λ_t unclamped."
     )
     initial_lambda: float = Field(
-        0.0, description="λ used before any statistics exist (the first update of a run under lagged timing)."
+        0.0,
+        description="λ used before statistics set one: under lagged timing, by the first two updates of a run "
+        "(the first has no statistics before it, and its own, made at θ = θ_old, keep λ).",
     )
     allow_one_update_per_step: bool = Field(
         False,

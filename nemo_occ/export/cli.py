@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import pickle
 import sys
 import warnings
 from collections.abc import Iterator
@@ -70,9 +71,11 @@ def _limits(args: argparse.Namespace):
 def _export(args: argparse.Namespace) -> int:
     from nemo_occ.export.bridge_export import export_megatron_to_hf
     from nemo_occ.export.verify import ExportVerificationError
+    from nemo_occ.safe_load import weights_only_loads
 
     try:
-        with _one_line_warnings():
+        # weights_only_loads: the checkpoint's common.pt, read by megatron-core, cannot run code either
+        with _one_line_warnings(), weights_only_loads():
             result = export_megatron_to_hf(
                 args.megatron_ckpt,
                 args.hf_model,
@@ -89,6 +92,11 @@ def _export(args: argparse.Namespace) -> int:
         return VERIFICATION_FAILED
     except _USER_ERRORS as err:
         return _fail(err)
+    except pickle.UnpicklingError:
+        return _fail(
+            f"--megatron-ckpt {args.megatron_ckpt} holds a pickled object other than numbers, lists, dicts and "
+            "tensors; it was not loaded, because loading it could run code it contains"
+        )
     except KeyboardInterrupt as err:
         return _interrupted(err)
     print(result.report.format())

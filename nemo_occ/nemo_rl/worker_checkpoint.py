@@ -13,6 +13,7 @@ import torch
 
 from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.fidelity import ProbeHistory
+from nemo_occ.safe_load import load_state
 
 __all__ = ["STATE_FILE", "CheckpointMixin"]
 
@@ -68,7 +69,11 @@ class CheckpointMixin:
                     stacklevel=2,
                 )
             return False
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        # numbers, lists, dicts and tensors only: a checkpoint from elsewhere must not run code on load
+        state = load_state(
+            path,
+            what_to_do=f"move it away to restart the calibrator at λ = {self.nemo_occ_cfg.occ.initial_lambda}",
+        )
         probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
         probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -261,6 +262,67 @@ def test_calibrator_state_survives_checkpoint_and_resume(tmp_path):
     resumed = Worker(_config(), None, weights_path=str(weights))
     assert resumed.occ_objective.coefficients() == worker.occ_objective.coefficients()
     assert resumed.occ_objective.calibrator.num_updates == 2
+
+
+def test_which_lambda_each_update_uses_is_what_the_docs_say():
+    """Measured on the worker (the caller that decides refresh): the first two updates of a run use
+    initial_lambda, the first two of every later step the previous step's last λ, update u >= 2 update
+    u-1's. nemo_occ/core/calibration.py, core/config.py and docs/nemo_rl.md state exactly this."""
+    cfg = _config()
+    cfg["nemo_occ"]["occ"] = {"initial_lambda": 0.37}
+    worker = Worker(cfg)
+    used = []
+    close = worker.occ_objective.close_update
+
+    def recording(*args, **kwargs):
+        update = close(*args, **kwargs)
+        used.append((update.depths[0].lambda_applied, update.depths[0].lambda_next))
+        return update
+
+    worker.occ_objective.close_update = recording
+    loss = OCCLossFn(
+        MainNLL(), NemoOCCConfig(**cfg["nemo_occ"]), policy_loss_config({"ratio_clip_max": 0.28})
+    )
+    worker.train([[_microbatch(0)], [_microbatch(1)], [_microbatch(2)]], loss)
+    worker.train([[_microbatch(3)], [_microbatch(4)], [_microbatch(5)]], loss)
+    applied = [a for a, _ in used]
+    after = [n for _, n in used]
+    assert applied[0] == applied[1] == 0.37  # the first two updates of the run
+    assert after[1] != 0.37 and applied[2] == after[1]  # update 2 uses update 1's λ
+    assert applied[3] == applied[4] == after[2]  # step 2's first two: step 1's last λ
+    assert applied[5] == after[4]
+    calibration = Path(__file__).resolve().parents[1] / "nemo_occ" / "core" / "calibration.py"
+    assert "update u ≥ 2 uses the λ of update u−1" in " ".join(calibration.read_text().split())
+    config = (Path(__file__).resolve().parents[1] / "nemo_occ" / "core" / "config.py").read_text()
+    assert "the first two updates of a run" in config
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "nemo_rl.md").read_text()
+    assert "`initial_lambda` (0) for the first two updates of a run" in " ".join(guide.split())
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls ``Path.touch(marker)``: what a planted checkpoint could do instead."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_state_file_is_refused_without_running_its_code(tmp_path):
+    worker = Worker(_config())
+    worker.train([[_microbatch(0)], [_microbatch(1)]], _loss())
+    weights = tmp_path / "step_10" / "policy" / "weights"
+    worker.save_checkpoint(str(weights))
+    state_file = weights.parent / STATE_FILE
+    state = torch.load(state_file, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["objective"]["payload"] = _RunsCodeWhenUnpickled(marker)  # a checkpoint from someone else
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match="holds objects other than numbers") as info:
+        Worker(_config(), None, weights_path=str(weights))
+    assert not marker.exists()
+    assert "\n" not in str(info.value) and f"{state_file}" in str(info.value)
 
 
 def test_resume_under_changed_settings_names_them(tmp_path):

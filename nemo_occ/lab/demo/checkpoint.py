@@ -15,6 +15,7 @@ import torch
 
 from nemo_occ.atomic_io import atomic_write
 from nemo_occ.lab.demo.output import DemoOutputError
+from nemo_occ.safe_load import load_state
 
 __all__ = ["save_checkpoint", "load_checkpoint", "fingerprint_of"]
 
@@ -41,7 +42,7 @@ def load_checkpoint(path: Path, config: dict) -> dict | None:
     path = Path(path)
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path, what_to_do="add --overwrite to start fresh or choose another --out")
     if state.get("fingerprint") != fingerprint_of(config):
         raise DemoOutputError(
             f"{path} was written by a run with another configuration than its folder's run.json; "

@@ -1,7 +1,8 @@
 """``nemo-occ demo`` sub-command (import-light: the demo's modules load only when it runs).
 
 Exit status: 0 done (or already complete), 2 a user error (one line on stderr naming the flag to
-change; nothing in ``--out`` touched), 130 interrupted by Ctrl-C (rerun the same command to resume).
+change; nothing in ``--out`` touched) or an ``--out`` the run cannot write (full or read-only disk: one
+line from ``nemo_occ.cli``), 130 interrupted by Ctrl-C (rerun the same command to resume).
 """
 
 from __future__ import annotations
@@ -60,18 +61,6 @@ def _nested(key: str, value) -> dict:
     return {head: _nested(rest, value) if rest else value}
 
 
-def _quiet_expected_megatron_warnings() -> None:
-    """On a CPU, megatron-core warns at import that TE/Apex are absent: expected here, not actionable."""
-    import warnings
-
-    for pattern in (
-        r"Transformer Engine and Apex are not installed",
-        r"Apex is not installed",
-        r"full scope is deprecated",
-    ):
-        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
-
-
 def _shown(value) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -107,7 +96,9 @@ def _main(args) -> int:
 
 
 def _demo(args) -> int:
-    _quiet_expected_megatron_warnings()
+    from nemo_occ.cli import quiet_expected_megatron_warnings
+
+    quiet_expected_megatron_warnings()
 
     import warnings
 

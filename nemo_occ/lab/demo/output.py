@@ -162,11 +162,8 @@ def prepare_output(out: Path, identity: dict, invocation: dict, *, overwrite: bo
     flag = f"--out {out}"
     if out.exists() and not out.is_dir():
         raise DemoOutputError(f"{flag} is a file; give a folder (it is created if missing)")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        ours, foreign = _demo_entries(out)
-    except OSError as err:
-        raise DemoOutputError(f"{flag}: {err.strerror or err}") from None
+    out.mkdir(parents=True, exist_ok=True)  # an OSError (full, read-only) is one line in nemo_occ.cli
+    ours, foreign = _demo_entries(out)
     run_file = out / RUN_FILE
     record = _read_record(run_file) if run_file.exists() else None
     if run_file.exists() and record is None:

@@ -1,12 +1,14 @@
 """``nemo-occ study`` sub-command (import-light: the study's modules load only when it runs).
 
 Exit status: 0 done (or stopped by ``--max-minutes``; the report lists what is unfinished), 2 a user
-error (one line on stderr; nothing in ``--out`` touched), 130 interrupted (rerun the same command to
+error (one line on stderr; nothing in ``--out`` touched) or an ``--out`` it cannot write (full or read-only
+disk: one line from ``nemo_occ.cli``), 130 interrupted (rerun the same command to
 resume: every finished job and every run's last checkpoint are kept).
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -63,9 +65,9 @@ def _main(args) -> int:
 
 
 def _study(args) -> int:
-    from nemo_occ.lab.demo.cli import _quiet_expected_megatron_warnings
+    from nemo_occ.cli import quiet_expected_megatron_warnings
 
-    _quiet_expected_megatron_warnings()
+    quiet_expected_megatron_warnings()
     from nemo_occ.core.config import ConfigError
     from nemo_occ.lab.demo.config import load_demo_config
 
@@ -73,6 +75,8 @@ def _study(args) -> int:
         return _error(f"--steps {args.steps}: give at least 1")
     if args.probe_minibatches < 0 or args.probe_checkpoints < 1:
         return _error("--probe-minibatches must be >= 0 and --probe-checkpoints >= 1")
+    if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
+        return _error(f"--max-minutes {args.max_minutes:g}: give a number of minutes > 0")
     if len(set(args.seeds)) != len(args.seeds):
         return _error(f"--seeds {' '.join(map(str, args.seeds))}: name each seed once")
     sweep = args.seeds if args.sweep_seeds is None else args.sweep_seeds
@@ -82,7 +86,8 @@ def _study(args) -> int:
     try:
         cfg, nemo_occ_cfg = load_demo_config(args.config, quick=args.quick, overrides=overrides)
     except ConfigError as err:
-        return _error(" ".join(line.strip() for line in str(err).splitlines()))
+        flat = " ".join(line.strip() for line in str(err).splitlines())
+        return _error(f"--config {flat}" if args.config is not None else flat)
     if args.probe_minibatches and args.probe_checkpoints > cfg.rl.steps:
         return _error(f"--probe-checkpoints {args.probe_checkpoints} exceeds the {cfg.rl.steps} RL steps")
 

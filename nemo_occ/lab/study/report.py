@@ -35,6 +35,7 @@ from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.regimes import get_regime
 from nemo_occ.lab.figures import training_probes
 from nemo_occ.lab.study.plan import Job, probe_path, run_dir, variant_config
+from nemo_occ.safe_load import load_state
 
 __all__ = ["build_study_report", "run_metrics", "compare"]
 
@@ -287,9 +288,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
     for seed in sorted({j.seed for j in jobs}):  # the shared warm start's gate, per seed
         path = out / "warmstart" / f"seed{seed}.pt"
         if path.exists():
-            import torch
-
-            metrics = torch.load(path, map_location="cpu", weights_only=True).get("metrics", {})
+            metrics = load_state(path, what_to_do="add --overwrite to start fresh").get("metrics", {})
             summary["warm_start"][str(seed)] = {k.removeprefix("warm_start/"): v for k, v in metrics.items()}
     summary["mechanism"] = _mechanism(summary)
     summary["figures"], summary["figures_not_drawn"] = _figures(

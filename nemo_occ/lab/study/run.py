@@ -46,12 +46,15 @@ from nemo_occ.lab.demo.output import (
     results_config,
 )
 from nemo_occ.lab.study.plan import Job, build_plan, probe_path, probe_steps, run_dir, variant_config
+from nemo_occ.safe_load import load_state
 
 __all__ = ["StudyError", "run_study", "study_identity", "variant_config", "job_done"]
 
 KIND = "nemo-occ study"
 STUDY_FILE = "study.json"
 OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md")
+
+_FRESH = "add --overwrite to start fresh or choose another --out"
 
 
 LOCK_FILE = ".study.lock"
@@ -183,7 +186,7 @@ class _Snapshots:
         dst = self.wanted.get(k)
         if dst is None or dst.exists() or not self.ckpt.exists():
             return
-        state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        state = load_state(self.ckpt, what_to_do=_FRESH)
         if int(state["step"]) == k:
             dst.parent.mkdir(parents=True, exist_ok=True)
             atomic_write(dst, lambda f: torch.save(state, f))
@@ -232,7 +235,7 @@ def _probe(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, pr
     if not snap.exists():
         return f"no checkpoint of step {job.step} was kept (the run finished before the study kept them)"
     rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
-    state = torch.load(snap, map_location="cpu", weights_only=True)
+    state = load_state(snap, what_to_do=_FRESH)
     t0 = time.perf_counter()
     records = probe_checkpoint(rcfg, rocc, job.variant.regime, state, minibatches=probe["minibatches"])
     result = {"settings": probe, "variant": job.variant.name, "seed": job.seed, "step": job.step,
