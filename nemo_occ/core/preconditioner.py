@@ -58,7 +58,9 @@ def param_state_inverse(optimizer: torch.optim.Optimizer, param: torch.Tensor) -
     step = _step(state, group)
     if step is None or step < 1:
         return None
-    return adam_inverse(state[key], step, float(group["betas"][1]), float(group["eps"]))
+    # fused Adams (Apex, Transformer Engine) can switch the bias correction off per group
+    beta2 = float(group["betas"][1]) if group.get("bias_correction", True) else 0.0
+    return adam_inverse(state[key], step, beta2, float(group["eps"]))
 
 
 def adam_preconditioner(
