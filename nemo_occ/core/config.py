@@ -190,6 +190,11 @@ class NemoOCCConfig(_Strict):
                 "occ.estimator: probed takes λ from the exact probes: set fidelity.every (e.g. 10) to probe "
                 "every N RL steps"
             )
+        if self.occ.estimator == "probed" and self.occ.timing == "microbatch":
+            raise ValueError(
+                "occ.estimator: probed sets λ from the probes, once per probe; occ.timing: microbatch sets it "
+                "from each micro-batch's proxies: use timing: lagged"
+            )
         return self
 
     @model_validator(mode="after")

@@ -161,6 +161,12 @@ class ExactStatistics:
     cross_fit_precond: GradientStatistics | None = None
     precond_note: str = "no preconditioner was given"
 
+    def cross_fit_in(self, metric: str) -> GradientStatistics | None:
+        """The cross-fitted statistics in ``metric`` ("euclidean" or "preconditioned"; None if absent)."""
+        if metric not in ("euclidean", "preconditioned"):
+            raise ValueError(f"metric must be 'euclidean' or 'preconditioned', got {metric!r}")
+        return self.cross_fit if metric == "euclidean" else self.cross_fit_precond
+
     def metrics(self, prefix: str = "fidelity") -> dict[str, float]:
         """``{prefix}/{c,v2,cos}_{same_sample,cross_fit}[_precond]_k``, ``{prefix}/rl_norm2_...`` (main
         model), ``{prefix}/mtp_params_v2_{same_sample,cross_fit}_k`` and ``{prefix}/precond_available``."""

@@ -76,6 +76,7 @@ __all__ = [
     "Verdict",
     "block_bootstrap",
     "probed_update",
+    "refresh_lambda_from_probe",
     "sign_agreement",
     "spearman_interval",
     "trust_verdict",
@@ -441,6 +442,18 @@ class ProbeHistory:
             ):
                 raise ValueError("the checkpoint's probe history is malformed (corrupt or from another run)")
         self.records = records
+
+
+def refresh_lambda_from_probe(calibrator, exact: ExactStatistics, metric: str) -> bool:
+    """``occ.estimator: probed``: set the calibrator's λ from this probe's cross-fitted statistics in
+    ``metric`` (:meth:`nemo_occ.core.calibration.OCCCalibrator.refresh_from_probe`). Returns whether λ
+    was set; without the metric (no optimizer state for ``preconditioned``) λ is kept, with a warning."""
+    stats = exact.cross_fit_in(metric)
+    if stats is None:
+        warnings.warn(f"no {metric} statistics at this probe ({exact.precond_note}): λ is kept", stacklevel=2)
+        return False
+    calibrator.refresh_from_probe(stats.c, stats.v2)
+    return True
 
 
 class HeadGap:
