@@ -64,6 +64,8 @@ __all__ = [
     "PreconditionerShard",
     "cross_fitted_statistics",
     "exact_cross_fitted_statistics",
+    "StreamingHalves",
+    "half_masks",
     "split_halves",
     "ProbeParameter",
     "as_probe_parameters",
@@ -347,6 +349,53 @@ def split_halves(weights: Sequence[float]) -> list[bool]:
         in_a[i] = half == 0
         load[half] += w[i]
     return in_a
+
+
+class StreamingHalves:
+    """:func:`split_halves` for sequences that arrive a micro-batch at a time (a framework's loop).
+
+    Each sequence goes to the half with less weight so far (ties to A). A probe that replays the same
+    micro-batches in the same order after :meth:`reset` gets the same split in every pass; ``load``
+    is each half's weight on this rank (the shares, once summed over ranks).
+    """
+
+    def __init__(self) -> None:
+        self.load = [0.0, 0.0]
+
+    def reset(self) -> None:
+        self.load = [0.0, 0.0]
+
+    def assign(self, weights: torch.Tensor) -> torch.Tensor:
+        """[B] bool, True for half A, for the next sequences with loss weights ``weights`` [B]."""
+        in_a = []
+        for w in weights.detach().double().cpu().tolist():
+            half = 0 if self.load[0] <= self.load[1] else 1
+            self.load[half] += w
+            in_a.append(half == 0)
+        return torch.tensor(in_a, dtype=torch.bool, device=weights.device)
+
+
+def half_masks(
+    mask: torch.Tensor, units: torch.Tensor | None = None, *, by: Literal["tokens", "sequences"] = "tokens"
+) -> tuple[torch.Tensor, torch.Tensor, tuple[float, float]]:
+    """The loss masks [B, S] of halves A and B of a minibatch and their shares of its denominator.
+
+    ``units`` [B]: the unit each sequence belongs to (default: each its own), kept whole in one half:
+    pass the GRPO group when advantages are normalised within groups, so the halves are independent.
+    Units are balanced by :func:`split_halves` on ``by`` (the loss's denominator: valid tokens, or
+    sequences with a valid token for a sequence-level loss); the shares are each half's part of it.
+    """
+    if by not in ("tokens", "sequences"):
+        raise ValueError(f"by must be 'tokens' or 'sequences', got {by!r}")
+    valid = mask.bool()
+    rows = valid.sum(1).double() if by == "tokens" else valid.any(1).double()  # [B]
+    units = torch.arange(mask.shape[0]) if units is None else units.long().cpu()
+    ids, inverse = torch.unique(units, return_inverse=True)
+    weights = torch.zeros(len(ids), dtype=torch.float64).index_add_(0, inverse, rows.cpu())
+    in_a = torch.tensor(split_halves(weights.tolist()))[inverse].to(mask.device)  # [B]
+    total = float(rows.sum())
+    share_a = float(rows[in_a].sum()) / total
+    return valid & in_a[:, None], valid & ~in_a[:, None], (share_a, 1.0 - share_a)
 
 
 # columns of the raw dot products per part (see cross_fitted_statistics): RL x RL, then per depth

@@ -286,8 +286,8 @@ class ProbeHistory:
             raise ValueError(f"metric must be 'euclidean' or 'preconditioned', got {metric!r}")
         self.num_depths = num_depths
         self.window, self.min_windows, self.metric = window, min_windows, metric
-        # per probe: per depth the _COLUMNS (preconditioned NaN when there was no optimizer state yet)
-        self.records: list[list[list[float]]] = []
+        # per probe: per depth the _COLUMNS (preconditioned None when there was no optimizer state yet)
+        self.records: list[list[list[float | None]]] = []
 
     @classmethod
     def from_config(cls, num_depths: int, cfg) -> ProbeHistory:
@@ -331,7 +331,7 @@ class ProbeHistory:
             return {}
         same, cross, pre = exact.same_sample, exact.cross_fit, exact.cross_fit_precond
         row = [[float(c_hat[k]) / float(tokens[k]), float(v2_hat[k]) / float(tokens[k]), same.c[k], same.v2[k],
-                cross.c[k], cross.v2[k], pre.c[k] if pre else math.nan, pre.v2[k] if pre else math.nan]
+                cross.c[k], cross.v2[k], pre.c[k] if pre else None, pre.v2[k] if pre else None]
                for k in range(K)]  # fmt: skip
         self.records.append(row)
         out = exact.metrics(prefix)
@@ -363,7 +363,7 @@ class ProbeHistory:
         cols = (4, 5) if self.metric == "euclidean" else (6, 7)
         out = []
         for k in range(self.num_depths):
-            rows = [r[k] for r in self.records if math.isfinite(r[k][cols[0]])]
+            rows = [r[k] for r in self.records if r[k][cols[0]] is not None]
             out.append(
                 trust_verdict(
                     [r[0] for r in rows],
@@ -401,7 +401,7 @@ class ProbeHistory:
             return None
         cols = (4, 5) if (metric or self.metric) == "euclidean" else (6, 7)
         row = self.records[-1]
-        if not math.isfinite(row[0][cols[0]]):
+        if row[0][cols[0]] is None:
             return None
         return [(r[cols[0]], r[cols[1]]) for r in row]
 
@@ -433,11 +433,14 @@ class ProbeHistory:
             )
             self.records = []
             return
-        records = [[[float(v) for v in r] for r in rec] for rec in state["records"]]
+        records = [[[None if v is None else float(v) for v in r] for r in rec] for rec in state["records"]]
         width = len(_COLUMNS)
         for rec in records:
             if len(rec) != self.num_depths or any(
-                len(r) != width or not all(map(math.isfinite, r[:6])) or math.isinf(r[6]) or math.isinf(r[7])
+                len(r) != width
+                or any(v is None for v in r[:6])
+                or not all(v is None or math.isfinite(v) for v in r)
+                or (r[6] is None) != (r[7] is None)
                 for r in rec
             ):
                 raise ValueError("the checkpoint's probe history is malformed (corrupt or from another run)")

@@ -170,7 +170,10 @@ def adam_preconditioner(
     Every rank answers alike (None before the first step everywhere): megatron steps all ranks
     together. A parameter the optimizer does not hold on this rank gets None (another rank holds it).
     """
-    ranges = _state_ranges(optimizer)
+    try:
+        ranges = _state_ranges(optimizer)
+    except AttributeError:
+        return None, f"{type(optimizer).__name__} exposes no Adam state: no preconditioned metric"
     out: list[PreconditionerShard | None] = []
     for pp in params:
         entry = ranges.get(id(pp.param))

@@ -27,12 +27,15 @@ loop and adds three things around it, for the duration of one ``train`` call:
 
 4. **Exact probes** (``nemo_occ.fidelity.every: N``, off by default). In every N-th ``train`` call (RL
    step), the update :func:`nemo_occ.core.fidelity.probed_update` picks runs its micro-batches through
-   NeMo-RL's ``megatron_forward_backward`` 1 + K extra times first, each with a loss that is one
-   component only (the RL loss, then each depth's unscaled MTP loss; ``OCCLossFn.probing``), while
-   gradients only accumulate on this rank (:meth:`OCCWorkerExtension.gradient_probe_pass`, the hooks
-   NeMo-RL's own split-step API nulls). The accumulated gradients go through
-   ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into c and v², recorded with that
-   update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`; then the update trains as usual.
+   NeMo-RL's ``megatron_forward_backward`` 2(1 + K) extra times first, each with a loss that is one
+   component only (the RL loss, then each depth's unscaled MTP loss) of one half of the sequences
+   (``OCCLossFn.probing``), while gradients only accumulate on this rank
+   (:meth:`OCCWorkerExtension.gradient_probe_pass`, the hooks NeMo-RL's own split-step API nulls). The
+   accumulated gradients go through ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into
+   the same-sample, cross-fitted and Adam-preconditioned c and v²
+   (:func:`nemo_occ.core.diagnostics.cross_fitted_statistics`; P read from the optimizer before the
+   update's step), recorded with that update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`;
+   under ``occ.estimator: probed`` they also set λ. Then the update trains as usual.
 
 5. **The MTP heads' own old log-probs** (``old_logprobs: mtp``, or whenever probes are on: the head-gap
    metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
@@ -66,8 +69,8 @@ import torch
 
 from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import CONFIG_KEY, NemoOCCConfig, load_config
-from nemo_occ.core.diagnostics import gradient_statistics
-from nemo_occ.core.fidelity import ProbeHistory, probed_update
+from nemo_occ.core.diagnostics import cross_fitted_statistics
+from nemo_occ.core.fidelity import ProbeHistory, probed_update, refresh_lambda_from_probe
 from nemo_occ.core.metrics import UpdateStatistics, step_metrics
 from nemo_occ.core.objective import MTPObjective
 from nemo_occ.nemo_rl import megatron_policy_worker_patches as patches
@@ -105,7 +108,7 @@ class OCCWorkerExtension:
         self.nemo_occ_cfg = load_config(dict(block), key=None)
         # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
         self.occ_objective = MTPObjective(self.nemo_occ_cfg)
-        self.occ_probes = ProbeHistory(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity.min_probes)
+        self.occ_probes = ProbeHistory.from_config(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
         self._occ_updates: list[UpdateStatistics | None] = []  # this train() call's closed updates
         self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old
@@ -250,7 +253,11 @@ class OCCWorkerExtension:
 
     def _probing_forward_backward(self, loss_fn: Any, probe_index: int):
         """``megatron_forward_backward`` that probes the ``probe_index``-th training call first."""
-        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+        from nemo_occ.megatron.probe_layout import (
+            adam_preconditioner,
+            probe_parameters,
+            probe_statistics_group,
+        )
 
         calls = itertools.count()
 
@@ -259,24 +266,55 @@ class OCCWorkerExtension:
                 return original(**kwargs)
             microbatches = list(kwargs.pop("data_iterator"))  # replayed by every pass
             params = probe_parameters(self.model, gradients="local")
-            grads = []
-            for component in range(self.nemo_occ_cfg.num_depths + 1):
-                with loss_fn.probing(component), self.gradient_probe_pass():
-                    original(data_iterator=iter(microbatches), **kwargs)
-                grads.append(self._probe_gradients(params))
+            grads: list[list[list[torch.Tensor | None]]] = [[], []]  # [half][component][parameter]
+            for half in (0, 1):
+                for component in range(self.nemo_occ_cfg.num_depths + 1):
+                    with loss_fn.probing(component, half=half), self.gradient_probe_pass():
+                        original(data_iterator=iter(microbatches), **kwargs)
+                    grads[half].append(self._probe_gradients(params))
             scale = (
                 float(self.optimizer.get_loss_scale()) if hasattr(self.optimizer, "get_loss_scale") else 1.0
             )
             if scale != 1.0:  # fp16 loss scaling: report the gradients' statistics, not the scaled ones
-                for g in itertools.chain.from_iterable(grads):
+                for g in itertools.chain.from_iterable(itertools.chain.from_iterable(grads)):
                     if g is not None:
                         g.div_(scale)
-            self._occ_exact = gradient_statistics(
-                grads[0], grads[1:], params, stats_group=probe_statistics_group()
-            )
+            try:
+                shares = self.probe_shares(loss_fn)
+            except ValueError as err:  # the same on every rank (the counts are all-reduced): no probe
+                warnings.warn(f"probe skipped: {err}", stacklevel=2)
+                return original(data_iterator=iter(microbatches), **kwargs)
+            shards, note = adam_preconditioner(self.optimizer, params)
+            self._occ_exact = cross_fitted_statistics(
+                [h[0] for h in grads], [h[1:] for h in grads], params, shares=shares,
+                preconditioner=shards, precond_note=note, stats_group=probe_statistics_group(),
+            )  # fmt: skip
             return original(data_iterator=iter(microbatches), **kwargs)
 
         return forward_backward
+
+    def probe_shares(self, loss_fn: Any) -> tuple[float, float]:
+        """Each half's share of the probed update's loss denominator, the same on every rank.
+
+        Only the stage holding the loss counts; its ranks of one data-parallel replica (TP, CP) count
+        alike, so summing over the world scales both halves equally and the ratio is the batch's.
+        """
+        load = torch.tensor(
+            loss_fn.probe_load() if self.holds_output_layer() else [0.0, 0.0], dtype=torch.float64
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from nemo_occ.core.distributed import all_reduce_sum_, collective_device
+            from nemo_occ.megatron.probe_layout import probe_statistics_group
+
+            group = probe_statistics_group()
+            load = all_reduce_sum_(load.to(collective_device(group)), group).cpu()
+        total = float(load.sum())
+        if not total > 0 or float(load.min()) <= 0:
+            raise ValueError(
+                f"the probed update's halves hold {load.tolist()} of its loss denominator: cross-fitting needs "
+                "at least two sequences with loss tokens"
+            )
+        return float(load[0]) / total, float(load[1]) / total
 
     # -- old log-probs -------------------------------------------------------------------------------
     def wants_mtp_old_logprobs(self) -> bool:
@@ -430,6 +468,10 @@ class OCCWorkerExtension:
             # (a skipped update's gradients were not finite or not used: no probe to record)
             if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
                 self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
+            cfg = self.nemo_occ_cfg
+            if not skipped and cfg.occ.estimator == "probed" and cfg.regime_spec.calibrated:
+                # every rank: the statistics are all-reduced, so λ stays identical everywhere
+                refresh_lambda_from_probe(self.occ_objective.calibrator, self._occ_exact, cfg.fidelity.metric)
             self._occ_exact = None
 
     # -- checkpointing -------------------------------------------------------------------------------
@@ -468,7 +510,7 @@ class OCCWorkerExtension:
                 )
             return False
         state = torch.load(path, map_location="cpu", weights_only=False)
-        probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
+        probes = ProbeHistory.from_config(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity)
         if "probes" in state:  # states written before the probes existed have none
             probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
