@@ -85,7 +85,8 @@ _STYLES = [
 
 
 # the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
-_TRAINING_PROBE = {"c": "fidelity/c_1", "v2": "fidelity/v2_1", "rl_norm2": "fidelity/rl_norm2",
+_TRAINING_PROBE = {"c": "fidelity/c_same_sample_1", "v2": "fidelity/v2_same_sample_1",
+                   "rl_norm2": "fidelity/rl_norm2_same_sample",
                    "c_hat": "fidelity/c_hat_per_token_1", "v2_hat": "fidelity/v2_hat_per_token_1"}  # fmt: skip
 
 
