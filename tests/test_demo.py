@@ -144,7 +144,9 @@ def test_quick_demo_logs_clip_firing_mtp_share_and_the_gradient_cosines(quick_ru
         assert probed, regime
         for r in probed:
             # cos(g_RL, g_MTP) by its definition from the probe's own c, v², ||g_RL||²
-            c, v2, rl2 = (r[f"fidelity/{k}"] for k in ("c_same_sample_1", "v2_same_sample_1", "rl_norm2_same_sample"))
+            c, v2, rl2 = (
+                r[f"fidelity/{k}"] for k in ("c_same_sample_1", "v2_same_sample_1", "rl_norm2_same_sample")
+            )
             assert r["fidelity/cos_same_sample_1"] == pytest.approx(c / math.sqrt(v2 * rl2))
             # undefined (None) when the probed minibatch holds a single group: no two halves
             assert r["exact/half_batch_cos"] is None or -1.0 <= r["exact/half_batch_cos"] <= 1.0
@@ -272,7 +274,16 @@ def test_summary_quotes_the_cores_fidelity_of_the_probed_update():
     c = [-0.3, 0.4, -0.1, 0.6, 0.3, 0.5, -0.2, 0.1]
     v2 = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0, 7.0, 8.0]
     per_token_c_hat = [-0.03, 0.04, -0.01, 0.06, 0.03, 0.05, -0.02, 0.01]  # c's signs and ranks
-    per_token_v2_hat = [0.1, 0.3, 0.2, 0.5, 0.4, 0.6, 0.8, 0.7]  # ρ = 1 in the first window, 0.8 in the second
+    per_token_v2_hat = [
+        0.1,
+        0.3,
+        0.2,
+        0.5,
+        0.4,
+        0.6,
+        0.8,
+        0.7,
+    ]  # ρ = 1 in the first window, 0.8 in the second
     probed = [(pc * n, pv * n, n, ci, vi) for pc, pv, n, ci, vi in
               zip(per_token_c_hat, per_token_v2_hat, tokens, c, v2, strict=True)]  # fmt: skip
     last_update = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
