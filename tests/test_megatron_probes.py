@@ -83,7 +83,9 @@ def _half_grads(model, losses_of_half):
         for loss in losses:
             model.zero_grad(set_to_none=True)
             loss.backward(retain_graph=True)
-            half.append({n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None})
+            half.append(
+                {n: p.grad.double().clone() for n, p in model.named_parameters() if p.grad is not None}
+            )
         out.append(half)
     return out
 
@@ -226,7 +228,10 @@ def _layout_vs_reference(rank, world, layout: dict, model_kwargs: dict, depths: 
     stats = exact_gradient_statistics(rl, mtp, probe_parameters(model), stats_group=probe_statistics_group())
     _check(stats, reference)
     in_a = IN_A[rows][None, :, None]
-    (rl_a, *mtp_a), (rl_b, *mtp_b) = _losses(out, weights[:, rows] * in_a), _losses(out, weights[:, rows] * ~in_a)
+    (rl_a, *mtp_a), (rl_b, *mtp_b) = (
+        _losses(out, weights[:, rows] * in_a),
+        _losses(out, weights[:, rows] * ~in_a),
+    )
     params = probe_parameters(model)
     shards = _shards(model, params, _inverse(full_state), model_kwargs.get("num_experts"))
     cross = exact_cross_fitted_statistics(
