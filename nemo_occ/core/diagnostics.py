@@ -403,15 +403,28 @@ _RL_COLS = ("AA", "AB", "BB")
 _DEPTH_COLS = ("rA.mA", "rA.mB", "rB.mA", "rB.mB", "mA.mA", "mA.mB", "mB.mB")
 
 
+def _gram(vectors: list[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+    """[m, m] float64 Gram matrix <v_i, W v_j> of one parameter's (or shard's) gradients, W = diag(weight):
+    each vector is converted to float64 once per bounded chunk and the products are one matmul."""
+    flat = [v.reshape(-1) for v in vectors]
+    m, n = len(flat), flat[0].numel()
+    gram = torch.zeros(m, m, dtype=torch.float64, device=flat[0].device)
+    step = max(1, _CHUNK // m)
+    for start in range(0, n, step):
+        x = torch.stack([v[start : start + step].double() for v in flat])  # [m, chunk]
+        wx = x if weight is None else x * weight.reshape(-1)[start : start + step].double()
+        gram += wx @ x.T
+    return gram
+
+
 def _dots(rl: tuple[torch.Tensor, torch.Tensor], mtp: list[tuple[torch.Tensor, torch.Tensor]], weight=None):
-    """The raw dot products of one parameter (or one shard of it), optionally in the metric ``weight``."""
-    (ra, rb) = rl
-    wa, wb = (ra, rb) if weight is None else (ra * weight, rb * weight)
-    out = [_dot64(wa, ra), _dot64(wa, rb), _dot64(wb, rb)]
-    for ma, mb in mtp:
-        out += [_dot64(wa, ma), _dot64(wa, mb), _dot64(wb, ma), _dot64(wb, mb)]
-        wma = ma if weight is None else ma * weight
-        out += [_dot64(wma, ma), _dot64(wma, mb), _dot64(mb if weight is None else mb * weight, mb)]
+    """The raw dot products of one parameter (or one shard of it), optionally in the metric ``weight``:
+    [rA·rA, rA·rB, rB·rB] then per depth [rA·mA, rA·mB, rB·mA, rB·mB, mA·mA, mA·mB, mB·mB]."""
+    g = _gram([rl[0], rl[1], *(x for pair in mtp for x in pair)], weight)
+    out = [g[0, 0], g[0, 1], g[1, 1]]
+    for k in range(len(mtp)):
+        a, b = 2 + 2 * k, 3 + 2 * k
+        out += [g[0, a], g[0, b], g[1, a], g[1, b], g[a, a], g[a, b], g[b, b]]
     return torch.stack(out)
 
 
@@ -505,7 +518,7 @@ def cross_fitted_statistics(
         cut = slice(shard.start, shard.stop)
         rl = tuple(g.reshape(-1)[cut] for g in (grads[0], grads[1]))
         mtp = [(grads[2 + 2 * k].reshape(-1)[cut], grads[3 + 2 * k].reshape(-1)[cut]) for k in range(K)]
-        weight = shard.inverse.reshape(-1).to(rl[0].dtype)
+        weight = shard.inverse.reshape(-1)
         local[row, n_raw : 2 * n_raw] += _dots(rl, mtp, weight).to(device) / shard.copies
     if stats_group is not None and _group_size(stats_group) > 1:
         local = all_reduce_sum_(local.to(collective_device(stats_group)), stats_group)
