@@ -41,7 +41,7 @@ def test_probed_lambda_is_held_between_probes_and_resumes_bit_identically(tmp_pa
     assert main([*argv, str(full)]) == 0
     rows = [r for r in _rows(full) if r["step"] > 0]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for before, after in zip(rows, rows[1:]):
+    for before, after in zip(rows[:-1], rows[1:], strict=True):
         # the probe of step t (its second update) sets the λ both updates of step t+1 apply
         c, v2 = before["fidelity/c_cross_fit_1"], before["fidelity/v2_cross_fit_1"]
         expected = 0.5 * c / (v2 + 1e-8) if v2 > 0 else before["occ/lambda_applied_1"]
