@@ -268,6 +268,49 @@ def test_every_second_step_and_the_history_survives_a_checkpoint(tmp_path):
     assert metrics["fidelity/probes"] == 2.0
 
 
+class AdamStateOptimizer(RecordingOptimizer):
+    """The recording optimizer (the weights stay put) holding a torch Adam's state one step old: what the
+    probe reads Adam's second moment from (``param_groups``, ``state``)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        g = torch.Generator().manual_seed(9)
+        for p in model.parameters():
+            p.grad = 0.1 * torch.randn(p.shape, generator=g) + 0.05
+        adam.step()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+                p.grad = None
+        self.param_groups, self.state = adam.param_groups, adam.state
+        self.inverse = {
+            n: 1.0 / ((adam.state[p]["exp_avg_sq"].double() / (1 - 0.99)).sqrt() + 1e-6)
+            for n, p in model.named_parameters()
+        }
+
+
+def test_preconditioned_statistics_read_the_optimizers_adam_state():
+    step = [[_microbatch(0), _microbatch(1)], [_microbatch(2), _microbatch(3)]]
+    worker = Worker(_config(1))
+    worker.optimizer = AdamStateOptimizer(worker.model)
+    metrics = worker.train(step, _loss(1))["mtp_metrics"]
+    assert metrics["fidelity/precond_available"] == 1.0
+    (rl_a, mtp_a), (rl_b, mtp_b) = (
+        _brute_force(worker.model, step[1], _loss(1).policy_cfg, torch.tensor(r))[3] for r in ([1, 0], [0, 1])
+    )
+    w = worker.optimizer.inverse
+
+    def dot(a, b):
+        return sum(float((a[n] * b[n] * w[n]).sum()) for n in a if n in b and not n.startswith("mtp."))
+
+    c_x = 4 * (dot(rl_a, mtp_b) + dot(rl_b, mtp_a)) / 2
+    assert metrics["fidelity/c_cross_fit_precond_1"] == pytest.approx(c_x, rel=1e-5)
+    assert metrics["fidelity/v2_cross_fit_precond_1"] == pytest.approx(4 * dot(mtp_a, mtp_b), rel=1e-5)
+    assert not metrics["fidelity/c_cross_fit_precond_1"] == pytest.approx(metrics["fidelity/c_cross_fit_1"])
+
+
 def test_estimator_probed_takes_lambda_from_the_cross_fitted_probe():
     cfg = _config(1)
     cfg["nemo_occ"]["occ"] = {"estimator": "probed", "lambda_plus": 0.5}
