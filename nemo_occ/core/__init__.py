@@ -14,12 +14,15 @@ from nemo_occ.core.config import (
     load_config,
 )
 from nemo_occ.core.diagnostics import (
+    ExactStatistics,
     GradientStatistics,
     ProbeParameter,
+    cross_fitted_statistics,
+    exact_cross_fitted_statistics,
     exact_gradient_statistics,
     gradient_statistics,
 )
-from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval
+from nemo_occ.core.fidelity import HeadGap, ProbeHistory, sign_agreement, spearman_interval, trust_verdict
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, cross_entropy_loss, valid_counts
 from nemo_occ.core.metrics import DepthStatistics, UpdateStatistics, acceptance_counts, step_metrics
@@ -31,6 +34,7 @@ __all__ = [
     "REGIMES",
     "ConfigError",
     "DepthStatistics",
+    "ExactStatistics",
     "GradientStatistics",
     "HeadGap",
     "MTPObjective",
@@ -46,6 +50,8 @@ __all__ = [
     "align_mtp_to_main",
     "clipped_policy_loss",
     "cross_entropy_loss",
+    "cross_fitted_statistics",
+    "exact_cross_fitted_statistics",
     "exact_gradient_statistics",
     "get_regime",
     "gradient_statistics",
@@ -57,5 +63,6 @@ __all__ = [
     "sign_agreement",
     "spearman_interval",
     "step_metrics",
+    "trust_verdict",
     "valid_counts",
 ]

@@ -10,7 +10,13 @@ data-parallel ranks)::
     λ_k       = λ+ · ĉ_k / (v̂²_k + ε)                                             (Eq. 13)
 
 Estimators: ``signed`` (OCC-NoClip, the paper's default), ``clipped`` (OCC-Clip: max(0, ĉ)),
-``reference`` (the public reference code: mean over tokens of δ_RL·δ_MTP / (δ_MTP² + ε); for parity).
+``reference`` (the public reference code: mean over tokens of δ_RL·δ_MTP / (δ_MTP² + ε); for parity),
+``probed`` (beyond the paper; :meth:`OCCCalibrator.refresh_from_probe`): λ_k = λ+ · c_x,k / (v²_x,k + ε)
+from the cross-fitted exact statistics of the probed update (``nemo_occ.core.diagnostics``, in
+``fidelity.metric``), set once every ``fidelity.every`` RL steps and held between probes; the
+proxies are still computed and reported, but never set λ. A probe whose v²_x ≤ 0 (the MTP gradient's
+mean below its noise: c_x / v²_x means nothing) keeps the λ in effect, with a warning. λ+ and
+``lambda_max`` mean what they mean for the proxies: a multiplier and a clamp on |λ|.
 ``π_old`` of δ_MTP is the main head's old log-prob or the MTP head's own (config ``old_logprobs``).
 
 When λ is computed and which update uses it (timing ``lagged``, the default):
@@ -53,6 +59,8 @@ term ½·λ²·v̂². Under these prefactors λ = ĉ/v̂² (Eq. 13 with λ+ = 1)
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -129,6 +137,45 @@ class OCCCalibrator:
         """λ_k currently in effect (index 0 is depth 1)."""
         return list(self._lambdas)
 
+    def _finish(self, lam: float) -> float:
+        """λ_max's clamp, and a refusal of an overflow (finite inputs: only an absurd λ+ overflows)."""
+        if self.cfg.lambda_max is not None:
+            lam = max(-self.cfg.lambda_max, min(self.cfg.lambda_max, lam))
+        if not math.isfinite(lam):
+            raise ValueError(
+                f"λ overflowed to {lam} (lambda_plus={self.cfg.lambda_plus:g}); lower occ.lambda_plus "
+                "or set occ.lambda_max"
+            )
+        return float(lam)
+
+    def refresh_from_probe(self, c: Sequence[float], v2: Sequence[float]) -> list[float]:
+        """``estimator: probed``: λ_k = λ+ · c_k / (v²_k + ε) from one probe's cross-fitted statistics,
+        in effect from the next update until the next probe; returns the λ now in effect.
+
+        A depth whose v²_k ≤ 0 keeps its λ (warning). Raises, changing nothing, on malformed input or
+        when the estimator is not ``probed``. Every rank passes the same (all-reduced) statistics.
+        """
+        if self.cfg.estimator != "probed":
+            raise ValueError(f"refresh_from_probe is for occ.estimator: probed, not {self.cfg.estimator!r}")
+        K = self.num_depths
+        if len(c) != K or len(v2) != K:
+            raise ValueError(f"a probe gives c and v² per depth: {K} each, got {len(c)} and {len(v2)}")
+        values = [float(x) for x in (*c, *v2)]
+        if not all(math.isfinite(x) for x in values):
+            raise ValueError(f"the probe's statistics have NaN/Inf entries: c={list(c)}, v2={list(v2)}")
+        new = list(self._lambdas)
+        for k in range(K):
+            if v2[k] <= 0:
+                warnings.warn(
+                    f"the probe's cross-fitted v² of depth {k + 1} is {v2[k]:.3g} <= 0 (the MTP gradient's mean "
+                    "is below its noise): λ is kept",
+                    stacklevel=2,
+                )
+                continue
+            new[k] = self._finish(self.cfg.lambda_plus * float(c[k]) / (float(v2[k]) + self.cfg.eps))
+        self._lambdas = new
+        return list(new)
+
     def lambda_from_statistics(self, stats: torch.Tensor) -> list[float]:
         """λ_k of Eq. 13 from a [K, 4] statistics tensor; 0 for a depth without valid tokens.
 
@@ -141,17 +188,10 @@ class OCCCalibrator:
                 continue
             if self.cfg.estimator == "reference":
                 lam = self.cfg.lambda_plus * ratio_sum / n
-            else:
+            else:  # probed: the proxies' signed λ, reported only (close_update never applies it)
                 c_eff = max(0.0, c) if self.cfg.estimator == "clipped" else c
                 lam = self.cfg.lambda_plus * c_eff / (v2 + self.cfg.eps)
-            if self.cfg.lambda_max is not None:
-                lam = max(-self.cfg.lambda_max, min(self.cfg.lambda_max, lam))
-            if not math.isfinite(lam):  # finite statistics: only an absurd lambda_plus overflows
-                raise ValueError(
-                    f"λ overflowed to {lam} (lambda_plus={self.cfg.lambda_plus:g}); lower occ.lambda_plus "
-                    "or set occ.lambda_max"
-                )
-            out.append(float(lam))
+            out.append(self._finish(lam))
         return out
 
     # -- statistics --------------------------------------------------------------------------------
@@ -228,7 +268,7 @@ class OCCCalibrator:
         else:
             applied = list(self._lambdas)
         new = self.lambda_from_statistics(stats)
-        if refresh:
+        if refresh and self.cfg.estimator != "probed":  # probed: only refresh_from_probe sets λ
             self._lambdas = new
         depths = tuple(
             DepthStatistics(c, v2, n, applied[k], self._lambdas[k])

@@ -9,7 +9,7 @@ is derived from NeMo-RL's ``loss_fn`` block in the NeMo-RL glue)::
       coef: 0.1              # fixed λ of detach / ce / policy
       old_logprobs: main     # main | mtp
       occ: {lambda_plus: 1.0, eps: 1.0e-8, estimator: signed, timing: lagged}
-      fidelity: {every: 0, min_probes: 5}   # exact-statistics probes, off by default
+      fidelity: {every: 0, metric: euclidean, window: 6, min_windows: 3}   # exact probes, off by default
 """
 
 from __future__ import annotations
@@ -49,13 +49,15 @@ class OCCConfig(_Strict):
         1.0, gt=0.0, description="λ+, absorbs the unknown smoothness prefactor of Eq. 11 (paper default 1.0)."
     )
     eps: float = Field(1e-8, gt=0.0, description="ε in the denominator of Eq. 13 (paper default 1e-8).")
-    estimator: Literal["signed", "clipped", "reference"] = Field(
+    estimator: Literal["signed", "clipped", "reference", "probed"] = Field(
         "signed",
         description="signed: ĉ/(v̂²+ε) over all valid tokens of the batch (OCC-NoClip, the paper's default). "
         "clipped: max(0, ĉ)/(v̂²+ε) (OCC-Clip, Appendix E). reference: mean over valid tokens of the "
         "per-token ratios δ_RL·δ_MTP/(δ_MTP²+ε), as the public reference code does (parity only; the reference "
         "also averages unmasked positions per micro-batch and divides by the number of MTP layers, which is 1 "
-        "in every published run).",
+        "in every published run). probed (beyond the paper): λ = λ+·c_x/(v²_x+ε) from the cross-fitted exact "
+        "statistics of the probed update (fidelity.metric picks Euclidean or Adam-preconditioned), set every "
+        "fidelity.every RL steps and held in between; needs fidelity.every > 0.",
     )
     timing: Literal["lagged", "microbatch"] = Field(
         "lagged",
@@ -94,8 +96,20 @@ class FidelityConfig(_Strict):
         "main model's parameters (and v² over mtp.*), at the cost of 1 + K extra backward passes of that "
         "update (bench/bench_probe.py). 0 (the default) turns the probes off.",
     )
-    min_probes: int = Field(
-        5, ge=4, description="Probes needed before the trust verdict fidelity/trusted_k can be 1."
+    metric: Literal["euclidean", "preconditioned"] = Field(
+        "euclidean",
+        description="The metric of the cross-fitted statistics that the trust verdict and estimator: probed "
+        "use: euclidean <g_RL, g_MTP>, or preconditioned <g_RL, P g_MTP> with P = 1/(√v̂+ε) from Adam's "
+        "second moment (the alignment that governs an Adam update). Both are always reported.",
+    )
+    window: int = Field(
+        6,
+        ge=4,
+        description="Consecutive probes per window of the trust verdict: rank agreement is computed within "
+        "each window (where the run has not drifted much), and windows are the unit its interval resamples.",
+    )
+    min_windows: int = Field(
+        3, ge=2, description="Complete windows needed before the trust verdict fidelity/trusted_k can be 1."
     )
 
 
@@ -135,6 +149,20 @@ class NemoOCCConfig(_Strict):
     def regime_spec(self) -> RegimeSpec:
         """The regime's unit (``nemo_occ.core.regimes``): what its loss is, whether λ is calibrated, ..."""
         return get_regime(self.regime)
+
+    @model_validator(mode="after")
+    def _probed_needs_probes(self) -> NemoOCCConfig:
+        if self.occ.estimator == "probed" and self.regime_spec.calibrated and not self.fidelity.every:
+            raise ValueError(
+                "occ.estimator: probed takes λ from the exact probes: set fidelity.every (e.g. 10) to probe "
+                "every N RL steps"
+            )
+        if self.occ.estimator == "probed" and self.occ.timing == "microbatch":
+            raise ValueError(
+                "occ.estimator: probed sets λ from the probes, once per probe; occ.timing: microbatch sets it "
+                "from each micro-batch's proxies: use timing: lagged"
+            )
+        return self
 
     @model_validator(mode="after")
     def _warn_unused(self) -> NemoOCCConfig:

@@ -86,8 +86,9 @@ _STYLES = [
 
 
 # the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
-_TRAINING_PROBE = {"c": "train/mtp/fidelity/c_1", "v2": "train/mtp/fidelity/v2_1",
-                   "rl_norm2": "train/mtp/fidelity/rl_norm2", "c_hat": "train/mtp/fidelity/c_hat_per_token_1",
+_TRAINING_PROBE = {"c": "train/mtp/fidelity/c_same_sample_1", "v2": "train/mtp/fidelity/v2_same_sample_1",
+                   "rl_norm2": "train/mtp/fidelity/rl_norm2_same_sample",
+                   "c_hat": "train/mtp/fidelity/c_hat_per_token_1",
                    "v2_hat": "train/mtp/fidelity/v2_hat_per_token_1"}  # fmt: skip
 
 

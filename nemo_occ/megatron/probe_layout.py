@@ -25,6 +25,16 @@ Parameters on different pipeline stages or expert-parallel ranks are different t
 held by its own ranks. ``gradients="finalized"`` (gradients read from megatron's ``main_grad`` after
 ``finalize_model_grads``) drops the reductions and keeps the counting.
 
+Adam's preconditioner (:func:`adam_preconditioner`, the metric <g_RL, P g_MTP> of
+``nemo_occ.core.preconditioner``) is read from megatron's optimizer, whose state is keyed by fp32
+*main* copies of the parameters: ``Float16OptimizerWithFloat16Params`` and ``FP32Optimizer`` hold the
+whole parameter on every rank (a shard counted 1/copies like its parameter); the
+``DistributedOptimizer`` shards it, each data-parallel rank (of the dense or the expert
+data-parallel group) holding the state of one contiguous range of each parameter's elements
+(``_get_model_param_range_map``), so each range is counted 1/(copies / that group's size): the
+ranges of one parameter cover it once over its data-parallel ranks. ``ChainedOptimizer`` (dense +
+expert optimizers) is read through each of its optimizers.
+
 The shared word embedding is identified as megatron-core 0.20 does
 (``LanguageModule.shared_embedding_or_output_weight``: the MTP stage's embedding copy, else a tied
 output weight). Megatron-core 0.16.1 instead returns the last stage's *output layer* when MTP runs
@@ -38,10 +48,11 @@ from typing import Literal
 
 import torch
 
-from nemo_occ.core.diagnostics import ProbeParameter
+from nemo_occ.core.diagnostics import PreconditionerShard, ProbeParameter
+from nemo_occ.core.preconditioner import NO_STATE_YET, param_state_inverse
 from nemo_occ.megatron.model_access import unwrap_gpt_model
 
-__all__ = ["probe_parameters", "probe_statistics_group", "shared_word_embedding"]
+__all__ = ["adam_preconditioner", "probe_parameters", "probe_statistics_group", "shared_word_embedding"]
 
 
 def shared_word_embedding(gpt: torch.nn.Module) -> torch.nn.Parameter | None:
@@ -119,3 +130,66 @@ def probe_parameters(
 def probe_statistics_group():
     """The group the probes' scalars are summed over: every rank of the model (the world)."""
     return torch.distributed.group.WORLD
+
+
+def _state_ranges(optimizer) -> dict[int, tuple[torch.optim.Optimizer, torch.Tensor, int, int, int]]:
+    """id(model parameter) -> (torch optimizer, key of its state, start, stop, ranks sharing the state)."""
+    out: dict = {}
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner = getattr(opt, "optimizer", None)
+        if hasattr(opt, "_get_model_param_range_map"):  # DistributedOptimizer: this rank's ranges only
+            size = torch.distributed.get_world_size(opt.data_parallel_group)
+            models = [p for g in opt.model_float16_groups + opt.model_fp32_groups for p in g]
+            shards = [p for g in opt.shard_fp32_from_float16_groups + opt.shard_fp32_groups for p in g]
+            for model_param, shard in zip(models, shards, strict=True):
+                r = opt._get_model_param_range_map(model_param)["param"]
+                out[id(model_param)] = (inner, shard, r.start, r.end, size)
+        elif hasattr(opt, "float16_groups"):  # Float16OptimizerWithFloat16Params: fp32 main copies
+            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True):
+                for model_param, main in zip(models, mains, strict=True):
+                    out[id(model_param)] = (inner, main, 0, model_param.numel(), 1)
+            for group in opt.fp32_from_fp32_groups:
+                for p in group:
+                    out[id(p)] = (inner, p, 0, p.numel(), 1)
+        elif inner is not None:  # FP32Optimizer: the torch optimizer steps the parameters themselves
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    out[id(p)] = (inner, p, 0, p.numel(), 1)
+        else:  # a plain torch optimizer
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    out[id(p)] = (opt, p, 0, p.numel(), 1)
+    return out
+
+
+def adam_preconditioner(
+    optimizer, params: list[ProbeParameter]
+) -> tuple[list[PreconditionerShard | None] | None, str]:
+    """This rank's shards of Adam's P = 1/(√v̂ + ε) for ``params`` (module docstring), or (None, why not).
+
+    Every rank answers alike (None before the first step everywhere): megatron steps all ranks
+    together. A parameter the optimizer does not hold on this rank gets None (another rank holds it).
+    """
+    try:
+        ranges = _state_ranges(optimizer)
+    except AttributeError:
+        return None, f"{type(optimizer).__name__} exposes no Adam state: no preconditioned metric"
+    out: list[PreconditionerShard | None] = []
+    for pp in params:
+        entry = ranges.get(id(pp.param))
+        if entry is None:
+            out.append(None)
+            continue
+        inner, key, start, stop, sharing = entry
+        inverse = param_state_inverse(inner, key)
+        if isinstance(inverse, str):
+            return None, inverse
+        if inverse is None:
+            return None, NO_STATE_YET
+        if pp.copies % sharing:
+            raise ValueError(
+                f"a parameter held by {pp.copies} ranks has optimizer state sharded over {sharing}: "
+                "the probes' counting and megatron's optimizer disagree"
+            )
+        out.append(PreconditionerShard(start, stop, inverse, pp.copies // sharing))
+    return out, "Adam's second moment"

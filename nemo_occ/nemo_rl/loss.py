@@ -35,12 +35,14 @@ Letters: B sequences of the micro-batch, S tokens per sequence, K MTP depths.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig, PolicyLossConfig
+from nemo_occ.core.diagnostics import StreamingHalves
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.metrics import acceptance_counts, loss_metric_names, metric_rule
 from nemo_occ.core.objective import MTPObjective
@@ -64,12 +66,14 @@ class OCCLossFn:
         self._objective: MTPObjective | None = None
         self._acceptance: torch.Tensor | None = None  # [K, 2] float64: (arg-max hits, MTP-valid tokens)
         self._probe: int | None = None
+        self._probe_half: int | None = None  # 0 = A, 1 = B: the probe pass's half of the sequences
+        self._halves = StreamingHalves()
         self.metric_normalizations = dict(getattr(main_loss, "metric_normalizations", {}) or {})
         self.metric_normalizations.update(self._our_normalizations())
 
     # -- NeMo-RL reads attributes of ClippedPGLossFn off the loss object: answer with the main loss's.
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("main_loss", "_objective", "_probe"):
+        if name.startswith("__") or name in ("main_loss", "_objective", "_probe", "_probe_half", "_halves"):
             raise AttributeError(name)
         return getattr(self.main_loss, name)
 
@@ -99,18 +103,41 @@ class OCCLossFn:
         return self._objective
 
     @contextlib.contextmanager
-    def probing(self, component: int) -> Iterator[None]:
+    def probing(self, component: int, half: int | None = None) -> Iterator[None]:
         """For one exact-probe pass: the loss is only component 0, the main RL loss, or component k, depth
-        k's unscaled MTP loss; no calibrator statistics are taken (``nemo_occ.core.diagnostics``)."""
+        k's unscaled MTP loss; no calibrator statistics are taken (``nemo_occ.core.diagnostics``). With
+        ``half`` (0 = A, 1 = B) only that half's sequences count (the others' ``sample_mask`` is 0; the
+        denominators stay the batch's): sequences are split as they stream by, balanced by the loss's
+        denominator (:class:`nemo_occ.core.diagnostics.StreamingHalves`), the same way in every pass
+        over the same micro-batches; :meth:`probe_load` is each half's part of it on this rank."""
         if not 0 <= component <= self.nemo_occ_cfg.num_depths:
             raise ValueError(
                 f"probe component must be 0 (RL) or an MTP depth 1..{self.nemo_occ_cfg.num_depths}"
             )
-        self._probe = component
+        if half not in (None, 0, 1):
+            raise ValueError(f"probe half must be 0 (A), 1 (B) or None, got {half!r}")
+        self._probe, self._probe_half = component, half
+        self._halves.reset()
         try:
             yield
         finally:
-            self._probe = None
+            self._probe = self._probe_half = None
+
+    def probe_load(self) -> list[float]:
+        """[A, B]: each half's part of the loss's denominator on this rank, in the last probe pass."""
+        return list(self._halves.load)
+
+    def _half_of(self, data: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``data`` with ``sample_mask`` zero outside this probe pass's half."""
+        sample_mask = data["sample_mask"]
+        valid = data["token_mask"][:, 1:] * sample_mask.unsqueeze(-1)  # [B, S-1]
+        seq_level = self.policy_cfg.aggregation == "seq_mean_token_mean"
+        weights = (valid.sum(1) > 0).double() if seq_level else valid.sum(1).double()
+        in_a = self._halves.assign(weights)
+        keep = in_a if self._probe_half == 0 else ~in_a
+        half = copy.copy(data)
+        half["sample_mask"] = sample_mask * keep.to(sample_mask.dtype)
+        return half
 
     def _our_normalizations(self) -> dict[str, Any]:
         """The denominator of each MTP metric this loss reports, by the one rule of
@@ -136,6 +163,8 @@ class OCCLossFn:
         global_valid_toks: torch.Tensor,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
+        if self._probe_half is not None:
+            data = self._half_of(data)
         loss, metrics = self.main_loss(
             next_token_logprobs=next_token_logprobs,
             data=data,

@@ -27,12 +27,15 @@ loop and adds three things around it, for the duration of one ``train`` call:
 
 4. **Exact probes** (``nemo_occ.fidelity.every: N``, off by default). In every N-th ``train`` call (RL
    step), the update :func:`nemo_occ.core.fidelity.probed_update` picks runs its micro-batches through
-   NeMo-RL's ``megatron_forward_backward`` 1 + K extra times first, each with a loss that is one
-   component only (the RL loss, then each depth's unscaled MTP loss; ``OCCLossFn.probing``), while
-   gradients only accumulate on this rank (:meth:`OCCWorkerExtension.gradient_probe_pass`, the hooks
-   NeMo-RL's own split-step API nulls). The accumulated gradients go through
-   ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into c and v², recorded with that
-   update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`; then the update trains as usual.
+   NeMo-RL's ``megatron_forward_backward`` 2(1 + K) extra times first, each with a loss that is one
+   component only (the RL loss, then each depth's unscaled MTP loss) of one half of the sequences
+   (``OCCLossFn.probing``), while gradients only accumulate on this rank
+   (:meth:`OCCWorkerExtension.gradient_probe_pass`, the hooks NeMo-RL's own split-step API nulls). The
+   accumulated gradients go through ``nemo_occ.megatron.probe_layout`` (every DP/TP/PP/EP layout) into
+   the same-sample, cross-fitted and Adam-preconditioned c and v²
+   (:func:`nemo_occ.core.diagnostics.cross_fitted_statistics`; P read from the optimizer before the
+   update's step), recorded with that update's proxies in a :class:`nemo_occ.core.fidelity.ProbeHistory`;
+   under ``occ.estimator: probed`` they also set λ. Then the update trains as usual.
 
 5. **The MTP heads' own old log-probs** (``old_logprobs: mtp``, or whenever probes are on: the head-gap
    metrics use both readings of δ_MTP). ``get_logprobs``, the forward NeMo-RL runs for ``prev_logprobs``,
@@ -107,7 +110,7 @@ class OCCWorkerExtension(MTPCaptureMixin, CalibratorSyncMixin, ProbeMixin, Check
         self.nemo_occ_cfg = load_config(dict(block), key=None)
         # The clip settings are the loss's (derived from loss_fn:); train() adopts them from the bound loss.
         self.occ_objective = MTPObjective(self.nemo_occ_cfg)
-        self.occ_probes = ProbeHistory(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity.min_probes)
+        self.occ_probes = ProbeHistory.from_config(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity)
         self.occ_rl_steps = 0  # train() calls outside eval: the probe schedule counts them
         self._occ_updates: list[UpdateStatistics | None] = []  # this train() call's closed updates
         self._occ_moved = False  # an update of this train() call was applied: θ is no longer θ_old

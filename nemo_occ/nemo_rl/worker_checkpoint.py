@@ -74,7 +74,7 @@ class CheckpointMixin:
             path,
             what_to_do=f"move it away to restart the calibrator at λ = {self.nemo_occ_cfg.occ.initial_lambda}",
         )
-        probes = ProbeHistory(self.occ_probes.num_depths, self.occ_probes.min_probes)
+        probes = ProbeHistory.from_config(self.nemo_occ_cfg.num_depths, self.nemo_occ_cfg.fidelity)
         probes.load_state_dict(state["probes"])
         self.occ_objective.load_state_dict(state["objective"])
         self.occ_probes, self.occ_rl_steps = probes, int(state["rl_steps"])

@@ -1,18 +1,20 @@
 """The worker extension's exact probes (item 4 of ``nemo_occ.nemo_rl.worker``, ``nemo_occ.fidelity.every``):
-the probed update's micro-batches run 1 + K extra times, one loss component each, with gradients kept on
-this rank, and c and v² are read off them.
+the probed update's micro-batches run 2(1 + K) extra times, one loss component of one half of the sequences
+each, with gradients kept on this rank, and the same-sample, cross-fitted and Adam-preconditioned c and v²
+are read off them (``nemo_occ.core.diagnostics.cross_fitted_statistics``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-from nemo_occ.core.diagnostics import gradient_statistics
+from nemo_occ.core.diagnostics import cross_fitted_statistics
 from nemo_occ.nemo_rl import megatron_policy_worker_patches as patches
 
 __all__ = ["ProbeMixin"]
@@ -72,7 +74,11 @@ class ProbeMixin:
 
     def _probing_forward_backward(self, loss_fn: Any, probe_index: int):
         """``megatron_forward_backward`` that probes the ``probe_index``-th training call first."""
-        from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
+        from nemo_occ.megatron.probe_layout import (
+            adam_preconditioner,
+            probe_parameters,
+            probe_statistics_group,
+        )
 
         calls = itertools.count()
 
@@ -81,21 +87,52 @@ class ProbeMixin:
                 return original(**kwargs)
             microbatches = list(kwargs.pop("data_iterator"))  # replayed by every pass
             params = probe_parameters(self.model, gradients="local")
-            grads = []
-            for component in range(self.nemo_occ_cfg.num_depths + 1):
-                with loss_fn.probing(component), self.gradient_probe_pass():
-                    original(data_iterator=iter(microbatches), **kwargs)
-                grads.append(self._probe_gradients(params))
+            grads: list[list[list[torch.Tensor | None]]] = [[], []]  # [half][component][parameter]
+            for half in (0, 1):
+                for component in range(self.nemo_occ_cfg.num_depths + 1):
+                    with loss_fn.probing(component, half=half), self.gradient_probe_pass():
+                        original(data_iterator=iter(microbatches), **kwargs)
+                    grads[half].append(self._probe_gradients(params))
             scale = (
                 float(self.optimizer.get_loss_scale()) if hasattr(self.optimizer, "get_loss_scale") else 1.0
             )
             if scale != 1.0:  # fp16 loss scaling: report the gradients' statistics, not the scaled ones
-                for g in itertools.chain.from_iterable(grads):
+                for g in itertools.chain.from_iterable(itertools.chain.from_iterable(grads)):
                     if g is not None:
                         g.div_(scale)
-            self._occ_exact = gradient_statistics(
-                grads[0], grads[1:], params, stats_group=probe_statistics_group()
-            )
+            try:
+                shares = self.probe_shares(loss_fn)
+            except ValueError as err:  # the same on every rank (the counts are all-reduced): no probe
+                warnings.warn(f"probe skipped: {err}", stacklevel=2)
+                return original(data_iterator=iter(microbatches), **kwargs)
+            shards, note = adam_preconditioner(self.optimizer, params)
+            self._occ_exact = cross_fitted_statistics(
+                [h[0] for h in grads], [h[1:] for h in grads], params, shares=shares,
+                preconditioner=shards, precond_note=note, stats_group=probe_statistics_group(),
+            )  # fmt: skip
             return original(data_iterator=iter(microbatches), **kwargs)
 
         return forward_backward
+
+    def probe_shares(self, loss_fn: Any) -> tuple[float, float]:
+        """Each half's share of the probed update's loss denominator, the same on every rank.
+
+        Only the stage holding the loss counts; its ranks of one data-parallel replica (TP, CP) count
+        alike, so summing over the world scales both halves equally and the ratio is the batch's.
+        """
+        load = torch.tensor(
+            loss_fn.probe_load() if self.holds_output_layer() else [0.0, 0.0], dtype=torch.float64
+        )
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from nemo_occ.core.distributed import all_reduce_sum_, collective_device
+            from nemo_occ.megatron.probe_layout import probe_statistics_group
+
+            group = probe_statistics_group()
+            load = all_reduce_sum_(load.to(collective_device(group)), group).cpu()
+        total = float(load.sum())
+        if not total > 0 or float(load.min()) <= 0:
+            raise ValueError(
+                f"the probed update's halves hold {load.tolist()} of its loss denominator: cross-fitting needs "
+                "at least two sequences with loss tokens"
+            )
+        return float(load[0]) / total, float(load[1]) / total

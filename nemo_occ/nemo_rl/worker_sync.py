@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from nemo_occ.core.fidelity import refresh_lambda_from_probe
+
 __all__ = ["CalibratorSyncMixin"]
 
 
@@ -65,6 +67,10 @@ class CalibratorSyncMixin:
             # (a skipped update's gradients were not finite or not used: no probe to record)
             if self.holds_output_layer() and not skipped:  # the proxies exist where the loss is
                 self._occ_fidelity = self.occ_probes.record_update(update, self._occ_exact)
+            cfg = self.nemo_occ_cfg
+            if not skipped and cfg.occ.estimator == "probed" and cfg.regime_spec.calibrated:
+                # every rank: the statistics are all-reduced, so λ stays identical everywhere
+                refresh_lambda_from_probe(self.occ_objective.calibrator, self._occ_exact, cfg.fidelity.metric)
             self._occ_exact = None
 
     def acceptance_over_ranks(self, counts: torch.Tensor | None) -> torch.Tensor | None:

@@ -52,7 +52,9 @@ def test_defaults_are_the_papers():
         (NemoOCCConfig, {"old_logprobs": "draft"}, "old_logprobs"),
         (NemoOCCConfig, {"occ": {"eps": 0}}, "occ.eps"),
         (NemoOCCConfig, {"fidelity": {"every": -1}}, "fidelity.every"),
-        (NemoOCCConfig, {"fidelity": {"min_probes": 3}}, "fidelity.min_probes"),
+        (NemoOCCConfig, {"fidelity": {"window": 3}}, "fidelity.window"),
+        (NemoOCCConfig, {"fidelity": {"min_windows": 1}}, "fidelity.min_windows"),
+        (NemoOCCConfig, {"fidelity": {"metric": "adam"}}, "fidelity.metric"),
         (NemoOCCConfig, {"fidelity": {"evry": 10}}, "fidelity.evry"),
     ],
 )
@@ -155,7 +157,8 @@ def test_the_config_accepts_exactly_the_regime_table_names():
 def test_fidelity_probes_are_off_by_default_and_one_key_turns_them_on():
     assert NemoOCCConfig().fidelity.every == 0
     cfg = load_config({"regime": "occ", "fidelity": {"every": 10}}, key=None)
-    assert (cfg.fidelity.every, cfg.fidelity.min_probes) == (10, 5)
+    assert (cfg.fidelity.every, cfg.fidelity.window, cfg.fidelity.min_windows) == (10, 6, 3)
+    assert cfg.fidelity.metric == "euclidean"
 
 
 def test_fidelity_without_anything_to_compare_warns():

@@ -1,6 +1,7 @@
 """Proxy-trust metrics: Spearman ρ and its interval against the closed-form rank formula and a
-hand-written Fisher z, sign agreement against a loop, the trust verdict on synthetic probe series,
-the probe history through a checkpoint, and the static head gap of v̂² against a per-token loop.
+hand-written Fisher z, sign agreement against a loop, the probe history's per-probe metrics and its
+checkpoint, and the static head gap of v̂² against a per-token loop. The trust verdict itself is
+tested on synthetic histories in test_core_trust_verdict.py.
 
 Letters: B sequences, S token positions, K MTP depths.
 """
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig, OCCConfig
-from nemo_occ.core.diagnostics import GradientStatistics
+from nemo_occ.core.diagnostics import ExactStatistics, GradientStatistics
 from nemo_occ.core.fidelity import HeadGap, ProbeHistory, probed_update, sign_agreement, spearman_interval
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.objective import MTPObjective
@@ -63,7 +64,12 @@ def test_sign_agreement_matches_a_loop():
 
 
 def _exact(c, v2, rl2=4.0, mtp_v2=None):
-    return GradientStatistics(c=[c], v2=[v2], rl_norm2=rl2, mtp_v2=[] if mtp_v2 is None else [mtp_v2])
+    """Same-sample (c, v2) and cross-fitted (c/2, v2/2) statistics of one depth."""
+    mtp = [] if mtp_v2 is None else [mtp_v2]
+    return ExactStatistics(
+        GradientStatistics(c=[c], v2=[v2], rl_norm2=rl2, mtp_v2=mtp),
+        GradientStatistics(c=[c / 2], v2=[v2 / 2], rl_norm2=rl2 / 2, mtp_v2=mtp),
+    )
 
 
 def _feed(history, pairs, tokens=10.0, lam=0.5):
@@ -75,49 +81,16 @@ def _feed(history, pairs, tokens=10.0, lam=0.5):
     return out
 
 
-def test_trusted_only_with_enough_probes_that_rank_and_sign_alike():
-    g = torch.Generator().manual_seed(3)
-    c = torch.randn(12, generator=g, dtype=torch.float64).tolist()
-    v2 = (torch.rand(12, generator=g, dtype=torch.float64) + 0.1).tolist()
-    # proxies that are monotone in the exact statistics (different scale): trusted once there are enough
-    tracking = [((3 * a, a), (7 * b, b)) for a, b in zip(c, v2, strict=True)]
-    history = ProbeHistory(num_depths=1, min_probes=5)
-    first = _feed(history, tracking[:4])
-    assert first["fidelity/trusted_1"] == 0.0  # 4 probes < min_probes
-    out = _feed(history, tracking[4:])
-    assert out["fidelity/probes"] == 12.0
-    assert out["fidelity/spearman_c_1"] == pytest.approx(1.0) and out[
-        "fidelity/spearman_v2_1"
-    ] == pytest.approx(1.0)
-    assert out["fidelity/sign_agreement_c_1"] == 1.0 > out["fidelity/sign_base_rate_c_1"]
-    assert out["fidelity/sign_agreement_dv2_1"] == 1.0
-    assert out["fidelity/trusted_1"] == 1.0
-    # ĉ anti-correlated with c (v̂² still tracks): not trusted
-    anti = [((-a, a), (b, b)) for a, b in zip(c, v2, strict=True)]
-    history = ProbeHistory(num_depths=1)
-    out = _feed(history, anti)
-    assert out["fidelity/spearman_c_high_1"] < 0 and out["fidelity/trusted_1"] == 0.0
-    # ĉ ranks like c but is shifted to be always positive: λ's sign says nothing, agreement = base rate
-    shifted = [((a + 10.0, a), (b, b)) for a, b in zip(c, v2, strict=True)]
-    out = _feed(ProbeHistory(num_depths=1), shifted)
-    assert out["fidelity/spearman_c_low_1"] > 0 and out["fidelity/spearman_v2_low_1"] > 0
-    assert out["fidelity/sign_agreement_c_1"] == out["fidelity/sign_base_rate_c_1"]
-    assert out["fidelity/trusted_1"] == 0.0
-    # v̂² constant: its ρ is undefined and left out, and nothing is trusted
-    flat = [((a, a), (1.0, b)) for a, b in zip(c, v2, strict=True)]
-    out = _feed(ProbeHistory(num_depths=1), flat)
-    assert "fidelity/spearman_v2_1" not in out and out["fidelity/trusted_1"] == 0.0
-
-
 def test_probe_metrics_per_token_and_update_share():
     history = ProbeHistory(num_depths=1)
     out = history.record(
         c_hat=[6.0], v2_hat=[20.0], tokens=[4.0], lambdas=[-0.5], exact=_exact(0.3, 9.0, rl2=4.0, mtp_v2=2.0)
     )
     assert out["fidelity/c_hat_per_token_1"] == 1.5 and out["fidelity/v2_hat_per_token_1"] == 5.0
-    assert (
-        out["fidelity/c_1"] == 0.3 and out["fidelity/v2_1"] == 9.0 and out["fidelity/mtp_params_v2_1"] == 2.0
-    )
+    assert out["fidelity/c_same_sample_1"] == 0.3 and out["fidelity/v2_same_sample_1"] == 9.0
+    assert out["fidelity/c_cross_fit_1"] == 0.15 and out["fidelity/v2_cross_fit_1"] == 4.5
+    assert out["fidelity/mtp_params_v2_same_sample_1"] == 2.0
+    assert out["fidelity/precond_available"] == 0.0 and "fidelity/c_cross_fit_precond_1" not in out
     assert out["fidelity/update_share_1"] == pytest.approx(0.5 * 3.0 / 2.0)  # |λ|·||g_MTP|| / ||g_RL||
     with pytest.warns(UserWarning, match="without valid tokens"):
         assert (
@@ -128,6 +101,8 @@ def test_probe_metrics_per_token_and_update_share():
         history.record(c_hat=[math.nan], v2_hat=[1.0], tokens=[1.0], lambdas=[0.1], exact=_exact(1, 1))
     with pytest.raises(ValueError, match="1 MTP depth"):
         history.record(c_hat=[1.0, 2.0], v2_hat=[1.0], tokens=[1.0], lambdas=[0.1], exact=_exact(1, 1))
+    with pytest.raises(TypeError, match="ExactStatistics"):  # the same-sample statistics alone
+        history.record(c_hat=[1.0], v2_hat=[1.0], tokens=[1.0], lambdas=[0.1], exact=_exact(1, 1).same_sample)
 
 
 def test_history_survives_a_checkpoint_and_rejects_a_foreign_one():

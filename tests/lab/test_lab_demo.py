@@ -116,18 +116,22 @@ def test_quick_demo_names_its_mtp_metrics_as_nemo_rl_logs_them(quick_run):
 def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     out, _, _ = quick_run
     rows = _rows(out / "occ" / "metrics.jsonl")
-    pairs = [r for r in rows if "exact/c_1" in r]
+    pairs = [r for r in rows if "train/mtp/fidelity/c_same_sample_1" in r]
     assert [r["step"] for r in pairs] == [2, 4]
     for n, r in enumerate(pairs, start=1):
-        assert r["exact/v2_1"] > 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+        assert r["train/mtp/fidelity/v2_same_sample_1"] > 0.0 and r["train/mtp/fidelity/mtp_params_v2_same_sample_1"] > 0.0
+        # cross-fitted and, the optimizer having stepped before the probed update, Adam's metric
+        assert r["train/mtp/fidelity/c_cross_fit_1"] != r["train/mtp/fidelity/c_same_sample_1"]
+        assert r["train/mtp/fidelity/precond_available"] == 1.0 and "train/mtp/fidelity/c_cross_fit_precond_1" in r
         # the probe is recorded next to the probed update's own proxies: the step's last update, whose ĉ is
         # the step's ĉ summed over its updates (the row's mean times the count), as the first update runs at
         # θ = θ_old where δ_RL ≡ 0 and so ĉ = 0
         assert r["train/mtp/fidelity/probes"] == n
-        assert r["train/mtp/fidelity/c_1"] == r["exact/c_1"]
         assert r["train/mtp/fidelity/c_hat_1"] == pytest.approx(r["train/mtp/occ/c_hat_1"] * r["updates"])
         # both updates of a step apply the λ the previous step left (lagged timing; the first one keeps λ)
-        share = abs(r["train/mtp/occ/lambda_applied_1"]) * math.sqrt(r["exact/v2_1"] / r["exact/rl_norm2"])
+        share = abs(r["train/mtp/occ/lambda_applied_1"]) * math.sqrt(
+            r["train/mtp/fidelity/v2_same_sample_1"] / r["train/mtp/fidelity/rl_norm2_same_sample"]
+        )
         assert r["train/mtp/fidelity/update_share_1"] == pytest.approx(share)
         assert r["train/mtp/fidelity/trusted_1"] == 0.0  # two probes cannot show anything
         # both readings of δ_MTP every update (the demo has the MTP heads' own old log-probs)
@@ -139,8 +143,10 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     # the detach regime's MTP gradient lives only on MTP parameters: over the main model (the paper's
     # definition) its c and v² are zero whatever the data, over mtp.* its v² is not
     for r in _rows(out / "detach" / "metrics.jsonl"):
-        if "exact/c_1" in r:
-            assert r["exact/c_1"] == 0.0 and r["exact/v2_1"] == 0.0 and r["exact/mtp_params/v2_1"] > 0.0
+        if "train/mtp/fidelity/c_same_sample_1" in r:
+            for kind in ("same_sample", "cross_fit"):
+                assert r[f"train/mtp/fidelity/c_{kind}_1"] == 0.0 and r[f"train/mtp/fidelity/v2_{kind}_1"] == 0.0
+            assert r["train/mtp/fidelity/mtp_params_v2_same_sample_1"] > 0.0
     # the summary quotes the run's own fidelity metrics at its last probe
     fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
     assert fid["probes"] == pairs[-1]["train/mtp/fidelity/probes"] == 2
@@ -162,13 +168,14 @@ def test_quick_demo_logs_clip_firing_mtp_share_and_the_gradient_cosines(quick_ru
             else:  # a fixed coefficient 0.1 > 0 on a loss with a gradient: a non-zero share
                 assert share > 0.0 or regime == "occ", regime
     for regime in ("ce", "policy", "occ"):
-        probed = [r for r in rows[regime] if "exact/c_1" in r]
+        probed = [r for r in rows[regime] if "train/mtp/fidelity/c_same_sample_1" in r]
         assert probed, regime
         for r in probed:
             # cos(g_RL, g_MTP) by its definition from the probe's own c, v², ||g_RL||²
-            assert r["exact/cos_1"] == pytest.approx(
-                r["exact/c_1"] / math.sqrt(r["exact/v2_1"] * r["exact/rl_norm2"])
+            c, v2, rl2 = (
+                r[f"train/mtp/fidelity/{k}"] for k in ("c_same_sample_1", "v2_same_sample_1", "rl_norm2_same_sample")
             )
+            assert r["train/mtp/fidelity/cos_same_sample_1"] == pytest.approx(c / math.sqrt(v2 * rl2))
             # undefined (None) when the probed minibatch holds a single group: no two halves
             assert r["exact/half_batch_cos"] is None or -1.0 <= r["exact/half_batch_cos"] <= 1.0
     assert any(r.get("exact/half_batch_cos") is not None for g in REGIMES for r in rows[g])
@@ -266,22 +273,17 @@ def _probe_rows(last_update_c_hat: list[float], probed: list[tuple[float, float,
     """metrics.jsonl rows of a 4-update run probed at every step, as the trainer writes them: the row's
     train/mtp/occ/* keys are the step's LAST update, train/mtp/fidelity/* come from a ProbeHistory fed the
     PROBED update."""
-    from nemo_occ.core.diagnostics import GradientStatistics
+    from nemo_occ.core.diagnostics import ExactStatistics, GradientStatistics
     from nemo_occ.core.fidelity import ProbeHistory
 
-    history = ProbeHistory(num_depths=1)
+    history = ProbeHistory(num_depths=1, window=4, min_windows=2)
     rows = [{"step": 0, "eval/accuracy": 0.5}]
     for step, (last_c_hat, (c_hat, v2_hat, tokens, c, v2)) in enumerate(
         zip(last_update_c_hat, probed, strict=True), 1
     ):
-        exact = GradientStatistics(c=[c], v2=[v2], rl_norm2=4.0)
-        row = {
-            "step": step,
-            "reward/mean": 0.5,
-            "train/mtp/accuracy_1": 0.5,
-            "exact/c_1": c,
-            "exact/v2_1": v2,
-        }
+        same = GradientStatistics(c=[c + 1.0], v2=[v2 + 1.0], rl_norm2=4.0)  # + a same-sample term
+        exact = ExactStatistics(same, GradientStatistics(c=[c], v2=[v2], rl_norm2=3.0))
+        row = {"step": step, "reward/mean": 0.5, "train/mtp/accuracy_1": 0.5}
         row.update(
             {
                 "train/mtp/occ/c_hat_1": last_c_hat,
@@ -302,33 +304,43 @@ def test_summary_quotes_the_cores_fidelity_of_the_probed_update():
 
     # per-token proxies rank like the exact statistics; the summed ones (token counts vary) and the
     # last update's do not
-    tokens = [40.0, 10.0, 80.0, 20.0, 60.0, 30.0]
-    c = [-0.3, 0.4, -0.1, 0.6, 0.3, 0.5]
-    v2 = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0]
-    per_token_c_hat = [-0.03, 0.04, -0.01, 0.06, 0.03, 0.05]  # c's signs and ranks
-    per_token_v2_hat = [0.1, 0.3, 0.2, 0.5, 0.4, 0.6]
+    tokens = [40.0, 10.0, 80.0, 20.0, 60.0, 30.0, 50.0, 70.0]
+    c = [-0.3, 0.4, -0.1, 0.6, 0.3, 0.5, -0.2, 0.1]
+    v2 = [1.0, 3.0, 2.0, 6.0, 4.0, 5.0, 7.0, 8.0]
+    per_token_c_hat = [-0.03, 0.04, -0.01, 0.06, 0.03, 0.05, -0.02, 0.01]  # c's signs and ranks
+    per_token_v2_hat = [
+        0.1,
+        0.3,
+        0.2,
+        0.5,
+        0.4,
+        0.6,
+        0.8,
+        0.7,
+    ]  # ρ = 1 in the first window, 0.8 in the second
     probed = [(pc * n, pv * n, n, ci, vi) for pc, pv, n, ci, vi in
               zip(per_token_c_hat, per_token_v2_hat, tokens, c, v2, strict=True)]  # fmt: skip
-    last_update = [0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+    last_update = [0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     rows, history = _probe_rows(last_update, probed)
     run = {"metrics": rows, "wall_time_s": 1.0, "step_time_s": 0.1}
     fid = summarize({"occ": run})["regimes"]["occ"]["fidelity"]
 
-    assert fid["probes"] == 6
+    assert fid["probes"] == 8
     e = fid["depths"]["1"]
     assert e["spearman_c"] == pytest.approx(1.0)  # scipy on the per-token pairs: ranks identical
-    assert e["spearman_v2"] == pytest.approx(spearmanr(per_token_v2_hat, v2).statistic)
+    within = [spearmanr(per_token_v2_hat[w], v2[w]).statistic for w in (slice(0, 4), slice(4, 8))]
+    assert e["spearman_v2"] == pytest.approx(sum(within) / 2) and e["windows"] == 2
     assert spearmanr([p[0] for p in probed], c).statistic < 0.9  # the summed proxies would rank otherwise
     assert e["spearman_v2_low"] < e["spearman_v2"] < e["spearman_v2_high"]
-    # |λ|·sqrt(v²/||g_RL||²) per probe, median of six = mean of the 3rd and 4th (v² = 3 and 4)
+    # |λ|·sqrt(v²/||g_RL||²) per probe (same-sample: v² + 1), median of eight = mean of the 4th and 5th
     assert e["trusted"] == 1.0
-    assert e["update_share_median"] == pytest.approx(0.1 * (math.sqrt(3 / 4) + math.sqrt(4 / 4)) / 2)
+    assert e["update_share_median"] == pytest.approx(0.1 * (math.sqrt(5 / 4) + math.sqrt(6 / 4)) / 2)
     # one definition: every running statistic is the one the run's ProbeHistory computed
     assert {f"fidelity/{k}_1": v for k, v in e.items() if k != "update_share_median"} == {
         k: v for k, v in history.metrics().items() if k != "fidelity/probes"
     }
     md = summary_markdown(summarize({"occ": run}), "# h")
-    assert f"| occ | 1 | 6 | 1.00 [{e['spearman_c_low']:.2f}, 1.00] |" in md and "| yes |" in md
+    assert f"| occ | 1 | 8 | 1.00 [{e['spearman_c_low']:.2f}, 1.00] |" in md and "| yes |" in md
 
     # detach: c ≡ 0 over the main model, so ρ is undefined, not a number, and the verdict is no
     rows, _ = _probe_rows(last_update, [(pc, pv, n, 0.0, 0.0) for pc, pv, n, _, _ in probed])

@@ -123,10 +123,9 @@ def _with_training_probe(rows: list[dict], pre: str) -> list[dict]:
     out, pre = [], f"train/mtp/{pre}"
     for r in rows:
         if r["step"] and r["step"] % 4 == 0:
-            r = {**r, "train/mtp/fidelity/c_1": 0.5, "train/mtp/fidelity/v2_1": 2.0,
-                 "train/mtp/fidelity/rl_norm2": 4.0,
-                 "train/mtp/fidelity/c_hat_per_token_1": 0.01 * r["step"],
-                 "train/mtp/fidelity/v2_hat_per_token_1": 0.2,
+            r = {**r, "train/mtp/fidelity/c_same_sample_1": 0.5, "train/mtp/fidelity/v2_same_sample_1": 2.0,
+                 "train/mtp/fidelity/rl_norm2_same_sample": 4.0,
+                 "train/mtp/fidelity/c_hat_per_token_1": 0.01 * r["step"], "train/mtp/fidelity/v2_hat_per_token_1": 0.2,
                  f"{pre}/valid_tokens_1": 10.0, f"{pre}/v2_hat_vs_main_old_1": 5.0,
                  f"{pre}/v2_hat_vs_own_old_1": 1.0, f"{pre}/head_gap_share_1": 0.6}  # fmt: skip
         out.append(r)

@@ -41,6 +41,7 @@ def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
         "occ_lp0.1": {"occ": {"lambda_plus": 0.1}}, "occ_lp0.5": {"occ": {"lambda_plus": 0.5}},
         "occ_lp2": {"occ": {"lambda_plus": 2.0}},
         "policy_oldmtp": {"old_logprobs": "mtp"}, "occ_oldmtp": {"old_logprobs": "mtp"},
+        "occ_probed": {"occ": {"estimator": "probed"}},  # beside the core occ run's signed estimator
     }  # fmt: skip
     assert all(j.seed == 0 for j in jobs if j.tier >= 4 and j.kind == "train")
     # a base coefficient of 0.5 is the core run: the sweep adds 0.1 instead of 0.5
@@ -189,11 +190,14 @@ def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
 def test_training_probes_are_read_off_the_rows_that_hold_a_probe():
     from nemo_occ.lab.figures import training_probes
 
-    probe = {"train/mtp/fidelity/c_1": 0.5, "train/mtp/fidelity/v2_1": 2.0,
-             "train/mtp/fidelity/rl_norm2": 4.0,
-             "train/mtp/fidelity/c_hat_per_token_1": 0.01,
-             "train/mtp/fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
-    rows = [{"step": 1, "reward/mean": 0.1}, {"step": 2, **probe}, {"step": 3, "train/mtp/fidelity/c_1": 1.0}]
+    probe = {"train/mtp/fidelity/c_same_sample_1": 0.5, "train/mtp/fidelity/v2_same_sample_1": 2.0,
+                 "train/mtp/fidelity/rl_norm2_same_sample": 4.0,
+             "train/mtp/fidelity/c_hat_per_token_1": 0.01, "train/mtp/fidelity/v2_hat_per_token_1": 0.2}  # fmt: skip
+    rows = [
+        {"step": 1, "reward/mean": 0.1},
+        {"step": 2, **probe},
+        {"step": 3, "train/mtp/fidelity/c_same_sample_1": 1.0},
+    ]
     assert training_probes(rows) == [
         {"step": 2, "c": 0.5, "v2": 2.0, "rl_norm2": 4.0, "c_hat": 0.01, "v2_hat": 0.2}
     ]

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.core.diagnostics import GradientStatistics
+from nemo_occ.core.diagnostics import ExactStatistics, GradientStatistics
 from nemo_occ.core.fidelity import ProbeHistory
 from nemo_occ.core.metrics import step_metrics
 from nemo_occ.nemo_rl.loss import OCCLossFn
@@ -65,11 +65,15 @@ class _SingleProcessWorker(OCCWorkerExtension):
 
 def _probe_metrics() -> dict[str, float]:
     """What the worker adds on a probe step once enough probes exist for every statistic to be defined."""
-    history = ProbeHistory(num_depths=1, min_probes=5)
+    history = ProbeHistory(num_depths=1, window=4, min_windows=2)
     metrics = {}
-    for i in range(6):
-        exact = GradientStatistics(c=[(-1.0) ** i * (i + 1)], v2=[2.0 + i * i], rl_norm2=3.0 + i,
-                                   mtp_c=[0.0], mtp_v2=[1.0 + i])  # fmt: skip
+    for i in range(8):
+        same = GradientStatistics(c=[(-1.0) ** i * (i + 1)], v2=[2.0 + i * i], rl_norm2=3.0 + i,
+                                  mtp_c=[0.0], mtp_v2=[1.0 + i])  # fmt: skip
+        cross = GradientStatistics(
+            c=[(-1.0) ** i * i], v2=[1.0 + i], rl_norm2=1.0 + i, mtp_c=[0.0], mtp_v2=[i]
+        )
+        exact = ExactStatistics(same, cross, same, cross)  # with the preconditioned pair
         metrics = history.record(
             c_hat=[0.5 * i - 1], v2_hat=[1.0 + i], tokens=[10.0], lambdas=[0.1], exact=exact
         )

@@ -2,8 +2,9 @@
 over a stand-in for NeMo-RL's Megatron worker whose ``train`` calls a module-level
 ``megatron_forward_backward`` per optimizer update, as NeMo-RL's does.
 
-Checked: the probed update's c, v² equal a brute-force computation on that update's micro-batches
-(one ``.backward()`` per loss, dotted in Python); the probe leaves no trace in training (the gradient at
+Checked: the probed update's same-sample and cross-fitted c, v² equal a brute-force computation on that
+update's micro-batches (one ``.backward()`` per loss and half, dotted in Python; the halves are the
+rows the streaming split gives: equal rows alternate A, B); the probe leaves no trace in training (the gradient at
 every optimizer step and the OCC metrics equal those of a run without probes); the probed update is the
 step's second; ``every: 2`` probes every second RL step; the probe history survives a checkpoint.
 
@@ -174,8 +175,9 @@ def _loss(every):
     return OCCLossFn(MainNLL(), NemoOCCConfig(**cfg), policy_loss_config({"ratio_clip_max": 0.28}))
 
 
-def _brute_force(model, update, policy_cfg):
-    """c, v² over the main model and v² over mtp.* of ``update``'s summed losses, by .backward() per loss."""
+def _brute_force(model, update, policy_cfg, rows=None):
+    """c, v² over the main model and v² over mtp.* of ``update``'s summed losses (of ``rows`` of every
+    micro-batch, over the whole update's token count), by .backward() per loss; and the gradients."""
     from nemo_occ.megatron.mtp_logprobs import forward_with_mtp_logprobs
 
     n_tok = sum(float(mb["token_mask"][:, 1:].sum()) for mb in update)
@@ -184,6 +186,8 @@ def _brute_force(model, update, policy_cfg):
         ids = mb["input_ids"]
         out = forward_with_mtp_logprobs(model, ids, torch.arange(S).expand_as(ids), detach_trunk=False)
         mask = mb["token_mask"][:, 1:].bool()
+        if rows is not None:
+            mask = mask & rows[:, None]
         old, adv = mb["prev_logprobs"][:, 1:], mb["advantages"][:, 1:]
         rl = rl - (out.main_logprobs * mask).sum() / n_tok
         mtp = mtp + clipped_policy_loss(
@@ -199,7 +203,16 @@ def _brute_force(model, update, policy_cfg):
     def dot(a, b, mtp_part):
         return sum(float((a[n] * b[n]).sum()) for n in a if n in b and n.startswith("mtp.") == mtp_part)
 
-    return dot(grads[0], grads[1], False), dot(grads[1], grads[1], False), dot(grads[1], grads[1], True)
+    return (
+        dot(grads[0], grads[1], False),
+        dot(grads[1], grads[1], False),
+        dot(grads[1], grads[1], True),
+        grads,
+    )
+
+
+def _dot(a, b, mtp_part=False):
+    return sum(float((a[n] * b[n]).sum()) for n in a if n in b and n.startswith("mtp.") == mtp_part)
 
 
 def test_probe_equals_brute_force_and_leaves_no_trace_in_training():
@@ -216,12 +229,23 @@ def test_probe_equals_brute_force_and_leaves_no_trace_in_training():
     for key, value in plain_metrics.items():
         assert probed_metrics[key] == value, key
     # the probed update is the step's second, and its statistics are exact
-    c, v2, mtp_v2 = _brute_force(probed.model, step[1], _loss(1).policy_cfg)
-    c_first, _, _ = _brute_force(probed.model, step[0], _loss(1).policy_cfg)
+    c, v2, mtp_v2, _ = _brute_force(probed.model, step[1], _loss(1).policy_cfg)
+    c_first, _, _, _ = _brute_force(probed.model, step[0], _loss(1).policy_cfg)
     assert abs(c) > 1e-6 and not c == pytest.approx(c_first)
-    assert probed_metrics["fidelity/c_1"] == pytest.approx(c, rel=1e-5)
-    assert probed_metrics["fidelity/v2_1"] == pytest.approx(v2, rel=1e-5)
-    assert probed_metrics["fidelity/mtp_params_v2_1"] == pytest.approx(mtp_v2, rel=1e-5)
+    assert probed_metrics["fidelity/c_same_sample_1"] == pytest.approx(c, rel=1e-5)
+    assert probed_metrics["fidelity/v2_same_sample_1"] == pytest.approx(v2, rel=1e-5)
+    assert probed_metrics["fidelity/mtp_params_v2_same_sample_1"] == pytest.approx(mtp_v2, rel=1e-5)
+    # cross-fitted: every micro-batch's rows alternate A, B (equal token counts), each half half the tokens
+    (rl_a, mtp_a), (rl_b, mtp_b) = (
+        _brute_force(probed.model, step[1], _loss(1).policy_cfg, torch.tensor(r))[3] for r in ([1, 0], [0, 1])
+    )
+    c_x = 4 * (_dot(rl_a, mtp_b) + _dot(rl_b, mtp_a)) / 2  # ĝ^h = g^h / ½
+    assert abs(c_x - c) > 1e-3 * abs(c)  # a different number from the same-sample one
+    assert probed_metrics["fidelity/c_cross_fit_1"] == pytest.approx(c_x, rel=1e-5)
+    assert probed_metrics["fidelity/v2_cross_fit_1"] == pytest.approx(4 * _dot(mtp_a, mtp_b), rel=1e-5)
+    assert probed_metrics["fidelity/rl_norm2_cross_fit"] == pytest.approx(4 * _dot(rl_a, rl_b), rel=1e-5)
+    # the stand-in's optimizer keeps no Adam state: no preconditioned metric, and it says so
+    assert probed_metrics["fidelity/precond_available"] == 0.0
     assert probed_metrics["fidelity/probes"] == 1.0
     assert not any(k.startswith("fidelity/") for k in plain_metrics)
 
@@ -241,6 +265,64 @@ def test_every_second_step_and_the_history_survives_a_checkpoint(tmp_path):
     assert resumed.occ_rl_steps == 3 and resumed.occ_probes.records == worker.occ_probes.records
     metrics = resumed.train(steps[1], _loss(2))["mtp_metrics"]  # RL step 4: probed, the second probe
     assert metrics["fidelity/probes"] == 2.0
+
+
+class AdamStateOptimizer(RecordingOptimizer):
+    """The recording optimizer (the weights stay put) holding a torch Adam's state one step old: what the
+    probe reads Adam's second moment from (``param_groups``, ``state``)."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-6)
+        weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+        g = torch.Generator().manual_seed(9)
+        for p in model.parameters():
+            p.grad = 0.1 * torch.randn(p.shape, generator=g) + 0.05
+        adam.step()
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(weights[n])
+                p.grad = None
+        self.param_groups, self.state = adam.param_groups, adam.state
+        self.inverse = {
+            n: 1.0 / ((adam.state[p]["exp_avg_sq"].double() / (1 - 0.99)).sqrt() + 1e-6)
+            for n, p in model.named_parameters()
+        }
+
+
+def test_preconditioned_statistics_read_the_optimizers_adam_state():
+    step = [[_microbatch(0), _microbatch(1)], [_microbatch(2), _microbatch(3)]]
+    worker = Worker(_config(1))
+    worker.optimizer = AdamStateOptimizer(worker.model)
+    metrics = worker.train(step, _loss(1))["mtp_metrics"]
+    assert metrics["fidelity/precond_available"] == 1.0
+    (rl_a, mtp_a), (rl_b, mtp_b) = (
+        _brute_force(worker.model, step[1], _loss(1).policy_cfg, torch.tensor(r))[3] for r in ([1, 0], [0, 1])
+    )
+    w = worker.optimizer.inverse
+
+    def dot(a, b):
+        return sum(float((a[n] * b[n] * w[n]).sum()) for n in a if n in b and not n.startswith("mtp."))
+
+    c_x = 4 * (dot(rl_a, mtp_b) + dot(rl_b, mtp_a)) / 2
+    assert metrics["fidelity/c_cross_fit_precond_1"] == pytest.approx(c_x, rel=1e-5)
+    assert metrics["fidelity/v2_cross_fit_precond_1"] == pytest.approx(4 * dot(mtp_a, mtp_b), rel=1e-5)
+    assert not metrics["fidelity/c_cross_fit_precond_1"] == pytest.approx(metrics["fidelity/c_cross_fit_1"])
+
+
+def test_estimator_probed_takes_lambda_from_the_cross_fitted_probe():
+    cfg = _config(1)
+    cfg["nemo_occ"]["occ"] = {"estimator": "probed", "lambda_plus": 0.5}
+    worker = Worker(cfg)
+    loss = OCCLossFn(
+        MainNLL(), NemoOCCConfig(**cfg["nemo_occ"]), policy_loss_config({"ratio_clip_max": 0.28})
+    )
+    metrics = worker.train([[_microbatch(0), _microbatch(1)], [_microbatch(2), _microbatch(3)]], loss)[
+        "mtp_metrics"
+    ]
+    c_x, v2_x = metrics["fidelity/c_cross_fit_1"], metrics["fidelity/v2_cross_fit_1"]
+    assert v2_x > 0 and worker.occ_objective.calibrator.lambdas == [0.5 * c_x / (v2_x + 1e-8)]
+    assert metrics["occ/lambda_applied_1"] == 0.0  # both updates used the initial λ: the probe sets the next
 
 
 def test_a_skipped_probed_update_records_no_probe():

@@ -287,6 +287,8 @@ def _resolve(data: dict, quick: bool, overrides: dict | None) -> tuple[DemoConfi
         )
     demo_cfg = parse_block(DemoConfig, demo, "demo")
     occ_block.setdefault("num_depths", demo_cfg.model.mtp_num_layers)
+    # the demo's nemo_occ.fidelity.every is demo.fidelity_every (occ.estimator: probed reads it)
+    occ_block["fidelity"] = {**(occ_block.get("fidelity") or {}), "every": demo_cfg.fidelity_every}
     nemo_occ_cfg = parse_block(NemoOCCConfig, occ_block, "nemo_occ")
     if nemo_occ_cfg.num_depths != demo_cfg.model.mtp_num_layers:
         raise ConfigError(

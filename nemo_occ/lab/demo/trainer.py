@@ -27,6 +27,7 @@ Letters: N sequences, L sequence length, K MTP depths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -39,8 +40,8 @@ import torch
 
 from nemo_occ.atomic_io import atomic_write
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.core.diagnostics import exact_gradient_statistics, gradient_statistics
-from nemo_occ.core.fidelity import ProbeHistory, probed_update
+from nemo_occ.core.diagnostics import exact_cross_fitted_statistics, gradient_statistics, half_masks
+from nemo_occ.core.fidelity import ProbeHistory, probed_update, refresh_lambda_from_probe
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.metrics import (
@@ -52,6 +53,7 @@ from nemo_occ.core.metrics import (
     step_metrics,
 )
 from nemo_occ.core.objective import MTPObjective
+from nemo_occ.core.preconditioner import adam_preconditioner
 from nemo_occ.lab.demo.checkpoint import load_checkpoint, save_checkpoint
 from nemo_occ.lab.demo.config import DemoConfig
 from nemo_occ.lab.demo.output import DemoOutputError, regime_fingerprint
@@ -275,7 +277,7 @@ class _Trainer:
         policy.model.load_state_dict(warm_state)
         optimizer = torch.optim.Adam(policy.model.parameters(), lr=cfg.rl.lr)
         objective = MTPObjective(nemo_occ_cfg, cfg.policy_loss)
-        probes = ProbeHistory(nemo_occ_cfg.num_depths, nemo_occ_cfg.fidelity.min_probes)
+        probes = ProbeHistory.from_config(nemo_occ_cfg.num_depths, nemo_occ_cfg.fidelity)
         from nemo_occ.megatron.probe_layout import probe_parameters, probe_statistics_group
 
         params = probe_parameters(policy.model)
@@ -314,10 +316,7 @@ class _Trainer:
         exact, probed, t_probe = None, {}, 0.0
         if probe:
             tf = time.perf_counter()
-            exact = exact_gradient_statistics(
-                main_loss, self.objective.unscaled_losses(inputs), self.params, stats_group=self.stats_group
-            )
-            probed = {**exact.metrics("exact"), **_cosines(exact)}
+            exact = self._probe(cur.main_logprobs, inputs, batch.group_size)
             probed["exact/half_batch_cos"] = self._half_batch_cosine(cur.main_logprobs, batch, idx)
             t_probe = time.perf_counter() - tf
         self.optimizer.zero_grad(set_to_none=True)
@@ -331,9 +330,37 @@ class _Trainer:
         statistics = self.objective.close_update(refresh=refresh)
         if exact is not None:  # the probe next to this update's own proxies
             probed.update(self.probes.record_update(statistics, exact))
+            cfg = self.objective.cfg
+            if cfg.occ.estimator == "probed" and self.objective.regime.calibrated:  # λ of the next updates
+                refresh_lambda_from_probe(self.objective.calibrator, exact, cfg.fidelity.metric)
         upd["grad_norm"] = grad_norm
         upd["update/clipped"] = float(grad_norm > self.cfg.rl.grad_clip)  # clip_grad_norm_ scaled the update
         return UpdateResult(_jsonable(upd), statistics, acceptance, probed, t_probe)
+
+    def _probe(self, main_logprobs: torch.Tensor, inputs: TokenInputs, group_size: int):
+        """Same-sample, cross-fitted and Adam-preconditioned exact statistics of this update
+        (``nemo_occ.core.diagnostics.cross_fitted_statistics``), from the training forward: 2(1 + K)
+        backward passes. The halves keep GRPO groups whole (advantages are normalised within a group,
+        so sequences of one group are not independent), unless the minibatch holds a single group;
+        P is read before this update's step."""
+        units = torch.arange(inputs.mask.shape[0]) // group_size
+        if int(units.max()) < 1:  # one group: split its sequences (within a group they are not independent)
+            units = torch.arange(inputs.mask.shape[0])
+        by = "sequences" if self.cfg.policy_loss.aggregation == "seq_mean_token_mean" else "tokens"
+        mask_a, mask_b, shares = half_masks(inputs.mask, units, by=by)
+        halves = []
+        for m in (mask_a, mask_b):  # each half's part of the minibatch loss: the minibatch's denominators
+            rl, _ = clipped_policy_loss(
+                main_logprobs, inputs.old_logprobs, inputs.advantages, m, self.cfg.policy_loss,
+                global_valid_tokens=inputs.global_valid_tokens, global_valid_seqs=inputs.global_valid_seqs,
+            )  # fmt: skip
+            halves.append((rl, self.objective.unscaled_losses(dataclasses.replace(inputs, mask=m))))
+        params = [pp for pp in self.params if pp.param.requires_grad]
+        shards, note = adam_preconditioner(self.optimizer, params)
+        return exact_cross_fitted_statistics(
+            [h[0] for h in halves], [h[1] for h in halves], params, shares=shares, preconditioner=shards,
+            precond_note=note, stats_group=self.stats_group,
+        )  # fmt: skip
 
     def _main_params(self) -> list:
         return [pp for pp in self.params if pp.part == "main"]
@@ -423,14 +450,6 @@ class _Trainer:
 def _cosine(dot: float, norm2_a: float, norm2_b: float) -> float | None:
     """<a, b> / (||a|| ||b||); None when either vector is zero (undefined)."""
     return dot / math.sqrt(norm2_a * norm2_b) if norm2_a > 0 and norm2_b > 0 else None
-
-
-def _cosines(exact) -> dict:
-    """``exact/cos_k`` = cos(g_RL, g_MTP,k) over the main model's parameters (the paper's Fig. 2 curve)."""
-    return {
-        f"exact/cos_{k}": _cosine(c, exact.rl_norm2, v2)
-        for k, (c, v2) in enumerate(zip(exact.c, exact.v2, strict=True), 1)
-    }
 
 
 # -- logging -------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ Variants (the paper's Sec. 5 settings, on the demo's configuration):
   {0.1, 1.0} (values equal to the core's are the core run);
 - λ+ ∈ {0.1, 0.5, 1.0, 2.0} for ``occ``;
 - ``old_logprobs: mtp`` (each MTP head's own old log-prob) for ``policy`` and ``occ``, the regimes whose
-  MTP loss reads the old log-prob (``ce`` and ``detach`` do not; ``none`` has no MTP loss).
+  MTP loss reads the old log-prob (``ce`` and ``detach`` do not; ``none`` has no MTP loss);
+- ``occ.estimator: probed`` (beyond the paper: λ from the probes' cross-fitted exact statistics, held
+  between probes), beside the core ``occ`` run's signed estimator.
 
 Order (the study can stop at any point and still hold the most important comparison first):
 tier 1 the core variants for every seed; tier 2 ``ce`` at coef 1.0 (the paper's "CE hurts") for every
@@ -90,6 +92,7 @@ def variants(coef: float, lambda_plus: float) -> list[Variant]:
         if not math.isclose(lp, lambda_plus)
     ]
     out += [Variant(f"{r}_oldmtp", r, {"old_logprobs": "mtp"}) for r in ("policy", "occ")]
+    out.append(Variant("occ_probed", "occ", {"occ": {"estimator": "probed"}}))
     return out
 
 
