@@ -100,7 +100,7 @@ MISUSES = [
     row("export: out inside the reference", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {ref}/x", r"nemo-occ: error: --out .*/x is inside the --hf-model checkpoint .*; choose a folder outside it\."),
     row("export: no Megatron-Bridge", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {home}/o", r"nemo-occ: error: nemo-occ export needs Megatron-Bridge .*could not be imported .*"),
     row("export: nan limit", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {home}/o --max-mtp-change nan", r"nemo-occ export: error: argument --max-mtp-change: must be a finite number > 0, got 'nan' \(see nemo-occ export --help\)"),
-    row("export: out on a full disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {full}/export", r"nemo-occ: error: --out .*/full/export: (the export needs about .* free\. Free some space or choose another --out\.|cannot write in .*/full \(No space left on device\)\.)", needs=("bridge",)),
+    row("export: out on a full disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {full}/export", r"nemo-occ: error: (not enough disk space for --out .*/full/export: it needs .*, .*/full has .* free \(.* short\)\. Nothing was written; free some space or choose another --out|--out .*/full/export: cannot write in .*/full \(No space left on device\)\.)", needs=("bridge",)),
     row("export: out on a read-only disk", "export --megatron-ckpt {ckpt} --hf-model {ref} --out {ro}/export", rf"nemo-occ: error: --out .*/ro/export: cannot write in .*/ro \({READ_ONLY}\)\.", needs=("bridge",)),
     # -- verify-export
     row("verify: missing export", "verify-export {home}/nope --reference {ref}", r"nemo-occ: error: .*/nope is not a directory\."),
@@ -501,7 +501,7 @@ sys.exit(main(["export", "--megatron-ckpt", ckpt, "--hf-model", ref, "--out", ou
 @pytest.mark.slow
 def test_export_prints_no_warning_a_user_cannot_act_on(home, tmp_path):
     """megatron-core warns at import that Transformer Engine / Apex are absent (4 warnings, 8 lines here)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]), PYTHONWARNINGS="")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONWARNINGS="")
     result = subprocess.run(
         [sys.executable, "-c", _EXPORT_WITH_STAND_IN, str(home["ckpt"]), str(home["ref"]), str(tmp_path / "out")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

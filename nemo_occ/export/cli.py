@@ -37,7 +37,9 @@ def _interrupted(err: KeyboardInterrupt) -> int:
 
 
 def _fail(err: BaseException) -> int:
-    message = " ".join(str(err).split("\n"))
+    """Print ``err`` as one ``nemo-occ: error:`` line (an OSError without its ``[Errno N]`` prefix)."""
+    text = err.strerror if isinstance(err, OSError) and err.strerror and not err.filename else str(err)
+    message = " ".join(text.split("\n"))
     print(f"nemo-occ: error: {message}", file=sys.stderr)
     return USER_ERROR
 

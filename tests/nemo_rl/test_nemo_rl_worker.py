@@ -291,11 +291,11 @@ def test_which_lambda_each_update_uses_is_what_the_docs_say():
     assert after[1] != 0.37 and applied[2] == after[1]  # update 2 uses update 1's λ
     assert applied[3] == applied[4] == after[2]  # step 2's first two: step 1's last λ
     assert applied[5] == after[4]
-    calibration = Path(__file__).resolve().parents[1] / "nemo_occ" / "core" / "calibration.py"
+    calibration = Path(__file__).resolve().parents[2] / "nemo_occ" / "core" / "calibration.py"
     assert "update u ≥ 2 uses the λ of update u−1" in " ".join(calibration.read_text().split())
-    config = (Path(__file__).resolve().parents[1] / "nemo_occ" / "core" / "config.py").read_text()
+    config = (Path(__file__).resolve().parents[2] / "nemo_occ" / "core" / "config.py").read_text()
     assert "the first two updates of a run" in config
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "nemo_rl.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "nemo_rl.md").read_text()
     assert "`initial_lambda` (0) for the first two updates of a run" in " ".join(guide.split())
 
 
