@@ -23,6 +23,7 @@
 #   PYTHON313          interpreter for (b) (default: python3.13 with PYENV_VERSION=3.13.0)
 #   TORCH_SPEC         torch requirement for both venvs (default torch==2.13.0)
 #   UPSTREAM_LOG_DIR   where pytest logs and JUnit files go (default $UPSTREAM_VENV_DIR/logs/<time>)
+#   UPSTREAM_ENVS      which test runs (default "megatron nemo-rl worker"); the summary says which ran
 #   NEMO_RL_COMMIT, MEGATRON_LM_COMMIT  commits to report when a checkout has no .git
 #
 # The matrix: the NeMo-RL refs nemo-occ supports, each with the megatron-core it pins. Set UPSTREAM_REFS
@@ -113,6 +114,11 @@ MCORE_VENV=${MCORE_VENV:-$UPSTREAM_VENV_DIR/mcore-py311}
 NEMO_RL_VENV=${NEMO_RL_VENV:-$UPSTREAM_VENV_DIR/nemo-rl-py313}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 LOG_DIR=${UPSTREAM_LOG_DIR:-$UPSTREAM_VENV_DIR/logs/$(date -u +%Y%m%dT%H%M%SZ)}
+UPSTREAM_ENVS=${UPSTREAM_ENVS:-megatron nemo-rl worker}
+for name in $UPSTREAM_ENVS; do
+  [[ "$name" == megatron || "$name" == nemo-rl || "$name" == worker ]] ||
+    die "UPSTREAM_ENVS: unknown environment '$name' (megatron nemo-rl worker)"
+done
 
 for path in "$MCORE_VENV" "$NEMO_RL_VENV" "$LOG_DIR"; do
   case "$(realpath -m "$path")/" in
@@ -213,6 +219,7 @@ WORKER_TESTS=(tests/nemo_rl/test_nemo_rl_megatron_train.py tests/nemo_rl/test_ne
 run_pytest() { # name python pythonpath tests...: run, keep the log and JUnit file, never abort the script
   local name=$1 python=$2 pythonpath=$3
   shift 3
+  [[ " $UPSTREAM_ENVS " == *" $name "* ]] || return 0
   echo "running ($name): $*"
   PYTHONPATH=$pythonpath NEMO_RL_ROOT=$NEMO_RL_ROOT "$python" -m pytest -p no:cacheprovider -q -rfEs \
     --junitxml="$LOG_DIR/$name.xml" "$@" >"$LOG_DIR/$name.log" 2>&1 || true
@@ -252,13 +259,16 @@ echo "== nemo-occ upstream check ($(git -C "$REPO" rev-parse --short HEAD 2>/dev
 [[ -z "$REF_LABEL" ]] || echo "ref          $REF_LABEL"
 echo "NeMo-RL      $(commit_of "$NEMO_RL_ROOT" "${NEMO_RL_COMMIT:-}")  $NEMO_RL_ROOT"
 echo "Megatron-LM  $(commit_of "$MEGATRON_LM_ROOT" "${MEGATRON_LM_COMMIT:-}")  $MEGATRON_LM_ROOT"
-summary=$("$MCORE_VENV/bin/python" - "$LOG_DIR" <<'EOF'
+summary=$("$MCORE_VENV/bin/python" - "$LOG_DIR" "$UPSTREAM_ENVS" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 total_failed = total_run = 0
 for name in ("megatron", "nemo-rl", "worker"):
+    if name not in sys.argv[2].split():
+        print(f"{name:9s} not run (UPSTREAM_ENVS)")
+        continue
     path = Path(sys.argv[1]) / f"{name}.xml"
     if not path.is_file():
         print(f"{name:9s} no result (pytest did not start; see {path.with_suffix('.log')})")

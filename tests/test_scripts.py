@@ -106,3 +106,11 @@ def test_the_matrix_refuses_checkouts_that_are_not_the_ref_before_building(
 def test_the_matrix_names_the_checkouts_a_ref_needs(tmp_path):
     result = _upstream_check({"UPSTREAM_REFS": "v0.7.0", "UPSTREAM_VENV_DIR": str(tmp_path)})
     assert result.returncode == 2 and "NEMO_RL_RELEASE_ROOT and MEGATRON_LM_RELEASE_ROOT" in result.stderr
+
+
+def test_upstream_check_refuses_an_unknown_environment_name(tmp_path):
+    env = _fake_checkouts(tmp_path)
+    env.update(UPSTREAM_ENVS="nemo-rl workers", UPSTREAM_VENV_DIR=str(tmp_path / "venvs"))
+    result = _upstream_check(env)
+    assert result.returncode == 2 and "unknown environment 'workers'" in result.stderr
+    assert not (tmp_path / "venvs" / "mcore-py311").exists()

@@ -91,6 +91,7 @@ def test_launch_reaches_the_ray_cluster_with_our_worker_and_loss(path: Path, tmp
     monkeypatch.setitem(registry.ACTOR_ENVIRONMENT_REGISTRY, WORKER_FQN, "<unset>")
     real_setup = grpo.setup
 
+    @functools.wraps(real_setup)  # keeps the real signature, which the start-up check reads
     def recording_setup(master, tok, dataset, val_dataset, *args, **kwargs):
         calls["setup"] = (master, tok, kwargs)
         return real_setup(master, tok, dataset, val_dataset, *args, **kwargs)
