@@ -18,7 +18,7 @@ PROMISES = [
     ("`python -m nemo_occ` is the same command as `nemo-occ`", "tests/test_main_module.py::test_python_m_nemo_occ_is_the_cli"),
     ("Run the tests (CI, `.ci/run`, runs this line verbatim)", "tests/test_docs_links.py::test_the_readme_test_command_is_what_ci_runs_verbatim"),
     ("The package itself asks for `torch>=2.4`", ("pyproject.toml", '"torch>=2.4"')),
-    ("Last run 2026-11-30: 128 + 222 + 7 passed, 0 failed", ("docs/nemo_rl.md", "| (b) nemo-rl, transformers 5.11.0 | 222 | 3 | 0 |")),
+    ("Last runs 2026-12-07, 0 failed on both: NeMo-RL's driver side 255 passed", ("docs/nemo_rl.md", "| 255 passed, 3 skipped, 0 failed | 255 passed, 3 skipped, 0 failed |")),
     ("stops on an override of a key that does not exist", "tests/nemo_rl/test_nemo_rl_preflight.py::test_a_bad_override_is_one_line_naming_it"),
     ("a setting the MTP term cannot work with", "tests/nemo_rl/test_nemo_rl_recipes.py::test_checker_rejects_with_a_message_saying_what_to_set"),
     ("with `--strict`, a key NeMo-RL would ignore", "tests/nemo_rl/test_nemo_rl_preflight.py::test_check_warns_about_a_typo_in_a_recipe_file_and_strict_fails"),
