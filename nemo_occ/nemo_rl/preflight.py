@@ -74,12 +74,18 @@ def preflight(config_path: str | Path, overrides: Sequence[str] = ()) -> Preflig
     return Preflight(recipe, occ, root, unknown or [], keys_checked=unknown is not None, newer_keys=newer)
 
 
-def print_report(result: Preflight, out: TextIO | None = None, err: TextIO | None = None) -> None:
-    """What ``--check`` prints: OK line, our block, the GPU layout; warnings and unchecked parts on stderr."""
+def print_report(
+    result: Preflight, out: TextIO | None = None, err: TextIO | None = None, *, refused: bool = False
+) -> None:
+    """What ``--check`` prints: OK line, our block, the GPU layout; warnings and unchecked parts on stderr.
+
+    ``refused``: the caller fails the check (``--strict`` on an unchecked or unknown key), so the first
+    line says the recipe was checked, not that it is OK.
+    """
     out = out or sys.stdout
     err = err or sys.stderr
     lay = parallel_layout(result.recipe.config)
-    print(f"recipe OK: {result.recipe.path}", file=out)
+    print(f"recipe {'checked, refused under --strict' if refused else 'OK'}: {result.recipe.path}", file=out)
     print(f"  nemo_occ: {result.occ.model_dump()}", file=out)
     print(
         f"  GPUs {lay.world} = DP {lay.dp} x TP {lay.tp} x PP {lay.pp} x CP {lay.cp}; EP {lay.ep}, ETP {lay.etp}",

@@ -160,7 +160,7 @@ def check_only(
     result = preflight(config_path, overrides)
     if print_config:
         print(OmegaConf.to_yaml(OmegaConf.create(result.recipe.config)), end="")
-    print_report(result)
+    print_report(result, refused=strict and (not result.keys_checked or bool(result.unknown)))
     if strict and not result.keys_checked:
         where = (
             "without a NeMo-RL source tree"

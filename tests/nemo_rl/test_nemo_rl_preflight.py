@@ -294,8 +294,10 @@ def test_strict_fails_when_it_cannot_check_nemo_rls_keys(monkeypatch, capsys):
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "set NEMO_RL_ROOT" in errors[0]
     assert "not checked against any NeMo-RL" in out
+    assert "recipe OK" not in out  # strict never says OK about what it did not check
     assert main(["train", "--config", smoke, "--check"]) == 0  # without --strict: a report with a note
-    assert "note: not checked (no NeMo-RL source tree" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "note: not checked (no NeMo-RL source tree" in err and out.startswith("recipe OK: ")
 
 
 # -- the real NeMo-RL tree -------------------------------------------------------------------------------
