@@ -225,6 +225,19 @@ def _reduce_(grad: torch.Tensor, reductions: tuple[tuple[Any, str], ...]) -> tor
     return grad
 
 
+
+def _reduced_gradients(pp, grads: list) -> list[torch.Tensor]:
+    """``grads`` of parameter ``pp``, each reduced over ``pp.grad_reductions`` in place; None becomes zeros.
+
+    A rank whose loss did not reach the parameter still joins its peers' reductions, with zeros.
+    """
+    grads = [torch.zeros_like(pp.param) if g is None else g for g in grads]
+    for g in grads:
+        if g.shape != pp.param.shape:
+            raise ValueError(f"a gradient of shape {tuple(g.shape)} for a parameter of {tuple(pp.param.shape)}")
+        _reduce_(g, pp.grad_reductions)
+    return grads
+
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """<a, b> accumulated in float64, a bounded chunk at a time (no full float64 copy of a or b)."""
     a, b = a.reshape(-1), b.reshape(-1)
@@ -272,14 +285,7 @@ def gradient_statistics(
         grads = [rl_grads[i]] + [mtp_grads[k][i] for k in range(K)]
         if all(g is None for g in grads) and not pp.grad_reductions:
             continue
-        # a rank whose loss did not reach the parameter still joins its peers' reductions, with zeros
-        grads = [torch.zeros_like(pp.param) if g is None else g for g in grads]
-        for g in grads:
-            if g.shape != pp.param.shape:
-                raise ValueError(
-                    f"a gradient of shape {tuple(g.shape)} for a parameter of {tuple(pp.param.shape)}"
-                )
-            _reduce_(g, pp.grad_reductions)
+        grads = _reduced_gradients(pp, grads)
         g_rl, g_mtp = grads[0], grads[1:]
         w = 1.0 / pp.copies
         local[row, 0] += w * _dot64(g_rl, g_rl).to(device)
@@ -500,13 +506,7 @@ def cross_fitted_statistics(
         if all(g is None for g in grads) and not pp.grad_reductions:
             grads = None
         else:
-            grads = [torch.zeros_like(pp.param) if g is None else g for g in grads]
-            for g in grads:
-                if g.shape != pp.param.shape:
-                    raise ValueError(
-                        f"a gradient of shape {tuple(g.shape)} for a parameter of {tuple(pp.param.shape)}"
-                    )
-                _reduce_(g, pp.grad_reductions)
+            grads = _reduced_gradients(pp, grads)
             rl = (grads[0], grads[1])
             mtp = [(grads[2 + 2 * k], grads[3 + 2 * k]) for k in range(K)]
             local[row, :n_raw] += _dots(rl, mtp).to(device) / pp.copies
