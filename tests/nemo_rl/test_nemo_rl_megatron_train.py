@@ -170,10 +170,10 @@ def _check_against_reference(seen, reference):
 def _train_step_vs_reference(rank, world):
     _install_bridge_stand_in()
     from megatron.core import parallel_state as ps
-    from test_megatron_distributed import _load_full, _shard
 
     from nemo_occ.lab.parallel import init_model_parallel
     from nemo_occ.lab.tiny_gpt import build_tiny_gpt
+    from tests.megatron.test_megatron_distributed import _load_full, _shard
 
     data = _micro_batch()
     init_model_parallel(rank=rank, world_size=world)
