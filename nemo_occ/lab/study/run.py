@@ -25,12 +25,14 @@ Seeds and sweep seeds may change between reruns: every run folder carries its ow
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -428,13 +430,20 @@ def _resolve_matched(out, jobs, tier_jobs, done, cfg, nemo_occ_cfg, probe, skipp
 
 def _job_worker_init(threads: int) -> None:
     """A worker process of the study: one torch thread, single-process megatron-core on CPU for its life."""
-    import contextlib
-
     from nemo_occ.cli import quiet_expected_megatron_warnings
     from nemo_occ.lab.cpu_compat import cpu_compat
     from nemo_occ.lab.parallel import model_parallel
 
     quiet_expected_megatron_warnings()  # a spawned process starts with the default warning filters
+    # Ctrl-C: the parent started this process with SIGINT blocked (inherited through exec), so an interrupt
+    # during its start-up is not a traceback on the terminal; between jobs it is ignored, during one it
+    # raises KeyboardInterrupt in the job (``_job``), whose writes are atomic, and the parent reports it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    with contextlib.suppress(OSError, AttributeError):  # Linux: end with the parent, even a killed one
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     torch.set_num_threads(threads)
     stack = contextlib.ExitStack()
     stack.enter_context(cpu_compat())
@@ -446,12 +455,19 @@ def _job(kind, out, job_or_seed, cfg, nemo_occ_cfg, probe, invocation, show_prog
     """One job (run in this process or a worker); returns (wall s, CPU s, why it was skipped or None)."""
     tj, cj = time.perf_counter(), time.process_time()
     why = None
-    if kind == "warm":
-        _warm(out, cfg, job_or_seed)
-    elif job_or_seed.kind == "train":
-        _train(out, job_or_seed, cfg, nemo_occ_cfg, probe, invocation, show_progress)
-    else:
-        why = _probe(out, job_or_seed, cfg, nemo_occ_cfg, probe)
+    worker = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a worker between jobs (_job_worker_init)
+    if worker:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if kind == "warm":
+            _warm(out, cfg, job_or_seed)
+        elif job_or_seed.kind == "train":
+            _train(out, job_or_seed, cfg, nemo_occ_cfg, probe, invocation, show_progress)
+        else:
+            why = _probe(out, job_or_seed, cfg, nemo_occ_cfg, probe)
+    finally:
+        if worker:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
     return time.perf_counter() - tj, time.process_time() - cj, why
 
 
@@ -471,8 +487,6 @@ class _Runner:
         self._stack = None
 
     def __enter__(self):
-        import contextlib
-
         self._stack = contextlib.ExitStack()
         if self.workers == 1:  # as run_demo: single-process megatron-core on a CPU-only torch, undone on the way out
             from nemo_occ.lab.cpu_compat import cpu_compat
@@ -486,12 +500,27 @@ class _Runner:
 
             self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                             initializer=_job_worker_init, initargs=(1,))  # fmt: skip
-            self._stack.callback(self.pool.shutdown, wait=True, cancel_futures=True)
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if self.pool is not None:
+            if exc_type is not None:  # Ctrl-C or an error: stop the jobs in flight (a SIGINT sent to this
+                # process alone does not reach them), start no queued one
+                for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGINT)
+            self.pool.shutdown(wait=True, cancel_futures=True)
         self._stack.close()
         return False
+
+    def _submit(self, *args):
+        """Submit a job to the pool with SIGINT blocked: a worker it starts inherits the mask (see
+        ``_job_worker_init``), and an interrupt cannot land half-way through the pool's own start-up."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self.pool.submit(_job, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
     def minutes(self) -> float:
         return (time.perf_counter() - self.t0) / 60
@@ -536,7 +565,7 @@ class _Runner:
                 self.say(f"[{self.started}] {label} (elapsed {self.minutes():.1f} min{eta})")
                 out, cfg, nemo_occ_cfg, probe, invocation = self.args
                 args = (kind, out, what, cfg, nemo_occ_cfg, probe, invocation, self.show_progress)
-                future = _Done(_job(*args)) if self.pool is None else self.pool.submit(_job, *args)
+                future = _Done(_job(*args)) if self.pool is None else self._submit(*args)
                 running[future] = (kind, what, label)
             if not running:
                 break
