@@ -85,7 +85,9 @@ def mde_dz(n: int, alpha: float = ALPHA, power: float = POWER) -> float | None:
 
 def dz_interval(t_stat: float, n: int, confidence: float = CONFIDENCE) -> tuple[float, float] | None:
     """The ``confidence`` interval of d_z from the observed t of a one-sample (or paired) test of ``n``
-    units: the noncentralities λ with P(T ≤ t | λ) = 1 − a/2 and a/2 (T ~ nct(n − 1, λ)), divided by √n."""
+    units: the noncentralities λ with P(T ≤ t | λ) = 1 − a/2 and a/2 (T ~ nct(n − 1, λ)), divided by √n.
+    None for n < 2, and where scipy's noncentral t cannot be evaluated (|t| in the thousands: differences
+    nearly constant over seeds)."""
     from scipy.optimize import brentq
     from scipy.stats import nct
 
@@ -93,18 +95,24 @@ def dz_interval(t_stat: float, n: int, confidence: float = CONFIDENCE) -> tuple[
         return None
     df, a = n - 1, 1 - confidence
 
-    def root(target: float) -> float:
+    def root(target: float) -> float | None:
         def f(ncp: float) -> float:
             return float(nct.cdf(t_stat, df, ncp)) - target
 
         lo, hi = t_stat - 1.0, t_stat + 1.0  # the cdf falls as λ rises: widen until it brackets the target
-        while f(lo) < 0:
-            lo -= 2 * (hi - lo)
-        while f(hi) > 0:
-            hi += 2 * (hi - lo)
-        return float(brentq(f, lo, hi, xtol=1e-10))
+        for _ in range(60):
+            flo, fhi = f(lo), f(hi)
+            if not (math.isfinite(flo) and math.isfinite(fhi)):
+                return None
+            if flo >= 0 >= fhi:
+                return float(brentq(f, lo, hi, xtol=1e-10))
+            lo, hi = (lo - 2 * (hi - lo), hi) if flo < 0 else (lo, hi + 2 * (hi - lo))
+        return None
 
-    return root(1 - a / 2) / math.sqrt(n), root(a / 2) / math.sqrt(n)
+    low, high = root(1 - a / 2), root(a / 2)
+    if low is None or high is None:
+        return None
+    return low / math.sqrt(n), high / math.sqrt(n)
 
 
 def _summary(d: np.ndarray, run_test: Callable, test: str) -> dict:
@@ -119,9 +127,13 @@ def _summary(d: np.ndarray, run_test: Callable, test: str) -> dict:
     result = run_test()
     ci = result.confidence_interval(CONFIDENCE)
     out.update(t=float(result.statistic), p=float(result.pvalue), ci=[float(ci.low), float(ci.high)],
-               dz=mean / sd, dz_ci=list(dz_interval(float(result.statistic), n)))  # fmt: skip
+               dz=mean / sd, dz_ci=_list(dz_interval(float(result.statistic), n)))  # fmt: skip
     out["mde"] = out["mde_dz"] * sd
     return out
+
+
+def _list(x) -> list | None:
+    return None if x is None else list(x)
 
 
 def _empty(test: str, n: int, note: str) -> dict:
@@ -189,7 +201,7 @@ def clustered_spearman(
 ) -> dict:
     """Spearman ρ(x, y) within each cluster (records sharing ``unit`` and ``cluster``; ``cluster=None``:
     the whole unit), the mean of a unit's clusters, and over units :func:`one_sample` (mean ρ, its t
-    interval, p against ρ = 0). ``pooled`` is ρ over every point, the labelled secondary (no interval).
+    interval clipped to [−1, 1], p against ρ = 0). ``pooled`` is ρ over every point, the labelled secondary (no interval).
     A cluster with fewer than ``min_points`` finite pairs or a constant series has no ρ and is counted in
     ``clusters_undefined``."""
     from scipy.stats import spearmanr
@@ -218,6 +230,9 @@ def clustered_spearman(
         a = np.array(pts)
         if np.ptp(a[:, 0]) > 0 and np.ptp(a[:, 1]) > 0:
             pooled = {"rho": float(spearmanr(a[:, 0], a[:, 1]).statistic), "n": len(pts)}
+    across = one_sample(unit_means)
+    if across["ci"] is not None:  # a t interval of a mean of correlations can pass ±1, which ρ cannot
+        across["ci"] = [max(-1.0, across["ci"][0]), min(1.0, across["ci"][1])]
     return {
         "x": x,
         "y": y,
@@ -225,7 +240,7 @@ def clustered_spearman(
         "clusters": clusters,
         "clusters_undefined": undefined,
         "per_unit": {str(u): v for u, v in sorted(unit_means.items())},
-        "across_units": one_sample(unit_means),
+        "across_units": across,
         "pooled": pooled,
     }
 
