@@ -587,21 +587,22 @@ def fig8_fidelity(
         return "undefined" if got is None else f"{got['rho']:.2f} (n={got['n']} points)"
 
     where = f"within one checkpoint ({cluster})" if cluster else "within one run"
+    over = "checkpoints" if cluster else "steps"
     names = ", ".join(probes)
     axes[0, 0].set(xscale="log", yscale="log", xlabel="|ĉ| / n = |Σ δ_RL·δ_MTP| / tokens (nats²)",
                    ylabel=f"|c| ({exact}) = |<g_RL, g_MTP>| over the main model",
                    title=f"alignment (hollow: opposite signs). Secondary, pooled over {names}, seeds and "
-                         f"checkpoints: ρ = {pooled_text('c_hat', c_key)}")  # fmt: skip
+                         f"{over}: ρ = {pooled_text('c_hat', c_key)}")  # fmt: skip
     axes[0, 1].set(xscale="log", yscale="log", xlabel="v̂² / n = Σ δ_MTP² / tokens (nats²)",
                    ylabel=f"|v²| ({exact}) = ||g_MTP||² over the main model",
-                   title=f"variance (hollow: v² ≤ 0). Secondary, pooled over {names}, seeds and checkpoints: "
+                   title=f"variance (hollow: v² ≤ 0). Secondary, pooled over {names}, seeds and {over}: "
                          f"ρ = {pooled_text('v2_hat', v2_key)}")  # fmt: skip
     for ax in axes[0]:
         ax.legend(fontsize=6)
     note = (f"One point per probed minibatch ({_probe_counts(probes)}). Legend: Spearman ρ {where}, averaged over a seed's clusters, then "
-            "the mean over seeds with its 95% t interval (unit of replication: the seed; minibatches of one "
-            "checkpoint are not independent). Titles: ρ over all points pooled, which mixes drift between "
-            f"checkpoints in and has no valid interval. Exact statistics {exact}.")  # fmt: skip
+            "the mean over seeds with its 95% t interval (unit of replication: the seed; the points of one "
+            "run are not independent). Titles: ρ over all points pooled, which mixes drift between "
+            f"{over} in and has no valid interval. Exact statistics {exact}.")  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 

@@ -42,6 +42,8 @@ __all__ = [
     "mde_dz",
     "one_sample",
     "paired",
+    "per_seed",
+    "seeds_needed",
 ]
 
 ALPHA = 0.05  # two-sided level of every test, and the MDE's
@@ -255,3 +257,20 @@ def per_seed(
         if _finite(v):
             out.setdefault(r[unit], []).append(float(v))
     return {u: float(np.mean(v)) for u, v in sorted(out.items())}
+
+
+def seeds_needed(
+    dz: float | None, alpha: float = ALPHA, power: float = POWER, max_n: int = 1000
+) -> int | None:
+    """The fewest seeds whose paired test detects a true effect of size ``dz`` at ``alpha`` with ``power``
+    (:func:`mde_dz` ≤ |dz|); None when ``dz`` is None or 0 or more than ``max_n`` would be needed."""
+    if dz is None or not math.isfinite(dz) or dz == 0 or mde_dz(max_n, alpha, power) > abs(dz):
+        return None
+    lo, hi = 2, max_n  # mde_dz falls as n grows: bisect for the first n that reaches |dz|
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if mde_dz(mid, alpha, power) <= abs(dz):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
