@@ -261,16 +261,31 @@ def test_every_figure_states_n_the_unit_and_its_interval(drawn, runs):
 
 
 def test_regime_figures_give_a_label_one_colour_and_marker_in_every_figure(drawn):
-    runs = {r: [_with_training_probe(_rows(i, occ=r == "occ"), "occ" if r == "occ" else "proxy")]
-            for i, r in enumerate(("policy", "occ", "ce"))}  # fmt: skip
-    probes = {"occ": _probes(0), "ce": _probes(1), "policy": _probes(2)}  # another order than the runs'
-    F.regime_figures(Path("."), runs, caption=lambda what, labels, source: what, probes=probes)
+    regime_of = {"policy": "policy", "occ": "occ", "ce": "ce", "occ_lp2": "occ", "occ_lp5": "occ"}
+    runs = {r: [_with_training_probe(_rows(i, occ=regime_of[r] == "occ"), "occ" if regime_of[r] == "occ" else "proxy")]
+            for i, r in enumerate(regime_of)}  # fmt: skip
+    # another order than the runs', and sweep labels that have no fixed style of their own
+    probes = {
+        "occ_lp5": _probes(3),
+        "occ": _probes(0),
+        "ce": _probes(1),
+        "occ_lp2": _probes(4),
+        "policy": _probes(2),
+    }
+    F.regime_figures(
+        Path("."), runs, caption=lambda what, labels, source: what, probes=probes, regime_of=regime_of
+    )
+    from matplotlib.colors import to_hex
+
     seen: dict[str, set] = {}
-    for fig, _ in drawn.values():
+    for fig, _ in drawn.values():  # every legend entry of every panel: the label's colour there
         for ax in fig.axes:
-            for ln in ax.get_lines():
-                label = ln.get_label().split(" ")[0].rstrip(":")
-                if label in runs and ln.get_marker() not in ("None", None, ""):
-                    seen.setdefault(label, set()).add((ln.get_color(), str(ln.get_marker())))
-    assert set(seen) == {"occ", "policy", "ce"} and all(len(v) == 1 for v in seen.values()), seen
-    assert len({next(iter(v)) for v in seen.values()}) == 3
+            legend = ax.get_legend()
+            for text, handle in zip(legend.get_texts() if legend else [], legend.legend_handles if legend else [],
+                                    strict=True):  # fmt: skip
+                label = text.get_text().split(" ")[0].rstrip(":")
+                colour = handle.get_color() if hasattr(handle, "get_color") else handle.get_facecolor()[0]
+                if label in regime_of:
+                    seen.setdefault(label, set()).add(to_hex(colour))
+    assert set(seen) == set(regime_of) and all(len(v) == 1 for v in seen.values()), seen
+    assert len({next(iter(v)) for v in seen.values()}) == 5  # and no two labels share one
