@@ -87,14 +87,14 @@ def test_every_test_is_adjusted_over_the_whole_family_by_benjamini_hochberg():
 
 def test_a_claim_is_shown_only_on_its_adjusted_p_and_in_its_direction():
     steady = [0.01, 0.015, 0.02]  # alone in the family: adjusted = raw = p of t = 3√3 ≈ 0.035
-    got = R.analyse(_runs(steady, [0.0, 0.0, 0.0]), {}, {}, {})
+    got = R.analyse(_runs(steady, [0.0, 0.0, 0.0]), {}, {})
     assert {c["key"]: c["verdict"] for c in got["claims"]}["occ_eval"] == "shown"
-    got = R.analyse(_runs([-d for d in steady], [0.0, 0.0, 0.0]), {}, {}, {})
+    got = R.analyse(_runs([-d for d in steady], [0.0, 0.0, 0.0]), {}, {})
     occ = {c["key"]: c for c in got["claims"]}["occ_eval"]
     assert occ["verdict"] == "contradicted" and "opposite direction" in occ["why"]
     # the same effect next to a second test with the same p: BH keeps both at p ≈ 0.035 (shown); with a
     # weaker second test (p ≈ 0.118) the first doubles to ≈ 0.07: not shown any more
-    got = R.analyse(_runs(steady, [0.01, 0.02, 0.04]), {}, {}, {})
+    got = R.analyse(_runs(steady, [0.01, 0.02, 0.04]), {}, {})
     occ = {c["key"]: c for c in got["claims"]}["occ_eval"]
     assert occ["p_adjusted"] == pytest.approx(2 * _t2_p([1, 1.5, 2])) and occ["verdict"] == "not shown"
 
@@ -133,7 +133,7 @@ def test_probe_statistics_use_the_cross_fitted_exact_statistics_within_checkpoin
 
 
 def test_probe_claims_enter_the_family_and_read_the_cross_fitted_correlation():
-    got = R.analyse({}, {"occ": _probe_records()}, {}, {"occ": "occ"})
+    got = R.analyse({}, {"occ": _probe_records()}, {})
     assert {"alignment: occ", "rho_c: occ", "rho_v2: occ"} <= set(got["tests"])
     claims = {c["key"]: c for c in got["claims"]}
     # ρ(ĉ, c_cross) = −1 in every cluster: no variation over seeds, so no test (not a silent NaN)
@@ -189,7 +189,7 @@ def _summary(result: dict) -> dict:
 
 def test_summary_md_puts_each_claim_beside_its_adjusted_p_and_says_why_it_is_not_shown():
     # eval p ≈ 0.035 is the smaller of two: BH doubles it to ≈ 0.07, so the claim is not shown
-    result = R.analyse(_runs([0.01, 0.015, 0.02], [0.01, 0.02, 0.04]), {}, {}, {})
+    result = R.analyse(_runs([0.01, 0.015, 0.02], [0.01, 0.02, 0.04]), {}, {})
     md = R.summary_markdown(_summary(result))
     p_e = _t2_p([1, 1.5, 2])
     row = next(line for line in md.splitlines() if line.startswith("| OCC raises held-out accuracy"))

@@ -207,7 +207,6 @@ def analyse(
     runs: dict[str, dict[int, dict]],
     probes: dict[str, list[dict]],
     training: dict[str, list[dict]],
-    regime_of: dict[str, str],
 ) -> dict:
     """Every comparison, test and claim from the per-run metrics (``runs[variant][seed]`` = :func:`run_metrics`),
     the fixed-checkpoint probe records and the in-training probe records (each record with its ``seed``).
@@ -358,8 +357,7 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
         recs = training_probes(rows)
         if recs and get_regime(variants[name].regime).trunk_gradient:
             training.setdefault(name, []).extend({**r, "seed": seed} for r in recs)
-    regime_of = {n: v.regime for n, v in variants.items()}
-    result = analyse(runs, probes, training, regime_of)
+    result = analyse(runs, probes, training)
 
     warm, warm_wall = _warm_starts(out, sorted({j.seed for j in jobs}))
     first = next((i for i in _invocations(out) if not i.get("report_only")), {})
