@@ -11,7 +11,7 @@ rebuilds it from whatever finished. Per run (variant, seed), :func:`run_metrics`
 - ``mtp_share_median`` (median over steps of ||λ·g_MTP|| / ||g_RL|| over the main model) and
   ``clipped_mean`` (share of updates the gradient clip scaled): descriptive, the confounds of a claim.
 
-The statistics are ``nemo_occ.lab.study.stats`` (REFERENCE.md §11): every variant against ``detach``
+The statistics are ``nemo_occ.lab.study.stats``: every variant against ``detach``
 paired by seed on each outcome, three more contrasts the paper's claims need (:data:`CONTRASTS`), the
 one-sample tests of the mechanism's claims over seeds, Benjamini-Hochberg over all of them, effect sizes
 with t intervals over seeds, the minimal detectable effect of each comparison. Probe correlations are
@@ -68,7 +68,7 @@ PER_RUN = (
 )  # fmt: skip
 ADAM = (
     "the study trains with Adam while the paper's Eq. 2 assumes an SGD step: the update is preconditioned, "
-    "so ĉ (which follows the update) and the Euclidean c measure alignment in different metrics (REFERENCE §10)"
+    "so ĉ (which follows the update) and the Euclidean c measure alignment in different metrics (docs/design.md, 'What each number measures')"
 )
 SCALE = "a 2-layer, hidden-64 model on digit addition for a few dozen RL steps, not the paper's 7B model over 200 steps"
 

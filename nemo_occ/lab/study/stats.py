@@ -1,4 +1,4 @@
-"""The study's statistics (REFERENCE.md §11): every test, interval and power figure the report states.
+"""The study's statistics: every test, interval and power figure the report states.
 
 The unit of replication is the seed. Every regime of a seed shares its warm start, data order and
 sampling seeds, so a variant is compared with the paper's baseline ``detach`` *paired by seed*:
