@@ -64,7 +64,8 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 # Keys of one probe record (nemo_occ.lab.study.probe): per-token proxies next to the exact statistics.
 # c, v2 are same-sample (g_RL and g_MTP of one minibatch); c_cross, v2_cross (optional) cross-fitted
-# between two halves of it, the estimate without each sequence's covariance with itself (docs/design.md, 'What each number measures').
+# between two halves of it, the estimate without each sequence's covariance with itself (docs/design.md,
+# 'What each number measures').
 PROBE_KEYS = (
     "step",
     "c",

@@ -199,3 +199,29 @@ def test_summary_md_puts_each_claim_beside_its_adjusted_p_and_says_why_it_is_not
     assert "Benjamini-Hochberg" in md and "(2 tests)" in md
     assert "- unfinished: ce seed 1: training" in md and "- ce: no finished run for seeds [1]" in md
     assert R.summary_markdown(_summary(result)) == md  # no clock inside
+
+
+@pytest.mark.slow
+def test_a_rebuilt_report_is_byte_identical_and_keeps_clocks_in_provenance(tmp_path):
+    import contextlib
+    import io
+    import json
+
+    from nemo_occ.cli import main
+
+    argv = ["study", "--quick", "--steps", "2", "--seeds", "0", "1", "--probe-minibatches", "2",
+            "--probe-checkpoints", "1", "--no-progress", "--only", "detach", "occ", "--out", str(tmp_path / "o")]  # fmt: skip
+    out = tmp_path / "o"
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        assert main(argv) == 0
+        first = {n: (out / n).read_bytes() for n in ("summary.json", "summary.md")}
+        prov = json.loads((out / "provenance.json").read_text())
+        assert main([*argv, "--report-only"]) == 0
+    assert {n: (out / n).read_bytes() for n in first} == first
+    assert json.loads((out / "provenance.json").read_text())["report"] != prov["report"]  # its own clock
+    text = first["summary.json"].decode()
+    assert all(k not in text for k in ('"wall_s"', '"started"', '"load_average"')), "a clock in summary.json"
+    summary = json.loads(text)
+    assert summary["comparisons"]["occ − detach"]["eval_final"]["seeds"] == [0, 1]
+    assert "eval_final: occ − detach" in summary["tests"] and summary["probes"]["occ"]["seeds"] == [0, 1]
+    assert set(prov["run_wall_s"]) == {"detach", "occ"}
