@@ -386,7 +386,8 @@ def build_study_report(out: Path, jobs: list[Job], done: dict, cfg, nemo_occ_cfg
             "family_size": result["family_size"],
             "alpha": stats.ALPHA,
             "intervals": "95% t interval over seeds of the mean (difference); d_z = mean / sd of the per-seed "
-            "differences with its 95% noncentral-t interval",
+            "differences with its 95% noncentral-t interval (t intervals, not a bootstrap: 5 seeds give a bootstrap "
+            "126 distinct resamples, and its percentile interval is too narrow)",
             "mde": "minimal detectable |effect| at 80% power, α = 0.05 two-sided (unadjusted), for the paired "
             "t-test with the comparison's n: d_z from scipy.stats.nct, times the observed sd of the differences",
             "correlations": "Spearman ρ within one checkpoint of one seed's run (fixed-checkpoint probes) or within "
