@@ -424,8 +424,10 @@ def test_ctrl_c_while_training_is_one_line_exit_130_and_nothing_half_written(com
     # answered, an interrupt that lands in a native thread of torch's can end the process by the signal
     # (seen in about one run in three, after the one line was printed and nothing was left half written)
     assert result.returncode in (130, -signal.SIGINT), result.stderr
-    *progress, last = result.stderr.splitlines(keepends=True)  # the study logs what it starts
-    assert all(line.startswith(f"nemo-occ {command}: ") and "interrupt" not in line for line in progress)
+    *progress, last = result.stderr.splitlines(keepends=True)  # the study logs what it starts and ends
+    own = (f"nemo-occ {command}: ", "[", "    ")  # its header, "[n] <job> (...)", "    <job>: done in ..."
+    assert all(line.startswith(own) and "interrupt" not in line.lower() for line in progress), result.stderr
+    assert "Traceback" not in result.stderr  # from this process or a worker of the study's
     _one_line(last, rf"nemo-occ {command}: interrupted; rerun the same command to resume")
     _nothing_half_written(out)
 

@@ -21,7 +21,7 @@ from nemo_occ.cli import build_parser, main
 
 TINY = """\
 demo:
-  warm_start: {max_steps: 3, batch_size: 16, check_problems: 8}
+  warm_start: {steps: 3, batch_size: 16, check_problems: 8}
   rl: {steps: 2, prompts_per_step: 4, samples_per_prompt: 2}
   eval: {problems: 4, samples: 1}
 """
@@ -238,7 +238,7 @@ def test_run_json_records_config_seed_versions_and_command(tiny, finished):
     record = json.loads((finished / "run.json").read_text())
     assert record["kind"] == "nemo-occ demo" and record["seed"] == 3
     demo = record["config"]["demo"]
-    assert demo["seed"] == 3 and demo["warm_start"]["max_steps"] == 3  # --seed, and the YAML
+    assert demo["seed"] == 3 and demo["warm_start"]["steps"] == 3  # --seed, and the YAML
     assert demo["task"]["digits"] == 1 and demo["rl"]["minibatches"] == 2  # the --quick preset
     assert record["config"]["nemo_occ"]["num_depths"] == 1
     (inv,) = record["invocations"]

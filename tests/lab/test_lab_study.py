@@ -24,35 +24,64 @@ def _plan(**kw):
     return build_plan(**args)
 
 
-def test_plan_runs_the_core_comparison_first_and_covers_the_papers_sweeps():
+def test_plan_runs_the_core_comparison_first_then_the_controls_probes_and_sweeps():
     jobs = _plan()
     core = [(j.variant.name, j.seed) for j in jobs if j.tier == 1]
-    assert core == [(r, s) for s in (0, 1, 2) for r in ("none", "occ", "policy", "ce", "detach")]
+    assert core == [(r, s) for s in (0, 1, 2) for r in ("detach", "occ", "policy", "ce")]
     assert [j.tier for j in jobs] == sorted(j.tier for j in jobs)  # priority order
-    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [("ce_coef1", s) for s in (0, 1, 2)]
+    controls = ["ce_coef1", "ce_matched", "ce_coef1_clipsep", "occ_oldmtp", "occ_probed"]
+    assert [(j.variant.name, j.seed) for j in jobs if j.tier == 2] == [(v, s) for s in (0, 1, 2) for v in controls]
+    by_name = {j.variant.name: j.variant for j in jobs}
+    assert by_name["ce_matched"].overrides == {"coef": None}  # measured by the study
+    assert by_name["ce_coef1_clipsep"].overrides == {"coef": 1.0}
+    assert by_name["ce_coef1_clipsep"].demo_overrides == {"rl": {"clip_scope": "separate"}}
     probes = [(j.variant.name, j.seed, j.step) for j in jobs if j.kind == "probe"]
     order = [(r, k) for k in (90, 60, 30) for r in ("occ", "policy", "ce")]  # last checkpoint first
     assert probes == [(r, s, k) for s in (0, 1, 2) for r, k in order]
-    assert {j.tier for j in jobs if j.kind == "probe"} == {3, 5}  # the first seed's probes before the sweeps
+    assert {j.tier for j in jobs if j.kind == "probe"} == {3}
     sweep = {j.variant.name: j.variant.overrides for j in jobs if j.tier == 4}
     assert sweep == {
+        "none": {}, "policy_oldmtp": {"old_logprobs": "mtp"},
         "policy_coef0.2": {"coef": 0.2}, "policy_coef0.5": {"coef": 0.5}, "policy_coef1": {"coef": 1.0},
         "occ_lp0.1": {"occ": {"lambda_plus": 0.1}}, "occ_lp0.5": {"occ": {"lambda_plus": 0.5}},
         "occ_lp2": {"occ": {"lambda_plus": 2.0}},
-        "policy_oldmtp": {"old_logprobs": "mtp"}, "occ_oldmtp": {"old_logprobs": "mtp"},
-        "occ_probed": {"occ": {"estimator": "probed"}},  # beside the core occ run's signed estimator
     }  # fmt: skip
-    assert all(j.seed == 0 for j in jobs if j.tier >= 4 and j.kind == "train")
+    assert all(j.seed == 0 for j in jobs if j.tier == 4)  # the sweep seeds
     # a base coefficient of 0.5 is the core run: the sweep adds 0.1 instead of 0.5
     names = [v.name for v in variants(0.5, 1.0)]
-    assert "policy_coef0.1" in names and "policy_coef0.5" not in names and "ce_coef0.1" in names
+    assert "policy_coef0.1" in names and "policy_coef0.5" not in names
     # configured old_logprobs: mtp → the other reading is main
-    assert {j.variant.name for j in _plan(old_logprobs="mtp") if j.tier == 4} >= {
-        "policy_oldmain",
-        "occ_oldmain",
-    }
+    assert {j.variant.name for j in _plan(old_logprobs="mtp") if j.tier >= 2} >= {"policy_oldmain", "occ_oldmain"}
     with pytest.raises(ValueError, match="sweep seeds"):
         _plan(sweep_seeds=[7])
+
+
+def test_matched_ce_coefficient_scales_ces_share_to_occs():
+    from nemo_occ.lab.study.plan import matched_coefficient
+
+    # CE at 0.1 moved the main model by 0.4·||g_RL|| on average (4 per unit coefficient); OCC by 0.05
+    rec = matched_coefficient([0.04, 0.06, float("nan")], [0.3, 0.5], 0.1)
+    assert rec["coef"] == pytest.approx(0.05 / 4.0)
+    assert rec["occ_share"] == pytest.approx(0.05) and rec["ce_share_per_coef"] == pytest.approx(4.0)
+    assert rec["steps"] == {"occ": 2, "ce": 2}  # the NaN step is not counted
+    assert matched_coefficient([1 / 3], [1.0], 1.0)["coef"] == 0.333  # 3 significant digits
+    with pytest.raises(ValueError, match="no finite"):
+        matched_coefficient([float("nan")], [0.3], 0.1)
+    with pytest.raises(ValueError, match="no positive"):
+        matched_coefficient([0.0], [0.3], 0.1)
+
+
+def test_variant_config_applies_demo_overrides_and_refuses_an_unmeasured_coefficient():
+    from nemo_occ.lab.demo.config import load_demo_config
+    from nemo_occ.lab.study.plan import variant_config
+
+    cfg, occ = load_demo_config(quick=True)
+    by_name = {v.name: v for v in variants(0.1, 1.0)}
+    rcfg, rocc = variant_config(cfg, occ, by_name["ce_coef1_clipsep"], 3, 2)
+    assert rcfg.rl.clip_scope == "separate" and rocc.coef == 1.0 and rcfg.seed == 3
+    assert variant_config(cfg, occ, by_name["ce_coef1"], 3, 2)[0].rl.clip_scope == "global"
+    with pytest.raises(ValueError, match="not measured yet"):
+        variant_config(cfg, occ, by_name["ce_matched"], 3, 2)
 
 
 def test_probe_steps_are_spread_evenly_and_end_at_the_last_step():
@@ -75,7 +104,7 @@ def _cli(*argv):
     [
         (["--seeds", "0", "0"], "name each seed once"),
         (["--seeds", "0", "--sweep-seeds", "3"], "each must be one of --seeds"),
-        (["--only", "bogus"], "choose from none, occ, policy"),
+        (["--only", "bogus"], "choose from detach, occ, policy, ce"),
         (["--probe-checkpoints", "0"], "--probe-checkpoints >= 1"),
         (["--quick", "--probe-checkpoints", "9"], "exceeds the 4 RL steps"),
     ],
@@ -93,7 +122,7 @@ TINY = ["--quick", "--steps", "2", "--seeds", "0", "--probe-minibatches", "2", "
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("study") / "out"
-    rc, stdout, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    rc, stdout, err = _cli(*TINY, "--only", "detach", "occ", "--out", str(out))
     return out, rc, stdout, err
 
 
@@ -109,6 +138,9 @@ def test_tiny_study_trains_probes_and_reports(tiny):
             "c",
             "v2",
             "rl_norm2",
+            "c_cross",
+            "v2_cross",
+            "rl_norm2_cross",
             "c_hat",
             "v2_hat",
             "d_rl2",
@@ -122,10 +154,10 @@ def test_tiny_study_trains_probes_and_reports(tiny):
     assert snap["step"] == 2 and "model" in snap and "optimizer" in snap
     # the warm start of seed 0 is built once and shared (hard links: one file)
     shared = out / "warmstart" / "seed0.pt"
-    for variant in ("none", "occ"):
+    for variant in ("detach", "occ"):
         assert os.path.samefile(shared, out / "runs" / variant / "seed0" / "warmstart.pt"), variant
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["variants"]) == {"none", "occ"} and summary["dropped"]["unfinished"] == []
+    assert set(summary["variants"]) == {"detach", "occ"} and summary["dropped"]["unfinished"] == []
     assert summary["probes"]["occ"]["records"] == len(rec["records"])
     # the figures every run set gets; no sweep panel (none of the sweeps' variants ran)
     figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
@@ -140,7 +172,7 @@ def test_tiny_study_rerun_skips_finished_jobs_and_refuses_another_config(tiny):
     out, rc, _, _ = tiny
     assert rc == 0
     before = {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")}
-    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(out))
+    rc, _, err = _cli(*TINY, "--only", "detach", "occ", "--out", str(out))
     assert rc == 0 and "3 jobs, 3 already done, 0 to run" in err
     assert {p: p.stat().st_mtime_ns for p in (out / "runs").rglob("checkpoint.pt")} == before
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -178,7 +210,7 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path):
     fd = os.open(out / ".study.lock", os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running study holds it
     try:
-        rc, _, err = _cli(*TINY, "--only", "none", "--out", str(out))
+        rc, _, err = _cli(*TINY, "--only", "detach", "--out", str(out))
     finally:
         os.close(fd)
     assert rc == 2 and "another nemo-occ study is running in it" in err
@@ -191,10 +223,30 @@ def test_a_foreign_run_folder_is_refused_before_anything_in_out_is_written(tiny,
     assert rc == 0
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
-    # a checkpoint of another run (none's) in occ's folder: a folder assembled by hand
-    shutil.copyfile(copy / "runs" / "none" / "seed0" / "none" / "checkpoint.pt",
+    # a checkpoint of another run (detach's) in occ's folder: a folder assembled by hand
+    shutil.copyfile(copy / "runs" / "detach" / "seed0" / "detach" / "checkpoint.pt",
                     copy / "runs" / "occ" / "seed0" / "occ" / "checkpoint.pt")  # fmt: skip
     snapshot = {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()}
-    rc, _, err = _cli(*TINY, "--only", "none", "occ", "--out", str(copy))
+    rc, _, err = _cli(*TINY, "--only", "detach", "occ", "--out", str(copy))
     assert rc == 2 and "another configuration than its folder's run.json" in err
     assert {p: p.read_bytes() for p in copy.rglob("*") if p.is_file()} == snapshot  # study.json included
+
+
+@pytest.mark.slow
+def test_jobs_in_parallel_give_the_same_numbers_as_one_at_a_time(tmp_path):
+    """Each job is its own process with one torch thread: results do not depend on --jobs or on the order
+    jobs finish (what makes a rerun's tables identical)."""
+    rows = {}
+    for n in (1, 2):
+        out = tmp_path / f"jobs{n}"
+        rc, _, err = _cli(*TINY, "--seeds", "0", "1", "--probe-minibatches", "0", "--only", "occ", "ce",
+                          "ce_matched", "--jobs", str(n), "--out", str(out))  # fmt: skip
+        assert rc == 0, err
+        rows[n] = {
+            str(p.relative_to(out)): [{k: v for k, v in json.loads(line).items() if not k.startswith("time/")}
+                                      for line in p.read_text().splitlines()]  # fmt: skip
+            for p in sorted((out / "runs").rglob("metrics.jsonl"))
+        }
+        rows[n]["matched"] = json.loads((out / "matched.json").read_text())
+    assert len(rows[1]) == 2 * 3 + 1  # occ, ce, ce_matched for seeds 0 and 1, and the matched record
+    assert rows[1] == rows[2]

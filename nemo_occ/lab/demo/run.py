@@ -155,7 +155,7 @@ def _run(
 
     t0 = time.perf_counter()
     with tqdm(
-        total=cfg.warm_start.max_steps, desc="warm start", disable=not show_progress, leave=False
+        total=cfg.warm_start.steps, desc="warm start", disable=not show_progress, leave=False
     ) as bar:
         warm_state, warm_metrics = warm_start(cfg, out / "warmstart.pt", progress=bar)
     gate = gate_message(warm_metrics, cfg.warm_start)

@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RegimeRun",
+    "clip_gradients",
     "Rollout",
     "finished_run",
     "step_row",
@@ -79,6 +80,21 @@ def _seed(*parts: int) -> int:
     for p in parts:
         h = (h * 1_000_003 + int(p) + 1) % (2**62)
     return h
+
+
+def clip_gradients(model: torch.nn.Module, clip: float, scope: str) -> torch.Tensor:
+    """Clip ``model``'s gradients to norm ``clip`` (``RLConfig.clip_scope``) and return the norm reported as
+    ``grad_norm``: the global one, or with ``separate`` the main model's, the one that decides whether the RL
+    gradient was scaled (``mtp.*`` is then clipped by its own norm)."""
+    if scope == "global":
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), clip, error_if_nonfinite=True)
+    parts: dict[str, list] = {"main": [], "mtp": []}
+    for name, param in model.named_parameters():
+        parts["mtp" if name.startswith("mtp.") else "main"].append(param)
+    norm = torch.nn.utils.clip_grad_norm_(parts["main"], clip, error_if_nonfinite=True)
+    if parts["mtp"]:
+        torch.nn.utils.clip_grad_norm_(parts["mtp"], clip, error_if_nonfinite=True)
+    return norm
 
 
 @dataclass
@@ -323,9 +339,7 @@ class _Trainer:
         upd = {f"loss/{k}": v for k, v in main_m.items()}
         upd.update(mtp_m)
         upd.update(self._backward(main_loss, mtp_loss))
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.policy.model.parameters(), self.cfg.rl.grad_clip, error_if_nonfinite=True
-        )
+        grad_norm = clip_gradients(self.policy.model, self.cfg.rl.grad_clip, self.cfg.rl.clip_scope)
         self.optimizer.step()
         statistics = self.objective.close_update(refresh=refresh)
         if exact is not None:  # the probe next to this update's own proxies

@@ -19,10 +19,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "study",
         help="the demo over seeds, the paper's coefficient sweeps and fidelity probes (resumable)",
-        description="Run the demo's regimes over several seeds, the paper's fixed-coefficient sweep (policy "
-        "0.1-1.0, CE 0.1/1.0), λ+ ∈ {0.1, 0.5, 1, 2} for OCC and both old-log-prob readings, probe fixed "
-        "checkpoints on many minibatches (exact c, v² vs ĉ, v̂²), and write tables and paper-style figures. "
-        "Jobs run in priority order: the core regimes over all seeds first.",
+        description="Run the demo's regimes over several seeds against detach (paired by seed), with the "
+        "controls that separate CE's direction from its size and from the gradient clip, OCC's old-log-prob "
+        "reading and probed estimator, fixed-checkpoint probes (cross-fitted exact c, v² vs ĉ, v̂²), optional "
+        "coefficient sweeps, and write corrected statistics, tables and figures. Jobs run in priority order, "
+        "several at a time (--jobs).",
         epilog="A rerun into the same --out continues (finished jobs are skipped, an interrupted run resumes "
         "from its last checkpoint); a different configuration is refused unless --overwrite.",
     )
@@ -30,22 +31,35 @@ def register(subparsers) -> None:
     p.add_argument("--config", type=Path, help="YAML with 'demo:' and/or 'nemo_occ:' blocks (as for demo)")
     p.add_argument("--steps", type=int, help="RL steps per run (default: the demo's)")
     p.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], metavar="S", help="seeds (default 0 1 2)"
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], metavar="S", help="seeds (default 0 1 2 3 4)"
     )
     p.add_argument(
-        "--sweep-seeds", type=int, nargs="*", metavar="S", help="seeds of the sweeps (default: --seeds)"
-    )
+        "--sweep-seeds", type=int, nargs="*", default=[], metavar="S",
+        help="seeds of the sweeps (none, policy old_logprobs mtp, policy coef, occ λ+): default none, as they "
+        "do not fit the default hour on 2 cores; e.g. --sweep-seeds 0 1 2 --max-minutes 120",
+    )  # fmt: skip
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (e.g. none occ)")
-    p.add_argument("--probe-minibatches", type=int, default=32, metavar="M",
-                   help="minibatches probed per checkpoint (0: no probes; default 32)")  # fmt: skip
-    p.add_argument("--probe-checkpoints", type=int, default=3, metavar="C",
-                   help="probed checkpoints per core ce/policy/occ run, evenly spaced (default 3)")  # fmt: skip
-    p.add_argument("--max-minutes", type=float, metavar="MIN", help="start no new job after MIN minutes")
+    p.add_argument("--probe-minibatches", type=int, default=16, metavar="M",
+                   help="minibatches probed per checkpoint (0: no probes; default 16)")  # fmt: skip
+    p.add_argument("--probe-checkpoints", type=int, default=2, metavar="C",
+                   help="probed checkpoints per core ce/policy/occ run, evenly spaced (default 2)")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, default=60.0, metavar="MIN",
+                   help="start no job that would end after MIN minutes, judged by the finished jobs of its kind "
+                   "(default 60; the rest is left for a rerun)")  # fmt: skip
+    p.add_argument("--jobs", type=int, metavar="N",
+                   help="jobs at a time, each a process with one torch thread (default: one per core)")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("study-out"), help="output folder (default ./study-out)")
     p.add_argument("--overwrite", action="store_true", help="start fresh: delete the study's earlier output")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from what finished")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=_main)
+
+
+def _cores() -> int:
+    """The cores this process may run on (the affinity mask where the OS has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _error(message: str) -> int:
@@ -77,9 +91,11 @@ def _study(args) -> int:
         return _error("--probe-minibatches must be >= 0 and --probe-checkpoints >= 1")
     if args.max_minutes is not None and not (math.isfinite(args.max_minutes) and args.max_minutes > 0):
         return _error(f"--max-minutes {args.max_minutes:g}: give a number of minutes > 0")
+    if args.jobs is not None and args.jobs < 1:
+        return _error(f"--jobs {args.jobs}: give at least 1")
     if len(set(args.seeds)) != len(args.seeds):
         return _error(f"--seeds {' '.join(map(str, args.seeds))}: name each seed once")
-    sweep = args.seeds if args.sweep_seeds is None else args.sweep_seeds
+    sweep = args.sweep_seeds
     if any(s not in args.seeds for s in sweep):
         return _error(f"--sweep-seeds {' '.join(map(str, sweep))}: each must be one of --seeds")
     overrides = {"rl": {"steps": args.steps}} if args.steps is not None else {}
@@ -105,7 +121,7 @@ def _study(args) -> int:
         summary = run_study(
             cfg, nemo_occ_cfg, args.out, seeds=args.seeds, sweep_seeds=sweep, only=args.only,
             probe_minibatches=args.probe_minibatches, probe_checkpoints=args.probe_checkpoints,
-            max_minutes=args.max_minutes, overwrite=args.overwrite, report_only=args.report_only,
+            max_minutes=args.max_minutes, workers=args.jobs or _cores(), overwrite=args.overwrite, report_only=args.report_only,
             command=shlex.join(["nemo-occ", *sys.argv[1:]]) if sys.argv[1:2] == ["study"] else None,
             show_progress=not args.no_progress, say=say,
         )  # fmt: skip

@@ -14,7 +14,11 @@ fresh minibatches, so a correlation is measured on more than a handful of points
 3. at that θ, for each of the other minibatches (no further update): the regime's proxies through
    ``MTPObjective`` (ĉ, v̂², and v̂² under both readings of δ_MTP with the head gap,
    ``nemo_occ.core.fidelity.HeadGap``), Σδ_RL² for the proxy cosine, and the exact c, v², ||g_RL||² over
-   the main model's parameters (``exact_gradient_statistics``: 1 + K extra backward passes).
+   the main model's parameters, two ways (``exact_cross_fitted_statistics``: 2(1 + K) backward passes):
+   cross-fitted (``c_cross``, ``v2_cross``, ``rl_norm2_cross``: the minibatch split into two halves of
+   whole GRPO groups, and only products of one half's gradient with the other's, so no sample's noise
+   is multiplied by itself) and same-sample (``c``, ``v2``, ``rl_norm2``: the full minibatch's gradients,
+   which carry each sample's covariance with itself; kept for comparison, labelled as such).
 
 Each record holds per-token proxies (divided by the minibatch's valid tokens, as ``ProbeHistory``
 compares them) next to the exact statistics of the token-mean losses. Depth 1 only (the demo's
@@ -25,12 +29,13 @@ Random draws come from a generator seeded by (seed, checkpoint step), so a probe
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 
 from nemo_occ.core.config import NemoOCCConfig
-from nemo_occ.core.diagnostics import exact_gradient_statistics
+from nemo_occ.core.diagnostics import exact_cross_fitted_statistics, half_masks
 from nemo_occ.core.inputs import TokenInputs
 from nemo_occ.core.losses import clipped_policy_loss, valid_counts
 from nemo_occ.core.metrics import metric_prefix, step_metrics
@@ -41,8 +46,8 @@ from nemo_occ.lab.demo.config import DemoConfig
 __all__ = ["probe_checkpoint", "PROBE_FIELDS"]
 
 PROBE_FIELDS = (
-    "step", "minibatch", "tokens", "lambda", "c", "v2", "rl_norm2", "c_hat", "v2_hat", "d_rl2",
-    "v2_hat_main", "v2_hat_own", "head_gap",
+    "step", "minibatch", "tokens", "lambda", "c", "v2", "rl_norm2", "c_cross", "v2_cross", "rl_norm2_cross",
+    "c_hat", "v2_hat", "d_rl2", "v2_hat_main", "v2_hat_own", "head_gap",
 )  # fmt: skip
 
 
@@ -131,11 +136,23 @@ def probe_checkpoint(
     objective.close_update(refresh=False)
     lam = objective.coefficients()[0]
     params = probe_parameters(policy.model)
+    by = "sequences" if cfg.policy_loss.aggregation == "seq_mean_token_mean" else "tokens"
     records = []
     for j, idx in enumerate(chunks[1:], start=1):
-        cur, mask, main_loss, _, common, mtp = losses(idx)
-        unscaled = [loss for loss, _ in objective.depth_losses(TokenInputs(**common, **mtp))]
-        exact = exact_gradient_statistics(main_loss, unscaled, params, stats_group=probe_statistics_group())
+        cur, mask, _, _, common, mtp = losses(idx)  # the objective's call accumulates the proxies
+        inputs = TokenInputs(**common, **mtp)
+        # halves of whole GRPO groups (advantages are normalised within a group), as the trainer's probe
+        units = torch.arange(mask.shape[0]) // G
+        mask_a, mask_b, shares = half_masks(mask, units, by=by)
+        halves = []
+        for m_half in (mask_a, mask_b):  # each half's part of the minibatch loss, minibatch denominators
+            rl, _ = clipped_policy_loss(cur.main_logprobs, cfg=cfg.policy_loss, **{**common, "mask": m_half})
+            halves.append((rl, objective.unscaled_losses(dataclasses.replace(inputs, mask=m_half))))
+        exact = exact_cross_fitted_statistics(
+            [h[0] for h in halves], [h[1] for h in halves], params, shares=shares,
+            stats_group=probe_statistics_group(),
+        )  # fmt: skip
+        same, cross = exact.same_sample, exact.cross_fit
         m = step_metrics([objective.close_update(refresh=False)])  # this minibatch's proxies, λ kept
         pre = metric_prefix(get_regime(regime).calibrated)
         n = m[f"{pre}/valid_tokens_1"]
@@ -150,9 +167,12 @@ def probe_checkpoint(
                 "minibatch": j,
                 "tokens": n,
                 "lambda": lam,
-                "c": exact.c[0],
-                "v2": exact.v2[0],
-                "rl_norm2": exact.rl_norm2,
+                "c": same.c[0],
+                "v2": same.v2[0],
+                "rl_norm2": same.rl_norm2,
+                "c_cross": cross.c[0],
+                "v2_cross": cross.v2[0],
+                "rl_norm2_cross": cross.rl_norm2,
                 "c_hat": m[f"{pre}/c_hat_1"] / n,
                 "v2_hat": m[f"{pre}/v2_hat_1"] / n,
                 "d_rl2": float((d_rl * d_rl).sum()) / n,

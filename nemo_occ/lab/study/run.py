@@ -25,11 +25,14 @@ Seeds and sweep seeds may change between reruns: every run folder carries its ow
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import math
 import os
 import shutil
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,14 +48,23 @@ from nemo_occ.lab.demo.output import (
     regime_fingerprint,
     results_config,
 )
-from nemo_occ.lab.study.plan import Job, build_plan, probe_path, probe_steps, run_dir, variant_config
+from nemo_occ.lab.study.plan import (
+    MATCHED,
+    Job,
+    build_plan,
+    matched_coefficient,
+    probe_path,
+    probe_steps,
+    run_dir,
+    variant_config,
+)
 from nemo_occ.safe_load import load_state
 
 __all__ = ["StudyError", "run_study", "study_identity", "variant_config", "job_done"]
 
 KIND = "nemo-occ study"
 STUDY_FILE = "study.json"
-OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md")
+OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md", "matched.json")
 
 _FRESH = "add --overwrite to start fresh or choose another --out"
 
@@ -108,6 +120,8 @@ def job_done(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, 
         except (OSError, json.JSONDecodeError):
             return False
         return rec.get("settings") == probe
+    if any(v is None for v in job.variant.overrides.values()):  # ce_matched before its coefficient is measured
+        return False
     rcfg, rocc = variant_config(cfg, nemo_occ_cfg, job.variant, job.seed, probe["checkpoint_every"])
     folder = run_dir(out, job) / job.variant.regime
     return regime_progress(folder, regime_fingerprint(rcfg, rocc, job.variant.regime)) == cfg.rl.steps
@@ -192,6 +206,24 @@ class _Snapshots:
             atomic_write(dst, lambda f: torch.save(state, f))
 
 
+def _warm_path(out: Path, seed: int) -> Path:
+    return out / "warmstart" / f"seed{seed}.pt"
+
+
+def _warm_ready(out: Path, cfg: DemoConfig, seed: int) -> bool:
+    """Whether seed's shared warm start exists (``warm_start`` checks its fingerprint when it is read)."""
+    return _warm_path(out, seed).exists()
+
+
+def _warm(out: Path, cfg: DemoConfig, seed: int) -> None:
+    """Build seed's warm start, shared by every run of that seed."""
+    from nemo_occ.lab.demo.warmstart import warm_start
+
+    path = _warm_path(out, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    warm_start(cfg.model_copy(update={"seed": seed}), path)
+
+
 def _train(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, probe: dict, invocation: dict,
            show_progress: bool) -> None:  # fmt: skip
     from tqdm.auto import tqdm
@@ -205,7 +237,7 @@ def _train(out: Path, job: Job, cfg: DemoConfig, nemo_occ_cfg: NemoOCCConfig, pr
         prepare_output(folder, results_config(rcfg, rocc), invocation, overwrite=False)
     except DemoOutputError as err:
         raise StudyError(str(err)) from None
-    shared = out / "warmstart" / f"seed{job.seed}.pt"
+    shared = _warm_path(out, job.seed)
     if shared.exists() and not (folder / "warmstart.pt").exists():
         atomic_link_or_copy(shared, folder / "warmstart.pt")
     warm_state, _ = warm_start(rcfg, folder / "warmstart.pt")
@@ -256,6 +288,7 @@ def run_study(
     probe_minibatches: int = 32,
     probe_checkpoints: int = 3,
     max_minutes: float | None = None,
+    workers: int = 1,
     overwrite: bool = False,
     report_only: bool = False,
     command: str | None = None,
@@ -286,6 +319,7 @@ def run_study(
         "machine": _machine(),
         "load_average": list(os.getloadavg()),
         "report_only": report_only,
+        "workers": workers,
         "commit": _commit(),
     }
     jobs = build_plan(seeds=seeds, sweep_seeds=sweep_seeds, coef=nemo_occ_cfg.coef,
@@ -294,6 +328,8 @@ def run_study(
     if only:
         jobs = [j for j in jobs if j.variant.name in only]
     record = _read_record(out / STUDY_FILE)
+    if record is not None and record.get("config") == identity and not overwrite:
+        jobs = [_with_matched(out, j) for j in jobs]  # ce_matched's coefficient, if measured already
     if report_only:
         if record is None:
             raise StudyError(f"--out {out} holds no study (no study.json); run the study first")
@@ -307,7 +343,7 @@ def run_study(
         prepare_study(out, identity, invocation, overwrite=overwrite)
     try:
         return _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, jobs, done, max_minutes=max_minutes,
-                         report_only=report_only, show_progress=show_progress, say=say)  # fmt: skip
+                         report_only=report_only, show_progress=show_progress, say=say, workers=workers)  # fmt: skip
     finally:
         _unlock(out)
 
@@ -320,44 +356,244 @@ def _done(out, jobs, cfg, nemo_occ_cfg, probe) -> dict[Job, bool]:
 
 
 def _run_jobs(out, cfg, nemo_occ_cfg, probe, invocation, jobs, done, *, max_minutes, report_only, show_progress,
-              say) -> dict:  # fmt: skip
+              say, workers=1) -> dict:  # fmt: skip
     todo = [j for j in jobs if not done[j]]
     say(
         f"nemo-occ study: {len(jobs)} jobs, {len(jobs) - len(todo)} already done, {len(todo)} to run in {out}"
+        + (f" ({workers} at a time)" if todo and not report_only and workers > 1 else "")
     )
-    t0 = time.perf_counter()
     skipped: dict[str, str] = {}
     if todo and not report_only:
-        from nemo_occ.lab.cpu_compat import cpu_compat
-        from nemo_occ.lab.parallel import model_parallel
-
-        # as run_demo: single-process megatron-core on a CPU-only torch for every job, undone on the way out
-        with cpu_compat(), model_parallel(tensor_parallel=1):
-            spent: dict[str, list[float]] = {"train": [], "probe": []}
-            for i, job in enumerate(todo, start=1):
-                elapsed = (time.perf_counter() - t0) / 60
-                if max_minutes is not None and elapsed >= max_minutes:
-                    say(f"nemo-occ study: stopping after {elapsed:.1f} min (--max-minutes {max_minutes:g}); "
-                        f"{len(todo) - i + 1} jobs left; rerun the same command to continue")  # fmt: skip
+        runner = _Runner(out, cfg, nemo_occ_cfg, probe, invocation, workers, max_minutes, show_progress, say)
+        with runner:
+            runner.warm_starts(sorted({j.seed for j in todo if j.kind == "train"}))
+            for tier in sorted({j.tier for j in todo}):
+                tier_jobs = [j for j in todo if j.tier == tier]
+                tier_jobs = _resolve_matched(out, jobs, tier_jobs, done, cfg, nemo_occ_cfg, probe, skipped, say)
+                if not runner.run(tier_jobs, skipped, left=len([j for j in todo if j.tier > tier])):
                     break
-                left = {k: sum(1 for j in todo[i - 1 :] if j.kind == k) for k in spent}
-                eta = sum(left[k] * (sum(v) / len(v)) for k, v in spent.items() if v) / 60
-                say(f"[{i}/{len(todo)}] tier {job.tier} {job.label} (elapsed {elapsed:.1f} min"
-                    + (f", ETA ~{eta:.0f} min" if all(spent[k] or not left[k] for k in spent) else "") + ")")  # fmt: skip
-                tj, cj = time.perf_counter(), time.process_time()
-                if job.kind == "train":
-                    _train(out, job, cfg, nemo_occ_cfg, probe, invocation, show_progress)
-                else:
-                    why = _probe(out, job, cfg, nemo_occ_cfg, probe)
-                    if why:
-                        skipped[job.label] = why
-                        say(f"    skipped: {why}")
-                spent[job.kind].append(time.perf_counter() - tj)
-                # CPU seconds next to wall seconds: on a shared machine the ratio says how much of it we got
-                say(f"    done in {spent[job.kind][-1]:.0f} s wall, {time.process_time() - cj:.0f} s CPU "
-                    f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
     from nemo_occ.lab.study.report import build_study_report
 
     if todo and not report_only:
+        jobs = [_with_matched(out, j) for j in jobs]
         done = _done(out, jobs, cfg, nemo_occ_cfg, probe)
     return build_study_report(out, jobs, done, cfg, nemo_occ_cfg, probe, invocation, skipped, say=say)
+
+
+MATCHED_FILE = "matched.json"
+
+
+def _with_matched(out: Path, job: Job) -> Job:
+    """``job`` with ``ce_matched``'s measured coefficient filled in from ``OUT/matched.json`` (if measured)."""
+    if job.variant.name != MATCHED or job.variant.overrides.get("coef") is not None:
+        return job
+    try:
+        coef = json.loads((out / MATCHED_FILE).read_text())[MATCHED]["coef"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError):
+        return job
+    variant = dataclasses.replace(job.variant, overrides={**job.variant.overrides, "coef": coef})
+    return dataclasses.replace(job, variant=variant)
+
+
+def _resolve_matched(out, jobs, tier_jobs, done, cfg, nemo_occ_cfg, probe, skipped, say) -> list[Job]:
+    """Measure ``ce_matched``'s coefficient (``plan.matched_coefficient``) from the finished core ``occ`` and
+    ``ce`` runs of every seed, once, into ``OUT/matched.json``; its jobs are skipped, with the reason, while
+    those runs are unfinished."""
+    if not any(j.variant.name == MATCHED for j in tier_jobs):
+        return tier_jobs
+    if not (out / MATCHED_FILE).exists():
+        from nemo_occ.lab.demo.trainer import _read_metrics
+
+        sources = [j for j in jobs if j.kind == "train" and j.variant.name in ("occ", "ce")]
+        unfinished = [j.label for j in sources if not job_done(out, j, cfg, nemo_occ_cfg, probe)]
+        if unfinished or {j.variant.name for j in sources} != {"occ", "ce"}:
+            why = "its coefficient is measured on the finished occ and ce runs; " + (
+                f"unfinished: {', '.join(unfinished)}" if unfinished else "the plan has none (--only)"
+            )
+            for j in tier_jobs:
+                if j.variant.name == MATCHED:
+                    skipped[j.label] = why
+            say(f"    {MATCHED} skipped: {why}")
+            return [j for j in tier_jobs if j.variant.name != MATCHED]
+        shares = {"occ": [], "ce": []}
+        for j in sources:
+            rows = _read_metrics(run_dir(out, j) / j.variant.regime / "metrics.jsonl", cfg.rl.steps)
+            shares[j.variant.name] += [float(r["update/mtp_share"]) for r in rows if r.get("update/mtp_share") is not None]
+        record = matched_coefficient(shares["occ"], shares["ce"], nemo_occ_cfg.coef)
+        record["runs"] = sorted(f"{j.variant.name}/seed{j.seed}" for j in sources)
+        text = json.dumps({MATCHED: record}, indent=2) + "\n"
+        atomic_write(out / MATCHED_FILE, lambda f: f.write(text.encode()))
+        say(f"    {MATCHED}: CE coefficient {record['coef']:g} matches occ's MTP share {record['occ_share']:.3f} "
+            f"(CE's share per unit coefficient {record['ce_share_per_coef']:.3f})")  # fmt: skip
+    return [_with_matched(out, j) for j in tier_jobs]
+
+
+def _job_worker_init(threads: int) -> None:
+    """A worker process of the study: one torch thread, single-process megatron-core on CPU for its life."""
+    from nemo_occ.cli import quiet_expected_megatron_warnings
+    from nemo_occ.lab.cpu_compat import cpu_compat
+    from nemo_occ.lab.parallel import model_parallel
+
+    quiet_expected_megatron_warnings()  # a spawned process starts with the default warning filters
+    # Ctrl-C: the parent started this process with SIGINT blocked (inherited through exec), so an interrupt
+    # during its start-up is not a traceback on the terminal; between jobs it is ignored, during one it
+    # raises KeyboardInterrupt in the job (``_job``), whose writes are atomic, and the parent reports it
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    with contextlib.suppress(OSError, AttributeError):  # Linux: end with the parent, even a killed one
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    torch.set_num_threads(threads)
+    stack = contextlib.ExitStack()
+    stack.enter_context(cpu_compat())
+    stack.enter_context(model_parallel(tensor_parallel=1))
+    globals()["_WORKER_STACK"] = stack  # held until the process exits
+
+
+def _job(kind, out, job_or_seed, cfg, nemo_occ_cfg, probe, invocation, show_progress):
+    """One job (run in this process or a worker); returns (wall s, CPU s, why it was skipped or None)."""
+    tj, cj = time.perf_counter(), time.process_time()
+    why = None
+    worker = signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # a worker between jobs (_job_worker_init)
+    if worker:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        if kind == "warm":
+            _warm(out, cfg, job_or_seed)
+        elif job_or_seed.kind == "train":
+            _train(out, job_or_seed, cfg, nemo_occ_cfg, probe, invocation, show_progress)
+        else:
+            why = _probe(out, job_or_seed, cfg, nemo_occ_cfg, probe)
+    finally:
+        if worker:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return time.perf_counter() - tj, time.process_time() - cj, why
+
+
+class _Runner:
+    """Runs jobs ``workers`` at a time (worker processes of one torch thread each; in this process when
+    ``workers`` is 1), in order, and stops starting new ones when ``max_minutes`` would be passed: a job
+    starts only if the elapsed time plus the mean duration of the finished jobs of its kind fits."""
+
+    def __init__(self, out, cfg, nemo_occ_cfg, probe, invocation, workers, max_minutes, show_progress, say):
+        self.args = (out, cfg, nemo_occ_cfg, probe, invocation)
+        self.workers, self.max_minutes, self.say = workers, max_minutes, say
+        self.show_progress = show_progress and workers == 1  # bars of parallel jobs would interleave
+        self.t0 = time.perf_counter()
+        self.spent: dict[str, list[float]] = {"warm": [], "train": [], "probe": []}
+        self.started = 0
+        self.pool = None
+        self._stack = None
+
+    def __enter__(self):
+        self._stack = contextlib.ExitStack()
+        if self.workers == 1:  # as run_demo: single-process megatron-core on a CPU-only torch, undone on the way out
+            from nemo_occ.lab.cpu_compat import cpu_compat
+            from nemo_occ.lab.parallel import model_parallel
+
+            self._stack.enter_context(cpu_compat())
+            self._stack.enter_context(model_parallel(tensor_parallel=1))
+        else:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_job_worker_init, initargs=(1,))  # fmt: skip
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if self.pool is not None:
+            if exc_type is not None:  # Ctrl-C or an error: stop the jobs in flight (a SIGINT sent to this
+                # process alone does not reach them), start no queued one
+                for proc in list((getattr(self.pool, "_processes", None) or {}).values()):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGINT)
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self._stack.close()
+        return False
+
+    def _submit(self, *args):
+        """Submit a job to the pool with SIGINT blocked: a worker it starts inherits the mask (see
+        ``_job_worker_init``), and an interrupt cannot land half-way through the pool's own start-up."""
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            return self.pool.submit(_job, *args)
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+    def minutes(self) -> float:
+        return (time.perf_counter() - self.t0) / 60
+
+    def _fits(self, kind: str) -> bool:
+        if self.max_minutes is None:
+            return True
+        past = self.spent[kind]
+        expected = sum(past) / len(past) / 60 if past else 0.0
+        return self.minutes() + expected <= self.max_minutes
+
+    def warm_starts(self, seeds: list[int]) -> None:
+        """The shared warm start of each seed, before the runs that read it (two runs of a seed in parallel
+        would otherwise both build it)."""
+        out, cfg = self.args[0], self.args[1]
+        need = [s for s in seeds if not _warm_ready(out, cfg, s)]
+        self._execute([("warm", s, f"warm start seed {s}") for s in need], {}, left=0)
+
+    def run(self, jobs: list[Job], skipped: dict, *, left: int) -> bool:
+        """Run ``jobs``; False when ``max_minutes`` stopped it (the rest is left for a rerun)."""
+        return self._execute([(j.kind, j, f"tier {j.tier} {j.label}") for j in jobs], skipped, left=left)
+
+    def _execute(self, items, skipped, *, left: int) -> bool:
+        """Run ``items`` ((kind, job or seed, label)) in order, ``workers`` at a time."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        pending = list(items)
+        running: dict = {}  # future -> (kind, what, label)
+        stopped = False
+        while pending or running:
+            while pending and not stopped and len(running) < self.workers:
+                kind, what, label = pending[0]
+                if not self._fits(kind):
+                    stopped = True
+                    self.say(f"nemo-occ study: stopping after {self.minutes():.1f} min (--max-minutes "
+                             f"{self.max_minutes:g}): {len(pending) + left} jobs left; rerun the same command "
+                             "to continue")  # fmt: skip
+                    break
+                pending.pop(0)
+                self.started += 1
+                eta = self._eta(len(pending) + len(running) + 1 + left)
+                self.say(f"[{self.started}] {label} (elapsed {self.minutes():.1f} min{eta})")
+                out, cfg, nemo_occ_cfg, probe, invocation = self.args
+                args = (kind, out, what, cfg, nemo_occ_cfg, probe, invocation, self.show_progress)
+                future = _Done(_job(*args)) if self.pool is None else self._submit(*args)
+                running[future] = (kind, what, label)
+            if not running:
+                break
+            finished = list(running) if self.pool is None else wait(running, return_when=FIRST_COMPLETED)[0]
+            for future in [f for f in running if f in finished]:
+                kind, what, label = running.pop(future)
+                wall, cpu, why = future.result()
+                self.spent[kind].append(wall)
+                if why:
+                    skipped[what.label] = why
+                    self.say(f"    {label}: skipped: {why}")
+                # CPU seconds next to wall seconds: on a shared machine the ratio says how much of it we got
+                self.say(f"    {label}: done in {wall:.0f} s wall, {cpu:.0f} s CPU "
+                         f"(load average {os.getloadavg()[0]:.1f})")  # fmt: skip
+        return not stopped
+
+    def _eta(self, n_left: int) -> str:
+        durations = [d for v in self.spent.values() for d in v]
+        if not durations:
+            return ""
+        return f", ETA ~{n_left * (sum(durations) / len(durations)) / self.workers / 60:.0f} min"
+
+
+class _Done:
+    """A finished result where a future is expected (jobs run in this process)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
