@@ -63,9 +63,7 @@ def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
 def test_every_test_is_adjusted_over_the_whole_family_by_benjamini_hochberg():
     # eval diffs 1, 2, 4 (×0.01): p_e = 1 − √7/3; agreement diffs 1, 1.5, 2 (×0.01): t = 3√3. Reward and λ
     # have no variation: no p, so not counted. BH over m = 2: the smaller p doubles, the larger stays.
-    got = R.analyse(
-        _runs([0.01, 0.02, 0.04], [0.01, 0.015, 0.02]), {}, {}, {"detach": "detach", "occ": "occ"}
-    )
+    got = R.analyse(_runs([0.01, 0.02, 0.04], [0.01, 0.015, 0.02]), {}, {})
     p_e, p_a = _t2_p([1, 2, 4]), _t2_p([1, 1.5, 2])
     assert p_a < 0.05 < p_e
     tests = got["tests"]
