@@ -223,3 +223,12 @@ def test_a_rebuilt_report_is_byte_identical_and_keeps_clocks_in_provenance(tmp_p
     assert summary["comparisons"]["occ − detach"]["eval_final"]["seeds"] == [0, 1]
     assert "eval_final: occ − detach" in summary["tests"] and summary["probes"]["occ"]["seeds"] == [0, 1]
     assert set(prov["run_wall_s"]) == {"detach", "occ"}
+
+
+def test_a_claims_confounds_quote_its_variants_measured_share_and_clipping():
+    runs = _runs([0.01, 0.02, 0.04], [0.0, 0.0, 0.0])
+    for s, (share, clip) in enumerate([(0.01, 0.0), (0.03, 0.5), (0.02, 1.0)]):
+        runs["occ"][s].update(mtp_share_median=share, clipped_mean=clip)
+        runs["detach"][s].update(mtp_share_median=0.0, clipped_mean=None)
+    occ = {c["key"]: c for c in R.analyse(runs, {}, {})["claims"]}["occ_eval"]
+    assert occ["measured"] == "occ MTP share 0.02, clip fired on 50% of updates; detach MTP share 0"

@@ -68,7 +68,8 @@ PER_RUN = (
 )  # fmt: skip
 ADAM = (
     "the study trains with Adam while the paper's Eq. 2 assumes an SGD step: the update is preconditioned, "
-    "so ĉ (which follows the update) and the Euclidean c measure alignment in different metrics (docs/design.md, 'What each number measures')"
+    "so ĉ (which follows the update) and the Euclidean c measure alignment in different metrics "
+    "(docs/design.md, 'What each number measures')"
 )
 SCALE = "a 2-layer, hidden-64 model on digit addition for a few dozen RL steps, not the paper's 7B model over 200 steps"
 
@@ -92,15 +93,15 @@ def _cmp(outcome: str, a: str, b: str = BASELINE) -> str:
 
 CLAIMS = (
     Claim("occ_eval", "OCC raises held-out accuracy above detach (paper: 61.7 vs 58.9 avg@32)", "fig6_reward.png",
-          _cmp("eval_final", "occ"), +1, f"OCC's MTP term is small here (see MTP share), {SCALE}",
+          _cmp("eval_final", "occ"), +1, f"how large OCC's MTP term is (its MTP share); {SCALE}",
           "more RL steps, so that held-out accuracy can separate"),
     Claim("occ_reward", "OCC raises the training reward above detach", "fig6_reward.png",
           _cmp("reward_final", "occ"), +1, "as for held-out accuracy"),
     Claim("occ_vs_policy", "OCC beats the policy-loss MTP term at the fixed coefficient 0.1 (61.7 vs 57.4)",
           "fig6_reward.png", _cmp("eval_final", "occ", "policy"), +1,
-          "both MTP terms are a few percent of the update or less: neither moves the main model much"),
+          "how large the two MTP terms are (their MTP shares)"),
     Claim("ce_eval", "CE as the MTP objective at coef 0.1 lowers held-out accuracy (47.7 vs 58.9)",
-          "fig6_reward.png", _cmp("eval_final", "ce"), -1, "CE's MTP share of the update (below)"),
+          "fig6_reward.png", _cmp("eval_final", "ce"), -1, "how large CE's MTP term is (its MTP share)"),
     Claim("ce1_reward", "CE at coef 1.0 lowers the training reward (the study's earlier 'CE hurts')",
           "fig6_ce_coef.png", _cmp("reward_final", "ce_coef1"), -1,
           "at coef 1.0 the MTP term can exceed the RL gradient, and the global clip (which includes mtp.*) then "
@@ -253,6 +254,21 @@ def analyse(
     }
 
 
+def _measured(claim: Claim, runs: dict) -> str:
+    """The claim's variants' MTP share and clip fraction (mean over seeds): what its confounds refer to."""
+    _, _, pair = claim.test.partition(": ")
+    parts = []
+    for name in pair.split(" − "):
+        per = runs.get(name, {})
+        share = [m["mtp_share_median"] for m in per.values() if m.get("mtp_share_median") is not None]
+        clip = [m["clipped_mean"] for m in per.values() if m.get("clipped_mean") is not None]
+        if share or clip:
+            parts.append(f"{name} MTP share {np.mean(share):.3g}, clip fired on {np.mean(clip):.0%} of updates"
+                         if share and clip else f"{name} MTP share {np.mean(share):.3g}" if share
+                         else f"{name} clip fired on {np.mean(clip):.0%} of updates")  # fmt: skip
+    return "; ".join(parts)
+
+
 def _judge(claim: Claim, t: dict | None, runs: dict) -> dict:
     """The claim's verdict from its test: shown (adjusted p < α, effect in the claimed direction),
     contradicted (adjusted p < α, the other direction) or not shown, with why and what would settle it."""
@@ -263,6 +279,7 @@ def _judge(claim: Claim, t: dict | None, runs: dict) -> dict:
     entry = {**base, **{k: t.get(k) for k in ("test", "n", "seeds", "mean", "ci", "dz", "dz_ci", "mde",
                                                "mde_dz", "p", "p_adjusted", "null")}}  # fmt: skip
     entry["confounds"] = claim.confounds
+    entry["measured"] = _measured(claim, runs)
     p, mean = t.get("p_adjusted"), t.get("mean")
     sign = None if mean is None else (mean - t.get("null", 0.0)) * claim.direction
     if p is None:
@@ -651,6 +668,8 @@ def summary_markdown(s: dict) -> str:
             line += f": {cl['why']}." if cl.get("why") else "."
             if cl.get("confounds"):
                 line += f" Confounds: {cl['confounds']}."
+            if cl.get("measured"):
+                line += f" Measured (mean over seeds): {cl['measured']}."
             if cl.get("settle"):
                 line += f" What would settle it: {cl['settle']}."
             L.append(line)
