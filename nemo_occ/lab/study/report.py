@@ -681,8 +681,11 @@ def summary_markdown(s: dict) -> str:
         L.append(f"| {seed} | {w.get('steps')} | {w.get('gate')} | {_fmt(w.get('pass_rate'))} | "
                  f"{_fmt(w.get('mtp_agreement_1'))} | {_fmt(w.get('main_ce'))} |")  # fmt: skip
     if ws["range"]:
-        L += ["", "Range over seeds: " + "; ".join(f"{k} {_fmt(v[0], '.3g')}–{_fmt(v[1], '.3g')}"
-                                                   for k, v in ws["range"].items()) + "."]  # fmt: skip
+
+        def span(v):
+            return f"{v[0]}–{v[1]}" if isinstance(v[0], int) else f"{_fmt(v[0], '.3g')}–{_fmt(v[1], '.3g')}"
+
+        L += ["", "Range over seeds: " + "; ".join(f"{k} {span(v)}" for k, v in ws["range"].items()) + "."]
     L += ["", "## Confounds (descriptive: mean over seeds, [min, max])", "",
           "MTP share = median over steps of ‖λ·g_MTP‖ / ‖g_RL‖ over the main model; clipped = share of updates "
           "the gradient clip scaled.", "", "| variant | settings | MTP share | clipped |", "|---|---|---|---|"]  # fmt: skip
@@ -693,9 +696,13 @@ def summary_markdown(s: dict) -> str:
     if s.get("matched"):
         m = s["matched"].get("ce_matched", {})
         got = s["variants"].get("ce_matched", {}).get("mtp_share_median", {})
-        L += ["", f"ce_matched: coef {m.get('coef')} = {c['coef']} × occ's mean MTP share {_fmt(m.get('occ_share'), '.4f')} "
-              f"/ ce's share at {c['coef']} ({_fmt(m.get('ce_share_per_coef'), '.4f')} per unit coefficient), from "
-              f"{len(m.get('runs', []))} runs; measured share of the ce_matched runs: {_fmt(got.get('mean'), '.4f')}."]  # fmt: skip
+        occ = s["variants"].get("occ", {}).get("mtp_share_median", {})
+        per, base = m.get("ce_share_per_coef"), m.get("ce_coef", c["coef"])
+        ce_share = per * base if per is not None else None
+        L += ["", f"ce_matched: coef {m.get('coef')} = {base} × occ's mean MTP share over all steps "
+              f"{_fmt(m.get('occ_share'), '.4f')} / ce's at coef {base} ({_fmt(ce_share, '.4f')}), from "
+              f"{len(m.get('runs', []))} runs. In the table above (per-run medians, mean over seeds): ce_matched "
+              f"{_fmt(got.get('mean'), '.4f')}, occ {_fmt(occ.get('mean'), '.4f')}."]  # fmt: skip
     L += ["", "## Per variant (mean ± sd over seeds)", "",
           "| variant | settings | seeds | eval start | eval final | reward | agreement | λ>0 |",
           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
