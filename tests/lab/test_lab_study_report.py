@@ -232,3 +232,19 @@ def test_a_claims_confounds_quote_its_variants_measured_share_and_clipping():
         runs["detach"][s].update(mtp_share_median=0.0, clipped_mean=None)
     occ = {c["key"]: c for c in R.analyse(runs, {}, {})["claims"]}["occ_eval"]
     assert occ["measured"] == "occ MTP share 0.02, clip fired on 50% of updates; detach MTP share 0"
+
+
+def test_summary_md_sets_the_matched_coefficients_source_beside_the_measured_shares():
+    s = _summary(R.analyse({}, {}, {}))
+    share = {"mean": 0.1, "sd": None, "min": 0.1, "max": 0.1, "n": 1}
+    none = {"mean": None, "sd": None, "min": None, "max": None, "n": 0}
+    for name, mean in (("occ", 0.03), ("ce_matched", 0.1)):
+        s["variants"][name] = {"settings": name, "seeds": {}, "mtp_share_median": {**share, "mean": mean},
+                               "clipped_mean": none, **{k: none for k in R.PER_RUN if k != "mtp_share_median"}}  # fmt: skip
+    s["matched"] = {"ce_matched": {"coef": 0.145, "occ_share": 0.11, "ce_share_per_coef": 0.77, "ce_coef": 0.1,
+                                   "runs": ["ce/seed0", "occ/seed0"]}}  # fmt: skip
+    md = R.summary_markdown(s)
+    assert (
+        "ce_matched: coef 0.145 = 0.1 × occ's mean MTP share over all steps 0.1100 / ce's at coef 0.1 (0.0770), "
+        "from 2 runs. In the table above (per-run medians, mean over seeds): ce_matched 0.1000, occ 0.0300."
+    ) in md
