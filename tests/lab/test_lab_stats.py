@@ -69,6 +69,14 @@ def test_dz_interval_is_dual_to_the_t_test_and_normal_for_many_units():
     assert lo == pytest.approx(0.0, abs=1e-7) and hi > 0
     lo, hi = stats.dz_interval(0.0, 6)  # nct(−λ) mirrors nct(λ): symmetric around 0
     assert lo == pytest.approx(-hi)
+    # a negative t (scipy's nct.cdf is NaN far in its lower tail): the ends solve the defining equations,
+    # read through P(T ≤ t | λ) = P(T ≥ −t | −λ)
+    from scipy.stats import nct
+
+    for t_stat, n in ((-7.0, 5), (-5.5, 3), (-4.5, 2), (-2.0, 5)):
+        lo, hi = stats.dz_interval(t_stat, n)
+        assert nct.sf(-t_stat, n - 1, -lo * math.sqrt(n)) == pytest.approx(0.975)
+        assert nct.sf(-t_stat, n - 1, -hi * math.sqrt(n)) == pytest.approx(0.025)
     n, dz = 2000, 0.3  # large n: dz ± 1.96·sqrt(1/n + dz²/(2n))
     lo, hi = stats.dz_interval(dz * math.sqrt(n), n)
     half = 1.959964 * math.sqrt(1 / n + dz**2 / (2 * n))

@@ -95,6 +95,9 @@ def dz_interval(t_stat: float, n: int, confidence: float = CONFIDENCE) -> tuple[
 
     if n < 2 or not math.isfinite(t_stat):
         return None
+    if t_stat < 0:  # scipy's nct.cdf is NaN far in the lower tail: use T(−λ) = −T(λ) and mirror
+        mirrored = dz_interval(-t_stat, n, confidence)
+        return None if mirrored is None else (-mirrored[1], -mirrored[0])
     df, a = n - 1, 1 - confidence
 
     def root(target: float) -> float | None:
@@ -107,7 +110,10 @@ def dz_interval(t_stat: float, n: int, confidence: float = CONFIDENCE) -> tuple[
             if not (math.isfinite(flo) and math.isfinite(fhi)):
                 return None
             if flo >= 0 >= fhi:
-                return float(brentq(f, lo, hi, xtol=1e-10))
+                try:
+                    return float(brentq(f, lo, hi, xtol=1e-10))
+                except ValueError:  # a NaN inside the bracket
+                    return None
             lo, hi = (lo - 2 * (hi - lo), hi) if flo < 0 else (lo, hi + 2 * (hi - lo))
         return None
 
