@@ -556,7 +556,9 @@ def _fmt(x, spec=".3f") -> str:
 def _pm(d: dict, spec=".3f") -> str:
     if d.get("mean") is None:
         return "—"
-    return _fmt(d["mean"], spec) + (f" ± {_fmt(d['sd'], spec)}" if d.get("sd") is not None else "")
+    return _fmt(d["mean"], spec) + (
+        f" ± {_fmt(d['sd'], spec.lstrip('+'))}" if d.get("sd") is not None else ""
+    )
 
 
 def _iv(ci, spec=".3f") -> str:
