@@ -6,25 +6,31 @@ record that lacks a key a figure needs raises :class:`FigureDataError` naming th
 figure; nothing is written then. Drawn by ``nemo-occ demo`` (one seed) and ``nemo-occ study`` (seeds, sweeps and fixed-checkpoint
 probes) through :func:`regime_figures`.
 
-- :func:`fig2_dynamics`  — paper Fig. 2: (a) cos(g_RL, g_MTP) over the main model's parameters next to
-  the proxy cosine ĉ / sqrt(Σδ_RL² · v̂²); (b) exact v²; (c) v̂² split into the MTP head's own change and
-  the static head gap; (d) the Eq. 10 terms λĉ (first order) and ½λ²v̂² (second order) over training.
-- :func:`fig4_lambda`    — paper Fig. 4: λ applied, λ from each update's own statistics, fraction < 0.
-- :func:`fig6_reward`    — paper Fig. 6: training reward per regime, seeds shaded (min–max over seeds).
-- :func:`fig8_fidelity`  — paper Fig. 8: log-log proxy vs exact, Spearman ρ with its 95% interval.
+- :func:`fig2_dynamics`  — paper Fig. 2 at the probed checkpoints: (a) the cross-fitted alignment of
+  g_RL and g_MTP over the main model next to the proxy cosine ĉ / sqrt(Σδ_RL² · v̂²); (b) v² (cross-fitted
+  when the records have it); (c) v̂² split into the MTP head's own change and the static head gap. (The
+  paper's Eq. 10 terms are not drawn: under OCC ½λ²v̂² = λĉ/(2λ+) by Eq. 13, an identity, not a finding.)
+- :func:`fig4_lambda`    — paper Fig. 4: λ applied and λ from each update's own statistics, every seed's
+  raw per-step value; the fraction of seeds whose λ is < 0 at each step.
+- :func:`fig6_reward`    — paper Fig. 6: training reward, held-out accuracy and MTP agreement per run label.
+- :func:`fig8_fidelity`  — paper Fig. 8: log-log proxy vs exact, Spearman ρ within checkpoints.
 - :func:`fig_lambda_agreement` — λ next to the MTP head's top-1 agreement (the draft-acceptance proxy).
 - :func:`regime_figures` — the set of the above that the demo and the study both draw for their runs.
 
-Correlations: :func:`spearman_ci` = ``scipy.stats.spearmanr`` with a Fisher-z interval (the
-Bonett-Wright standard error, ``nemo_occ.core.fidelity.spearman_interval``). Noisy curves are a trailing
-mean over ``window`` steps with the raw series faint; each label has its own colour, line style and
-marker so that coinciding lines stay visible.
+Every figure says in its caption how many units each curve or point summarises, what the unit of
+replication is (the seed; a probe's minibatches are not independent of their checkpoint's) and what
+its band or bars are. Noisy training curves are a *centred* mean over ``window`` steps (:func:`centred_mean`,
+shorter at the ends, so it neither lags nor invents a start-up trend) with the raw mean faint. Each run
+label has its own colour and its own marker in every figure (:func:`assign_styles`; the five regimes
+always the same), so that coinciding lines stay apart. Correlations are
+:func:`nemo_occ.lab.study.stats.clustered_spearman`: within each checkpoint, summarised over seeds.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import textwrap
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -33,13 +39,14 @@ import numpy as np
 __all__ = [
     "KEYS",
     "FigureDataError",
+    "assign_styles",
+    "centred_mean",
     "fig2_dynamics",
     "fig4_lambda",
     "fig6_reward",
     "fig8_fidelity",
     "fig_lambda_agreement",
     "regime_figures",
-    "smooth",
     "spearman_ci",
     "training_probes",
 ]
@@ -54,10 +61,11 @@ KEYS: dict[str, tuple[str, ...]] = {
     "lambda_applied": ("train/mtp/occ/lambda_applied_1", "train/mtp/proxy/lambda_applied_1"),
     # λ after the step's last update: Eq. 13 on that update's own statistics (what OCC applies next)
     "lambda_stats": ("train/mtp/occ/lambda_1", "train/mtp/proxy/lambda_1"),
-    "first_order": ("train/mtp/occ/first_order_1", "train/mtp/proxy/first_order_1"),
-    "second_order": ("train/mtp/occ/second_order_1", "train/mtp/proxy/second_order_1"),
 }
 # Keys of one probe record (nemo_occ.lab.study.probe): per-token proxies next to the exact statistics.
+# c, v2 are same-sample (g_RL and g_MTP of one minibatch); c_cross, v2_cross (optional) cross-fitted
+# between two halves of it, the estimate without each sequence's covariance with itself (docs/design.md,
+# 'What each number measures').
 PROBE_KEYS = (
     "step",
     "c",
@@ -71,37 +79,62 @@ PROBE_KEYS = (
     "head_gap",
 )
 
-_STYLES = [
-    ("#d62728", "-", "o"),
-    ("#1f77b4", "--", "s"),
-    ("#2ca02c", "-.", "^"),
-    ("#9467bd", ":", "D"),
-    ("#ff7f0e", "-", "v"),
-    ("#8c564b", "--", "P"),
-    ("#e377c2", "-.", "X"),
-    ("#7f7f7f", ":", "*"),
-    ("#17becf", "-", "h"),
-    ("#bcbd22", "--", "<"),
-]
+# (colour, line style, marker): the five regimes always the first five, other labels the rest in order.
+# 19 labels get 19 different colours and 19 different markers; beyond that they repeat.
+_REGIME_STYLES = {
+    "none": ("#7f7f7f", "-", "o"),
+    "detach": ("#1f77b4", "--", "s"),
+    "ce": ("#d62728", "-.", "^"),
+    "policy": ("#2ca02c", ":", "D"),
+    "occ": ("#ff7f0e", "-", "v"),
+}
+_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#000000", "#000080", "#800000", "#008080",
+            "#ff00ff", "#808000", "#4b0082", "#a0522d", "#daa520")  # fmt: skip
+_MARKERS = ("P", "X", "*", "h", "<", ">", "p", "d", "H", "8", (4, 1, 0), (6, 1, 0), (7, 0, 0), (8, 1, 0))
+_LINES = ("--", "-.", ":", "-")
 
 
-# the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps)
+def assign_styles(labels: Sequence[str]) -> dict[str, tuple]:
+    """(colour, line style, marker) per label: a regime's name gets its fixed style, every other label the
+    next unused colour and marker in order, so no two of up to 19 labels share either."""
+    out = {label: _REGIME_STYLES[label] for label in labels if label in _REGIME_STYLES}
+    others = [label for label in dict.fromkeys(labels) if label not in _REGIME_STYLES]
+    for i, label in enumerate(others):
+        out[label] = (_COLOURS[i % len(_COLOURS)], _LINES[i % len(_LINES)], _MARKERS[i % len(_MARKERS)])
+    return out
+
+
+def _styles(labels: Sequence[str], styles: Mapping[str, tuple] | None) -> Mapping[str, tuple]:
+    if styles is None:
+        return assign_styles(labels)
+    missing = [label for label in labels if label not in styles]
+    if missing:
+        raise ValueError(f"styles has no entry for {missing}; pass assign_styles() of every label drawn")
+    return styles
+
+
+# the demo's in-training probes (nemo_occ.core.fidelity.ProbeHistory, every demo.fidelity_every steps):
+# record key -> metric; the cross-fitted ones are optional (older runs lack them)
 _TRAINING_PROBE = {"c": "train/mtp/fidelity/c_same_sample_1", "v2": "train/mtp/fidelity/v2_same_sample_1",
                    "rl_norm2": "train/mtp/fidelity/rl_norm2_same_sample",
                    "c_hat": "train/mtp/fidelity/c_hat_per_token_1",
                    "v2_hat": "train/mtp/fidelity/v2_hat_per_token_1"}  # fmt: skip
+_TRAINING_PROBE_CROSS = {"c_cross": "train/mtp/fidelity/c_cross_fit_1",
+                         "v2_cross": "train/mtp/fidelity/v2_cross_fit_1",
+                         "rl_norm2_cross": "train/mtp/fidelity/rl_norm2_cross_fit"}  # fmt: skip
 
 
 def training_probes(rows: Sequence[dict]) -> list[dict]:
     """The run's in-training probes as probe records: per-token proxies and exact statistics of the probed
-    update, and, when the row has them, v̂²'s readings and head gap per token (the step's updates' mean,
-    ``train/mtp/<p>/v2_hat_vs_main_old_1`` ... over ``train/mtp/<p>/valid_tokens_1``). No Σδ_RL², so no
-    proxy cosine."""
+    update (cross-fitted ones too when the row has them), and, when the row has them, v̂²'s readings and
+    head gap per token (the step's updates' mean, ``train/mtp/<p>/v2_hat_vs_main_old_1`` ... over
+    ``train/mtp/<p>/valid_tokens_1``). No Σδ_RL², so no proxy cosine."""
     out = []
     for r in rows:
         if not all(r.get(k) is not None for k in _TRAINING_PROBE.values()):
             continue
         rec = {"step": r["step"], **{name: float(r[k]) for name, k in _TRAINING_PROBE.items()}}
+        rec.update({name: float(r[k]) for name, k in _TRAINING_PROBE_CROSS.items() if r.get(k) is not None})
         pre = "train/mtp/occ" if r.get("train/mtp/occ/valid_tokens_1") is not None else "train/mtp/proxy"
         n, main = r.get(f"{pre}/valid_tokens_1"), r.get(f"{pre}/v2_hat_vs_main_old_1")
         own, share = r.get(f"{pre}/v2_hat_vs_own_old_1"), r.get(f"{pre}/head_gap_share_1")
@@ -109,6 +142,14 @@ def training_probes(rows: Sequence[dict]) -> list[dict]:
             rec.update(v2_hat_main=main / n, v2_hat_own=own / n, head_gap=share * main / n)
         out.append(rec)
     return out
+
+
+def exact_keys(recs: Sequence[dict]) -> tuple[str, str, str]:
+    """(c key, v² key, how to name them): the cross-fitted statistics when every record has them, else the
+    same-sample ones, named so."""
+    if recs and all(r.get("c_cross") is not None and r.get("v2_cross") is not None for r in recs):
+        return "c_cross", "v2_cross", "cross-fitted"
+    return "c", "v2", "same-sample"
 
 
 class FigureDataError(ValueError):
@@ -120,7 +161,8 @@ class FigureDataError(ValueError):
 
 def spearman_ci(x: Sequence[float], y: Sequence[float], confidence: float = 0.95) -> dict | None:
     """{"rho", "low", "high", "n"}: ``scipy.stats.spearmanr`` with a Fisher-z interval, or None when
-    undefined (n < 4 or a constant series). Non-finite pairs are dropped first."""
+    undefined (n < 4 or a constant series). Non-finite pairs are dropped first. The interval assumes
+    independent points: use it within one cluster, never over pooled probes."""
     from nemo_occ.core.fidelity import spearman_interval
 
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
@@ -133,14 +175,16 @@ def spearman_ci(x: Sequence[float], y: Sequence[float], confidence: float = 0.95
     return {"rho": got[0], "low": got[1], "high": got[2], "n": int(ok.sum())}
 
 
-def smooth(values: Sequence[float], window: int) -> np.ndarray:
-    """Trailing mean over the last ``window`` values (fewer at the start), NaNs ignored."""
+def centred_mean(values: Sequence[float], window: int) -> np.ndarray:
+    """Mean over the ``window`` values centred on each point (``window // 2`` either side; fewer at the
+    ends), NaNs ignored. Unlike a trailing mean it does not lag a trend by window/2 steps."""
     v = np.asarray(values, dtype=float)
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
+    half = window // 2
     out = np.full(v.shape, np.nan)
     for i in range(v.size):
-        part = v[max(0, i - window + 1) : i + 1]
+        part = v[max(0, i - half) : i + half + 1]
         part = part[np.isfinite(part)]
         if part.size:
             out[i] = part.mean()
@@ -193,13 +237,22 @@ def _check_probes(probes: Mapping[str, Sequence[dict]], figure: str, keys=PROBE_
                 raise FigureDataError(f"{figure}: probe record {i} of run '{label}' lacks {missing}")
 
 
+def _seed_counts(runs: Mapping[str, Sequence]) -> str:
+    """'n = 5 seeds per run' or, when they differ, 'n seeds: a 5, b 1'."""
+    counts = {label: len(seeds) for label, seeds in runs.items()}
+    if len(set(counts.values())) == 1:
+        n = next(iter(counts.values()))
+        return f"n = {n} seed{'s' if n != 1 else ''} per run"
+    return "n seeds: " + ", ".join(f"{label} {n}" for label, n in counts.items())
+
+
 def _figure(ncols: int, nrows: int = 1, width: float = 4.6, height: float = 3.6, **kw):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.7), squeeze=False, **kw)
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False, **kw)
 
 
 def _save(fig, path: Path, caption: str) -> Path:
@@ -211,14 +264,16 @@ def _save(fig, path: Path, caption: str) -> Path:
     path = Path(path)
     for ax in fig.axes:  # long titles of neighbouring panels must not run into each other
         ax.title.set_fontsize(min(ax.title.get_fontsize(), 9))
+        width = int(ax.get_position().width * fig.get_figwidth() * 13)  # characters at 9 pt
+        ax.set_title(textwrap.fill(ax.get_title(), max(30, width)))
         if ax.get_xscale() == "log":  # minor tick labels of a narrow log range overprint each other
             ax.xaxis.set_minor_formatter(NullFormatter())
     fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
     lines = max(1, math.ceil(len(caption) / 170))
-    fig.tight_layout(rect=(0, min(0.35, 0.05 * lines + 0.03), 1, 1))
+    fig.tight_layout(rect=(0, min(0.4, 0.05 * lines + 0.03), 1, 1))
     buf = io.BytesIO()
     try:
-        fig.savefig(buf, format="png", dpi=110)
+        fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
     finally:
         plt.close(fig)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
@@ -230,16 +285,16 @@ def _mean_sd(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
-def _curve(ax, steps, seeds_values, style, label, window, band: str | None = None) -> None:
-    """Mean over seeds smoothed (bold), raw mean faint, and the seeds' min–max of the smoothed curves."""
+def _curve(ax, steps, seeds_values, style, label, window, band: bool = False) -> None:
+    """Mean over seeds of each seed's centred mean (bold), the raw mean faint, and, with ``band`` and more
+    than one seed, the seeds' min–max of the centred curves."""
     color, ls, marker = style
-    raw = seeds_values.mean(axis=0)
-    ax.plot(steps, raw, color=color, alpha=0.2, lw=0.8)
-    sm = np.array([smooth(s, window) for s in seeds_values])
+    ax.plot(steps, seeds_values.mean(axis=0), color=color, alpha=0.2, lw=0.8)
+    sm = np.array([centred_mean(s, window) for s in seeds_values])
     every = max(1, len(steps) // 8)
     ax.plot(steps, sm.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4, lw=1.6,
             label=label)  # fmt: skip
-    if band == "minmax" and len(seeds_values) > 1:
+    if band and len(seeds_values) > 1:
         ax.fill_between(steps, sm.min(axis=0), sm.max(axis=0), color=color, alpha=0.15, lw=0)
 
 
@@ -247,13 +302,19 @@ def _curve(ax, steps, seeds_values, style, label, window, band: str | None = Non
 
 
 def fig6_reward(
-    runs: Mapping[str, Sequence[Sequence[dict]]], path: Path, *, caption: str, window: int = 10
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    path: Path,
+    *,
+    caption: str,
+    window: int = 9,
+    styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 6: training reward per run label (e.g. regime), seeds' min–max of the smoothed curves
-    shaded; middle, held-out avg@k accuracy, mean over seeds with min–max bars; right, when every run
+    """Paper Fig. 6: training reward per run label (e.g. regime), the seeds' min–max of the centred-mean
+    curves shaded; middle, held-out avg@k accuracy, mean over seeds with min–max bars; right, when every run
     logged it, the MTP head's top-1 agreement with the sampled token (what drafting acceptance follows)."""
     figure = "Fig. 6 (training reward)"
     _check_runs(runs, figure)
+    styles = _styles(list(runs), styles)
     keys = {label: (_key([r for s in seeds for r in s], "reward", label, figure),
                     _key([r for s in seeds for r in s], "eval", label, figure))
             for label, seeds in runs.items()}  # fmt: skip
@@ -264,136 +325,167 @@ def fig6_reward(
     fig, axes = _figure(3 if agreement else 2)
     n = len(runs)
     for i, (label, seeds) in enumerate(runs.items()):
-        style = _STYLES[i % len(_STYLES)]
+        style = styles[label]
         steps, table = _aligned(seeds, keys[label][0])
-        _curve(axes[0, 0], steps, table, style, f"{label} (n={len(seeds)})", window, band="minmax")
+        _curve(axes[0, 0], steps, table, style, f"{label} (n={len(seeds)})", window, band=True)
         steps, table = _aligned(seeds, keys[label][1])
         mean = table.mean(axis=0)
         offset = (i - (n - 1) / 2) * 0.6  # small x offset: points of equal value stay distinguishable
-        axes[0, 1].errorbar(steps + offset, mean, yerr=[mean - table.min(axis=0), table.max(axis=0) - mean],
+        axes[0, 1].errorbar(steps + offset, mean, yerr=np.maximum(0.0, [mean - table.min(axis=0), table.max(axis=0) - mean]),
                             color=style[0], ls=style[1], marker=style[2], ms=4, capsize=2, label=label)  # fmt: skip
         if agreement:
             rows = [r for s in seeds for r in s]
             steps, table = _aligned(seeds, _key(rows, "agreement", label, figure))
-            _curve(axes[0, 2], steps, table, style, label, window, band="minmax")
-    band = "; band: seeds' min–max" if any(len(seeds) > 1 for seeds in runs.values()) else ""
+            _curve(axes[0, 2], steps, table, style, label, window, band=True)
     axes[0, 0].set(xlabel="RL step", ylabel="training reward (fraction correct)",
-                   title=f"training reward (trailing mean of {window} steps{band})")  # fmt: skip
+                   title=f"training reward (centred mean of {window} steps; band: min–max over seeds)")  # fmt: skip
     axes[0, 1].set(xlabel="RL step", ylabel="held-out accuracy avg@k (fraction)",
-                   title="held-out accuracy (mean over seeds; bars: min–max)")  # fmt: skip
+                   title="held-out accuracy (mean over seeds; bars: min–max over seeds)")  # fmt: skip
     if agreement:
         axes[0, 2].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)",
-                       title=f"MTP agreement with the sampled token (trailing mean of {window})")  # fmt: skip
+                       title=f"MTP agreement with the sampled token (centred mean of {window}; band: min–max)")  # fmt: skip
     for ax in axes[0]:
         ax.legend(fontsize=7)
-    return _save(fig, path, caption)
+    note = (f"{_seed_counts(runs)} (unit of replication: the seed). Bold: mean over seeds of each seed's "
+            f"centred mean of {window} steps; faint: the raw mean over seeds; bands and bars: min–max over "
+            "seeds (descriptive, not a confidence interval; a single seed has none).")  # fmt: skip
+    return _save(fig, path, f"{caption} {note}")
 
 
 def fig4_lambda(
-    runs: Mapping[str, Sequence[Sequence[dict]]], path: Path, *, caption: str, window: int = 10
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    path: Path,
+    *,
+    caption: str,
+    styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 4: λ applied (mean over each step's updates), λ from the update's own statistics
-    (Eq. 13 on the step's last update), and the fraction of steps whose λ from statistics is < 0
-    (trailing ``window`` steps, mean over seeds). y axes symlog: λ spans orders of magnitude and signs."""
+    """Paper Fig. 4, unsmoothed: λ applied (mean over each step's updates) and λ from the update's own
+    statistics (Eq. 13 on the step's last update), each seed's per-step value (thin) and their mean over
+    seeds (bold); right, the fraction of seeds whose λ from statistics is < 0 at each step. y axes symlog:
+    λ spans orders of magnitude and signs."""
     figure = "Fig. 4 (λ over training)"
     _check_runs(runs, figure)
+    styles = _styles(list(runs), styles)
     fig, axes = _figure(3)
-    for i, (label, seeds) in enumerate(runs.items()):
-        style = _STYLES[i % len(_STYLES)]
+    for label, seeds in runs.items():
+        color, ls, marker = styles[label]
         rows = [r for s in seeds for r in s]
         k_app, k_stats = (
             _key(rows, "lambda_applied", label, figure),
             _key(rows, "lambda_stats", label, figure),
         )
-        steps, table = _aligned(seeds, k_app)
-        _curve(axes[0, 0], steps, table, style, label, window, band="minmax")
-        steps, table = _aligned(seeds, k_stats)
-        _curve(axes[0, 1], steps, table, style, label, window, band="minmax")
+        for ax, key in ((axes[0, 0], k_app), (axes[0, 1], k_stats)):
+            steps, table = _aligned(seeds, key)
+            every = max(1, len(steps) // 8)
+            if len(seeds) > 1:
+                for row in table:
+                    ax.plot(steps, row, color=color, lw=0.6, alpha=0.35)
+            ax.plot(steps, table.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4, lw=1.6,
+                    label=f"{label} (n={len(seeds)})")  # fmt: skip
         neg = (table < 0).astype(float)
-        frac = float(neg.mean())
-        _curve(axes[0, 2], steps, neg, style, f"{label}: {frac:.0%} of all steps", window)
+        axes[0, 2].plot(steps, neg.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4,
+                        lw=1.2, label=f"{label}: λ < 0 on {float(neg.mean()):.0%} of (seed, step)")  # fmt: skip
     for ax in axes[0, :2]:
         ax.set_yscale("symlog", linthresh=1e-2)
         ax.axhline(0, color="k", lw=0.5)
     axes[0, 0].set(xlabel="RL step", ylabel="λ applied (dimensionless)",
-                   title="λ applied (mean over the step's updates)")  # fmt: skip
+                   title="λ applied (per step; thin: each seed, bold: mean)")  # fmt: skip
     axes[0, 1].set(xlabel="RL step", ylabel="λ = λ+·ĉ/(v̂²+ε) (dimensionless)",
-                   title="λ from the update's own statistics")  # fmt: skip
-    axes[0, 2].set(xlabel="RL step", ylabel=f"fraction of steps with λ < 0 (last {window})", ylim=(-0.02, 1.02),
-                   title="how often the statistics say λ < 0")  # fmt: skip
+                   title="λ from the update's own statistics (per step)")  # fmt: skip
+    axes[0, 2].set(xlabel="RL step", ylabel="fraction of seeds with λ < 0", ylim=(-0.02, 1.02),
+                   title="how often the statistics say λ < 0 (per step)")  # fmt: skip
     for ax in axes[0]:
         ax.legend(fontsize=7)
-    return _save(fig, path, caption)
+    note = (f"{_seed_counts(runs)} (unit: the seed). Raw per-step values, no smoothing; no interval is drawn "
+            "(the thin lines are the seeds themselves).")  # fmt: skip
+    return _save(fig, path, f"{caption} {note}")
 
 
 def fig_lambda_agreement(
-    runs: Mapping[str, Sequence[Sequence[dict]]], path: Path, *, caption: str, window: int = 10
+    runs: Mapping[str, Sequence[Sequence[dict]]],
+    path: Path,
+    *,
+    caption: str,
+    window: int = 9,
+    styles: Mapping[str, tuple] | None = None,
 ) -> Path:
     """λ next to the MTP head's top-1 agreement with the sampled token (the draft-acceptance proxy).
 
     Top: λ from each update's own statistics (under OCC the λ it then applies; under fixed-coefficient
-    regimes the λ OCC would have picked). Bottom: MTP top-1 agreement. Shared x axis."""
+    regimes the λ OCC would have picked), raw per step, mean over seeds. Bottom: MTP top-1 agreement,
+    centred mean. Shared x axis."""
     figure = "λ vs MTP agreement"
     _check_runs(runs, figure)
+    styles = _styles(list(runs), styles)
     fig, axes = _figure(1, 2, width=8.0, height=2.9, sharex=True)
-    for i, (label, seeds) in enumerate(runs.items()):
-        style = _STYLES[i % len(_STYLES)]
+    for label, seeds in runs.items():
+        style = styles[label]
         rows = [r for s in seeds for r in s]
         k_lam, k_agr = _key(rows, "lambda_stats", label, figure), _key(rows, "agreement", label, figure)
         steps, table = _aligned(seeds, k_lam)
-        _curve(axes[0, 0], steps, table, style, label, window, band="minmax")
+        _curve(axes[0, 0], steps, table, style, f"{label} (n={len(seeds)})", 1, band=True)
         steps, table = _aligned(seeds, k_agr)
-        _curve(axes[1, 0], steps, table, style, label, window, band="minmax")
+        _curve(axes[1, 0], steps, table, style, label, window, band=True)
     axes[0, 0].set_yscale("symlog", linthresh=1e-2)
     axes[0, 0].axhline(0, color="k", lw=0.5)
-    axes[0, 0].set(ylabel="λ from statistics (dimensionless)", title="λ (Eq. 13) and MTP agreement")
+    axes[0, 0].set(ylabel="λ from statistics (dimensionless)",
+                   title="λ (Eq. 13, raw per step) and MTP agreement (centred mean)")  # fmt: skip
     axes[1, 0].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)")
     axes[0, 0].legend(fontsize=7)
-    return _save(fig, path, caption)
+    note = (f"{_seed_counts(runs)} (unit: the seed). Top: mean over seeds of the raw per-step λ; bottom: mean "
+            f"over seeds of each seed's centred mean of {window} steps; bands: min–max over seeds "
+            "(descriptive, not a confidence interval).")  # fmt: skip
+    return _save(fig, path, f"{caption} {note}")
 
 
 def _probe_arrays(recs: Sequence[dict]) -> dict[str, np.ndarray]:
     # d_rl2 (Σδ_RL² per token) is optional: without it there is no proxy cosine (NaN, not drawn)
-    a = {k: np.array([float(r[k]) if r.get(k) is not None else np.nan for r in recs]) for k in PROBE_KEYS}
+    keys = (*PROBE_KEYS, "c_cross", "v2_cross")
+    a = {k: np.array([float(r[k]) if r.get(k) is not None else np.nan for r in recs]) for k in keys}
     with np.errstate(divide="ignore", invalid="ignore"):
+        # the alignment over the minibatch's own (same-sample, always positive) norms: its sign is c's
         a["cos"] = a["c"] / np.sqrt(a["rl_norm2"] * a["v2"])
+        a["cos_cross"] = a["c_cross"] / np.sqrt(a["rl_norm2"] * a["v2"])
         a["cos_hat"] = a["c_hat"] / np.sqrt(a["d_rl2"] * a["v2_hat"])
     return a
 
 
 def fig2_dynamics(
     probes: Mapping[str, Sequence[dict]],
-    training: Mapping[str, Sequence[Sequence[dict]]],
     path: Path,
     *,
     caption: str,
-    window: int = 10,
+    styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 2 from fixed-checkpoint probes (a-c, pooled over the probe minibatches and seeds at each
-    checkpoint: (a) mean, bars ±1 sd; (b, c) log axes: median, bars the interquartile range) and from the
-    training rows (d: mean over seeds, trailing mean).
+    """Paper Fig. 2 at the probed checkpoints (records pooled over the probed minibatches and seeds of each
+    checkpoint: (a) mean, bars ±1 sd; (b, c) median, bars the interquartile range).
 
-    (a) cos(g_RL, g_MTP) = c / sqrt(||g_RL||²·v²) over the main model's parameters (solid) and the proxy
-    cosine ĉ / sqrt(Σδ_RL²·v̂²) (dashed, hollow markers; only for records with ``d_rl2``); (b) v² = ||g_MTP||² over the main model;
+    (a) the exact alignment c / sqrt(||g_RL||²·v²) over the main model's parameters, with c cross-fitted
+    when every record has ``c_cross`` (else same-sample, so named), the norms the minibatch's own (solid),
+    and the proxy cosine ĉ / sqrt(Σδ_RL²·v̂²) (dashed, hollow markers; only for records with ``d_rl2``);
+    (b) v² = ||g_MTP||² over the main model (cross-fitted when present: it can be ≤ 0, symlog axis);
     (c) v̂² per token (δ_MTP against the main head's old log-prob) split into the MTP head's own change
-    Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))²;
-    (d) first-order λĉ (solid) and second-order ½λ²v̂² (dashed) terms of Eq. 10."""
+    Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))².
+    The paper's Fig. 2d (Eq. 10's first- and second-order terms) is left out: under OCC the second is
+    the first divided by 2λ+ (Eq. 13), so the panel would plot an identity."""
     # long on purpose: one figure's panels, drawn in reading order
     figure = "Fig. 2 (coefficient components)"
     _check_probes(probes, figure, keys=tuple(k for k in PROBE_KEYS if k != "d_rl2"))
-    _check_runs(training, figure)
-    fig, axes = _figure(4, width=4.4)
+    styles = _styles(list(probes), styles)
+    _, _, exact = exact_keys([r for recs in probes.values() for r in recs])
+    cos_key, v2_key = ("cos_cross", "v2_cross") if exact == "cross-fitted" else ("cos", "v2")
+    fig, axes = _figure(3, width=4.6)
     n = len(probes)
     all_steps = np.unique([float(r["step"]) for recs in probes.values() for r in recs])
     shift = max(float(np.ptp(all_steps)) * 0.012, 0.02)  # x offsets keep equal points apart
     for i, (label, recs) in enumerate(probes.items()):
-        color, _, marker = _STYLES[i % len(_STYLES)]
+        color, _, marker = styles[label]
         a = _probe_arrays(recs)
         steps = np.unique(a["step"])
         for j, (key, ax, hollow, lstyle, name, centre) in enumerate((
-            ("cos", axes[0, 0], False, "-", "exact", "mean"),
+            (cos_key, axes[0, 0], False, "-", f"exact ({exact})", "mean"),
             ("cos_hat", axes[0, 0], True, "--", "proxy", "mean"),
-            ("v2", axes[0, 1], False, "-", None, "median"),
+            (v2_key, axes[0, 1], False, "-", None, "median"),
             ("v2_hat_main", axes[0, 2], False, "-", "v̂² (vs main old)", "median"),
             ("v2_hat_own", axes[0, 2], True, "--", "own change", "median"),
             ("head_gap", axes[0, 2], True, ":", "head gap", "median"),
@@ -406,74 +498,113 @@ def fig2_dynamics(
                 elif centre == "mean":  # ±1 sd
                     m, sd = _mean_sd(v)
                     centre_v.append(m), low.append(sd), high.append(sd)
-                else:  # log axes: median with the interquartile range
+                else:  # the interquartile range
                     q1, med, q3 = np.percentile(v, [25, 50, 75])
-                    centre_v.append(med), low.append(med - q1), high.append(q3 - med)
+                    centre_v.append(med), low.append(max(0.0, med - q1)), high.append(max(0.0, q3 - med))
             x = steps + (i - (n - 1) / 2) * shift * 3 + (j % 3) * shift
             ax.errorbar(x, centre_v, yerr=[low, high], color=color, ls=lstyle, marker=marker, ms=5, capsize=2,
                         mfc="none" if hollow else color, label=f"{label} {name}" if name else label)  # fmt: skip
-    for i, (label, seeds) in enumerate(training.items()):
-        style = _STYLES[i % len(_STYLES)]
-        rows = [r for s in seeds for r in s]
-        k1, k2 = _key(rows, "first_order", label, figure), _key(rows, "second_order", label, figure)
-        steps, table = _aligned(seeds, k1)
-        _curve(axes[0, 3], steps, table, (style[0], "-", style[2]), f"{label} λĉ", window)
-        steps, table = _aligned(seeds, k2)
-        _curve(axes[0, 3], steps, table, (style[0], ":", style[2]), f"{label} ½λ²v̂²", window)
     axes[0, 0].axhline(0, color="k", lw=0.5)
     axes[0, 0].set(xlabel="RL step (checkpoint)", ylabel="cosine (dimensionless)",
-                   title="(a) cos(g_RL, g_MTP): exact vs proxy")  # fmt: skip
+                   title=f"(a) alignment of g_RL, g_MTP: exact ({exact}) vs proxy (mean ± 1 sd)")  # fmt: skip
     axes[0, 1].set(xlabel="RL step (checkpoint)", ylabel="v² = ||g_MTP||² (loss-gradient norm²)",
-                   title="(b) v² over the main model (median, IQR)", yscale="log")  # fmt: skip
+                   title=f"(b) v² over the main model, {exact} (median, IQR)")  # fmt: skip
+    if exact == "cross-fitted":
+        positive = [abs(v) for recs in probes.values() for r in recs if (v := r.get("v2_cross"))]
+        axes[0, 1].set_yscale("symlog", linthresh=float(np.percentile(positive, 10)) if positive else 1e-6)
+    else:
+        axes[0, 1].set_yscale("log")
     axes[0, 2].set(xlabel="RL step (checkpoint)", ylabel="per token (nats²)",
                    title="(c) v̂²: own change, head gap (median, IQR)", yscale="log")  # fmt: skip
-    axes[0, 3].set(xlabel="RL step", ylabel="Eq. 10 term (nats², summed over tokens)",
-                   title="(d) first vs second order", yscale="symlog")  # fmt: skip
-    axes[0, 3].set_yscale("symlog", linthresh=1e-4)
     for ax in axes[0]:
         ax.legend(fontsize=6)
-    return _save(fig, path, caption)
+    note = ("Per checkpoint, every probed minibatch of every seed pooled: " + _probe_counts(probes)
+        + ". The unit of replication is the seed; bars (±1 sd, IQR) describe the minibatches' spread, they "
+        "are not confidence intervals. (a)'s exact cosine divides c by the minibatch's own norms. The paper's "
+        "Fig. 2d (Eq. 10's terms) is not drawn: under OCC ½λ²v̂² = λĉ/(2λ+), an identity.")  # fmt: skip
+    return _save(fig, path, f"{caption} {note}")
 
 
-def fig8_fidelity(probes: Mapping[str, Sequence[dict]], path: Path, *, caption: str) -> Path:
+def _probe_counts(probes: Mapping[str, Sequence[dict]]) -> str:
+    """'occ 96 minibatches from 5 seed(s) at 3 checkpoint(s); ...' (records without a seed: one)."""
+    counts = {label: (len(recs), len({r.get("seed") for r in recs}), len({r["step"] for r in recs}))
+              for label, recs in probes.items()}  # fmt: skip
+    return "; ".join(
+        f"{label} {m} minibatches from {s} seed(s) at {k} step(s)" for label, (m, s, k) in counts.items()
+    )
+
+
+def _rho_text(got: dict) -> str:
+    """'ρ̄ = 0.12 [−0.05, 0.30] over 5 seeds (15 clusters)', or why there is none."""
+    across = got["across_units"]
+    k = len(got["clusters"])
+    if across["mean"] is None:
+        return f"ρ undefined ({k} clusters with a defined ρ)"
+    if across["ci"] is None:
+        return f"ρ̄ = {across['mean']:.2f}, {across['n']} seed: no interval ({k} clusters)"
+    lo, hi = across["ci"]
+    return f"ρ̄ = {across['mean']:.2f} [{lo:.2f}, {hi:.2f}] over {across['n']} seeds ({k} clusters)"
+
+
+def fig8_fidelity(
+    probes: Mapping[str, Sequence[dict]],
+    path: Path,
+    *,
+    caption: str,
+    cluster: str | None = "step",
+    styles: Mapping[str, tuple] | None = None,
+) -> Path:
     """Paper Fig. 8: each point one probed minibatch. Left |ĉ|/n vs |c| (log-log; filled: same sign,
-    hollow: opposite sign), right v̂²/n vs v² (log-log). Legends: Spearman ρ [95% Fisher-z interval] of
-    the signed values (left) and of v̂², v² (right), per run label and pooled over all run labels' points (in the titles)."""
+    hollow: opposite sign), right |v̂²|/n vs |v²| (log-log; hollow: v² ≤ 0, possible cross-fitted). c, v²
+    cross-fitted when every record has them (:func:`exact_keys`), else same-sample, so named.
+
+    Legends: per run label, Spearman ρ within each cluster (records of one ``seed`` at one ``cluster``
+    value, e.g. a checkpoint's step; ``cluster=None``: the seed's whole run), averaged per seed, then the
+    mean over seeds with its 95% t interval (:func:`nemo_occ.lab.study.stats.clustered_spearman`). Titles:
+    ρ pooled over every point of every run label, the secondary (drift and clustering; no interval)."""
+    from nemo_occ.lab.study.stats import clustered_spearman
+
     figure = "Fig. 8 (proxy vs exact)"
     _check_probes(probes, figure, keys=("c", "v2", "c_hat", "v2_hat"))
-    fig, axes = _figure(2, width=5.2, height=4.2)
-    pooled: dict[str, list] = {"c_hat": [], "c": [], "v2_hat": [], "v2": []}
+    styles = _styles(list(probes), styles)
+    c_key, v2_key, exact = exact_keys([r for recs in probes.values() for r in recs])
+    fig, axes = _figure(2, width=5.4, height=4.4)
+    pooled: list[dict] = []
+    for label, recs in probes.items():
+        color, _, marker = styles[label]
+        recs = [{"seed": 0, **r} for r in recs]  # records without a seed: one unit
+        pooled += [{**r, "seed": (label, r["seed"])} for r in recs]
+        for ax, px, ex in ((axes[0, 0], "c_hat", c_key), (axes[0, 1], "v2_hat", v2_key)):
+            x, y = np.array([float(r[px]) for r in recs]), np.array([float(r[ex]) for r in recs])
+            same = (np.sign(x) == np.sign(y)) & (y != 0)
+            got = clustered_spearman(recs, px, ex, cluster=cluster)
+            ax.scatter(np.abs(x[same]), np.abs(y[same]), color=color, marker=marker, s=14,
+                       label=f"{label}: {_rho_text(got)}")  # fmt: skip
+            ax.scatter(np.abs(x[~same]), np.abs(y[~same]), facecolors="none", edgecolors=color, marker=marker,
+                       s=14)  # fmt: skip
 
-    def fmt(ci):
-        return (
-            "ρ undefined"
-            if ci is None
-            else f"ρ={ci['rho']:.2f} [{ci['low']:.2f}, {ci['high']:.2f}], n={ci['n']}"
-        )
+    def pooled_text(px, ex):
+        got = clustered_spearman(pooled, px, ex, cluster=cluster)["pooled"]
+        return "undefined" if got is None else f"{got['rho']:.2f} (n={got['n']} points)"
 
-    for i, (label, recs) in enumerate(probes.items()):
-        color, _, marker = _STYLES[i % len(_STYLES)]
-        a = {k: np.array([float(r[k]) for r in recs]) for k in pooled}
-        for k in pooled:
-            pooled[k] += a[k].tolist()
-        same = np.sign(a["c_hat"]) == np.sign(a["c"])
-        ax = axes[0, 0]
-        ax.scatter(np.abs(a["c_hat"][same]), np.abs(a["c"][same]), color=color, marker=marker, s=14,
-                   label=f"{label}: {fmt(spearman_ci(a['c_hat'], a['c']))}")  # fmt: skip
-        ax.scatter(np.abs(a["c_hat"][~same]), np.abs(a["c"][~same]), facecolors="none", edgecolors=color,
-                   marker=marker, s=14)  # fmt: skip
-        axes[0, 1].scatter(a["v2_hat"], a["v2"], color=color, marker=marker, s=14,
-                           label=f"{label}: {fmt(spearman_ci(a['v2_hat'], a['v2']))}")  # fmt: skip
+    where = f"within one checkpoint ({cluster})" if cluster else "within one run"
+    over = "checkpoints" if cluster else "steps"
+    names = ", ".join(probes)
     axes[0, 0].set(xscale="log", yscale="log", xlabel="|ĉ| / n = |Σ δ_RL·δ_MTP| / tokens (nats²)",
-                   ylabel="|c| = |<g_RL, g_MTP>| over the main model (grad. units²)",
-                   title=f"alignment; all runs pooled {fmt(spearman_ci(pooled['c_hat'], pooled['c']))}")  # fmt: skip
+                   ylabel=f"|c| ({exact}) = |<g_RL, g_MTP>| over the main model",
+                   title=f"alignment (hollow: opposite signs). Secondary, pooled over {names}, seeds and "
+                         f"{over}: ρ = {pooled_text('c_hat', c_key)}")  # fmt: skip
     axes[0, 1].set(xscale="log", yscale="log", xlabel="v̂² / n = Σ δ_MTP² / tokens (nats²)",
-                   ylabel="v² = ||g_MTP||² over the main model (grad. units²)",
-                   title=f"variance; all runs pooled {fmt(spearman_ci(pooled['v2_hat'], pooled['v2']))}")  # fmt: skip
+                   ylabel=f"|v²| ({exact}) = ||g_MTP||² over the main model",
+                   title=f"variance (hollow: v² ≤ 0). Secondary, pooled over {names}, seeds and {over}: "
+                         f"ρ = {pooled_text('v2_hat', v2_key)}")  # fmt: skip
     for ax in axes[0]:
-        ax.title.set_fontsize(8)
         ax.legend(fontsize=6)
-    return _save(fig, path, caption)
+    note = (f"One point per probed minibatch ({_probe_counts(probes)}). Legend: Spearman ρ {where}, averaged over a seed's clusters, then "
+            "the mean over seeds with its 95% t interval (unit of replication: the seed; the points of one "
+            "run are not independent). Titles: ρ over all points pooled, which mixes drift between "
+            f"{over} in and has no valid interval. Exact statistics {exact}.")  # fmt: skip
+    return _save(fig, path, f"{caption} {note}")
 
 
 # the files regime_figures may write, in its order (the demo's output folder lists them as its own)
@@ -495,6 +626,7 @@ def regime_figures(
     regime_of: Mapping[str, str] | None = None,
     probes: Mapping[str, Sequence[dict]] | None = None,
     probe_note: str = "",
+    styles: Mapping[str, tuple] | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The figures of a set of runs, each label's runs one per seed (``runs[label][seed]`` = metric rows):
 
@@ -502,25 +634,28 @@ def regime_figures(
     - ``fig4_lambda.png`` of the labels whose regime is ``occ`` (Fig. 4);
     - ``fig_lambda_agreement.png`` of ``occ``, ``policy``, ``ce`` (λ next to MTP agreement);
     - ``fig2_dynamics.png`` and ``fig8_fidelity.png`` from ``probes`` (fixed-checkpoint probe records per
-      label) when given, with Fig. 2 from the runs' own probes instead when not;
-    - ``fig8_training_probes.png``: Fig. 8 from the runs' own probes (:func:`training_probes`).
+      label, each with its ``seed``) when given, with Fig. 2 from the runs' own probes instead when not;
+    - ``fig8_training_probes.png``: Fig. 8 from the runs' own probes (:func:`training_probes`) of the labels
+      named like regimes (a sweep's dozen labels would hide each other), ρ within each seed's run.
 
     ``caption(what, labels, source)`` writes a figure's caption; ``source`` says where its seeds come from
-    ("runs", "probes", "probes+runs" (Fig. 2: probes in a-c, training rows in d) or "training_probes").
+    ("runs", "probes" or "training_probes"); the figure adds what its lines, bands and n are.
     ``regime_of`` maps a label to its regime (default: the label); ``probe_note`` is added after "fixed-
-    checkpoint probes" (e.g. how many minibatches each). Returns the file names drawn and, for each figure
-    that could not be drawn for lack of data (:class:`FigureDataError`), why: its file is then absent,
-    an earlier one of that name removed. Any other error propagates."""
+    checkpoint probes" (e.g. how many minibatches each); ``styles`` (default :func:`assign_styles` of every
+    label) gives each label its colour and marker in every figure. Returns the file names drawn and, for each
+    figure that could not be drawn for lack of data (:class:`FigureDataError`), why: its file is then
+    absent, an earlier one of that name removed. Any other error propagates."""
     # long on purpose: the list of figures a study or demo draws, each with why it could not be drawn
     from nemo_occ.core.regimes import REGIMES, get_regime
 
     regime_of = dict(regime_of or {label: label for label in runs})
+    styles = styles or assign_styles([*runs, *(probes or {})])
     drawn: list[str] = []
     failed: dict[str, str] = {}
 
-    def draw(name, fn, *args, what, labels, source="runs"):
+    def draw(name, fn, *args, what, labels, source="runs", **kw):
         try:
-            fn(*args, Path(out_dir) / name, caption=caption(what, list(labels), source))
+            fn(*args, Path(out_dir) / name, caption=caption(what, list(labels), source), styles=styles, **kw)
             drawn.append(name)
         except FigureDataError as err:  # missing metrics; anything else is a bug and propagates
             failed[name] = str(err)
@@ -538,34 +673,31 @@ def regime_figures(
             labels=core,
         )
     if occ := pick([label for label in runs if regime_of[label] == "occ"]):
-        band = "; band: seeds' min–max" if any(len(seeds) > 1 for seeds in occ.values()) else ""
-        draw("fig4_lambda.png", fig4_lambda, occ, what=f"λ over training (paper Fig. 4), OCC runs{band}",
-             labels=occ)  # fmt: skip
+        draw("fig4_lambda.png", fig4_lambda, occ, what="λ over training (paper Fig. 4), OCC runs", labels=occ)
     if agr := pick(("occ", "policy", "ce")):
         draw("fig_lambda_agreement.png", fig_lambda_agreement, agr,
              what="λ from the update's statistics (applied under occ; what OCC would pick under policy/ce) "
                   "next to MTP top-1 agreement", labels=agr)  # fmt: skip
     own = {}
     for label, seeds in runs.items():
-        recs = [r for rows in seeds for r in training_probes(rows)]
+        recs = [{**r, "seed": i} for i, rows in enumerate(seeds) for r in training_probes(rows)]
         if recs and get_regime(regime_of[label]).trunk_gradient:  # else g_MTP over the main model is 0
             own[label] = recs
     if probes:
-        draw("fig2_dynamics.png", fig2_dynamics, probes, pick(probes),
-             what=f"Coefficient components (paper Fig. 2): a-c fixed-checkpoint probes{probe_note} (pooled over "
-                  "minibatches and seeds; a: mean ± 1 sd, b-c: median and interquartile range); d training rows",
-             labels=probes, source="probes+runs")  # fmt: skip
+        draw("fig2_dynamics.png", fig2_dynamics, probes,
+             what=f"Coefficient components (paper Fig. 2) at fixed-checkpoint probes{probe_note}",
+             labels=probes, source="probes")  # fmt: skip
         draw("fig8_fidelity.png", fig8_fidelity, probes,
-             what=f"Proxy vs exact (paper Fig. 8), fixed-checkpoint probes{probe_note}, one point per probed "
-                  "minibatch, all checkpoints and seeds", labels=probes, source="probes")  # fmt: skip
+             what=f"Proxy vs exact (paper Fig. 8), fixed-checkpoint probes{probe_note}, all checkpoints and "
+                  "seeds", labels=probes, source="probes")  # fmt: skip
     elif own:
-        draw("fig2_dynamics.png", fig2_dynamics, own, pick(own),
-             what="Coefficient components (paper Fig. 2) from the runs' own probes (a-c: at each probed step; "
-                  "a: mean ± 1 sd over seeds, no proxy cosine (needs Σδ_RL²), b-c: median and interquartile "
-                  "range over seeds; v̂² parts are the step's updates' mean); d training rows",
+        draw("fig2_dynamics.png", fig2_dynamics, own,
+             what="Coefficient components (paper Fig. 2) from the runs' own probes (one probed update per "
+                  "probed step; no proxy cosine: it needs Σδ_RL²; v̂² parts are the step's updates' mean)",
              labels=own, source="training_probes")  # fmt: skip
-    if own:
-        draw("fig8_training_probes.png", fig8_fidelity, own,
+    if own_core := {label: recs for label, recs in own.items() if label in REGIMES}:
+        draw("fig8_training_probes.png", fig8_fidelity, own_core,
              what="Proxy vs exact (paper Fig. 8) from the runs' own probes (the last update of every probed "
-                  "step), all seeds", labels=own, source="training_probes")  # fmt: skip
+                  "step), ρ within each seed's run (across its steps: drift included)", labels=own_core,
+             source="training_probes", cluster=None)  # fmt: skip
     return drawn, failed

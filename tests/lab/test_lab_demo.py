@@ -119,10 +119,16 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     pairs = [r for r in rows if "train/mtp/fidelity/c_same_sample_1" in r]
     assert [r["step"] for r in pairs] == [2, 4]
     for n, r in enumerate(pairs, start=1):
-        assert r["train/mtp/fidelity/v2_same_sample_1"] > 0.0 and r["train/mtp/fidelity/mtp_params_v2_same_sample_1"] > 0.0
+        assert (
+            r["train/mtp/fidelity/v2_same_sample_1"] > 0.0
+            and r["train/mtp/fidelity/mtp_params_v2_same_sample_1"] > 0.0
+        )
         # cross-fitted and, the optimizer having stepped before the probed update, Adam's metric
         assert r["train/mtp/fidelity/c_cross_fit_1"] != r["train/mtp/fidelity/c_same_sample_1"]
-        assert r["train/mtp/fidelity/precond_available"] == 1.0 and "train/mtp/fidelity/c_cross_fit_precond_1" in r
+        assert (
+            r["train/mtp/fidelity/precond_available"] == 1.0
+            and "train/mtp/fidelity/c_cross_fit_precond_1" in r
+        )
         # the probe is recorded next to the probed update's own proxies: the step's last update, whose ĉ is
         # the step's ĉ summed over its updates (the row's mean times the count), as the first update runs at
         # θ = θ_old where δ_RL ≡ 0 and so ĉ = 0
@@ -145,7 +151,9 @@ def test_quick_demo_fidelity_pairs_proxy_with_exact(quick_run):
     for r in _rows(out / "detach" / "metrics.jsonl"):
         if "train/mtp/fidelity/c_same_sample_1" in r:
             for kind in ("same_sample", "cross_fit"):
-                assert r[f"train/mtp/fidelity/c_{kind}_1"] == 0.0 and r[f"train/mtp/fidelity/v2_{kind}_1"] == 0.0
+                assert (
+                    r[f"train/mtp/fidelity/c_{kind}_1"] == 0.0 and r[f"train/mtp/fidelity/v2_{kind}_1"] == 0.0
+                )
             assert r["train/mtp/fidelity/mtp_params_v2_same_sample_1"] > 0.0
     # the summary quotes the run's own fidelity metrics at its last probe
     fid = json.loads((out / "summary.json").read_text())["regimes"]["occ"]["fidelity"]
@@ -173,7 +181,8 @@ def test_quick_demo_logs_clip_firing_mtp_share_and_the_gradient_cosines(quick_ru
         for r in probed:
             # cos(g_RL, g_MTP) by its definition from the probe's own c, v², ||g_RL||²
             c, v2, rl2 = (
-                r[f"train/mtp/fidelity/{k}"] for k in ("c_same_sample_1", "v2_same_sample_1", "rl_norm2_same_sample")
+                r[f"train/mtp/fidelity/{k}"]
+                for k in ("c_same_sample_1", "v2_same_sample_1", "rl_norm2_same_sample")
             )
             assert r["train/mtp/fidelity/cos_same_sample_1"] == pytest.approx(c / math.sqrt(v2 * rl2))
             # undefined (None) when the probed minibatch holds a single group: no two halves

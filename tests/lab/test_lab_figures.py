@@ -1,9 +1,11 @@
-"""nemo_occ.lab.figures: every figure is drawn from small synthetic records, a missing key is named, and the
-correlation/smoothing helpers agree with values worked out by hand."""
+"""nemo_occ.lab.figures: every figure is drawn from small synthetic records, a missing key is named, the
+correlation/smoothing helpers agree with values worked out by hand, and what a reader needs is on the figure
+(n, unit, interval, pooled or not, one colour and marker per run)."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +27,6 @@ def _rows(seed: int, steps: int = 12, occ: bool = True) -> list[dict]:
             "train/mtp/accuracy_1": 0.6 + 0.01 * t,
             f"{pre}/lambda_applied_1": lam,
             f"{pre}/lambda_1": lam + 0.01,
-            f"{pre}/first_order_1": lam * 0.1,
-            f"{pre}/second_order_1": 0.5 * lam**2 * 0.2,
             **({"eval/accuracy": 0.3 + 0.03 * t} if t % 4 == 0 else {}),
         })  # fmt: skip
     return rows
@@ -60,7 +60,7 @@ def test_every_figure_is_drawn_from_synthetic_records(tmp_path, runs):
         F.fig6_reward(runs, tmp_path / "f6.png", caption="run x, config y"),
         F.fig4_lambda({"occ": runs["occ"]}, tmp_path / "f4.png", caption="run x"),
         F.fig_lambda_agreement(runs, tmp_path / "fa.png", caption="run x"),
-        F.fig2_dynamics(probes, runs, tmp_path / "f2.png", caption="run x"),
+        F.fig2_dynamics(probes, tmp_path / "f2.png", caption="run x"),
         F.fig8_fidelity(probes, tmp_path / "f8.png", caption="run x"),
     ]
     for path in written:
@@ -70,7 +70,7 @@ def test_every_figure_is_drawn_from_synthetic_records(tmp_path, runs):
 
 def test_fig2_without_the_proxy_cosine_input_still_draws(tmp_path, runs):
     probes = {"occ": [{k: v for k, v in r.items() if k != "d_rl2"} for r in _probes(0)]}
-    assert _is_png(F.fig2_dynamics(probes, {"occ": runs["occ"]}, tmp_path / "f2.png", caption="x"))
+    assert _is_png(F.fig2_dynamics(probes, tmp_path / "f2.png", caption="x"))
 
 
 def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
@@ -84,7 +84,7 @@ def test_a_missing_key_is_named_and_nothing_is_written(tmp_path, runs):
     probes = {"policy": _probes(1)}
     del probes["policy"][3]["v2_hat_own"]
     with pytest.raises(F.FigureDataError, match=r"probe record 3 of run 'policy' lacks \['v2_hat_own'\]"):
-        F.fig2_dynamics(probes, runs, tmp_path / "f2.png", caption="x")
+        F.fig2_dynamics(probes, tmp_path / "f2.png", caption="x")
     with pytest.raises(F.FigureDataError, match="no runs given"):
         F.fig6_reward({}, tmp_path / "f6.png", caption="x")
     assert list(tmp_path.iterdir()) == []
@@ -110,12 +110,14 @@ def test_spearman_ci_matches_values_worked_out_by_hand():
     assert F.spearman_ci([1, 2, 3, 4, 5, 6], [1, 2, float("nan"), 4, 5, 3])["n"] == 5
 
 
-def test_smooth_is_a_trailing_mean_that_skips_nans():
-    np.testing.assert_allclose(F.smooth([1, 2, 3, 4], 2), [1.0, 1.5, 2.5, 3.5])
-    np.testing.assert_allclose(F.smooth([1, float("nan"), 3, 5], 3), [1.0, 1.0, 2.0, 4.0])
-    np.testing.assert_allclose(F.smooth([4, 8], 1), [4.0, 8.0])
+def test_centred_mean_averages_both_sides_shrinks_at_the_ends_and_skips_nans():
+    np.testing.assert_allclose(F.centred_mean([1, 2, 3, 4, 5], 3), [1.5, 2.0, 3.0, 4.0, 4.5])
+    np.testing.assert_allclose(F.centred_mean([1, float("nan"), 3, 5], 3), [1.0, 2.0, 4.0, 4.0])
+    # a straight line keeps its values inside (a trailing mean would lag it by half a window)
+    np.testing.assert_allclose(F.centred_mean(list(range(10)), 5)[2:-2], range(2, 8))
+    np.testing.assert_allclose(F.centred_mean([4, 8], 1), [4.0, 8.0])
     with pytest.raises(ValueError, match="window"):
-        F.smooth([1.0], 0)
+        F.centred_mean([1.0], 0)
 
 
 def _with_training_probe(rows: list[dict], pre: str) -> list[dict]:
@@ -174,3 +176,116 @@ def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_p
     assert set(failed) == {"fig4_lambda.png", "fig_lambda_agreement.png"}
     assert "'occ'" in failed["fig4_lambda.png"] and "lambda" in failed["fig4_lambda.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawn)
+
+
+@pytest.fixture
+def drawn(monkeypatch):
+    """The figures as drawn, not saved: path name -> (matplotlib figure, caption)."""
+    import matplotlib.pyplot as plt
+
+    got = {}
+
+    def keep(fig, path, caption):
+        got[path.name] = (fig, caption)
+        return path
+
+    monkeypatch.setattr(F, "_save", keep)
+    yield got
+    for fig, _ in got.values():
+        plt.close(fig)
+
+
+def test_styles_are_fixed_per_regime_and_distinct_for_up_to_19_labels():
+    a, b = F.assign_styles(["occ", "policy", "ce"]), F.assign_styles(["ce", "occ_lp2", "policy", "occ"])
+    assert all(a[r] == b[r] for r in ("occ", "policy", "ce"))  # the order of the labels does not matter
+    labels = ["none", "detach", "ce", "policy", "occ"] + [f"v{i}" for i in range(14)]
+    styles = F.assign_styles(labels)
+    assert len({s[0] for s in styles.values()}) == 19 and len({s[2] for s in styles.values()}) == 19
+    with pytest.raises(ValueError, match="no entry"):
+        F.fig6_reward({"occ": [_rows(0)]}, Path("x.png"), caption="x", styles={"ce": styles["ce"]})
+
+
+def test_fig4_draws_each_steps_lambda_unsmoothed(drawn, runs):
+    F.fig4_lambda({"occ": runs["occ"]}, Path("f4.png"), caption="x")
+    fig, caption = drawn["f4.png"]
+    (mean,) = [ln for ln in fig.axes[0].get_lines() if ln.get_label() == "occ (n=2)"]
+    want = [np.mean([r["train/mtp/occ/lambda_applied_1"] for r in (s[t], s2[t])]) for s, s2 in [runs["occ"]]
+            for t in range(1, 13)]  # fmt: skip
+    np.testing.assert_allclose(mean.get_ydata(), want)  # no smoothing: the first steps keep their values
+    assert len(fig.axes[0].get_lines()) >= 3  # each seed's own line beside the mean
+    assert "n = 2 seeds" in caption and "unit" in caption and "no smoothing" in caption
+
+
+def test_fig8_legends_rho_within_checkpoints_over_seeds_and_titles_say_what_is_pooled(drawn):
+    from scipy.stats import spearmanr
+
+    recs = {label: [{**r, "seed": s} for s in range(3) for r in _probes(10 * j + s, 12)]
+            for j, label in enumerate(("occ", "policy"))}  # fmt: skip
+    F.fig8_fidelity(recs, Path("f8.png"), caption="x")
+    fig, caption = drawn["f8.png"]
+    # the independent route: scipy within every (seed, step), the mean per seed, the mean over seeds
+    per_seed = [np.mean([spearmanr([r["c_hat"] for r in recs["occ"] if (r["seed"], r["step"]) == (s, k)],
+                                   [r["c"] for r in recs["occ"] if (r["seed"], r["step"]) == (s, k)]).statistic
+                         for k in (4, 8, 12)]) for s in range(3)]  # fmt: skip
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert (
+        legend[0].startswith(f"occ: ρ̄ = {np.mean(per_seed):.2f} [")
+        and "over 3 seeds (9 clusters)" in legend[0]
+    )
+    title = fig.axes[0].get_title().replace("\n", " ")
+    assert "pooled over occ, policy, seeds and checkpoints" in title and "n=72 points" in title
+    assert "same-sample" in fig.axes[0].get_ylabel()  # no c_cross in these records: named for what it is
+    for r in recs["occ"] + recs["policy"]:
+        r.update(c_cross=-r["c"], v2_cross=r["v2"])
+    F.fig8_fidelity(recs, Path("f8.png"), caption="x")
+    fig, caption = drawn["f8.png"]
+    assert (
+        "cross-fitted" in fig.axes[0].get_ylabel()
+        and "ρ̄ = -" in fig.axes[0].get_legend().get_texts()[0].get_text()
+    )
+    assert "unit of replication: the seed" in caption and "95% t interval" in caption
+
+
+def test_every_figure_states_n_the_unit_and_its_interval(drawn, runs):
+    probes = {"occ": [{**r, "seed": 0} for r in _probes(0)]}
+    F.fig6_reward(runs, Path("f6.png"), caption="x")
+    F.fig4_lambda({"occ": runs["occ"]}, Path("f4.png"), caption="x")
+    F.fig_lambda_agreement(runs, Path("fa.png"), caption="x")
+    F.fig2_dynamics(probes, Path("f2.png"), caption="x")
+    F.fig8_fidelity(probes, Path("f8.png"), caption="x")
+    for name, (_, caption) in drawn.items():
+        assert caption.startswith("x "), name  # the caller's caption first
+        assert ("n = " in caption or "seed(s)" in caption) and "unit" in caption, name
+        assert "interval" in caption, name  # what the band/bars are, or that there is none
+    assert "(d)" not in " ".join(ax.get_title() for ax in drawn["f2.png"][0].axes)  # the identity is gone
+
+
+def test_regime_figures_give_a_label_one_colour_and_marker_in_every_figure(drawn):
+    regime_of = {"policy": "policy", "occ": "occ", "ce": "ce", "occ_lp2": "occ", "occ_lp5": "occ"}
+    runs = {r: [_with_training_probe(_rows(i, occ=regime_of[r] == "occ"), "occ" if regime_of[r] == "occ" else "proxy")]
+            for i, r in enumerate(regime_of)}  # fmt: skip
+    # another order than the runs', and sweep labels that have no fixed style of their own
+    probes = {
+        "occ_lp5": _probes(3),
+        "occ": _probes(0),
+        "ce": _probes(1),
+        "occ_lp2": _probes(4),
+        "policy": _probes(2),
+    }
+    F.regime_figures(
+        Path("."), runs, caption=lambda what, labels, source: what, probes=probes, regime_of=regime_of
+    )
+    from matplotlib.colors import to_hex
+
+    seen: dict[str, set] = {}
+    for fig, _ in drawn.values():  # every legend entry of every panel: the label's colour there
+        for ax in fig.axes:
+            legend = ax.get_legend()
+            for text, handle in zip(legend.get_texts() if legend else [], legend.legend_handles if legend else [],
+                                    strict=True):  # fmt: skip
+                label = text.get_text().split(" ")[0].rstrip(":")
+                colour = handle.get_color() if hasattr(handle, "get_color") else handle.get_facecolor()[0]
+                if label in regime_of:
+                    seen.setdefault(label, set()).add(to_hex(colour))
+    assert set(seen) == set(regime_of) and all(len(v) == 1 for v in seen.values()), seen
+    assert len({next(iter(v)) for v in seen.values()}) == 5  # and no two labels share one

@@ -15,7 +15,6 @@ import torch
 
 from nemo_occ.cli import main
 from nemo_occ.lab.study.plan import build_plan, probe_steps, variants
-from nemo_occ.lab.study.report import compare, run_metrics
 
 
 def _plan(**kw):
@@ -93,43 +92,6 @@ def test_probe_steps_are_spread_evenly_and_end_at_the_last_step():
         probe_steps(2, 3)
 
 
-def test_welch_comparison_matches_the_t_distribution_by_hand():
-    # a = [1,2,3], b = [4,5,6]: diff −3, s² = 1 each, t = −3/sqrt(2/3), Welch df = 4. For 4 degrees of
-    # freedom the t CDF is F(t) = 1/2 + (x/2)(1 + (1 − x²)/2) with x = t/sqrt(4 + t²).
-    t = 3 / math.sqrt(2 / 3)
-    x = t / math.sqrt(4 + t * t)
-    p = 2 * (1 - (0.5 + x / 2 * (1 + (1 - x * x) / 2)))
-    got = compare([1, 2, 3], [4, 5, 6])
-    assert got["diff"] == pytest.approx(-3.0)
-    assert got["seed_sd"] == pytest.approx(1.0)
-    assert got["p"] == pytest.approx(p, rel=1e-6)
-    assert got["within_noise"] is False  # p ≈ 0.021
-    assert compare([1, 2, 3], [1.5, 2.5, 3.5])["within_noise"] is True
-    one = compare([1.0], [2.0, 3.0])  # one seed: no test, so it cannot be called beyond noise
-    assert one["p"] is None and one["within_noise"] is True and one["diff"] == pytest.approx(-1.5)
-
-
-def test_run_metrics_reads_the_tail_and_the_sign_of_lambda():
-    rows = [{"step": 0, "eval/accuracy": 0.2}]
-    for t in range(1, 11):
-        rows.append(
-            {"step": t, "reward/mean": t / 10, "train/mtp/accuracy_1": 0.5, "train/mtp/occ/lambda_1": t - 3.0}
-        )
-    rows[-1]["eval/accuracy"] = 0.9
-    m = run_metrics(rows, steps=10, wall_s=3.0)
-    assert m["reward_final"] == pytest.approx((0.6 + 0.7 + 0.8 + 0.9 + 1.0) / 5)  # tail = max(5, 10/5)
-    assert m["eval_start"] == 0.2 and m["eval_final"] == 0.9 and m["agreement_final"] == 0.5
-    assert m["lambda_positive"] == pytest.approx(0.7)  # −2, −1, 0 are not positive; 1..7 are
-    assert m["lambda_median"] == pytest.approx(2.5)  # median of −2..7
-    assert m["wall_s"] == 3.0
-    assert m["mtp_share_median"] is None and m["clipped_mean"] is None  # not logged: not invented
-    rows[3].update({"update/mtp_share": 0.1, "update/clipped": 1.0})
-    rows[4].update({"update/mtp_share": 0.5, "update/clipped": 0.0})
-    rows[5].update({"update/mtp_share": 0.2, "update/clipped": 0.5})
-    m = run_metrics(rows, steps=10)
-    assert m["mtp_share_median"] == pytest.approx(0.2) and m["clipped_mean"] == pytest.approx(0.5)
-
-
 def _cli(*argv):
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
@@ -196,9 +158,9 @@ def test_tiny_study_trains_probes_and_reports(tiny):
     for variant in ("detach", "occ"):
         assert os.path.samefile(shared, out / "runs" / variant / "seed0" / "warmstart.pt"), variant
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["variants"]) == {"detach", "occ"} and summary["unfinished"] == []
-    assert summary["probes"]["occ"]["pooled"]["n"] == len(rec["records"])
-    # the figures every run set gets (no sweep panel: detach is in none of them)
+    assert set(summary["variants"]) == {"detach", "occ"} and summary["dropped"]["unfinished"] == []
+    assert summary["probes"]["occ"]["records"] == len(rec["records"])
+    # the figures every run set gets; no sweep panel (none of the sweeps' variants ran)
     figures = ["fig6_reward.png", "fig4_lambda.png", "fig_lambda_agreement.png", "fig2_dynamics.png",
                "fig8_fidelity.png", "fig8_training_probes.png"]  # fmt: skip
     assert summary["figures"] == figures and summary["figures_not_drawn"] == {}
@@ -254,33 +216,6 @@ def test_a_second_study_in_the_same_folder_is_refused(tmp_path):
         os.close(fd)
     assert rc == 2 and "another nemo-occ study is running in it" in err
     assert [p.name for p in out.iterdir()] == [".study.lock"]  # nothing written
-
-
-def test_figure_captions_name_each_variants_seeds_when_they_differ():
-    from nemo_occ.lab.study.report import seeds_text
-
-    pairs = [("occ", 0), ("occ", 1), ("occ", 2), ("occ_lp2", 0), ("policy", 2), ("policy", 0)]
-    assert seeds_text(["occ", "occ_lp2"], pairs) == "seeds occ [0, 1, 2], occ_lp2 [0]"
-    # one list when the drawn variants agree; variants without a finished run are left out
-    assert seeds_text(["occ", "missing"], pairs) == "seeds [0, 1, 2]"
-    assert seeds_text(["policy", "occ_lp2"], [p for p in pairs if p != ("policy", 2)]) == "seeds [0]"
-
-
-def test_the_occ_headline_holds_only_when_occ_beats_none_and_policy_beyond_seed_noise():
-    from nemo_occ.lab.study.report import _mechanism
-
-    def summary(occ, none, policy):
-        return {"probes": {}, "training_probes": {}, "variants": {},
-                "comparisons": {"occ - none": compare(occ, none), "occ - policy": compare(occ, policy)}}  # fmt: skip
-
-    clear = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.72, 0.73, 0.71]))["occ_helps"]
-    assert clear["holds"] and clear["occ - none"]["diff"] == pytest.approx(0.11)
-    # above policy only within seed noise: not shown
-    noisy = _mechanism(summary([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.60, 0.95, 0.80]))["occ_helps"]
-    assert not noisy["holds"] and noisy["occ - policy"]["within_noise"]
-    # below none: not shown however clear
-    below = _mechanism(summary([0.60, 0.61, 0.62], [0.70, 0.71, 0.69], [0.50, 0.51, 0.52]))["occ_helps"]
-    assert not below["holds"]
 
 
 @pytest.mark.slow

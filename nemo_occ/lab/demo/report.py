@@ -140,8 +140,8 @@ def conditions_summary(rows: list[dict]) -> dict:
         "clip_fired_share": _mean(rows, "update/clipped"),
         "mtp_share_median": _median(rows, "update/mtp_share"),
         "mtp_cos_applied_median": _median(rows, "update/mtp_cos"),
-        "cos_rl_mtp_1_median": _median(rows, "fidelity/cos_same_sample_1"),
-        "cos_rl_mtp_1_cross_fit_median": _median(rows, "fidelity/cos_cross_fit_1"),
+        "cos_rl_mtp_1_median": _median(rows, f"{_FIDELITY}cos_same_sample_1"),
+        "cos_rl_mtp_1_cross_fit_median": _median(rows, f"{_FIDELITY}cos_cross_fit_1"),
         "half_batch_cos_median": _median(rows, "exact/half_batch_cos"),
     }
 
@@ -178,26 +178,33 @@ def summary_markdown(summary: dict, header: str) -> str:
         "Conditions (`nemo_occ.lab.demo.report.conditions_summary`): MTP top-1 agreement with the sampled tokens and "
         "reward at RL step 1; share of updates whose gradient norm exceeded the clip; median over steps of the MTP "
         "term's share of the update ‖g_term‖/‖g_RL‖ and of cos(g_RL, g_term), λ applied, over the main model; "
-        "median over probes of cos(g_RL, g_MTP) (unscaled) and of the cosine between the RL gradients of one "
-        "minibatch's two halves (1: all signal, 0: all sampling noise).",
+        "median over probes of cos(g_RL, g_MTP) (unscaled; cross-fitted between the probed minibatch's two halves, "
+        "and same-sample, which includes each sequence's covariance with itself) and of the cosine between the RL "
+        "gradients of one minibatch's two halves (1: all signal, 0: all sampling noise). One seed: no interval, "
+        "no test; differences between regimes here are not evidence (the study has seeds and tests).",
         "",
         "| regime | agreement (step 1) | reward (step 1) | clip fired | MTP share | cos(g_RL, g_term) "
-        "| cos(g_RL, g_MTP) | half-batch cos |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cos(g_RL, g_MTP) cross-fitted | same-sample | half-batch cos |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for regime, e in summary["regimes"].items():
         c = e["conditions"]
         lines.append(
             f"| {regime} | {_fmt(c['mtp_agreement_1_step1'])} | {_fmt(c['reward_step1'])} | "
             f"{_fmt(c['clip_fired_share'], '.2f')} | {_fmt(c['mtp_share_median'], '.3g')} | "
-            f"{_fmt(c['mtp_cos_applied_median'], '.2f')} | {_fmt(c['cos_rl_mtp_1_median'], '.2f')} | "
-            f"{_fmt(c['half_batch_cos_median'], '.2f')} |"
+            f"{_fmt(c['mtp_cos_applied_median'], '.2f')} | {_fmt(c['cos_rl_mtp_1_cross_fit_median'], '.2f')} | "
+            f"{_fmt(c['cos_rl_mtp_1_median'], '.2f')} | {_fmt(c['half_batch_cos_median'], '.2f')} |"
         )
     fid = {r: e["fidelity"] for r, e in summary["regimes"].items() if "fidelity" in e}
     if fid:
         lines += _fidelity_table(fid)
     if summary.get("plots"):
-        lines += ["", "Figures (`nemo_occ.lab.figures`; each caption names the setting):", ""]
+        lines += [
+            "",
+            "Figures (`nemo_occ.lab.figures`; each caption names the setting, n, the unit and what its "
+            "bands are; one colour and marker per regime, the same in every figure):",
+            "",
+        ]
         lines += [f"![{name}]({name})" for name in summary["plots"]]
     if summary.get("plots_not_drawn"):
         lines += ["", "Figures not drawn, their metrics missing: "
@@ -247,7 +254,7 @@ def plot(runs: dict[str, dict], out_dir: Path, setting: str) -> tuple[list[str],
     from nemo_occ.lab.figures import regime_figures
 
     def caption(what: str, labels: list[str], source: str) -> str:
-        return f"{what}. {setting}; one seed per regime ({', '.join(labels)})."
+        return f"{what}. {setting}; one seed per regime ({', '.join(labels)}): no interval across seeds."
 
     return regime_figures(out_dir, {r: [run["metrics"]] for r, run in runs.items()}, caption=caption)
 
