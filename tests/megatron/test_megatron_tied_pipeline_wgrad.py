@@ -18,11 +18,11 @@ the MTP layers' own embedding lookup (``.grad``) and the MTP heads' log-probs, t
 other parameter its reference's. A fused path that dropped its weight gradient, added it twice, or wrote
 it where the embedding group's all-reduce does not read fails here.
 
-Megatron itself loses the last stage's ``.grad`` contributions to this weight under fusion: the output
-layer sets ``grad_added_to_main_grad`` on it and DDP's hook then skips ``.grad`` unless ``zero_out_wgrad``
-is set, which megatron-core (0.16.1 and 0.20) sets for tied weights only at PP = 1. The MTP layers'
-embedding-lookup gradient would be dropped; the test sets ``zero_out_wgrad`` on the last stage's copy as
-PP = 1 does (see ``_with_zero_out_wgrad``) and checks that without it the lookup's share is missing.
+Megatron by itself would lose one of them: the output layer marks the weight ``grad_added_to_main_grad``
+and DDP's hook then skips ``.grad`` unless ``zero_out_wgrad`` is set, which megatron-core (0.16.1 to 0.20)
+sets for tied weights at PP = 1 only, so the MTP layers' lookup gradient on the last stage would be
+dropped. The log-prob path sets it on that copy (``head_logprobs.keep_lookup_grad_of_tied_copy``); this
+test failed without it (embedding gradient on both stages).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class _NoStream:
         raise AssertionError("no CUDA events exist on a CPU run")
 
 
-def _tied_pp2_vs_reference(rank, world, zero_out_wgrad: bool):
+def _tied_pp2_vs_reference(rank, world):
     # long on purpose: the reference, the two-stage step and the comparison share the batch and weights
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import (
@@ -142,8 +142,6 @@ def _tied_pp2_vs_reference(rank, world, zero_out_wgrad: bool):
     shared = gpt.shared_embedding_or_output_weight()
     # Both stages hold a copy of the word embedding (the last one for its MTP layers).
     assert shared is gpt.embedding.word_embeddings.weight
-    if stage == 1 and zero_out_wgrad:
-        shared.zero_out_wgrad = True
     model.zero_grad_buffer()
 
     def forward_step(data_iterator, chunk):
@@ -182,15 +180,9 @@ def _tied_pp2_vs_reference(rank, world, zero_out_wgrad: bool):
             assert not got.any(), f"stage {stage} {name}: gradient where the reference has none"
             continue
         expected = expected / 2  # finalize_model_grads: divided by the 2 tokens the loss reported
-        if p is shared and not zero_out_wgrad:
-            # Megatron drops the MTP layers' embedding-lookup .grad on the last stage (module doc); the
-            # all-reduce carries the loss to the first stage's copy too.
-            assert not torch.allclose(got, expected), "megatron kept the lookup's .grad after all"
-            continue
         torch.testing.assert_close(got, expected, msg=lambda m, n=name: f"stage {stage} {n}: {m}")
     ps.destroy_model_parallel()
 
 
-@pytest.mark.parametrize("zero_out_wgrad", [True, False], ids=["zero_out_wgrad", "megatron_default"])
-def test_tied_pp2_fused_wgrad_and_fused_mtp_equal_unfused_reference(zero_out_wgrad):
-    run_ranks(_tied_pp2_vs_reference, 2, zero_out_wgrad)
+def test_tied_pp2_fused_wgrad_and_fused_mtp_equal_unfused_reference():
+    run_ranks(_tied_pp2_vs_reference, 2)
