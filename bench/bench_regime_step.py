@@ -115,13 +115,13 @@ def main() -> None:
         for variant, into in grads.items():
             update(variant, into)
         ref, got = grads[regime], grads[regime + "+fused"]
-        scale = max(float(g.abs().max()) for g in ref.values())
-        worst = max(float((got[n] - g).abs().max()) for n, g in ref.items()) / scale
-        if sorted(got) != sorted(ref) or worst > (1e-4 if dtype == torch.float32 else 2e-2):
-            raise SystemExit(
-                f"{regime}+fused gives other gradients than {regime} ({worst:.1e} of the largest)"
-            )
-        print(f"{regime}+fused vs {regime}: largest gradient difference {worst:.1e} of the largest gradient")
+        # per parameter, relative to its own largest gradient entry (a wrong MTP scale shows on mtp.*)
+        worst = max(float((got[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in ref.items())
+        if sorted(got) != sorted(ref) or worst > (1e-4 if dtype == torch.float32 else 5e-2):
+            raise SystemExit(f"{regime}+fused gives other gradients than {regime} ({worst:.1e}, relative)")
+        print(
+            f"{regime}+fused vs {regime}: largest gradient difference {worst:.1e} (per parameter, relative)"
+        )
 
     times = interleaved_rounds(update, VARIANTS, args.rounds)
     wall = {v: statistics.median(t[0] for t in ts) for v, ts in times.items()}
