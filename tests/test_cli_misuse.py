@@ -79,7 +79,7 @@ MISUSES = [
     row("study: zero steps", "study --steps 0", r"nemo-occ study: --steps 0: give at least 1"),
     row("study: a seed twice", "study --seeds 0 0", r"nemo-occ study: --seeds 0 0: name each seed once"),
     row("study: sweep seed not a seed", "study --sweep-seeds 7", r"nemo-occ study: --sweep-seeds 7: each must be one of --seeds"),
-    row("study: unknown variant", "study --quick --only bogus", r"nemo-occ study: --only bogus: choose from none, occ, .*"),
+    row("study: unknown variant", "study --quick --only bogus", r"nemo-occ study: --only bogus: choose from detach, occ, policy, ce, .*"),
     row("study: negative probes", "study --probe-minibatches -1", r"nemo-occ study: --probe-minibatches must be >= 0 and --probe-checkpoints >= 1"),
     row("study: more probes than steps", "study --quick --probe-checkpoints 99", r"nemo-occ study: --probe-checkpoints 99 exceeds the \d+ RL steps"),
     row("study: missing config", "study --config {home}/missing.yaml", r"nemo-occ study: --config .*/missing.yaml: no such file"),

@@ -205,9 +205,9 @@ def test_ctrl_c_prints_one_line_and_the_rerun_resumes_to_the_uninterrupted_resul
     monkeypatch.setattr(trainer, "save_checkpoint", save_then_ctrl_c)
     capsys.readouterr()
     assert main([*argv, str(cut)]) == 130
-    # the resume notice, where the (cached) warm start stopped, then one line for Ctrl-C
+    # the resume notice, what the (cached) warm start measured, then one line for Ctrl-C
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[0].endswith("(occ: not started)") and err[1].startswith("warm start: targets")
+    assert err[0].endswith("(occ: not started)") and err[1].startswith("warm start: 80 SFT steps")
     assert err[2:] == ["nemo-occ demo: interrupted; rerun the same command to resume"]
     assert _steps(cut / "occ" / "metrics.jsonl") == [0, 1, 2]
     with (cut / "occ" / "metrics.jsonl").open("a") as f:  # a kill in the middle of the next row

@@ -64,7 +64,7 @@ __all__ = ["StudyError", "run_study", "study_identity", "variant_config", "job_d
 
 KIND = "nemo-occ study"
 STUDY_FILE = "study.json"
-OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md", "matched.json")
+OWNED = (STUDY_FILE, "warmstart", "runs", "probes", "summary.json", "summary.md", "matched.json", "provenance.json")
 
 _FRESH = "add --overwrite to start fresh or choose another --out"
 
