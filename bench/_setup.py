@@ -130,6 +130,31 @@ def update_losses(cur, b: SyntheticBatch, policy_cfg, objective) -> tuple[torch.
     return main_head_loss(cur, b, policy_cfg), mtp_loss
 
 
+def fused_mtp_term(b: SyntheticBatch, policy_cfg, objective):
+    """The MTP term's per-token gradient for the fused log-prob path (``head_logprobs.FusedMTPTerm``).
+
+    What ``nemo_occ.nemo_rl.fused_mtp.fused_mtp_term`` builds from a NeMo-RL micro-batch, here from ``b``:
+    each depth's token weights (the regime's loss, its aggregation, λ_k of this update, the global counts)
+    and dL/d log p from ``token_loss_grad`` with the main head's old log-probs and the advantages.
+    """
+    from nemo_occ.core.losses import token_loss_grad, token_loss_weights
+    from nemo_occ.megatron.head_logprobs import FusedMTPTerm
+
+    loss = objective.regime.objective
+    coefs = objective.coefficients()
+    advantages = b.advantages[:, None].expand_as(b.old_logprobs)  # [B, S-1]
+
+    def prepare(depth: int, valid: torch.Tensor):
+        weights = token_loss_weights(
+            loss, b.mask & valid, policy_cfg.aggregation, coefs[depth - 1], **b.counts
+        )  # [B, S-1]
+        return lambda rows, j, lp: token_loss_grad(
+            loss, lp, b.old_logprobs[rows, j], advantages[rows, j], weights[rows, j], policy_cfg
+        )
+
+    return FusedMTPTerm(prepare=prepare)
+
+
 def unscaled_mtp_losses(cur, b: SyntheticBatch, objective) -> list[torch.Tensor]:
     """Each depth's MTP loss before the regime's coefficient (the exact probes' g_MTP)."""
     return objective.unscaled_losses(TokenInputs(mtp_logprobs=cur.mtp_logprobs, old_logprobs=b.old_logprobs,

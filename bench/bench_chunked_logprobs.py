@@ -40,8 +40,9 @@ of the two: it does not count the time other processes held the cores. On CUDA e
 ``torch.cuda.synchronize()`` and the ratios are of wall time (host CPU time says nothing about the GPU).
 
 Run:  python bench/bench_chunked_logprobs.py --threads 1                (defaults: T=4096, H=512, V=32768)
-      python bench/bench_chunked_logprobs.py --threads 1 --hidden 1024 --vocab 9472 --chunk-sizes 64 128
-          (GLM-4.5-Air's ratio at TP4: V/TP = 151552/4 = 37888 = 9.25 H, H = 4096)
+      python bench/bench_chunked_logprobs.py --threads 1 --hidden 1024 --vocab 9472 --chunk-sizes 64 128 256 512
+          (GLM-4.5-Air's ratio at TP4: V/TP = 151552/4 = 37888 = 9.25 H, H = 4096; the bound on what any
+          chunk size can reach there is worked out in docs/benchmarks.md)
       python bench/bench_chunked_logprobs.py --device cuda --tokens 8192 --hidden 1024 --vocab 65536  (bf16)
 """
 

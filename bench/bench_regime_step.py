@@ -5,12 +5,16 @@ megatron-core GPT with one MTP layer (CPU, through ``nemo_occ.lab.cpu_compat``),
 head's clipped loss, ``MTPObjective`` for the regime, one backward, an optimizer step and
 ``close_update``. ``exact`` is the ``policy`` regime plus the exact gradient statistics
 (``exact_gradient_statistics``: two extra backward passes), the full-model alternative to OCC's
-log-prob proxies.
+log-prob proxies. A ``+fused`` variant is the same regime with the MTP heads' log-probs on the fused
+path (``chunked_logprobs.fused_token_loss`` through ``head_logprobs.FusedMTPTerm``, as NeMo-RL's loss
+post-processor builds it: the MTP term's gradient taken in forward, three GEMMs per chunk instead of
+four); before timing, each is checked to leave the parameters where its unfused twin leaves them.
 
 Variants are interleaved round by round (each round runs every variant once, in a rotating order) so
 that machine noise hits them alike; the table reports the median wall time and process CPU time
-(user + sys of all threads) per update and their ratios to ``detach`` and to ``policy`` (OCC's own overhead is occ / policy: the proxy sums and the
-calibrator; the joint regimes' cost over detach is occ / detach). The demo's per-step times also
+(user + sys of all threads) per update and their ratios to ``detach`` and to ``policy`` (OCC's own
+overhead is occ / policy: the proxy sums and the calibrator; the joint regimes' cost over detach is
+occ / detach, and occ+fused / detach+fused on the fused path). The demo's per-step times also
 depend on how many groups DAPO's dynamic sampling keeps, which differs between regimes; this
 benchmark holds the data fixed. On a shared machine CPU time is the steadier of the two (it does not
 count the time other processes held the cores; use ``--threads 1`` so that no thread waits for another).
@@ -37,6 +41,7 @@ import torch
 from _setup import (  # bench/ is on sys.path when run
     add_model_args,
     build_model,
+    fused_mtp_term,
     header,
     interleaved_rounds,
     prepare,
@@ -46,7 +51,7 @@ from _setup import (  # bench/ is on sys.path when run
     update_losses,
 )
 
-VARIANTS = ("none", "detach", "ce", "policy", "occ", "exact")
+VARIANTS = ("none", "detach", "ce", "policy", "occ", "exact", "detach+fused", "policy+fused", "occ+fused")
 
 
 def main() -> None:
@@ -76,27 +81,47 @@ def main() -> None:
     b = synthetic_batch(model, args)
     policy_cfg = PolicyLossConfig()
 
-    def update(variant: str) -> tuple[float, float]:
+    def update(variant: str, grads: dict | None = None) -> tuple[float, float]:
         model.load_state_dict(init_state)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
-        regime = "policy" if variant == "exact" else variant
-        objective = MTPObjective(NemoOCCConfig(regime=regime), policy_cfg)
+        regime, _, path = variant.partition("+")
+        regime = "policy" if regime == "exact" else regime
+        # λ = 1 from the start (the default 0 until statistics exist would leave occ's MTP term at 0)
+        occ = {"initial_lambda": 1.0} if regime == "occ" else {}
+        objective = MTPObjective(NemoOCCConfig(regime=regime, occ=occ), policy_cfg)
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
+        fused = fused_mtp_term(b, policy_cfg, objective) if path == "fused" else None
         cur = forward_with_mtp_logprobs(
-            model, b.ids, b.position_ids, detach_trunk=not objective.regime.trunk_gradient
+            model, b.ids, b.position_ids, detach_trunk=not objective.regime.trunk_gradient, fused=fused
         )
-        main_loss, mtp_loss = update_losses(cur, b, policy_cfg, objective)
+        main_loss, mtp_loss = update_losses(cur, b, policy_cfg, objective)  # fused: mtp_loss has no graph
         if variant == "exact":
             exact_gradient_statistics(
                 main_loss, unscaled_mtp_losses(cur, b, objective), list(model.parameters())
             )
         opt.zero_grad(set_to_none=True)
-        (main_loss + mtp_loss).backward()
+        (main_loss + mtp_loss + (cur.mtp_carrier if fused is not None else 0.0)).backward()
+        if grads is not None:  # the check below, never in a timed update
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         objective.close_update()
         sync()
         return time.perf_counter() - t0, time.process_time() - c0
+
+    # The fused path must train what the unfused one trains: one update each, gradients compared.
+    for regime in ("detach", "occ"):
+        grads = {regime: {}, regime + "+fused": {}}
+        for variant, into in grads.items():
+            update(variant, into)
+        ref, got = grads[regime], grads[regime + "+fused"]
+        # per parameter, relative to its own largest gradient entry (a wrong MTP scale shows on mtp.*)
+        worst = max(float((got[n] - g).abs().max() / g.abs().max().clamp(min=1e-30)) for n, g in ref.items())
+        if sorted(got) != sorted(ref) or worst > (1e-4 if dtype == torch.float32 else 5e-2):
+            raise SystemExit(f"{regime}+fused gives other gradients than {regime} ({worst:.1e}, relative)")
+        print(
+            f"{regime}+fused vs {regime}: largest gradient difference {worst:.1e} (per parameter, relative)"
+        )
 
     times = interleaved_rounds(update, VARIANTS, args.rounds)
     wall = {v: statistics.median(t[0] for t in ts) for v, ts in times.items()}
@@ -111,6 +136,16 @@ def main() -> None:
             f"{v:<8} {wall[v]:>8.3f} {cpu[v]:>8.3f} {wall[v] / wall['detach']:>7.3f} {cpu[v] / cpu['detach']:>7.3f}"
             f" {wall[v] / wall['policy']:>7.3f} {cpu[v] / cpu['policy']:>7.3f}"
         )
+    for path in ("", "+fused"):
+        print(
+            f"{'fused' if path else 'unfused'} MTP path, CPU time: occ / detach {cpu['occ' + path] / cpu['detach' + path]:.3f}, "
+            f"policy / detach {cpu['policy' + path] / cpu['detach' + path]:.3f}, occ / policy "
+            f"{cpu['occ' + path] / cpu['policy' + path]:.3f}"
+        )
+    print(
+        "fused / unfused, CPU time: "
+        + ", ".join(f"{r} {cpu[r + '+fused'] / cpu[r]:.3f}" for r in ("detach", "policy", "occ"))
+    )
 
 
 if __name__ == "__main__":

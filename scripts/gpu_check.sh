@@ -10,8 +10,9 @@
 #               log-probs in bf16 on CUDA
 #   wgrad       the fused weight-gradient DDP test with megatron's real fused_weight_gradient_mlp_cuda
 #               (-k real_kernel), after checking that megatron-core imported that kernel
-#   bench-*     bench/bench_regime_step.py, bench/bench_probe.py and bench/bench_chunked_logprobs.py (twice:
-#               V/H = 64 and GLM-4.5-Air's V/TP = 9.25 H at TP4) with --device cuda (bf16), at small shapes
+#   bench-*     bench/bench_regime_step.py (the regimes on the unfused and the fused MTP path),
+#               bench/bench_probe.py and bench/bench_chunked_logprobs.py (twice: V/H = 64 and GLM-4.5-Air's
+#               V/TP = 9.25 H at TP4) with --device cuda (bf16), at small shapes
 #               (a bench without a --device option is reported as not run)
 # Prints one line per step and exits non-zero if any step failed or did not run.
 #
@@ -126,9 +127,10 @@ run_bench() { # step script args...
     record "$step" FAILED "exit $rc (124 = timed out after ${BENCH_TIMEOUT}s; see $step.log)"
   fi
 }
-# 8 layers + 1 MTP layer: the MTP layer is ~1/9 of the transformer compute (docs/benchmarks.md).
-run_bench bench-regime bench/bench_regime_step.py --layers 8 --hidden 1024 --heads 16 --vocab 32768 \
-  --tokens 1024 --batch 8 --rounds 5
+# GLM-4.5-Air's shares of the forward FLOPs (docs/benchmarks.md): MTP layer ~3%, each head ~2.3 layers;
+# the regimes on the unfused and the fused MTP log-prob path.
+run_bench bench-regime bench/bench_regime_step.py --layers 32 --hidden 1024 --heads 16 --vocab 32768 \
+  --tokens 1024 --batch 4 --rounds 5
 run_bench bench-probe bench/bench_probe.py --layers 8 --hidden 1024 --heads 16 --vocab 32768 \
   --tokens 1024 --batch 8 --rounds 5
 run_bench bench-logprobs bench/bench_chunked_logprobs.py --tokens 8192 --hidden 1024 --vocab 65536 \

@@ -50,7 +50,8 @@ __all__ = [
 
 # Tokens per chunk; every caller in the package defaults to it. Peak memory against Megatron's
 # cross-entropy on full logits is about T / C lower (docs/benchmarks.md: 6.5x at T = 4096, C = 512;
-# 13x at C = 256): 512 rows keep a GPU GEMM efficient, and a training micro-batch has 16k+ tokens.
+# 13x at C = 256): 512 rows keep a GPU GEMM efficient, and a training micro-batch has 8k-32k tokens (at
+# GLM-4.5-Air's V/TP = 9.25 H in bf16, 10.5x at T = 8192 by the arithmetic there).
 DEFAULT_CHUNK_SIZE = 512
 
 

@@ -148,6 +148,21 @@ def await_output_weight(gpt: torch.nn.Module) -> None:
             hook(module, ())
 
 
+def keep_lookup_grad_of_tied_copy(gpt: torch.nn.Module) -> None:
+    """Make DDP keep the ``.grad`` of the last stage's tied word-embedding copy under fused wgrad accumulation.
+
+    With pipeline parallelism, tied output weights and MTP, the last stage holds a copy of the word
+    embedding that both its MTP layers (embedding lookup: ``.grad``) and the output layer read. With
+    ``gradient_accumulation_fusion`` the output layer adds its weight gradient into ``main_grad`` and
+    marks the weight ``grad_added_to_main_grad``; DDP's hook then skips ``.grad`` unless ``zero_out_wgrad``
+    is set, so the MTP layers' lookup gradient would be dropped. megatron-core (0.16 to 0.20) sets the
+    flag for tied weights at PP = 1 only; this sets it on the last stage's copy as PP = 1 does (the output
+    layer's dummy gradient is then zeros). Without fusion the flag changes nothing.
+    """
+    if gpt.share_embeddings_and_output_weights and getattr(gpt, "mtp_process", False) and not gpt.pre_process:
+        gpt.shared_embedding_or_output_weight().zero_out_wgrad = True
+
+
 def logit_scale(gpt: torch.nn.Module) -> float:
     """The factor megatron multiplies the output layer's logits by, main head and MTP depths alike.
 
@@ -368,6 +383,8 @@ def logprobs_from_hidden(
     """
     layout = sequence_layout(gpt, input_ids, packed_seq_params)
     await_output_weight(gpt)
+    if mtp_hidden:
+        keep_lookup_grad_of_tied_copy(gpt)
     heads = [(0, main_hidden)] if main_hidden is not None else []
     heads += list(enumerate(mtp_hidden, start=1))
     results = {

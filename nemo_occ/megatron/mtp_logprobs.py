@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from nemo_occ.megatron.chunked_logprobs import DEFAULT_CHUNK_SIZE
-from nemo_occ.megatron.head_logprobs import ModelLogProbs, logprobs_from_hidden
+from nemo_occ.megatron.head_logprobs import FusedMTPTerm, ModelLogProbs, logprobs_from_hidden
 from nemo_occ.megatron.model_access import mtp_disabled, swapped_attributes, unwrap_gpt_model
 from nemo_occ.megatron.mtp_capture import MTPCapture
 
@@ -31,6 +31,7 @@ def forward_with_mtp_logprobs(
     detach_trunk: bool,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     return_top1: bool = False,
+    fused: FusedMTPTerm | None = None,
 ) -> ModelLogProbs:
     """One forward of ``model`` -> main-head and per-depth MTP log-probs with gradient.
 
@@ -38,7 +39,9 @@ def forward_with_mtp_logprobs(
     context parallelism this rank's shard, exactly what ``model`` takes. Every CP rank gets the
     full-sequence result. ``detach_trunk=True`` (``detach`` regime): the MTP log-probs' gradient
     reaches only ``mtp.*`` parameters; the main log-probs always train the trunk. Megatron's own
-    MTP loss is not computed (see ``MTPCapture``). Needs the last pipeline stage.
+    MTP loss is not computed (see ``MTPCapture``). Needs the last pipeline stage. ``fused``: the MTP
+    depths take the MTP term's gradient in their chunk loops (``ModelLogProbs.mtp_carrier``, see
+    ``head_logprobs.FusedMTPTerm``); the main head is unchanged.
     """
     gpt = unwrap_gpt_model(model)
     if not gpt.post_process:
@@ -61,6 +64,7 @@ def forward_with_mtp_logprobs(
         detach_trunk=detach_trunk,
         chunk_size=chunk_size,
         return_top1=return_top1,
+        fused=fused,
     )
 
 

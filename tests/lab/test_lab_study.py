@@ -103,6 +103,7 @@ def _cli(*argv):
     "argv, message",
     [
         (["--seeds", "0", "0"], "name each seed once"),
+        (["--jobs", "0"], "--jobs 0: give at least 1"),
         (["--seeds", "0", "--sweep-seeds", "3"], "each must be one of --seeds"),
         (["--only", "bogus"], "choose from detach, occ, policy, ce"),
         (["--probe-checkpoints", "0"], "--probe-checkpoints >= 1"),
@@ -250,3 +251,20 @@ def test_jobs_in_parallel_give_the_same_numbers_as_one_at_a_time(tmp_path):
         rows[n]["matched"] = json.loads((out / "matched.json").read_text())
     assert len(rows[1]) == 2 * 3 + 1  # occ, ce, ce_matched for seeds 0 and 1, and the matched record
     assert rows[1] == rows[2]
+
+
+def test_max_minutes_starts_no_job_its_kind_says_would_end_past_the_bound():
+    import time
+
+    from nemo_occ.lab.study.run import _Runner
+
+    r = _Runner(None, None, None, None, None, 2, 1.0, False, print)
+    r.t0 = time.perf_counter() - 20  # 20 s in
+    assert r._fits("probe")  # no probe has finished: nothing says it would not fit
+    r.spent["train"] = [30.0]
+    assert r._fits("train")  # 20 s + 30 s <= 60 s
+    r.spent["train"] = [30.0, 60.0]
+    assert not r._fits("train")  # 20 s + the mean 45 s > 60 s
+    r.spent["train"] = [10.0, 50.0]
+    assert r._fits("train")  # 20 s + 30 s
+    assert _Runner(None, None, None, None, None, 2, None, False, print)._fits("train")  # no bound

@@ -27,7 +27,9 @@ def register(subparsers) -> None:
         "logs, a summary and plots.",
         epilog=_EPILOG,
     )
-    p.add_argument("--quick", action="store_true", help="a ~1-minute run (what the tests run)")
+    p.add_argument("--quick", action="store_true",
+                   help="a ~1-minute smoke run of every code path (what the tests run): too small to reach the "
+                   "paper's starting point, so it sets no warm-start targets and its numbers mean nothing")  # fmt: skip
     p.add_argument("--regimes", nargs="+", metavar="REGIME", help="subset of: none detach ce policy occ")
     p.add_argument("--out", type=Path, default=Path("demo-out"), help="output folder (default: ./demo-out)")
     p.add_argument(
