@@ -248,3 +248,24 @@ def test_summary_md_sets_the_matched_coefficients_source_beside_the_measured_sha
         "ce_matched: coef 0.145 = 0.1 × occ's mean MTP share over all steps 0.1100 / ce's at coef 0.1 (0.0770), "
         "from 2 runs. In the table above (per-run medians, mean over seeds): ce_matched 0.1000, occ 0.0300."
     ) in md
+
+
+def test_the_committed_study_adjusts_every_p_by_benjamini_hochberg_over_its_whole_family():
+    """docs/study/summary.json: every test's adjusted p is BH over all of the report's p-values, recomputed
+    here with scipy from the raw ones; no claim is called shown on an adjusted p ≥ 0.05."""
+    import json
+    from pathlib import Path
+
+    from scipy.stats import false_discovery_control
+
+    s = json.loads((Path(__file__).resolve().parents[2] / "docs" / "study" / "summary.json").read_text())
+    tests = {k: t for k, t in s["tests"].items() if t["p"] is not None}
+    assert len(tests) == s["statistics"]["family_size"]
+    adjusted = false_discovery_control([t["p"] for t in tests.values()], method="bh")
+    assert [t["p_adjusted"] for t in tests.values()] == pytest.approx(list(adjusted))
+    for claim in s["claims"]:
+        if claim["verdict"] == "shown":
+            assert claim["p_adjusted"] < 0.05
+        assert claim.get("p_adjusted") is None or claim["p_adjusted"] == pytest.approx(
+            s["tests"][claim["test_key"]]["p_adjusted"]
+        )
