@@ -383,7 +383,7 @@ def logprobs_from_hidden(
     """
     layout = sequence_layout(gpt, input_ids, packed_seq_params)
     await_output_weight(gpt)
-    if mtp_hidden:
+    if mtp_hidden and not gpt.pre_process:  # the last stage's tied copy exists only with PP > 1
         keep_lookup_grad_of_tied_copy(gpt)
     heads = [(0, main_hidden)] if main_hidden is not None else []
     heads += list(enumerate(mtp_hidden, start=1))
