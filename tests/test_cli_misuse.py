@@ -371,11 +371,19 @@ def _children(pid: int) -> list[int]:
         return []
 
 
+def _as_a_shell_starts_it() -> None:
+    """The child's SIGINT as a shell leaves it for a command: default action, not blocked. (An ignored or
+    blocked SIGINT is inherited through exec; in a full test session something leaves the pytest process
+    so, and the Ctrl-C tests then saw their command run to the end. Not yet traced: see the closing note.)"""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _ctrl_c(argv: list[str], cwd: Path, working, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run ``nemo-occ argv``; once ``working()`` is true, Ctrl-C (SIGINT to its process group)."""
     child = subprocess.Popen(
         [sys.executable, "-m", "nemo_occ", *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
+        text=True, start_new_session=True, preexec_fn=_as_a_shell_starts_it,
         env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))),
     )  # fmt: skip
     deadline = time.monotonic() + timeout
