@@ -47,9 +47,13 @@ class Variant:
     name: str  # folder name, e.g. "policy_coef0.5"
     regime: str
     overrides: dict = field(default_factory=dict, hash=False, compare=False)  # nemo_occ: block entries
-    core: bool = False
     demo_overrides: dict = field(default_factory=dict, hash=False, compare=False)  # demo: block entries
     kind: str = "sweep"  # "core" | "control" | "sweep"
+
+    @property
+    def core(self) -> bool:
+        """One of the core variants (trained for every seed, their checkpoints probed)."""
+        return self.kind == "core"
 
     def describe(self) -> str:
         """The regime and its overrides, as the report names the variant."""
@@ -86,7 +90,7 @@ def _num(x: float) -> str:
 def variants(coef: float, lambda_plus: float) -> list[Variant]:
     """Core variants, controls, then the sweeps (module docstring); sweep values equal to the core's are skipped."""
     # within a seed: the baseline first, then OCC and the fixed-λ policy loss it calibrates, then ce
-    out = [Variant(r, r, {}, core=True, kind="core") for r in (BASELINE, "occ", "policy", "ce")]
+    out = [Variant(r, r, {}, kind="core") for r in (BASELINE, "occ", "policy", "ce")]
     out += [
         Variant("ce_coef1", "ce", {"coef": 1.0}, kind="control"),
         Variant(MATCHED, "ce", {"coef": None}, kind="control"),
@@ -156,7 +160,7 @@ def build_plan(
     all_variants = variants(coef, lambda_plus)
     if old_logprobs == "mtp":  # the configured reading is already mtp: the other one is main
         all_variants = [
-            Variant(v.name.replace("_oldmtp", "_oldmain"), v.regime, {"old_logprobs": "main"}, v.core, kind=v.kind)
+            Variant(v.name.replace("_oldmtp", "_oldmain"), v.regime, {"old_logprobs": "main"}, kind=v.kind)
             if v.name.endswith("_oldmtp")
             else v
             for v in all_variants

@@ -210,7 +210,7 @@ def _warm_path(out: Path, seed: int) -> Path:
     return out / "warmstart" / f"seed{seed}.pt"
 
 
-def _warm_ready(out: Path, cfg: DemoConfig, seed: int) -> bool:
+def _warm_ready(out: Path, seed: int) -> bool:
     """Whether seed's shared warm start exists (``warm_start`` checks its fingerprint when it is read)."""
     return _warm_path(out, seed).exists()
 
@@ -535,8 +535,8 @@ class _Runner:
     def warm_starts(self, seeds: list[int]) -> None:
         """The shared warm start of each seed, before the runs that read it (two runs of a seed in parallel
         would otherwise both build it)."""
-        out, cfg = self.args[0], self.args[1]
-        need = [s for s in seeds if not _warm_ready(out, cfg, s)]
+        out = self.args[0]
+        need = [s for s in seeds if not _warm_ready(out, s)]
         self._execute([("warm", s, f"warm start seed {s}") for s in need], {}, left=0)
 
     def run(self, jobs: list[Job], skipped: dict, *, left: int) -> bool:
