@@ -8,21 +8,25 @@ probes) through :func:`regime_figures`.
 
 - :func:`fig2_dynamics`  — paper Fig. 2 at the probed checkpoints: (a) the cross-fitted alignment of
   g_RL and g_MTP over the main model next to the proxy cosine ĉ / sqrt(Σδ_RL² · v̂²); (b) v² (cross-fitted
-  when the records have it); (c) v̂² split into the MTP head's own change and the static head gap. (The
-  paper's Eq. 10 terms are not drawn: under OCC ½λ²v̂² = λĉ/(2λ+) by Eq. 13, an identity, not a finding.)
-- :func:`fig4_lambda`    — paper Fig. 4: λ applied and λ from each update's own statistics, every seed's
-  raw per-step value; the fraction of seeds whose λ is < 0 at each step.
-- :func:`fig6_reward`    — paper Fig. 6: training reward, held-out accuracy and MTP agreement per run label.
+  when the records have it); (c) v̂² per token and its parts, (d) the MTP head's own change and (e) the
+  static head gap. Each seed's minibatches are reduced to one value first. (The paper's Eq. 10 terms are
+  not drawn: under OCC ½λ²v̂² = λĉ/(2λ+) by Eq. 13, an identity, not a finding.)
+- :func:`fig4_lambda`    — paper Fig. 4: λ applied per step, every seed's raw value and their median; each
+  seed's median λ and its fraction of steps with λ < 0.
+- :func:`fig6_reward`    — paper Fig. 6: training reward, held-out accuracy and MTP agreement per run label
+  and, below, each label's final value minus ``detach``'s on the same seed (what the study's tests test).
 - :func:`fig8_fidelity`  — paper Fig. 8: log-log proxy vs exact, Spearman ρ within checkpoints.
 - :func:`fig_lambda_agreement` — λ next to the MTP head's top-1 agreement (the draft-acceptance proxy).
 - :func:`regime_figures` — the set of the above that the demo and the study both draw for their runs.
 
 Every figure says in its caption how many units each curve or point summarises, what the unit of
 replication is (the seed; a probe's minibatches are not independent of their checkpoint's) and what
-its band or bars are. Noisy training curves are a *centred* mean over ``window`` steps (:func:`centred_mean`,
-shorter at the ends, so it neither lags nor invents a start-up trend) with the raw mean faint. Each run
-label has its own colour and its own marker in every figure (:func:`assign_styles`; the five regimes
-always the same), so that coinciding lines stay apart. Correlations are
+its bars are: a 95% t interval over seeds where one is drawn, and "one seed" where there can be none.
+Spreads over seeds are shown as the seeds themselves (thin lines, small points), not as bands. Noisy
+training curves are a *centred* mean over ``window`` steps (:func:`centred_mean`, shorter at the ends, so
+it neither lags nor invents a start-up trend). Each run label has its own colour and its own marker in
+every figure (:func:`assign_styles`; the five regimes always the same), so that coinciding lines stay
+apart; legends sit below the panels or in a panel of their own, never over data. Correlations are
 :func:`nemo_occ.lab.study.stats.clustered_spearman`: within each checkpoint, summarised over seeds.
 """
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -88,7 +93,8 @@ _REGIME_STYLES = {
     "policy": ("#2ca02c", ":", "D"),
     "occ": ("#ff7f0e", "-", "v"),
 }
-_COLOURS = ("#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#000000", "#000080", "#800000", "#008080",
+# ordered so that the first few, which a study's controls take, are far apart from each other and the regimes'
+_COLOURS = ("#9467bd", "#17becf", "#000000", "#bcbd22", "#8c564b", "#e377c2", "#000080", "#800000", "#008080",
             "#ff00ff", "#808000", "#4b0082", "#a0522d", "#daa520")  # fmt: skip
 _MARKERS = ("P", "X", "*", "h", "<", ">", "p", "d", "H", "8", (4, 1, 0), (6, 1, 0), (7, 0, 0), (8, 1, 0))
 _LINES = ("--", "-.", ":", "-")
@@ -220,8 +226,8 @@ def _aligned(seeds: Sequence[Sequence[dict]], key: str) -> tuple[np.ndarray, np.
 def _check_runs(runs: Mapping, figure: str) -> None:
     if not runs:
         raise FigureDataError(f"{figure}: no runs given")
-    for label, seeds in runs.items():
-        if not seeds or any(not rows for rows in seeds):
+    for label, seeds in _runs(runs).items():
+        if not seeds or any(not rows for rows in seeds.values()):
             raise FigureDataError(f"{figure}: run '{label}' has a seed without any rows")
 
 
@@ -252,10 +258,25 @@ def _figure(ncols: int, nrows: int = 1, width: float = 4.6, height: float = 3.6,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows + 0.9), squeeze=False, **kw)
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False, **kw)
+
+
+def _legend_below(fig, axes) -> None:
+    """One legend for the whole figure, below its panels, so that none covers data: every entry of
+    ``axes``, each label once, in order (:func:`_save` makes room for it above the caption)."""
+    entries: dict[str, object] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        ncol = max(1, min(len(entries), int(fig.get_figwidth() / 2.6)))
+        fig.legend(list(entries.values()), list(entries), loc="lower center", ncol=ncol, fontsize=7.5,
+                   frameon=False)  # fmt: skip
 
 
 def _save(fig, path: Path, caption: str) -> Path:
+    """Titles wrapped to their panel, the caption (and a legend of :func:`_legend_below`) below the
+    panels, the PNG written atomically."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter
 
@@ -265,12 +286,22 @@ def _save(fig, path: Path, caption: str) -> Path:
     for ax in fig.axes:  # long titles of neighbouring panels must not run into each other
         ax.title.set_fontsize(min(ax.title.get_fontsize(), 9))
         width = int(ax.get_position().width * fig.get_figwidth() * 13)  # characters at 9 pt
-        ax.set_title(textwrap.fill(ax.get_title(), max(30, width)))
+        ax.set_title("\n".join(textwrap.fill(line, max(30, width)) for line in ax.get_title().split("\n")))
         if ax.get_xscale() == "log":  # minor tick labels of a narrow log range overprint each other
             ax.xaxis.set_minor_formatter(NullFormatter())
-    fig.text(0.01, 0.01, caption, fontsize=7.5, ha="left", va="bottom", wrap=True)
-    lines = max(1, math.ceil(len(caption) / 170))
-    fig.tight_layout(rect=(0, min(0.4, 0.05 * lines + 0.03), 1, 1))
+    lines = textwrap.wrap(caption, int(fig.get_figwidth() * 17))  # characters per line at 7.5 pt
+    caption_in = 0.13 * len(lines) + 0.12  # inches
+    legend_in = 0.0
+    if fig.legends:
+        legend = fig.legends[0]
+        rows = math.ceil(len(legend.get_texts()) / legend._ncols)
+        legend_in = 0.2 * rows + 0.1
+    fig.set_figheight(fig.get_figheight() + caption_in + legend_in)
+    height = fig.get_figheight()
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7.5, ha="left", va="bottom")
+    if fig.legends:
+        fig.legends[0].set_bbox_to_anchor((0.5, caption_in / height), transform=fig.transFigure)
+    fig.tight_layout(rect=(0, (caption_in + legend_in) / height, 1, 1))
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=110, metadata={"Software": None})
@@ -280,129 +311,260 @@ def _save(fig, path: Path, caption: str) -> Path:
     return path
 
 
-def _mean_sd(values) -> tuple[float, float]:
-    v = np.asarray(values, dtype=float)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+def _over(n: int) -> str:
+    """'mean over 5 seeds' or 'one seed'."""
+    return f"mean over {n} seeds" if n > 1 else "one seed"
 
 
-def _curve(ax, steps, seeds_values, style, label, window, band: bool = False) -> None:
-    """Mean over seeds of each seed's centred mean (bold), the raw mean faint, and, with ``band`` and more
-    than one seed, the seeds' min–max of the centred curves."""
+def _symlog(ax, values) -> None:
+    """A symlog y axis whose linear part spans the smallest tenth of |values| and is wide enough that the
+    labels of 0 and ±linthresh do not run into each other."""
+    from matplotlib.ticker import FixedLocator
+
+    mags = np.abs(np.asarray([v for v in values if np.isfinite(v) and v != 0], dtype=float))
+    linthresh = float(np.percentile(mags, 10)) if mags.size else 1e-6
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=1.0)
+    # labelled ticks: 0 and the decades from 10·linthresh out, on the signs the values take
+    lo, hi = math.floor(math.log10(linthresh)) + 1, math.ceil(math.log10(mags.max())) if mags.size else 0
+    decades = [10.0**e for e in range(lo, hi + 1)]
+    signs = {1.0 for v in values if v > 0} | {-1.0 for v in values if v < 0}
+    ax.yaxis.set_major_locator(FixedLocator(sorted([0.0, *(s * d for s in signs for d in decades)])))
+
+
+def _curve(ax, steps, seeds_values, style, label, window, each_seed: bool = False) -> None:
+    """Mean over seeds of each seed's centred mean (bold) and faint, the raw mean over seeds or, with
+    ``each_seed`` and several seeds, each seed's centred mean."""
     color, ls, marker = style
-    ax.plot(steps, seeds_values.mean(axis=0), color=color, alpha=0.2, lw=0.8)
     sm = np.array([centred_mean(s, window) for s in seeds_values])
+    for row in sm if each_seed and len(sm) > 1 else [seeds_values.mean(axis=0)]:
+        ax.plot(steps, row, color=color, alpha=0.35 if each_seed else 0.2, lw=0.6 if each_seed else 0.8)
     every = max(1, len(steps) // 8)
     ax.plot(steps, sm.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4, lw=1.6,
             label=label)  # fmt: skip
-    if band and len(seeds_values) > 1:
-        ax.fill_between(steps, sm.min(axis=0), sm.max(axis=0), color=color, alpha=0.15, lw=0)
+
+
+def _runs(runs: Mapping) -> dict[str, dict]:
+    """{label: {seed: rows}}: a label's seeds as given (a mapping seed -> rows) or numbered in order."""
+    return {label: dict(seeds) if isinstance(seeds, Mapping) else dict(enumerate(seeds))
+            for label, seeds in runs.items()}  # fmt: skip
+
+
+def final_tail(steps: int) -> int:
+    """How many last RL steps a run's final reward and MTP agreement average over: max(5, steps // 5)."""
+    return max(5, steps // 5)
+
+
+def _final(rows: Sequence[dict], key: str, tail: bool) -> float | None:
+    """A run's final ``key``: its mean over the last :func:`final_tail` steps (``tail``) or its last value."""
+    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+    if not pts:
+        return None
+    if not tail:
+        return float(pts[-1][1])
+    last = max(r["step"] for r in rows)
+    return float(np.mean([v for s, v in pts if s > last - final_tail(last)]))
+
+
+def _strip(ax, i: int, values, style, summary: dict | None) -> None:
+    """One run label's per-seed values at x = i (small points) and, right of them, ``summary``'s mean
+    with its 95% interval (``stats.paired``/``one_sample`` keys; none without an interval)."""
+    color, _, marker = style
+    v = np.asarray(values, dtype=float)
+    x = i + (np.linspace(-0.18, 0.18, v.size) if v.size > 1 else np.zeros(v.size))
+    single = v.size == 1  # nothing to summarise: the one value is the point, drawn as the summary would be
+    ax.scatter(x, v, color=color, marker=marker, s=36 if single else 18, alpha=1.0 if single else 0.6, lw=0)
+    if summary is not None and summary.get("ci") is not None:
+        lo, hi = summary["ci"]
+        m = summary["mean"]
+        ax.errorbar([i + 0.32], [m], yerr=[[m - lo], [hi - m]], color=color, marker=marker, ms=6, capsize=3)
+
+
+def _strip_axis(ax, labels: Sequence[str], counts: Sequence[int]) -> None:
+    ax.set_xticks(range(len(labels)), [f"{label}\n(n={n})" for label, n in zip(labels, counts, strict=True)],
+                  fontsize=7, rotation=15)  # fmt: skip
+    ax.set_xlim(-0.6, len(labels) - 0.3)
 
 
 # -- figures ---------------------------------------------------------------------------------------------
 
 
 def fig6_reward(
-    runs: Mapping[str, Sequence[Sequence[dict]]],
+    runs: Mapping[str, Sequence[Sequence[dict]] | Mapping[object, Sequence[dict]]],
     path: Path,
     *,
     caption: str,
     window: int = 9,
+    baseline: str = "detach",
     styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 6: training reward per run label (e.g. regime), the seeds' min–max of the centred-mean
-    curves shaded; middle, held-out avg@k accuracy, mean over seeds with min–max bars; right, when every run
-    logged it, the MTP head's top-1 agreement with the sampled token (what drafting acceptance follows)."""
+    """Paper Fig. 6. Top, per run label (``runs[label]``: its seeds' rows, a list or a mapping seed -> rows):
+    training reward, held-out avg@k accuracy and, when every run logged it, the MTP head's top-1 agreement
+    with the sampled token (what drafting acceptance follows), each the mean over seeds. Bottom, when
+    ``baseline`` is among the labels: each other label's final value minus the baseline's on the same seed
+    (reward and agreement: the mean of the last :func:`final_tail` steps; accuracy: the last evaluation),
+    one point per seed, with the mean difference and its 95% t interval over seeds
+    (:func:`nemo_occ.lab.study.stats.paired`, the study's test)."""
+    # long on purpose: one figure's panels, drawn in reading order
+    from nemo_occ.lab.study.stats import paired
+
     figure = "Fig. 6 (training reward)"
     _check_runs(runs, figure)
+    runs = _runs(runs)
     styles = _styles(list(runs), styles)
-    keys = {label: (_key([r for s in seeds for r in s], "reward", label, figure),
-                    _key([r for s in seeds for r in s], "eval", label, figure))
-            for label, seeds in runs.items()}  # fmt: skip
+    keys = {label: {name: _key([r for s in seeds.values() for r in s], name, label, figure)
+                    for name in ("reward", "eval")} for label, seeds in runs.items()}  # fmt: skip
     agreement = all(
-        any(r.get(k) is not None for s in seeds for r in s for k in KEYS["agreement"])
+        any(r.get(k) is not None for s in seeds.values() for r in s for k in KEYS["agreement"])
         for seeds in runs.values()
     )
-    fig, axes = _figure(3 if agreement else 2)
-    n = len(runs)
+    if agreement:
+        for label, seeds in runs.items():
+            keys[label]["agreement"] = _key(
+                [r for s in seeds.values() for r in s], "agreement", label, figure
+            )
+    outcomes = [("reward", True), ("eval", False)] + ([("agreement", True)] if agreement else [])
+    others = [label for label in runs if label != baseline]
+    paired_row = baseline in runs and bool(others)
+    fig, axes = _figure(len(outcomes), 2 if paired_row else 1)
+    n = max(len(seeds) for seeds in runs.values())
     for i, (label, seeds) in enumerate(runs.items()):
         style = styles[label]
-        steps, table = _aligned(seeds, keys[label][0])
-        _curve(axes[0, 0], steps, table, style, f"{label} (n={len(seeds)})", window, band=True)
-        steps, table = _aligned(seeds, keys[label][1])
-        mean = table.mean(axis=0)
-        offset = (i - (n - 1) / 2) * 0.6  # small x offset: points of equal value stay distinguishable
-        axes[0, 1].errorbar(steps + offset, mean, yerr=np.maximum(0.0, [mean - table.min(axis=0), table.max(axis=0) - mean]),
-                            color=style[0], ls=style[1], marker=style[2], ms=4, capsize=2, label=label)  # fmt: skip
-        if agreement:
-            rows = [r for s in seeds for r in s]
-            steps, table = _aligned(seeds, _key(rows, "agreement", label, figure))
-            _curve(axes[0, 2], steps, table, style, label, window, band=True)
-    axes[0, 0].set(xlabel="RL step", ylabel="training reward (fraction correct)",
-                   title=f"training reward (centred mean of {window} steps; band: min–max over seeds)")  # fmt: skip
-    axes[0, 1].set(xlabel="RL step", ylabel="held-out accuracy avg@k (fraction)",
-                   title="held-out accuracy (mean over seeds; bars: min–max over seeds)")  # fmt: skip
-    if agreement:
-        axes[0, 2].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)",
-                       title=f"MTP agreement with the sampled token (centred mean of {window}; band: min–max)")  # fmt: skip
-    for ax in axes[0]:
-        ax.legend(fontsize=7)
-    note = (f"{_seed_counts(runs)} (unit of replication: the seed). Bold: mean over seeds of each seed's "
-            f"centred mean of {window} steps; faint: the raw mean over seeds; bands and bars: min–max over "
-            "seeds (descriptive, not a confidence interval; a single seed has none).")  # fmt: skip
+        for col, (name, _) in enumerate(outcomes):
+            steps, table = _aligned(list(seeds.values()), keys[label][name])
+            if name == "eval":  # a few evaluations: points, offset a little so equal values stay apart
+                offset = (i - (len(runs) - 1) / 2) * 0.15
+                axes[0, col].plot(steps + offset, table.mean(axis=0), color=style[0], ls=style[1],
+                                  marker=style[2], ms=4, label=f"{label} (n={len(seeds)})")  # fmt: skip
+            else:
+                _curve(axes[0, col], steps, table, style, f"{label} (n={len(seeds)})", window)
+    names = {"reward": "training reward (fraction correct)", "eval": "held-out accuracy avg@k (fraction)",
+             "agreement": "MTP top-1 agreement (fraction)"}  # fmt: skip
+    titles = {"reward": f"training reward ({_over(n)}; centred mean of {window} steps)",
+              "eval": f"held-out accuracy ({_over(n)})",
+              "agreement": f"MTP agreement with the sampled token ({_over(n)}; centred mean of {window})"}  # fmt: skip
+    for col, (name, _) in enumerate(outcomes):
+        axes[0, col].set(xlabel="RL step", ylabel=names[name], title=titles[name])
+    if paired_row:
+        tail = final_tail(max(r["step"] for s in runs[baseline].values() for r in s))
+        for col, (name, tailed) in enumerate(outcomes):
+            ax = axes[1, col]
+            base = {s: _final(rows, keys[baseline][name], tailed) for s, rows in runs[baseline].items()}
+            counts = []
+            for i, label in enumerate(others):
+                got = paired(
+                    {s: _final(rows, keys[label][name], tailed) for s, rows in runs[label].items()}, base
+                )
+                _strip(ax, i, got["diffs"], styles[label], got)
+                counts.append(got["n"])
+            ax.axhline(0, color="k", lw=0.5)
+            _strip_axis(ax, others, counts)
+            when = f"mean of the last {tail} steps" if tailed else "last evaluation"
+            ax.set(
+                ylabel=f"{names[name].split(' (')[0]} minus {baseline}'s",
+                title=f"final {names[name].split(' (')[0]} minus {baseline}'s, paired by seed ({when})",
+            )
+    _legend_below(fig, axes[0])
+    if n > 1:
+        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top: bold, the mean over seeds of each "
+                f"seed's centred mean of {window} steps; faint, the raw mean over seeds.")  # fmt: skip
+    else:
+        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top: bold, the centred mean of {window} "
+                "steps; faint, the raw values.")  # fmt: skip
+    if paired_row and n > 1:
+        note += (f" Bottom: each run minus {baseline} on the same seed (points: the seeds), the comparison the "
+                 "study's paired t-tests make; bars: the mean difference and its 95% t interval over seeds. The "
+                 "seeds start at different levels, so the top row's means hide their spread.")  # fmt: skip
+    elif paired_row:
+        note += f" Bottom: each run minus {baseline} on the same seed; one seed, so no interval."
+    else:
+        note += " No interval is drawn."
     return _save(fig, path, f"{caption} {note}")
 
 
+def _lambda_panels(
+    ax, runs, key_name: str, styles, figure: str, labels: Mapping[str, str] | None = None
+) -> None:
+    """λ (``KEYS[key_name]``) per step, symlog: each seed thin, the median over seeds bold (legend: ``labels``
+    or 'label (n=...)')."""
+    for label, seeds in runs.items():
+        color, ls, marker = styles[label]
+        rows = [r for s in seeds.values() for r in s]
+        steps, table = _aligned(list(seeds.values()), _key(rows, key_name, label, figure))
+        if len(seeds) > 1:
+            for row in table:
+                ax.plot(steps, row, color=color, lw=0.6, alpha=0.35)
+        ax.plot(steps, np.median(table, axis=0), color=color, ls=ls, marker=marker,
+                markevery=max(1, len(steps) // 8), ms=4, lw=1.6,
+                label=labels[label] if labels else f"{label} (n={len(seeds)})")  # fmt: skip
+    ax.set_yscale("symlog", linthresh=1e-2, linscale=1.5)
+    ax.axhline(0, color="k", lw=0.5)
+
+
 def fig4_lambda(
-    runs: Mapping[str, Sequence[Sequence[dict]]],
+    runs: Mapping[str, Sequence[Sequence[dict]] | Mapping[object, Sequence[dict]]],
     path: Path,
     *,
     caption: str,
     styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 4, unsmoothed: λ applied (mean over each step's updates) and λ from the update's own
-    statistics (Eq. 13 on the step's last update), each seed's per-step value (thin) and their mean over
-    seeds (bold); right, the fraction of seeds whose λ from statistics is < 0 at each step. y axes symlog:
-    λ spans orders of magnitude and signs."""
+    """Paper Fig. 4, unsmoothed. (a) λ applied (mean over each step's updates), each seed's per-step value
+    (thin) and the median over seeds (bold). With several seeds: (b) each seed's median λ applied over its
+    run; (c) each seed's fraction of steps whose λ from the update's own statistics (Eq. 13 on the step's
+    last update, the λ OCC applies in the next step) is < 0, with the mean over seeds and its 95% t interval. With one
+    seed, (a) alone, its legend giving those two numbers. λ axes are symlog: λ spans orders of magnitude and
+    both signs."""
+    from nemo_occ.lab.study.stats import one_sample
+
     figure = "Fig. 4 (λ over training)"
     _check_runs(runs, figure)
+    runs = _runs(runs)
     styles = _styles(list(runs), styles)
-    fig, axes = _figure(3)
+    n = max(len(seeds) for seeds in runs.values())
+    medians, negative = {}, {}
     for label, seeds in runs.items():
-        color, ls, marker = styles[label]
-        rows = [r for s in seeds for r in s]
+        rows = [r for s in seeds.values() for r in s]
         k_app, k_stats = (
             _key(rows, "lambda_applied", label, figure),
             _key(rows, "lambda_stats", label, figure),
         )
-        for ax, key in ((axes[0, 0], k_app), (axes[0, 1], k_stats)):
-            steps, table = _aligned(seeds, key)
-            every = max(1, len(steps) // 8)
-            if len(seeds) > 1:
-                for row in table:
-                    ax.plot(steps, row, color=color, lw=0.6, alpha=0.35)
-            ax.plot(steps, table.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4, lw=1.6,
-                    label=f"{label} (n={len(seeds)})")  # fmt: skip
-        neg = (table < 0).astype(float)
-        axes[0, 2].plot(steps, neg.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4,
-                        lw=1.2, label=f"{label}: λ < 0 on {float(neg.mean()):.0%} of (seed, step)")  # fmt: skip
-    for ax in axes[0, :2]:
-        ax.set_yscale("symlog", linthresh=1e-2)
-        ax.axhline(0, color="k", lw=0.5)
+        medians[label] = {s: float(np.median(_series(r, k_app)[1])) for s, r in seeds.items()}
+        negative[label] = {s: float(np.mean(_series(r, k_stats)[1] < 0)) for s, r in seeds.items()}
+    fig, axes = _figure(3) if n > 1 else _figure(1, width=8.0)
+    labels = None if n > 1 else {label: f"{label}: median λ {next(iter(medians[label].values())):.3g}, λ < 0 on "
+                                        f"{next(iter(negative[label].values())):.0%} of steps" for label in runs}  # fmt: skip
+    _lambda_panels(axes[0, 0], runs, "lambda_applied", styles, figure, labels)
     axes[0, 0].set(xlabel="RL step", ylabel="λ applied (dimensionless)",
-                   title="λ applied (per step; thin: each seed, bold: mean)")  # fmt: skip
-    axes[0, 1].set(xlabel="RL step", ylabel="λ = λ+·ĉ/(v̂²+ε) (dimensionless)",
-                   title="λ from the update's own statistics (per step)")  # fmt: skip
-    axes[0, 2].set(xlabel="RL step", ylabel="fraction of seeds with λ < 0", ylim=(-0.02, 1.02),
-                   title="how often the statistics say λ < 0 (per step)")  # fmt: skip
-    for ax in axes[0]:
-        ax.legend(fontsize=7)
-    note = (f"{_seed_counts(runs)} (unit: the seed). Raw per-step values, no smoothing; no interval is drawn "
-            "(the thin lines are the seeds themselves).")  # fmt: skip
+                   title="(a) λ applied per step (thin: each seed; bold: median over seeds)" if n > 1
+                         else "λ applied per step (one seed)")  # fmt: skip
+    if n > 1:
+        for i, label in enumerate(runs):
+            m = list(medians[label].values())
+            _strip(axes[0, 1], i, m, styles[label], None)
+            axes[0, 1].plot([i - 0.25, i + 0.25], [np.median(m)] * 2, color=styles[label][0], lw=2)
+            _strip(axes[0, 2], i, list(negative[label].values()), styles[label], one_sample(negative[label]))
+        axes[0, 1].set_yscale("symlog", linthresh=1e-2, linscale=1.5)
+        axes[0, 1].axhline(0, color="k", lw=0.5)
+        axes[0, 1].set(ylabel="median λ applied over the run",
+                       title="(b) each seed's median λ applied (line: median over seeds)")  # fmt: skip
+        axes[0, 2].set(ylabel="fraction of steps with λ < 0", ylim=(-0.03, 1.03),
+                       title="(c) how often each seed's statistics say λ < 0 (bar: mean, 95% t interval)")  # fmt: skip
+        for ax in axes[0, 1:]:
+            _strip_axis(ax, list(runs), [len(seeds) for seeds in runs.values()])
+    _legend_below(fig, [axes[0, 0]])
+    if n > 1:
+        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; (a) "
+                "has no interval (the thin lines are the seeds themselves); (c)'s bars are 95% t intervals over "
+                "seeds.")  # fmt: skip
+    else:
+        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; one "
+                "seed, so no interval. The legend's fraction counts λ from each step's statistics.")  # fmt: skip
+    note += (" λ from a step's statistics (Eq. 13 on its last update) is the λ OCC applies in the next step, "
+             "so a curve of it would be this curve one step earlier; it is not drawn.")  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
 def fig_lambda_agreement(
-    runs: Mapping[str, Sequence[Sequence[dict]]],
+    runs: Mapping[str, Sequence[Sequence[dict]] | Mapping[object, Sequence[dict]]],
     path: Path,
     *,
     caption: str,
@@ -412,29 +574,30 @@ def fig_lambda_agreement(
     """λ next to the MTP head's top-1 agreement with the sampled token (the draft-acceptance proxy).
 
     Top: λ from each update's own statistics (under OCC the λ it then applies; under fixed-coefficient
-    regimes the λ OCC would have picked), raw per step, mean over seeds. Bottom: MTP top-1 agreement,
-    centred mean. Shared x axis."""
+    regimes the λ OCC would have picked), raw per step, each seed thin and the median over seeds bold.
+    Bottom: MTP top-1 agreement, mean over seeds of each seed's centred mean. Shared x axis."""
     figure = "λ vs MTP agreement"
     _check_runs(runs, figure)
+    runs = _runs(runs)
     styles = _styles(list(runs), styles)
     fig, axes = _figure(1, 2, width=8.0, height=2.9, sharex=True)
+    _lambda_panels(axes[0, 0], runs, "lambda_stats", styles, figure)
     for label, seeds in runs.items():
-        style = styles[label]
-        rows = [r for s in seeds for r in s]
-        k_lam, k_agr = _key(rows, "lambda_stats", label, figure), _key(rows, "agreement", label, figure)
-        steps, table = _aligned(seeds, k_lam)
-        _curve(axes[0, 0], steps, table, style, f"{label} (n={len(seeds)})", 1, band=True)
-        steps, table = _aligned(seeds, k_agr)
-        _curve(axes[1, 0], steps, table, style, label, window, band=True)
-    axes[0, 0].set_yscale("symlog", linthresh=1e-2)
-    axes[0, 0].axhline(0, color="k", lw=0.5)
+        rows = [r for s in seeds.values() for r in s]
+        steps, table = _aligned(list(seeds.values()), _key(rows, "agreement", label, figure))
+        _curve(axes[1, 0], steps, table, styles[label], label, window, each_seed=True)
+    n = max(len(seeds) for seeds in runs.values())
     axes[0, 0].set(ylabel="λ from statistics (dimensionless)",
-                   title="λ (Eq. 13, raw per step) and MTP agreement (centred mean)")  # fmt: skip
+                   title="λ (Eq. 13, raw per step; bold: median over seeds) and MTP agreement (centred mean of "
+                         f"{window} steps; bold: mean over seeds); thin: each seed" if n > 1 else
+                         f"λ (Eq. 13, raw per step) and MTP agreement (centred mean of {window} steps); one seed")  # fmt: skip
     axes[1, 0].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)")
-    axes[0, 0].legend(fontsize=7)
-    note = (f"{_seed_counts(runs)} (unit: the seed). Top: mean over seeds of the raw per-step λ; bottom: mean "
-            f"over seeds of each seed's centred mean of {window} steps; bands: min–max over seeds "
-            "(descriptive, not a confidence interval).")  # fmt: skip
+    _legend_below(fig, [axes[0, 0]])
+    note = f"{_seed_counts(runs)} (unit of replication: the seed). " + (
+        "No interval is drawn: the thin lines are the seeds themselves."
+        if n > 1
+        else "One seed: no interval."
+    )
     return _save(fig, path, f"{caption} {note}")
 
 
@@ -442,12 +605,43 @@ def _probe_arrays(recs: Sequence[dict]) -> dict[str, np.ndarray]:
     # d_rl2 (Σδ_RL² per token) is optional: without it there is no proxy cosine (NaN, not drawn)
     keys = (*PROBE_KEYS, "c_cross", "v2_cross")
     a = {k: np.array([float(r[k]) if r.get(k) is not None else np.nan for r in recs]) for k in keys}
+    a["seed"] = np.array([r.get("seed", 0) for r in recs], dtype=object)
     with np.errstate(divide="ignore", invalid="ignore"):
         # the alignment over the minibatch's own (same-sample, always positive) norms: its sign is c's
         a["cos"] = a["c"] / np.sqrt(a["rl_norm2"] * a["v2"])
         a["cos_cross"] = a["c_cross"] / np.sqrt(a["rl_norm2"] * a["v2"])
         a["cos_hat"] = a["c_hat"] / np.sqrt(a["d_rl2"] * a["v2_hat"])
     return a
+
+
+def _by_seed(a: dict[str, np.ndarray], key: str, step: float, centre) -> list[float]:
+    """Each seed's ``centre`` (np.mean or np.median) of ``key`` over its minibatches at ``step``."""
+    out = []
+    for seed in dict.fromkeys(a["seed"][a["step"] == step].tolist()):
+        v = a[key][(a["step"] == step) & (a["seed"] == seed) & np.isfinite(a[key])]
+        if v.size:
+            out.append(float(centre(v)))
+    return out
+
+
+def _fig2_legend(ax, probes, styles, *, proxy: bool, seeds: int, exact: str) -> None:
+    """Fig. 2's legend in its own panel: one entry per run label, then what fill, line and points mean."""
+    from matplotlib.lines import Line2D
+
+    handles = [
+        Line2D([], [], color=styles[label][0], marker=styles[label][2], ms=6, label=label) for label in probes
+    ]
+    if proxy:
+        handles += [Line2D([], [], color="k", marker="o", ms=5, label=f"(a) filled, solid: exact ({exact})"),
+                    Line2D([], [], color="k", ls="--", marker="o", mfc="none", ms=5, label="(a) hollow, dashed: proxy")]  # fmt: skip
+    if seeds > 1:
+        handles.append(
+            Line2D(
+                [], [], color="k", marker="o", ls="none", ms=3, alpha=0.35, label="small points: each seed"
+            )
+        )
+    ax.axis("off")
+    ax.legend(handles=handles, loc="center", fontsize=8, frameon=False)
 
 
 def fig2_dynamics(
@@ -457,93 +651,130 @@ def fig2_dynamics(
     caption: str,
     styles: Mapping[str, tuple] | None = None,
 ) -> Path:
-    """Paper Fig. 2 at the probed checkpoints (records pooled over the probed minibatches and seeds of each
-    checkpoint: (a) mean, bars ±1 sd; (b, c) median, bars the interquartile range).
+    """Paper Fig. 2 at the probed checkpoints. Each seed's minibatches at a checkpoint are first reduced to
+    one value (alignment: their mean; the squared norms: their median), since the seed is the unit of
+    replication. With several seeds, those values are small points and the bold line is (a) their mean
+    with its 95% t interval over seeds, (b-e) their median (no interval); with one seed, the line is it.
 
     (a) the exact alignment c / sqrt(||g_RL||²·v²) over the main model's parameters, with c cross-fitted
-    when every record has ``c_cross`` (else same-sample, so named), the norms the minibatch's own (solid),
-    and the proxy cosine ĉ / sqrt(Σδ_RL²·v̂²) (dashed, hollow markers; only for records with ``d_rl2``);
+    when every record has ``c_cross`` (else same-sample, so named), the norms the minibatch's own (filled,
+    solid), and the proxy cosine ĉ / sqrt(Σδ_RL²·v̂²) (hollow, dashed; only where records have ``d_rl2``);
     (b) v² = ||g_MTP||² over the main model (cross-fitted when present: it can be ≤ 0, symlog axis);
-    (c) v̂² per token (δ_MTP against the main head's old log-prob) split into the MTP head's own change
-    Σ(log π_θ(MTP) − log π_old(MTP))² and the static head gap Σ(log π_old(MTP) − log π_old(main))².
+    (c) v̂² per token (δ_MTP against the main head's old log-prob), and its two parts: (d) the MTP head's own
+    change Σ(log π_θ(MTP) − log π_old(MTP))² and (e) the static head gap Σ(log π_old(MTP) − log π_old(main))².
     The paper's Fig. 2d (Eq. 10's first- and second-order terms) is left out: under OCC the second is
     the first divided by 2λ+ (Eq. 13), so the panel would plot an identity."""
     # long on purpose: one figure's panels, drawn in reading order
+    from nemo_occ.lab.study.stats import one_sample
+
     figure = "Fig. 2 (coefficient components)"
     _check_probes(probes, figure, keys=tuple(k for k in PROBE_KEYS if k != "d_rl2"))
     styles = _styles(list(probes), styles)
     _, _, exact = exact_keys([r for recs in probes.values() for r in recs])
     cos_key, v2_key = ("cos_cross", "v2_cross") if exact == "cross-fitted" else ("cos", "v2")
-    fig, axes = _figure(3, width=4.6)
-    n = len(probes)
+    fig, grid = _figure(3, 2, width=4.6, height=3.2)
+    axes = grid.ravel()
+    seeds = max(len({r.get("seed", 0) for r in recs}) for recs in probes.values())
     all_steps = np.unique([float(r["step"]) for recs in probes.values() for r in recs])
     shift = max(float(np.ptp(all_steps)) * 0.012, 0.02)  # x offsets keep equal points apart
+    panels = (  # key, panel, hollow, line, legend suffix, reduction within a seed
+        (cos_key, 0, False, "-", f" exact ({exact})", np.mean),
+        ("cos_hat", 0, True, "--", " proxy", np.mean),
+        (v2_key, 1, False, "-", "", np.median),
+        ("v2_hat_main", 2, False, "-", "", np.median),
+        ("v2_hat_own", 3, False, "-", "", np.median),
+        ("head_gap", 4, False, "-", "", np.median),
+    )
+    drawn: dict[int | str, list[float]] = {}  # panel -> the values drawn there; key -> []
     for i, (label, recs) in enumerate(probes.items()):
         color, _, marker = styles[label]
         a = _probe_arrays(recs)
         steps = np.unique(a["step"])
-        for j, (key, ax, hollow, lstyle, name, centre) in enumerate((
-            (cos_key, axes[0, 0], False, "-", f"exact ({exact})", "mean"),
-            ("cos_hat", axes[0, 0], True, "--", "proxy", "mean"),
-            (v2_key, axes[0, 1], False, "-", None, "median"),
-            ("v2_hat_main", axes[0, 2], False, "-", "v̂² (vs main old)", "median"),
-            ("v2_hat_own", axes[0, 2], True, "--", "own change", "median"),
-            ("head_gap", axes[0, 2], True, ":", "head gap", "median"),
-        )):  # fmt: skip
-            centre_v, low, high = [], [], []
-            for s in steps:
-                v = a[key][(a["step"] == s) & np.isfinite(a[key])]
-                if not v.size:
-                    centre_v.append(np.nan), low.append(0.0), high.append(0.0)
-                elif centre == "mean":  # ±1 sd
-                    m, sd = _mean_sd(v)
-                    centre_v.append(m), low.append(sd), high.append(sd)
-                else:  # the interquartile range
-                    q1, med, q3 = np.percentile(v, [25, 50, 75])
-                    centre_v.append(med), low.append(max(0.0, med - q1)), high.append(max(0.0, q3 - med))
-            x = steps + (i - (n - 1) / 2) * shift * 3 + (j % 3) * shift
-            ax.errorbar(x, centre_v, yerr=[low, high], color=color, ls=lstyle, marker=marker, ms=5, capsize=2,
-                        mfc="none" if hollow else color, label=f"{label} {name}" if name else label)  # fmt: skip
-    axes[0, 0].axhline(0, color="k", lw=0.5)
-    axes[0, 0].set(xlabel="RL step (checkpoint)", ylabel="cosine (dimensionless)",
-                   title=f"(a) alignment of g_RL, g_MTP: exact ({exact}) vs proxy (mean ± 1 sd)")  # fmt: skip
-    axes[0, 1].set(xlabel="RL step (checkpoint)", ylabel="v² = ||g_MTP||² (loss-gradient norm²)",
-                   title=f"(b) v² over the main model, {exact} (median, IQR)")  # fmt: skip
-    if exact == "cross-fitted":
-        positive = [abs(v) for recs in probes.values() for r in recs if (v := r.get("v2_cross"))]
-        axes[0, 1].set_yscale("symlog", linthresh=float(np.percentile(positive, 10)) if positive else 1e-6)
-    else:
-        axes[0, 1].set_yscale("log")
-    axes[0, 2].set(xlabel="RL step (checkpoint)", ylabel="per token (nats²)",
-                   title="(c) v̂²: own change, head gap (median, IQR)", yscale="log")  # fmt: skip
-    for ax in axes[0]:
-        ax.legend(fontsize=6)
-    note = ("Per checkpoint, every probed minibatch of every seed pooled: " + _probe_counts(probes)
-        + ". The unit of replication is the seed; bars (±1 sd, IQR) describe the minibatches' spread, they "
-        "are not confidence intervals. (a)'s exact cosine divides c by the minibatch's own norms. The paper's "
-        "Fig. 2d (Eq. 10's terms) is not drawn: under OCC ½λ²v̂² = λĉ/(2λ+), an identity.")  # fmt: skip
+        for j, (key, k, hollow, lstyle, suffix, reduce) in enumerate(panels):
+            per = [_by_seed(a, key, s, reduce) for s in steps]
+            if not any(per):
+                continue  # e.g. no proxy cosine without Σδ_RL²: nothing to draw, nothing in the legend
+            x = steps + (i - (len(probes) - 1) / 2) * shift * 3 + (j % 2) * shift
+            ax, face = axes[k], "none" if hollow else color
+            centre, err = [], [[], []]
+            for xs, v in zip(x, per, strict=True):
+                if len(v) > 1:
+                    ax.scatter([xs] * len(v), v, color=color, marker=marker, s=9, alpha=0.35, lw=0)
+                if reduce is np.mean and len(v) > 1:
+                    got = one_sample(dict(enumerate(v)))
+                    lo, hi = got["ci"] if got["ci"] else (got["mean"], got["mean"])
+                    (
+                        centre.append(got["mean"]),
+                        err[0].append(got["mean"] - lo),
+                        err[1].append(hi - got["mean"]),
+                    )
+                else:
+                    (
+                        centre.append(float(np.median(v)) if v else np.nan),
+                        err[0].append(0.0),
+                        err[1].append(0.0),
+                    )
+            ax.errorbar(x, centre, yerr=err, color=color, ls=lstyle, marker=marker, ms=5, capsize=3, mfc=face,
+                        label=f"{label}{suffix}")  # fmt: skip
+            drawn.setdefault(k, []).extend(v for vs in per for v in vs)
+            drawn.setdefault(key, [])  # which series were drawn
+    how = {"mean": f"bold: mean of {seeds} seeds' means, 95% t interval" if seeds > 1 else "one seed",
+           "median": f"bold: median of {seeds} seeds' medians" if seeds > 1 else "one seed"}  # fmt: skip
+    axes[0].axhline(0, color="k", lw=0.5)
+    axes[0].set(ylabel="cosine (dimensionless)",
+                title=f"(a) alignment of g_RL and g_MTP, exact ({exact})"
+                      f"{' and proxy' if 'cos_hat' in drawn else ''}\n{how['mean']}")  # fmt: skip
+    axes[1].set(ylabel="v² = ||g_MTP||² (loss-gradient norm²)",
+                title=f"(b) v² over the main model, {exact}\n{how['median']}")  # fmt: skip
+    for k, what in ((2, "(c) v̂² per token (δ_MTP against the main head's old log-prob)"),
+                    (3, "(d) of which the MTP head's own change"),
+                    (4, "(e) of which the static head gap (MTP vs main head, both old)")):  # fmt: skip
+        axes[k].set(ylabel="per token (nats²)", title=f"{what}\n{how['median']}")
+    for k in range(1, 5):
+        if any(v <= 0 for v in drawn.get(k, [])):  # a cross-fitted v² can be ≤ 0
+            _symlog(axes[k], drawn.get(k, []))
+        else:
+            axes[k].set_yscale("log")
+    for ax in axes[:5]:
+        ax.set_xlabel("RL step (checkpoint)")
+    _fig2_legend(axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds,
+                 exact=exact)  # fmt: skip
+    note = (f"Probed: {_probe_counts(probes)}. The unit of replication is the seed"
+            + ("; each seed's minibatches are reduced to one value before anything is summarised over seeds"
+               if seeds > 1 else "") + ". (a)'s exact "
+            "cosine divides c by the minibatch's own norms. The paper's Fig. 2d (Eq. 10's terms) is not drawn: "
+            "under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) and (e) need not add up to (c): their cross term is "
+            "not drawn. " + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
+            "(b-e) have no interval."))  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
 def _probe_counts(probes: Mapping[str, Sequence[dict]]) -> str:
-    """'occ 96 minibatches from 5 seed(s) at 3 checkpoint(s); ...' (records without a seed: one)."""
-    counts = {label: (len(recs), len({r.get("seed") for r in recs}), len({r["step"] for r in recs}))
-              for label, recs in probes.items()}  # fmt: skip
-    return "; ".join(
-        f"{label} {m} minibatches from {s} seed(s) at {k} step(s)" for label, (m, s, k) in counts.items()
-    )
+    """'occ 106 minibatches at 2 step(s) from 5 seed(s) (per seed 0: 32, 1: 9, ...)' per label (records
+    without a seed: one)."""
+    parts = []
+    for label, recs in probes.items():
+        per = Counter(r.get("seed", 0) for r in recs)
+        text = f"{label} {len(recs)} minibatches at {len({r['step'] for r in recs})} step(s) from {len(per)} seed(s)"
+        if len(per) > 1:
+            text += " (minibatches per seed: " + ", ".join(f"{s}: {m}" for s, m in sorted(per.items())) + ")"
+        parts.append(text)
+    return "; ".join(parts)
 
 
-def _rho_text(got: dict) -> str:
-    """'ρ̄ = 0.12 [−0.05, 0.30] over 5 seeds (15 clusters)', or why there is none."""
+def _rho_text(got: dict, cluster: str | None) -> str:
+    """'ρ̄ = 0.12 [−0.05, 0.30] over 5 seeds (15 clusters of seed × checkpoint)', or why there is none."""
     across = got["across_units"]
     k = len(got["clusters"])
+    clusters = (
+        f"{k} clusters of seed × {'checkpoint' if cluster == 'step' else cluster}" if cluster else f"{k} runs"
+    )
     if across["mean"] is None:
-        return f"ρ undefined ({k} clusters with a defined ρ)"
+        return f"ρ undefined ({clusters} with a defined ρ)"
     if across["ci"] is None:
-        return f"ρ̄ = {across['mean']:.2f}, {across['n']} seed: no interval ({k} clusters)"
+        return f"ρ̄ = {across['mean']:.2f}, {across['n']} seed: no interval ({clusters})"
     lo, hi = across["ci"]
-    return f"ρ̄ = {across['mean']:.2f} [{lo:.2f}, {hi:.2f}] over {across['n']} seeds ({k} clusters)"
+    return f"ρ̄ = {across['mean']:.2f} [{lo:.2f}, {hi:.2f}] over {across['n']} seeds ({clusters})"
 
 
 def fig8_fidelity(
@@ -568,7 +799,7 @@ def fig8_fidelity(
     _check_probes(probes, figure, keys=("c", "v2", "c_hat", "v2_hat"))
     styles = _styles(list(probes), styles)
     c_key, v2_key, exact = exact_keys([r for recs in probes.values() for r in recs])
-    fig, axes = _figure(2, width=5.4, height=4.4)
+    fig, axes = _figure(2, width=5.4, height=5.4)
     pooled: list[dict] = []
     for label, recs in probes.items():
         color, _, marker = styles[label]
@@ -579,7 +810,7 @@ def fig8_fidelity(
             same = (np.sign(x) == np.sign(y)) & (y != 0)
             got = clustered_spearman(recs, px, ex, cluster=cluster)
             ax.scatter(np.abs(x[same]), np.abs(y[same]), color=color, marker=marker, s=14,
-                       label=f"{label}: {_rho_text(got)}")  # fmt: skip
+                       label=f"{label}: {_rho_text(got, cluster)}")  # fmt: skip
             ax.scatter(np.abs(x[~same]), np.abs(y[~same]), facecolors="none", edgecolors=color, marker=marker,
                        s=14)  # fmt: skip
 
@@ -587,7 +818,11 @@ def fig8_fidelity(
         got = clustered_spearman(pooled, px, ex, cluster=cluster)["pooled"]
         return "undefined" if got is None else f"{got['rho']:.2f} (n={got['n']} points)"
 
-    where = f"within one checkpoint ({cluster})" if cluster else "within one run"
+    where = (
+        f"within each cluster (one seed's minibatches at one {'checkpoint' if cluster == 'step' else cluster})"
+        if cluster
+        else "within each seed's run"
+    )
     over = "checkpoints" if cluster else "steps"
     names = ", ".join(probes)
     axes[0, 0].set(xscale="log", yscale="log", xlabel="|ĉ| / n = |Σ δ_RL·δ_MTP| / tokens (nats²)",
@@ -598,12 +833,13 @@ def fig8_fidelity(
                    ylabel=f"|v²| ({exact}) = ||g_MTP||² over the main model",
                    title=f"variance (hollow: v² ≤ 0). Secondary, pooled over {names}, seeds and {over}: "
                          f"ρ = {pooled_text('v2_hat', v2_key)}")  # fmt: skip
-    for ax in axes[0]:
-        ax.legend(fontsize=6)
-    note = (f"One point per probed minibatch ({_probe_counts(probes)}). Legend: Spearman ρ {where}, averaged over a seed's clusters, then "
+    for ax in axes[0]:  # below the panel, its ρ per run label: inside, it would cover points
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
+    note = (f"One point per probed minibatch ({_probe_counts(probes)}). Legend: Spearman ρ {where}"
+            + (", averaged over a seed's clusters" if cluster else "") + ", then "
             "the mean over seeds with its 95% t interval (unit of replication: the seed; the points of one "
-            "run are not independent). Titles: ρ over all points pooled, which mixes drift between "
-            f"{over} in and has no valid interval. Exact statistics {exact}.")  # fmt: skip
+            "run are not independent). Titles: ρ over all points pooled, which mixes in drift between "
+            f"{over} and has no valid interval. Exact statistics {exact}.")  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
@@ -648,6 +884,7 @@ def regime_figures(
     # long on purpose: the list of figures a study or demo draws, each with why it could not be drawn
     from nemo_occ.core.regimes import REGIMES, get_regime
 
+    runs = _runs(runs)
     regime_of = dict(regime_of or {label: label for label in runs})
     styles = styles or assign_styles([*runs, *(probes or {})])
     drawn: list[str] = []
@@ -680,7 +917,7 @@ def regime_figures(
                   "next to MTP top-1 agreement", labels=agr)  # fmt: skip
     own = {}
     for label, seeds in runs.items():
-        recs = [{**r, "seed": i} for i, rows in enumerate(seeds) for r in training_probes(rows)]
+        recs = [{**r, "seed": i} for i, rows in seeds.items() for r in training_probes(rows)]
         if recs and get_regime(regime_of[label]).trunk_gradient:  # else g_MTP over the main model is 0
             own[label] = recs
     if probes:

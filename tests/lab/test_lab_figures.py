@@ -230,7 +230,7 @@ def test_fig8_legends_rho_within_checkpoints_over_seeds_and_titles_say_what_is_p
     legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert (
         legend[0].startswith(f"occ: ρ̄ = {np.mean(per_seed):.2f} [")
-        and "over 3 seeds (9 clusters)" in legend[0]
+        and "over 3 seeds (9 clusters of seed × checkpoint)" in legend[0]
     )
     title = fig.axes[0].get_title().replace("\n", " ")
     assert "pooled over occ, policy, seeds and checkpoints" in title and "n=72 points" in title
@@ -257,7 +257,8 @@ def test_every_figure_states_n_the_unit_and_its_interval(drawn, runs):
         assert caption.startswith("x "), name  # the caller's caption first
         assert ("n = " in caption or "seed(s)" in caption) and "unit" in caption, name
         assert "interval" in caption, name  # what the band/bars are, or that there is none
-    assert "(d)" not in " ".join(ax.get_title() for ax in drawn["f2.png"][0].axes)  # the identity is gone
+    titles = " ".join(ax.get_title() for ax in drawn["f2.png"][0].axes)
+    assert "Eq. 10" not in titles and "order" not in titles  # the identity (paper Fig. 2d) is gone
 
 
 def test_regime_figures_give_a_label_one_colour_and_marker_in_every_figure(drawn):
@@ -279,8 +280,7 @@ def test_regime_figures_give_a_label_one_colour_and_marker_in_every_figure(drawn
 
     seen: dict[str, set] = {}
     for fig, _ in drawn.values():  # every legend entry of every panel: the label's colour there
-        for ax in fig.axes:
-            legend = ax.get_legend()
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes)]:
             for text, handle in zip(legend.get_texts() if legend else [], legend.legend_handles if legend else [],
                                     strict=True):  # fmt: skip
                 label = text.get_text().split(" ")[0].rstrip(":")
@@ -289,3 +289,123 @@ def test_regime_figures_give_a_label_one_colour_and_marker_in_every_figure(drawn
                     seen.setdefault(label, set()).add(to_hex(colour))
     assert set(seen) == set(regime_of) and all(len(v) == 1 for v in seen.values()), seen
     assert len({next(iter(v)) for v in seen.values()}) == 5  # and no two labels share one
+
+
+def _final_reward(rows: list[dict]) -> float:
+    """Mean reward of the last 5 of 12 steps, worked out apart from the figures' own helper."""
+    return float(np.mean([r["reward/mean"] for r in rows if r["step"] >= 8]))
+
+
+def test_fig6_bottom_row_is_each_seeds_final_minus_detach_paired_by_seed_with_a_t_interval(drawn):
+    from scipy import stats as st
+
+    # detach at seeds 0-3, occ at seeds 1 and 3 only (a sweep at fewer seeds): pairs follow the seed, not the order
+    det, occ = {s: _rows(10 + s) for s in range(4)}, {1: _rows(21), 3: _rows(23)}
+    F.fig6_reward({"detach": det, "occ": occ}, Path("f6.png"), caption="x")
+    fig, caption = drawn["f6.png"]
+    diffs = [_final_reward(occ[s]) - _final_reward(det[s]) for s in (1, 3)]
+    bottom = fig.axes[3]  # the grid is 2 x 3, row by row: the final reward's panel
+    np.testing.assert_allclose(sorted(bottom.collections[0].get_offsets()[:, 1]), sorted(diffs))
+    half = st.t.ppf(0.975, 1) * np.std(diffs, ddof=1) / math.sqrt(2)
+    (bar,) = bottom.containers
+    assert bar.lines[0].get_ydata()[0] == pytest.approx(np.mean(diffs))
+    np.testing.assert_allclose(
+        bar.lines[2][0].get_segments()[0][:, 1], [np.mean(diffs) - half, np.mean(diffs) + half]
+    )
+    assert [t.get_text() for t in bottom.get_xticklabels()] == ["occ\n(n=2)"]
+    # one legend for the figure, below the panels; none inside a panel to cover the data
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["detach (n=4)", "occ (n=2)"]
+    assert all(ax.get_legend() is None for ax in fig.axes)
+    assert "minus detach on the same seed" in caption and "95% t interval" in caption
+
+
+def test_fig6_of_one_seed_says_so_and_draws_no_interval(drawn):
+    F.fig6_reward({"detach": [_rows(0)], "occ": [_rows(1)]}, Path("f6.png"), caption="x")
+    fig, caption = drawn["f6.png"]
+    assert (
+        "over seeds" not in " ".join(ax.get_title() for ax in fig.axes)
+        and "one seed" in fig.axes[0].get_title()
+    )
+    assert all(not ax.containers for ax in fig.axes[3:]) and "one seed, so no interval" in caption
+
+
+def test_fig2_reduces_each_seeds_minibatches_to_one_value_before_summarising_over_seeds(drawn):
+    from scipy import stats as st
+
+    def rec(seed, c, v2):  # unit norms: the exact cosine is c itself
+        return {"seed": seed, "step": 5, "c": c, "v2": 1.0, "rl_norm2": 1.0, "c_cross": c, "v2_cross": v2,
+                "c_hat": 0.1, "v2_hat": 1.0, "d_rl2": 0.02, "v2_hat_main": 1.0, "v2_hat_own": 0.1, "head_gap": 0.8}  # fmt: skip
+
+    # seed 0 has ten minibatches near +0.5, seed 1 two at −0.5: pooled, the mean would be +1/3
+    recs = [rec(0, 0.5 + d, 2.0 + d) for d in (-0.1, 0.1) * 5] + [rec(1, -0.5, 7.0), rec(1, -0.5, 9.0)]
+    F.fig2_dynamics({"occ": recs}, Path("f2.png"), caption="x")
+    fig, caption = drawn["f2.png"]
+    (exact,) = [c for c in fig.axes[0].containers if c.get_label() == "occ exact (cross-fitted)"]
+    assert exact.lines[0].get_ydata()[0] == pytest.approx(0.0)  # the mean of the seeds' means
+    half = st.t.ppf(0.975, 1) * np.std([0.5, -0.5], ddof=1) / math.sqrt(2)
+    np.testing.assert_allclose(exact.lines[2][0].get_segments()[0][:, 1], [-half, half])
+    np.testing.assert_allclose(sorted(fig.axes[0].collections[0].get_offsets()[:, 1]), [-0.5, 0.5])
+    (v2,) = fig.axes[1].containers  # the median of the seeds' medians: seed 0's 2.0 and seed 1's 8.0
+    assert v2.lines[0].get_ydata()[0] == pytest.approx(5.0)
+    assert "minibatches per seed: 0: 10, 1: 2" in caption and "95% t interval over seeds" in caption
+    legend = [t.get_text() for t in fig.axes[5].get_legend().get_texts()]
+    assert legend[0] == "occ" and any("proxy" in t for t in legend)
+    # without Σδ_RL² there is no proxy cosine: nothing drawn, nothing in the legend or the title says one is
+    F.fig2_dynamics({"occ": [{k: v for k, v in r.items() if k != "d_rl2"} for r in _probes(0)]}, Path("f2.png"),
+                    caption="x")  # fmt: skip
+    fig, caption = drawn["f2.png"]
+    assert not any("proxy" in t.get_text() for t in fig.axes[5].get_legend().get_texts())
+    assert "proxy" not in fig.axes[0].get_title() and len(fig.axes[0].containers) == 1
+    assert "No interval: one seed" in caption
+
+
+def test_symlog_axis_labels_zero_and_the_decades_beyond_its_linear_part():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    values = [-0.05, -0.002, 0.003, 0.02, 0.4, 3.0, 0.001, 0.0015, 0.004, 0.006]
+    ax.plot(range(len(values)), values)
+    F._symlog(ax, values)
+    linthresh = float(np.percentile(np.abs(values), 10))
+    ticks = ax.yaxis.get_major_locator()()
+    plt.close(fig)
+    # nothing labelled inside (0, 5·linthresh): the labels of 0 and ±linthresh ran into each other
+    assert 0.0 in ticks and all(t == 0 or abs(t) >= 5 * linthresh for t in ticks)
+    assert {-0.1, 0.01, 0.1, 1.0, 10.0} <= {round(t, 12) for t in ticks}
+
+
+def test_fig4_summarises_each_seed_and_draws_one_panel_for_one_seed(drawn, runs):
+    F.fig4_lambda({"occ": runs["occ"]}, Path("f4.png"), caption="x")
+    fig, _ = drawn["f4.png"]
+    # (c): each seed's fraction of steps whose λ from statistics is < 0
+    want = sorted(np.mean([r["train/mtp/occ/lambda_1"] < 0 for r in rows if "train/mtp/occ/lambda_1" in r])
+                  for rows in runs["occ"])  # fmt: skip
+    np.testing.assert_allclose(sorted(fig.axes[2].collections[0].get_offsets()[:, 1]), want)
+    want = sorted(
+        np.median([r["train/mtp/occ/lambda_applied_1"] for r in rows if r["step"]]) for rows in runs["occ"]
+    )
+    np.testing.assert_allclose(sorted(fig.axes[1].collections[0].get_offsets()[:, 1]), want)
+    F.fig4_lambda({"occ": runs["occ"][:1]}, Path("f4.png"), caption="x")
+    fig, caption = drawn["f4.png"]
+    rows = runs["occ"][0]
+    lam = [r["train/mtp/occ/lambda_applied_1"] for r in rows if r["step"]]
+    neg = np.mean([r["train/mtp/occ/lambda_1"] < 0 for r in rows if r["step"]])
+    assert len(fig.axes) == 1 and "one seed, so no interval" in caption
+    assert (
+        fig.legends[0].get_texts()[0].get_text()
+        == f"occ: median λ {np.median(lam):.3g}, λ < 0 on {neg:.0%} of steps"
+    )
+
+
+def test_the_colours_a_studys_controls_take_first_are_far_apart():
+    from matplotlib.colors import to_rgb
+
+    styles = F.assign_styles(
+        ["detach", "ce", "ce_coef1", "ce_matched", "ce_coef1_clipsep", "occ_oldmtp", "occ_probed"]
+    )
+    others = [
+        to_rgb(styles[k][0])
+        for k in ("ce_coef1", "ce_matched", "ce_coef1_clipsep", "occ_oldmtp", "occ_probed")
+    ]
+    gaps = [np.linalg.norm(np.subtract(a, b)) for i, a in enumerate(others) for b in others[i + 1 :]]
+    assert min(gaps) > 0.4  # purple next to pink (0.32 apart) read as one colour

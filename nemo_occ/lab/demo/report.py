@@ -244,7 +244,7 @@ def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
         f"samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit addition, GPT "
         f"{cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP layer; coef "
         f"{nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
-        f"exact probes every {cfg.fidelity_every} RL steps"
+        f"in-training exact probes every {cfg.fidelity_every} RL steps"
     )
 
 

@@ -135,9 +135,9 @@ def _vals(rows, key):
 
 def run_metrics(rows: list[dict], steps: int) -> dict:
     """The per-run numbers of the module docstring from a run's metric rows."""
-    from nemo_occ.lab.figures import KEYS
+    from nemo_occ.lab.figures import KEYS, final_tail
 
-    tail = max(5, steps // 5)
+    tail = final_tail(steps)
     rl_rows = [r for r in rows if r["step"] > steps - tail]
     out: dict = {}
     rew = _vals(rl_rows, "reward/mean")
@@ -505,10 +505,19 @@ SWEEP_FIGURES = (
     ("fig6_ce_coef.png", ("ce",), ("ce_coef", "ce_matched"),
      "Training reward, CE MTP at coef 0.1, 1.0, 1.0 clipped apart from the main model, and at OCC's MTP share"),
     ("fig6_occ_lambda_plus.png", ("occ",), ("occ_lp", "occ_probed"),
-     "Training reward, OCC at λ+ values and with λ from the probes (occ_probed)"),
+     "Training reward, OCC with λ from the exact probes (occ_probed) and, where the sweep ran, at other λ+"),
     ("fig6_old_logprobs.png", ("policy", "occ"), ("policy_old", "occ_old"),
      "Training reward under both old-log-prob readings"),
 )  # fmt: skip
+
+
+def _probe_note(probe: dict) -> str:
+    """What the fixed-checkpoint probes' captions add: where they are, how many minibatches were planned and
+    why a seed may have fewer."""
+    steps = " and ".join(str(s) for s in probe["steps"])
+    return (f" at steps {steps}, {probe['minibatches']} minibatches planned per seed and checkpoint (fewer where "
+            "the model solves nearly every prompt: the probe keeps only groups whose samples' rewards differ, "
+            "drawing at most four times the prompts it needs)")  # fmt: skip
 
 
 def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -> tuple[list[str], dict]:
@@ -526,13 +535,13 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -
         return f"{what}. {setting_text(cfg, nemo_occ_cfg, 'nemo-occ study')}; {seeds_text(names, pairs[source])}."
 
     def group(names):
-        return {n: [rows_of[(n, s)] for s in sorted(s for (m, s) in rows_of if m == n)]
+        return {n: {s: rows_of[(n, s)] for s in sorted(s for (m, s) in rows_of if m == n)}
                 for n in names if any(m == n for (m, _) in rows_of)}  # fmt: skip
 
     styles = F.assign_styles(list(variants))
     drawn, failed = F.regime_figures(out, group(variants), caption=caption, probes=probes or None,
                                      regime_of={n: v.regime for n, v in variants.items()}, styles=styles,
-                                     probe_note=f", {summary['probe']['minibatches']} minibatches each")  # fmt: skip
+                                     probe_note=_probe_note(summary["probe"]))  # fmt: skip
     for fname, core, prefixes, what in SWEEP_FIGURES:
         added = [n for n in variants if n.startswith(prefixes)]
         if group(added):  # a panel without its sweep's runs would repeat fig6_reward
