@@ -94,8 +94,8 @@ _REGIME_STYLES = {
     "occ": ("#ff7f0e", "-", "v"),
 }
 # ordered so that the first few, which a study's controls take, are far apart from each other and the regimes'
-_COLOURS = ("#9467bd", "#17becf", "#000000", "#bcbd22", "#8c564b", "#e377c2", "#000080", "#800000", "#008080",
-            "#ff00ff", "#808000", "#4b0082", "#a0522d", "#daa520")  # fmt: skip
+_COLOURS = ("#9467bd", "#000000", "#bcbd22", "#8c564b", "#ff00ff", "#17becf", "#e377c2", "#000080", "#800000",
+            "#008080", "#808000", "#4b0082", "#a0522d", "#daa520")  # fmt: skip
 _MARKERS = ("P", "X", "*", "h", "<", ">", "p", "d", "H", "8", (4, 1, 0), (6, 1, 0), (7, 0, 0), (8, 1, 0))
 _LINES = ("--", "-.", ":", "-")
 
@@ -287,8 +287,9 @@ def _save(fig, path: Path, caption: str) -> Path:
         ax.title.set_fontsize(min(ax.title.get_fontsize(), 9))
         width = int(ax.get_position().width * fig.get_figwidth() * 13)  # characters at 9 pt
         ax.set_title("\n".join(textwrap.fill(line, max(30, width)) for line in ax.get_title().split("\n")))
-        if ax.get_xscale() == "log":  # minor tick labels of a narrow log range overprint each other
-            ax.xaxis.set_minor_formatter(NullFormatter())
+        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
+            if scale == "log":  # minor tick labels of a narrow log range overprint each other
+                axis.set_minor_formatter(NullFormatter())
     lines = textwrap.wrap(caption, int(fig.get_figwidth() * 17))  # characters per line at 7.5 pt
     caption_in = 0.13 * len(lines) + 0.12  # inches
     legend_in = 0.0
@@ -365,16 +366,21 @@ def _final(rows: Sequence[dict], key: str, tail: bool) -> float | None:
     return float(np.mean([v for s, v in pts if s > last - final_tail(last)]))
 
 
-def _strip(ax, i: int, values, style, summary: dict | None) -> None:
-    """One run label's per-seed values at x = i (small points) and, right of them, ``summary``'s mean
-    with its 95% interval (``stats.paired``/``one_sample`` keys; none without an interval)."""
+def _strip(ax, i: int, values: Mapping, style, summary: dict | None, bounds=(-np.inf, np.inf)) -> None:
+    """One run label's per-seed values (``values``: seed -> value) at x = i, small points each labelled with
+    its seed, and right of them ``summary``'s mean with its 95% interval (``stats.paired``/``one_sample``
+    keys; none without an interval), the interval clipped to ``bounds``."""
     color, _, marker = style
-    v = np.asarray(values, dtype=float)
+    seeds, v = list(values), np.asarray(list(values.values()), dtype=float)
     x = i + (np.linspace(-0.18, 0.18, v.size) if v.size > 1 else np.zeros(v.size))
     single = v.size == 1  # nothing to summarise: the one value is the point, drawn as the summary would be
     ax.scatter(x, v, color=color, marker=marker, s=36 if single else 18, alpha=1.0 if single else 0.6, lw=0)
+    if not single:
+        for xs, ys, seed in zip(x, v, seeds, strict=True):
+            ax.annotate(str(seed), (xs, ys), xytext=(-3, 0), textcoords="offset points", fontsize=5.5,
+                        ha="right", va="center", color=color)  # fmt: skip
     if summary is not None and summary.get("ci") is not None:
-        lo, hi = summary["ci"]
+        lo, hi = max(summary["ci"][0], bounds[0]), min(summary["ci"][1], bounds[1])
         m = summary["mean"]
         ax.errorbar([i + 0.32], [m], yerr=[[m - lo], [hi - m]], color=color, marker=marker, ms=6, capsize=3)
 
@@ -454,7 +460,7 @@ def fig6_reward(
                 got = paired(
                     {s: _final(rows, keys[label][name], tailed) for s, rows in runs[label].items()}, base
                 )
-                _strip(ax, i, got["diffs"], styles[label], got)
+                _strip(ax, i, dict(zip(got["seeds"], got["diffs"], strict=True)), styles[label], got)
                 counts.append(got["n"])
             ax.axhline(0, color="k", lw=0.5)
             _strip_axis(ax, others, counts)
@@ -481,23 +487,43 @@ def fig6_reward(
     return _save(fig, path, f"{caption} {note}")
 
 
+def _lambda_scale(ax, values, linthresh: float = 1e-2) -> str:
+    """λ's y axis: symlog, linear within ±``linthresh``, where |λ| reaches past 10·linthresh (λ spans
+    orders of magnitude and both signs), else linear. Returns the words for the axis label."""
+    v = np.abs(np.asarray(values, dtype=float))
+    v = v[np.isfinite(v)]
+    ax.axhline(0, color="k", lw=0.5)
+    if not v.size or v.max() <= 10 * linthresh:
+        return ""
+    ax.set_yscale("symlog", linthresh=linthresh, linscale=1.5)
+    return f"\n(symlog axis, linear within ±{linthresh:g})"
+
+
 def _lambda_panels(
-    ax, runs, key_name: str, styles, figure: str, labels: Mapping[str, str] | None = None
-) -> None:
-    """λ (``KEYS[key_name]``) per step, symlog: each seed thin, the median over seeds bold (legend: ``labels``
-    or 'label (n=...)')."""
+    ax,
+    runs,
+    key_name: str,
+    styles,
+    figure: str,
+    labels: Mapping[str, str] | None = None,
+    each_seed: bool = True,
+) -> str:
+    """λ (``KEYS[key_name]``) per step: with ``each_seed``, each seed thin; the median over seeds bold
+    (legend: ``labels`` or 'label (n=...)'). Returns :func:`_lambda_scale`'s words for the axis label."""
+    drawn = []
     for label, seeds in runs.items():
         color, ls, marker = styles[label]
         rows = [r for s in seeds.values() for r in s]
         steps, table = _aligned(list(seeds.values()), _key(rows, key_name, label, figure))
-        if len(seeds) > 1:
+        if len(seeds) > 1 and each_seed:
             for row in table:
                 ax.plot(steps, row, color=color, lw=0.6, alpha=0.35)
+            drawn.extend(table.ravel())
         ax.plot(steps, np.median(table, axis=0), color=color, ls=ls, marker=marker,
                 markevery=max(1, len(steps) // 8), ms=4, lw=1.6,
                 label=labels[label] if labels else f"{label} (n={len(seeds)})")  # fmt: skip
-    ax.set_yscale("symlog", linthresh=1e-2, linscale=1.5)
-    ax.axhline(0, color="k", lw=0.5)
+        drawn.extend(np.median(table, axis=0))
+    return _lambda_scale(ax, drawn)
 
 
 def fig4_lambda(
@@ -532,19 +558,20 @@ def fig4_lambda(
     fig, axes = _figure(3) if n > 1 else _figure(1, width=8.0)
     labels = None if n > 1 else {label: f"{label}: median λ {next(iter(medians[label].values())):.3g}, λ < 0 on "
                                         f"{next(iter(negative[label].values())):.0%} of steps" for label in runs}  # fmt: skip
-    _lambda_panels(axes[0, 0], runs, "lambda_applied", styles, figure, labels)
-    axes[0, 0].set(xlabel="RL step", ylabel="λ applied (dimensionless)",
+    scale = _lambda_panels(axes[0, 0], runs, "lambda_applied", styles, figure, labels)
+    axes[0, 0].set(xlabel="RL step", ylabel=f"λ applied{scale}",
                    title="(a) λ applied per step (thin: each seed; bold: median over seeds)" if n > 1
                          else "λ applied per step (one seed)")  # fmt: skip
     if n > 1:
         for i, label in enumerate(runs):
             m = list(medians[label].values())
-            _strip(axes[0, 1], i, m, styles[label], None)
+            _strip(axes[0, 1], i, medians[label], styles[label], None)
             axes[0, 1].plot([i - 0.25, i + 0.25], [np.median(m)] * 2, color=styles[label][0], lw=2)
-            _strip(axes[0, 2], i, list(negative[label].values()), styles[label], one_sample(negative[label]))
-        axes[0, 1].set_yscale("symlog", linthresh=1e-2, linscale=1.5)
-        axes[0, 1].axhline(0, color="k", lw=0.5)
-        axes[0, 1].set(ylabel="median λ applied over the run",
+            _strip(
+                axes[0, 2], i, negative[label], styles[label], one_sample(negative[label]), bounds=(0.0, 1.0)
+            )
+        scale = _lambda_scale(axes[0, 1], [v for m in medians.values() for v in m.values()])
+        axes[0, 1].set(ylabel=f"median λ applied over the run{scale}",
                        title="(b) each seed's median λ applied (line: median over seeds)")  # fmt: skip
         axes[0, 2].set(ylabel="fraction of steps with λ < 0", ylim=(-0.03, 1.03),
                        title="(c) how often each seed's statistics say λ < 0 (bar: mean, 95% t interval)")  # fmt: skip
@@ -553,8 +580,8 @@ def fig4_lambda(
     _legend_below(fig, [axes[0, 0]])
     if n > 1:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; (a) "
-                "has no interval (the thin lines are the seeds themselves); (c)'s bars are 95% t intervals over "
-                "seeds.")  # fmt: skip
+                "and (b) have no interval (the thin lines and small points are the seeds themselves, numbered in "
+                "(b) and (c)); (c)'s bars are 95% t intervals over seeds, clipped to [0, 1].")  # fmt: skip
     else:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; one "
                 "seed, so no interval. The legend's fraction counts λ from each step's statistics.")  # fmt: skip
@@ -581,22 +608,23 @@ def fig_lambda_agreement(
     runs = _runs(runs)
     styles = _styles(list(runs), styles)
     fig, axes = _figure(1, 2, width=8.0, height=2.9, sharex=True)
-    _lambda_panels(axes[0, 0], runs, "lambda_stats", styles, figure)
+    scale = _lambda_panels(axes[0, 0], runs, "lambda_stats", styles, figure, each_seed=False)
     for label, seeds in runs.items():
         rows = [r for s in seeds.values() for r in s]
         steps, table = _aligned(list(seeds.values()), _key(rows, "agreement", label, figure))
         _curve(axes[1, 0], steps, table, styles[label], label, window, each_seed=True)
     n = max(len(seeds) for seeds in runs.values())
-    axes[0, 0].set(ylabel="λ from statistics (dimensionless)",
-                   title="λ (Eq. 13, raw per step; bold: median over seeds) and MTP agreement (centred mean of "
-                         f"{window} steps; bold: mean over seeds); thin: each seed" if n > 1 else
+    axes[0, 0].set(ylabel=f"λ from statistics{scale}",
+                   title="λ (Eq. 13, raw per step; median over seeds) and MTP agreement (centred mean of "
+                         f"{window} steps; bold: mean over seeds, thin: each seed)" if n > 1 else
                          f"λ (Eq. 13, raw per step) and MTP agreement (centred mean of {window} steps); one seed")  # fmt: skip
     axes[1, 0].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)")
     _legend_below(fig, [axes[0, 0]])
     note = f"{_seed_counts(runs)} (unit of replication: the seed). " + (
-        "No interval is drawn: the thin lines are the seeds themselves."
+        "No interval is drawn. Top: the median over seeds only (each OCC seed's λ is in fig4_lambda); bottom: "
+        "thin, each seed's centred mean, the seeds themselves."
         if n > 1
-        else "One seed: no interval."
+        else "One seed: no interval. Bottom: faint, the raw per-step values."
     )
     return _save(fig, path, f"{caption} {note}")
 
@@ -650,8 +678,9 @@ def fig2_dynamics(
     *,
     caption: str,
     styles: Mapping[str, tuple] | None = None,
+    step_kind: str = "checkpoint",
 ) -> Path:
-    """Paper Fig. 2 at the probed checkpoints. Each seed's minibatches at a checkpoint are first reduced to
+    """Paper Fig. 2 at the probed checkpoints (``step_kind`` names the x axis's steps). Each seed's minibatches at a checkpoint are first reduced to
     one value (alignment: their mean; the squared norms: their median), since the seed is the unit of
     replication. With several seeds, those values are small points and the bold line is (a) their mean
     with its 95% t interval over seeds, (b-e) their median (no interval); with one seed, the line is it.
@@ -694,27 +723,24 @@ def fig2_dynamics(
             per = [_by_seed(a, key, s, reduce) for s in steps]
             if not any(per):
                 continue  # e.g. no proxy cosine without Σδ_RL²: nothing to draw, nothing in the legend
-            x = steps + (i - (len(probes) - 1) / 2) * shift * 3 + (j % 2) * shift
+            x = steps + (i - (len(probes) - 1) / 2) * shift * 4 + (j % 2) * shift * 1.5
             ax, face = axes[k], "none" if hollow else color
-            centre, err = [], [[], []]
+            centre, low, high = [], [], []
             for xs, v in zip(x, per, strict=True):
-                if len(v) > 1:
-                    ax.scatter([xs] * len(v), v, color=color, marker=marker, s=9, alpha=0.35, lw=0)
-                if reduce is np.mean and len(v) > 1:
-                    got = one_sample(dict(enumerate(v)))
-                    lo, hi = got["ci"] if got["ci"] else (got["mean"], got["mean"])
-                    (
-                        centre.append(got["mean"]),
-                        err[0].append(got["mean"] - lo),
-                        err[1].append(hi - got["mean"]),
-                    )
+                if len(v) > 1:  # the seeds themselves, hollow like their series where it is hollow
+                    ax.scatter([xs] * len(v), v, marker=marker, s=10, alpha=0.45, facecolors=face, edgecolors=color,
+                               lw=0.6)  # fmt: skip
+                got = one_sample(dict(enumerate(v))) if reduce is np.mean and len(v) > 1 else None
+                if got is not None and got["ci"] is not None:
+                    centre.append(got["mean"])
+                    low.append(got["mean"] - got["ci"][0])
+                    high.append(got["ci"][1] - got["mean"])
                 else:
-                    (
-                        centre.append(float(np.median(v)) if v else np.nan),
-                        err[0].append(0.0),
-                        err[1].append(0.0),
-                    )
-            ax.errorbar(x, centre, yerr=err, color=color, ls=lstyle, marker=marker, ms=5, capsize=3, mfc=face,
+                    centre.append(float(reduce(v)) if v else np.nan)
+                    low.append(0.0)
+                    high.append(0.0)
+            ax.errorbar(x, centre, yerr=[low, high], color=color, ls=lstyle if len(steps) > 3 else "none",
+                        marker=marker, ms=5, capsize=3, mfc=face,
                         label=f"{label}{suffix}")  # fmt: skip
             drawn.setdefault(k, []).extend(v for vs in per for v in vs)
             drawn.setdefault(key, [])  # which series were drawn
@@ -724,9 +750,10 @@ def fig2_dynamics(
     axes[0].set(ylabel="cosine (dimensionless)",
                 title=f"(a) alignment of g_RL and g_MTP, exact ({exact})"
                       f"{' and proxy' if 'cos_hat' in drawn else ''}\n{how['mean']}")  # fmt: skip
-    axes[1].set(ylabel="v² = ||g_MTP||² (loss-gradient norm²)",
+    axes[1].set(ylabel="cross-fitted v² ≈ ||g_MTP||² (can be < 0)" if exact == "cross-fitted"
+                else "v² = ||g_MTP||² (loss-gradient norm²)",
                 title=f"(b) v² over the main model, {exact}\n{how['median']}")  # fmt: skip
-    for k, what in ((2, "(c) v̂² per token (δ_MTP against the main head's old log-prob)"),
+    for k, what in ((2, "(c) v̂² = Σδ_MTP² per token, δ_MTP = log π_θ(MTP) − log π_old(main)"),
                     (3, "(d) of which the MTP head's own change"),
                     (4, "(e) of which the static head gap (MTP vs main head, both old)")):  # fmt: skip
         axes[k].set(ylabel="per token (nats²)", title=f"{what}\n{how['median']}")
@@ -736,7 +763,7 @@ def fig2_dynamics(
         else:
             axes[k].set_yscale("log")
     for ax in axes[:5]:
-        ax.set_xlabel("RL step (checkpoint)")
+        ax.set_xlabel(f"RL step ({step_kind})")
     _fig2_legend(axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds,
                  exact=exact)  # fmt: skip
     note = (f"Probed: {_probe_counts(probes)}. The unit of replication is the seed"
@@ -744,7 +771,8 @@ def fig2_dynamics(
                if seeds > 1 else "") + ". (a)'s exact "
             "cosine divides c by the minibatch's own norms. The paper's Fig. 2d (Eq. 10's terms) is not drawn: "
             "under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) and (e) need not add up to (c): their cross term is "
-            "not drawn. " + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
+            "not drawn. " + ("Points are not joined: nothing was measured between the checkpoints. "
+                             if len(all_steps) <= 3 else "") + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
             "(b-e) have no interval."))  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
@@ -756,23 +784,40 @@ def _probe_counts(probes: Mapping[str, Sequence[dict]]) -> str:
     for label, recs in probes.items():
         per = Counter(r.get("seed", 0) for r in recs)
         text = f"{label} {len(recs)} minibatches at {len({r['step'] for r in recs})} step(s) from {len(per)} seed(s)"
+        steps = sorted({r["step"] for r in recs})
         if len(per) > 1:
-            text += " (minibatches per seed: " + ", ".join(f"{s}: {m}" for s, m in sorted(per.items())) + ")"
+            by = Counter((r.get("seed", 0), r["step"]) for r in recs)
+            each = "+".join(f"step {t}" for t in steps) if len(steps) <= 3 else "all steps"
+            text += (
+                f" (minibatches per seed, {each}: "
+                + ", ".join(
+                    f"{s}: " + ("+".join(str(by[(s, t)]) for t in steps) if len(steps) <= 3 else str(m))
+                    for s, m in sorted(per.items())
+                )
+                + ")"
+            )
         parts.append(text)
     return "; ".join(parts)
 
 
 def _rho_text(got: dict, cluster: str | None) -> str:
-    """'ρ̄ = 0.12 [−0.05, 0.30] over 5 seeds (15 clusters of seed × checkpoint)', or why there is none."""
+    """'ρ̄ = 0.12 [−0.05, 0.30] over 5 seeds (10 clusters of seed × checkpoint)', the one seed's ρ without an
+    interval, or why there is none; clusters too small for a ρ are counted apart."""
     across = got["across_units"]
-    k = len(got["clusters"])
+    k, skipped = len(got["clusters"]), got["clusters_undefined"]
     clusters = (
-        f"{k} clusters of seed × {'checkpoint' if cluster == 'step' else cluster}" if cluster else f"{k} runs"
+        f"{k} clusters of seed × {'checkpoint' if cluster == 'step' else cluster}"
+        if cluster
+        else f"{k} run(s)"
     )
+    if skipped:
+        clusters += f"; {skipped} with < 4 points or a constant series left out"
+    if across["mean"] is None and len(got["per_unit"]) == 1:
+        return f"ρ = {next(iter(got['per_unit'].values())):.2f}, one seed: no interval ({clusters})"
     if across["mean"] is None:
-        return f"ρ undefined ({clusters} with a defined ρ)"
+        return f"ρ undefined (no cluster with a defined ρ; {clusters})"
     if across["ci"] is None:
-        return f"ρ̄ = {across['mean']:.2f}, {across['n']} seed: no interval ({clusters})"
+        return f"ρ̄ = {across['mean']:.2f}, no interval ({across['n']} seeds; {clusters})"
     lo, hi = across["ci"]
     return f"ρ̄ = {across['mean']:.2f} [{lo:.2f}, {hi:.2f}] over {across['n']} seeds ({clusters})"
 
@@ -828,18 +873,22 @@ def fig8_fidelity(
     axes[0, 0].set(xscale="log", yscale="log", xlabel="|ĉ| / n = |Σ δ_RL·δ_MTP| / tokens (nats²)",
                    ylabel=f"|c| ({exact}) = |<g_RL, g_MTP>| over the main model",
                    title=f"alignment (hollow: opposite signs). Secondary, pooled over {names}, seeds and "
-                         f"{over}: ρ = {pooled_text('c_hat', c_key)}")  # fmt: skip
+                         f"{over}: ρ (signed) = {pooled_text('c_hat', c_key)}")  # fmt: skip
     axes[0, 1].set(xscale="log", yscale="log", xlabel="v̂² / n = Σ δ_MTP² / tokens (nats²)",
                    ylabel=f"|v²| ({exact}) = ||g_MTP||² over the main model",
                    title=f"variance (hollow: v² ≤ 0). Secondary, pooled over {names}, seeds and {over}: "
-                         f"ρ = {pooled_text('v2_hat', v2_key)}")  # fmt: skip
+                         f"ρ (signed) = {pooled_text('v2_hat', v2_key)}")  # fmt: skip
     for ax in axes[0]:  # below the panel, its ρ per run label: inside, it would cover points
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
-    note = (f"One point per probed minibatch ({_probe_counts(probes)}). Legend: Spearman ρ {where}"
-            + (", averaged over a seed's clusters" if cluster else "") + ", then "
-            "the mean over seeds with its 95% t interval (unit of replication: the seed; the points of one "
-            "run are not independent). Titles: ρ over all points pooled, which mixes in drift between "
-            f"{over} and has no valid interval. Exact statistics {exact}.")  # fmt: skip
+    seeds = max(len({r.get("seed", 0) for r in recs}) for recs in probes.values())
+    note = (f"One point per probed minibatch ({_probe_counts(probes)}). Every ρ is Spearman's of the signed "
+            "values; the axes show magnitudes, hollow where the signs differ. Legend: ρ " + where
+            + (", averaged over a seed's clusters" if cluster else "")
+            + (", then the mean over seeds with its 95% t interval" if seeds > 1 else "; one seed: no interval")
+            + " (unit of replication: the seed; the points of one run are not independent). Titles: ρ over "
+            + (f"all points pooled, which mixes in drift between {over} and has no valid interval."
+               if cluster else "all points of every run pooled, which mixes runs and has no valid interval.")
+            + f" Exact statistics {exact}.")  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
@@ -906,7 +955,7 @@ def regime_figures(
             "fig6_reward.png",
             fig6_reward,
             core,
-            what="Training reward per regime (paper Fig. 6)",
+            what="Training reward, held-out accuracy and MTP agreement per regime (paper Fig. 6)",
             labels=core,
         )
     if occ := pick([label for label in runs if regime_of[label] == "occ"]):
@@ -931,7 +980,7 @@ def regime_figures(
         draw("fig2_dynamics.png", fig2_dynamics, own,
              what="Coefficient components (paper Fig. 2) from the runs' own probes (one probed update per "
                   "probed step; no proxy cosine: it needs Σδ_RL²; v̂² parts are the step's updates' mean)",
-             labels=own, source="training_probes")  # fmt: skip
+             labels=own, source="training_probes", step_kind="probed step")  # fmt: skip
     if own_core := {label: recs for label, recs in own.items() if label in REGIMES}:
         draw("fig8_training_probes.png", fig8_fidelity, own_core,
              what="Proxy vs exact (paper Fig. 8) from the runs' own probes (the last update of every probed "

@@ -162,7 +162,10 @@ def test_regime_figures_draws_what_the_runs_hold_and_says_why_not_the_rest(tmp_p
                      "fig8_training_probes.png"] and failed == {}  # fmt: skip
     assert all(_is_png(tmp_path / name) for name in drawn)
     labels = {what: (ls, src) for what, ls, src in asked}
-    assert labels["Training reward per regime"] == (["none", "policy", "occ"], "runs")
+    assert labels["Training reward, held-out accuracy and MTP agreement per regime"] == (
+        ["none", "policy", "occ"],
+        "runs",
+    )
     assert labels["λ over training"] == (["occ", "occ_lp2"], "runs")
     assert labels["Coefficient components"] == (["occ", "policy"], "training_probes")
     # with fixed-checkpoint probes, Fig. 2 and Fig. 8 come from them; a run without λ leaves Fig. 4 out,
@@ -313,6 +316,7 @@ def test_fig6_bottom_row_is_each_seeds_final_minus_detach_paired_by_seed_with_a_
         bar.lines[2][0].get_segments()[0][:, 1], [np.mean(diffs) - half, np.mean(diffs) + half]
     )
     assert [t.get_text() for t in bottom.get_xticklabels()] == ["occ\n(n=2)"]
+    assert sorted(t.get_text() for t in bottom.texts) == ["1", "3"]  # each point says which seed it is
     # one legend for the figure, below the panels; none inside a panel to cover the data
     assert [t.get_text() for t in fig.legends[0].get_texts()] == ["detach (n=4)", "occ (n=2)"]
     assert all(ax.get_legend() is None for ax in fig.axes)
@@ -347,7 +351,7 @@ def test_fig2_reduces_each_seeds_minibatches_to_one_value_before_summarising_ove
     np.testing.assert_allclose(sorted(fig.axes[0].collections[0].get_offsets()[:, 1]), [-0.5, 0.5])
     (v2,) = fig.axes[1].containers  # the median of the seeds' medians: seed 0's 2.0 and seed 1's 8.0
     assert v2.lines[0].get_ydata()[0] == pytest.approx(5.0)
-    assert "minibatches per seed: 0: 10, 1: 2" in caption and "95% t interval over seeds" in caption
+    assert "minibatches per seed, step 5: 0: 10, 1: 2" in caption and "95% t interval over seeds" in caption
     legend = [t.get_text() for t in fig.axes[5].get_legend().get_texts()]
     assert legend[0] == "occ" and any("proxy" in t for t in legend)
     # without Σδ_RL² there is no proxy cosine: nothing drawn, nothing in the legend or the title says one is
@@ -381,6 +385,9 @@ def test_fig4_summarises_each_seed_and_draws_one_panel_for_one_seed(drawn, runs)
     want = sorted(np.mean([r["train/mtp/occ/lambda_1"] < 0 for r in rows if "train/mtp/occ/lambda_1" in r])
                   for rows in runs["occ"])  # fmt: skip
     np.testing.assert_allclose(sorted(fig.axes[2].collections[0].get_offsets()[:, 1]), want)
+    (bar,) = fig.axes[2].containers  # a fraction's t interval is drawn inside [0, 1]
+    low, high = bar.lines[2][0].get_segments()[0][:, 1]
+    assert 0.0 <= low <= high <= 1.0
     want = sorted(
         np.median([r["train/mtp/occ/lambda_applied_1"] for r in rows if r["step"]]) for rows in runs["occ"]
     )
@@ -409,3 +416,43 @@ def test_the_colours_a_studys_controls_take_first_are_far_apart():
     ]
     gaps = [np.linalg.norm(np.subtract(a, b)) for i, a in enumerate(others) for b in others[i + 1 :]]
     assert min(gaps) > 0.4  # purple next to pink (0.32 apart) read as one colour
+
+
+def test_lambda_axes_are_symlog_only_where_lambda_spans_decades_and_say_so(drawn, runs):
+    F.fig4_lambda({"occ": runs["occ"]}, Path("f4.png"), caption="x")  # λ ~ N(0.2, 0.3): past ±0.1
+    ax = drawn["f4.png"][0].axes[0]
+    assert ax.get_yscale() == "symlog" and "symlog axis, linear within ±0.01" in ax.get_ylabel()
+    small = [
+        [{**r, **{k: v / 100 for k, v in r.items() if "lambda" in k}} for r in rows] for rows in runs["occ"]
+    ]
+    F.fig4_lambda({"occ": small}, Path("f4.png"), caption="x")
+    ax = drawn["f4.png"][0].axes[0]
+    assert ax.get_yscale() == "linear" and "symlog" not in ax.get_ylabel()
+
+
+def test_fig8_of_one_seed_gives_that_runs_rho_without_an_interval(drawn):
+    from scipy.stats import spearmanr
+
+    recs = {"occ": _probes(5, 12)}
+    F.fig8_fidelity(recs, Path("f8.png"), caption="x", cluster=None)
+    fig, caption = drawn["f8.png"]
+    rho = spearmanr([r["c_hat"] for r in recs["occ"]], [r["c"] for r in recs["occ"]]).statistic
+    assert (
+        fig.axes[0].get_legend().get_texts()[0].get_text()
+        == f"occ: ρ = {rho:.2f}, one seed: no interval (1 run(s))"
+    )
+    assert "one seed: no interval" in caption and "signed values" in caption
+
+
+def test_fig2_does_not_join_two_checkpoints_with_a_line(drawn):
+    recs = [{**r, "seed": s} for s in range(2) for r in _probes(s) if r["step"] in (4, 8)]
+    F.fig2_dynamics({"occ": recs}, Path("f2.png"), caption="x")
+    fig, caption = drawn["f2.png"]
+    assert all(c.lines[0].get_linestyle() == "None" for ax in fig.axes[:5] for c in ax.containers)
+    assert "Points are not joined" in caption
+    F.fig2_dynamics({"occ": [{**r, "seed": 0} for r in _probes(0)]}, Path("f2.png"), caption="x")  # 3 steps
+    F.fig2_dynamics({"occ": [{**r, "seed": 0, "step": r["step"] + i % 2} for i, r in enumerate(_probes(0, 24))]},
+                    Path("f2.png"), caption="x", step_kind="probed step")  # fmt: skip
+    fig, caption = drawn["f2.png"]  # six probed steps: a line
+    assert fig.axes[0].containers[0].lines[0].get_linestyle() == "-" and "not joined" not in caption
+    assert fig.axes[0].get_xlabel() == "RL step (probed step)"

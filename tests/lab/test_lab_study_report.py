@@ -269,3 +269,15 @@ def test_the_committed_study_adjusts_every_p_by_benjamini_hochberg_over_its_whol
         assert claim.get("p_adjusted") is None or claim["p_adjusted"] == pytest.approx(
             s["tests"][claim["test_key"]]["p_adjusted"]
         )
+
+
+def test_a_sweep_figures_caption_names_each_run_and_the_coefficient_ce_matched_ran_at():
+    from nemo_occ.lab.study.plan import MATCHED, Variant
+
+    matched = Variant(MATCHED, "ce", {"coef": None}, kind="control")
+    assert "coef=0.145" in R._described(matched, {"matched": {MATCHED: {"coef": 0.145}}})
+    assert R._described(matched, {"matched": None}) == matched.describe()
+    clipsep = Variant("x", "ce", {"coef": 1.0}, demo_overrides={"rl": {"clip_scope": "separate"}})
+    assert R._described(clipsep, {}) == "ce (coef=1.0, rl.clip_scope=separate)"
+    note = R._probe_note({"steps": [22, 45], "minibatches": 16})
+    assert "at steps 22 and 45" in note and "16 minibatches planned per seed and checkpoint" in note

@@ -241,7 +241,9 @@ def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
     """One line naming the run's setting, for figure captions."""
     return (
         f"{tool}, {cfg.rl.steps} RL steps x {cfg.rl.prompts_per_step} prompts x {cfg.rl.samples_per_prompt} "
-        f"samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit addition, GPT "
+        f"samples, {cfg.rl.minibatches} updates/step, {cfg.task.digits}-digit addition (held-out accuracy avg@"
+        f"{cfg.eval.samples}: the share of {cfg.eval.samples} samples correct, mean over {cfg.eval.problems} "
+        f"problems), GPT "
         f"{cfg.model.num_layers}x{cfg.model.hidden_size} + {cfg.model.mtp_num_layers} MTP layer; coef "
         f"{nemo_occ_cfg.coef:g}, λ+ {nemo_occ_cfg.occ.lambda_plus:g}, old_logprobs {nemo_occ_cfg.old_logprobs}; "
         f"in-training exact probes every {cfg.fidelity_every} RL steps"

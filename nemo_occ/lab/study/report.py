@@ -501,14 +501,23 @@ def seeds_text(names, pairs) -> str:
 # sweep/control variants it adds (detach and none always, as references), what it shows
 SWEEP_FIGURES = (
     ("fig6_policy_coef.png", ("policy",), ("policy_coef",),
-     "Training reward, policy-loss MTP at fixed coefficients (the paper's sweep)"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6), policy-loss MTP at fixed coefficients (the paper's sweep)"),
     ("fig6_ce_coef.png", ("ce",), ("ce_coef", "ce_matched"),
-     "Training reward, CE MTP at coef 0.1, 1.0, 1.0 clipped apart from the main model, and at OCC's MTP share"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6), the CE controls"),
     ("fig6_occ_lambda_plus.png", ("occ",), ("occ_lp", "occ_probed"),
-     "Training reward, OCC with λ from the exact probes (occ_probed) and, where the sweep ran, at other λ+"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6), OCC with λ from the exact probes and at other λ+"),
     ("fig6_old_logprobs.png", ("policy", "occ"), ("policy_old", "occ_old"),
-     "Training reward under both old-log-prob readings"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6) under both old-log-prob readings: δ_MTP against the main "
+     "head's old log-prob (old_logprobs: main, the default) or against the MTP head's own (old_logprobs: mtp)"),
 )  # fmt: skip
+
+
+def _described(variant, summary) -> str:
+    """The variant as a caption names it, ce_matched with the coefficient it ran at."""
+    matched = (summary.get("matched") or {}).get(variant.name)
+    if matched and matched.get("coef") is not None:
+        return f"{variant.regime} (coef={matched['coef']:g}, where CE's MTP share matches occ's mean share)"
+    return variant.describe()
 
 
 def _probe_note(probe: dict) -> str:
@@ -547,7 +556,11 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -
         if group(added):  # a panel without its sweep's runs would repeat fig6_reward
             try:
                 names = [BASELINE, "none", *core, *added]
-                F.fig6_reward(group(names), out / fname, caption=caption(what, names), styles=styles)
+                drawn_here = [n for n in added if n in group(added)]
+                what_runs = f"{what}. Runs: " + "; ".join(
+                    f"{n} = {_described(variants[n], summary)}" for n in drawn_here
+                )
+                F.fig6_reward(group(names), out / fname, caption=caption(what_runs, names), styles=styles)
                 drawn.append(fname)
             except F.FigureDataError as err:  # missing metrics; anything else is a bug and propagates
                 failed[fname] = str(err)
