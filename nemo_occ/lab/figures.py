@@ -278,7 +278,7 @@ def _save(fig, path: Path, caption: str) -> Path:
     """Titles wrapped to their panel, the caption (and a legend of :func:`_legend_below`) below the
     panels, the PNG written atomically."""
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     from nemo_occ.atomic_io import atomic_write
 
@@ -287,9 +287,16 @@ def _save(fig, path: Path, caption: str) -> Path:
         ax.title.set_fontsize(min(ax.title.get_fontsize(), 9))
         width = int(ax.get_position().width * fig.get_figwidth() * 13)  # characters at 9 pt
         ax.set_title("\n".join(textwrap.fill(line, max(30, width)) for line in ax.get_title().split("\n")))
-        for axis, scale in ((ax.xaxis, ax.get_xscale()), (ax.yaxis, ax.get_yscale())):
-            if scale == "log":  # minor tick labels of a narrow log range overprint each other
-                axis.set_minor_formatter(NullFormatter())
+        for axis, scale, lim in (
+            (ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+            (ax.yaxis, ax.get_yscale(), ax.get_ylim()),
+        ):
+            if scale != "log":
+                continue
+            if lim[0] > 0 and math.log10(lim[1] / lim[0]) < 1.5:  # a decade or so: label 1, 2, 5 plainly
+                axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())  # minor labels of a narrow range overprint each other
     lines = textwrap.wrap(caption, int(fig.get_figwidth() * 17))  # characters per line at 7.5 pt
     caption_in = 0.13 * len(lines) + 0.12  # inches
     legend_in = 0.0
@@ -317,9 +324,9 @@ def _over(n: int) -> str:
     return f"mean over {n} seeds" if n > 1 else "one seed"
 
 
-def _symlog(ax, values) -> None:
+def _symlog(ax, values) -> str:
     """A symlog y axis whose linear part spans the smallest tenth of |values| and is wide enough that the
-    labels of 0 and ±linthresh do not run into each other."""
+    labels of 0 and ±linthresh do not run into each other. Returns the words for the axis label."""
     from matplotlib.ticker import FixedLocator
 
     mags = np.abs(np.asarray([v for v in values if np.isfinite(v) and v != 0], dtype=float))
@@ -330,6 +337,7 @@ def _symlog(ax, values) -> None:
     decades = [10.0**e for e in range(lo, hi + 1)]
     signs = {1.0 for v in values if v > 0} | {-1.0 for v in values if v < 0}
     ax.yaxis.set_major_locator(FixedLocator(sorted([0.0, *(s * d for s in signs for d in decades)])))
+    return f"\n(symlog axis, linear within ±{linthresh:.1g})"
 
 
 def _curve(ax, steps, seeds_values, style, label, window, each_seed: bool = False) -> None:
@@ -342,6 +350,30 @@ def _curve(ax, steps, seeds_values, style, label, window, each_seed: bool = Fals
     every = max(1, len(steps) // 8)
     ax.plot(steps, sm.mean(axis=0), color=color, ls=ls, marker=marker, markevery=every, ms=4, lw=1.6,
             label=label)  # fmt: skip
+
+
+def _label_ends(ax, ends: Sequence[tuple[float, str, str]], gap: float = 0.035) -> None:
+    """Right of the panel, each line's label at its last value (``ends``: value, text, colour), pushed
+    apart symmetrically, within the panel's height, so that no two overprint."""
+    if not ends:
+        return
+    lo, hi = ax.get_ylim()
+    ends = sorted(ends)
+    y = [(value - lo) / (hi - lo) for value, _, _ in ends]
+    n = len(y)
+    for _ in range(500):  # neighbours closer than the gap move apart about their midpoint, then stay inside
+        moved = False
+        for i in range(1, n):
+            if y[i] - y[i - 1] < gap - 1e-9:
+                mid = (y[i] + y[i - 1]) / 2
+                y[i - 1], y[i] = mid - gap / 2, mid + gap / 2
+                moved = True
+        y = [min(max(v, i * gap), 1 - (n - 1 - i) * gap) for i, v in enumerate(y)]
+        if not moved:
+            break
+    for (_, text, color), yy in zip(ends, y, strict=True):
+        ax.annotate(text, (1.0, yy), xycoords="axes fraction", xytext=(3, 0), textcoords="offset points",
+                    fontsize=6, color=color, va="center", annotation_clip=False)  # fmt: skip
 
 
 def _runs(runs: Mapping) -> dict[str, dict]:
@@ -372,23 +404,24 @@ def _strip(ax, i: int, values: Mapping, style, summary: dict | None, bounds=(-np
     keys; none without an interval), the interval clipped to ``bounds``."""
     color, _, marker = style
     seeds, v = list(values), np.asarray(list(values.values()), dtype=float)
-    x = i + (np.linspace(-0.18, 0.18, v.size) if v.size > 1 else np.zeros(v.size))
+    x = i + (np.linspace(-0.25, 0.2, v.size) if v.size > 1 else np.zeros(v.size))
     single = v.size == 1  # nothing to summarise: the one value is the point, drawn as the summary would be
     ax.scatter(x, v, color=color, marker=marker, s=36 if single else 18, alpha=1.0 if single else 0.6, lw=0)
     if not single:
         for xs, ys, seed in zip(x, v, seeds, strict=True):
-            ax.annotate(str(seed), (xs, ys), xytext=(-3, 0), textcoords="offset points", fontsize=5.5,
-                        ha="right", va="center", color=color)  # fmt: skip
+            ax.annotate(str(seed), (xs, ys), xytext=(0, 3), textcoords="offset points", fontsize=5.5,
+                        ha="center", va="bottom", color=color)  # fmt: skip
     if summary is not None and summary.get("ci") is not None:
         lo, hi = max(summary["ci"][0], bounds[0]), min(summary["ci"][1], bounds[1])
         m = summary["mean"]
-        ax.errorbar([i + 0.32], [m], yerr=[[m - lo], [hi - m]], color=color, marker=marker, ms=6, capsize=3)
+        ax.errorbar([i + 0.36], [m], yerr=[[m - lo], [hi - m]], color=color, marker=marker, ms=6, capsize=3)
 
 
 def _strip_axis(ax, labels: Sequence[str], counts: Sequence[int]) -> None:
     ax.set_xticks(range(len(labels)), [f"{label}\n(n={n})" for label, n in zip(labels, counts, strict=True)],
                   fontsize=7, rotation=15)  # fmt: skip
     ax.set_xlim(-0.6, len(labels) - 0.3)
+    ax.margins(y=0.12)  # room for the seed numbers above the points
 
 
 # -- figures ---------------------------------------------------------------------------------------------
@@ -401,6 +434,7 @@ def fig6_reward(
     caption: str,
     window: int = 9,
     baseline: str = "detach",
+    eval_k: int | None = None,
     styles: Mapping[str, tuple] | None = None,
 ) -> Path:
     """Paper Fig. 6. Top, per run label (``runs[label]``: its seeds' rows, a list or a mapping seed -> rows):
@@ -443,7 +477,7 @@ def fig6_reward(
                                   marker=style[2], ms=4, label=f"{label} (n={len(seeds)})")  # fmt: skip
             else:
                 _curve(axes[0, col], steps, table, style, f"{label} (n={len(seeds)})", window)
-    names = {"reward": "training reward (fraction correct)", "eval": "held-out accuracy avg@k (fraction)",
+    names = {"reward": "training reward (fraction correct)", "eval": f"held-out accuracy avg@{eval_k or 'k'} (fraction)",
              "agreement": "MTP top-1 agreement (fraction)"}  # fmt: skip
     titles = {"reward": f"training reward ({_over(n)}; centred mean of {window} steps)",
               "eval": f"held-out accuracy ({_over(n)})",
@@ -471,8 +505,9 @@ def fig6_reward(
             )
     _legend_below(fig, axes[0])
     if n > 1:
-        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top: bold, the mean over seeds of each "
-                f"seed's centred mean of {window} steps; faint, the raw mean over seeds.")  # fmt: skip
+        note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top (no interval): bold, the mean over "
+                f"seeds of each seed's centred mean of {window} steps (fewer steps at either end); faint, the raw "
+                "mean over seeds. Lines that coincide hide each other.")  # fmt: skip
     else:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top: bold, the centred mean of {window} "
                 "steps; faint, the raw values.")  # fmt: skip
@@ -566,13 +601,13 @@ def fig4_lambda(
         for i, label in enumerate(runs):
             m = list(medians[label].values())
             _strip(axes[0, 1], i, medians[label], styles[label], None)
-            axes[0, 1].plot([i - 0.25, i + 0.25], [np.median(m)] * 2, color=styles[label][0], lw=2)
+            axes[0, 1].plot([i + 0.3, i + 0.42], [np.median(m)] * 2, color=styles[label][0], lw=2.5)
             _strip(
                 axes[0, 2], i, negative[label], styles[label], one_sample(negative[label]), bounds=(0.0, 1.0)
             )
         scale = _lambda_scale(axes[0, 1], [v for m in medians.values() for v in m.values()])
         axes[0, 1].set(ylabel=f"median λ applied over the run{scale}",
-                       title="(b) each seed's median λ applied (line: median over seeds)")  # fmt: skip
+                       title="(b) each seed's median λ applied (dash: median over seeds)")  # fmt: skip
         axes[0, 2].set(ylabel="fraction of steps with λ < 0", ylim=(-0.03, 1.03),
                        title="(c) how often each seed's statistics say λ < 0 (bar: mean, 95% t interval)")  # fmt: skip
         for ax in axes[0, 1:]:
@@ -581,7 +616,9 @@ def fig4_lambda(
     if n > 1:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; (a) "
                 "and (b) have no interval (the thin lines and small points are the seeds themselves, numbered in "
-                "(b) and (c)); (c)'s bars are 95% t intervals over seeds, clipped to [0, 1].")  # fmt: skip
+                "(b) and (c)); (c)'s bars are 95% t intervals over seeds, clipped to [0, 1]. A λ that changes "
+                "only at probes (occ_probed's) holds each value for several steps, so its fractions move in "
+                "coarser steps.")  # fmt: skip
     else:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; one "
                 "seed, so no interval. The legend's fraction counts λ from each step's statistics.")  # fmt: skip
@@ -609,20 +646,27 @@ def fig_lambda_agreement(
     styles = _styles(list(runs), styles)
     fig, axes = _figure(1, 2, width=8.0, height=2.9, sharex=True)
     scale = _lambda_panels(axes[0, 0], runs, "lambda_stats", styles, figure, each_seed=False)
+    ends: list[tuple[float, str, str]] = []  # each seed's last centred value, its number, its colour
     for label, seeds in runs.items():
         rows = [r for s in seeds.values() for r in s]
         steps, table = _aligned(list(seeds.values()), _key(rows, "agreement", label, figure))
         _curve(axes[1, 0], steps, table, styles[label], label, window, each_seed=True)
+        if len(seeds) > 1:
+            ends += [
+                (centred_mean(row, window)[-1], str(seed), styles[label][0])
+                for seed, row in zip(seeds, table, strict=True)
+            ]
     n = max(len(seeds) for seeds in runs.values())
     axes[0, 0].set(ylabel=f"λ from statistics{scale}",
                    title="λ (Eq. 13, raw per step; median over seeds) and MTP agreement (centred mean of "
                          f"{window} steps; bold: mean over seeds, thin: each seed)" if n > 1 else
                          f"λ (Eq. 13, raw per step) and MTP agreement (centred mean of {window} steps); one seed")  # fmt: skip
     axes[1, 0].set(xlabel="RL step", ylabel="MTP top-1 agreement (fraction)")
+    _label_ends(axes[1, 0], ends)
     _legend_below(fig, [axes[0, 0]])
     note = f"{_seed_counts(runs)} (unit of replication: the seed). " + (
         "No interval is drawn. Top: the median over seeds only (each OCC seed's λ is in fig4_lambda); bottom: "
-        "thin, each seed's centred mean, the seeds themselves."
+        "thin, each seed's centred mean, numbered at its end."
         if n > 1
         else "One seed: no interval. Bottom: faint, the raw per-step values."
     )
@@ -652,7 +696,7 @@ def _by_seed(a: dict[str, np.ndarray], key: str, step: float, centre) -> list[fl
     return out
 
 
-def _fig2_legend(ax, probes, styles, *, proxy: bool, seeds: int, exact: str) -> None:
+def _fig2_legend(ax, probes, styles, *, proxy: bool, seeds: int, exact: str, joined: bool) -> None:
     """Fig. 2's legend in its own panel: one entry per run label, then what fill, line and points mean."""
     from matplotlib.lines import Line2D
 
@@ -660,8 +704,11 @@ def _fig2_legend(ax, probes, styles, *, proxy: bool, seeds: int, exact: str) -> 
         Line2D([], [], color=styles[label][0], marker=styles[label][2], ms=6, label=label) for label in probes
     ]
     if proxy:
-        handles += [Line2D([], [], color="k", marker="o", ms=5, label=f"(a) filled, solid: exact ({exact})"),
-                    Line2D([], [], color="k", ls="--", marker="o", mfc="none", ms=5, label="(a) hollow, dashed: proxy")]  # fmt: skip
+        line, dashed = ("-", "--") if joined else ("none", "none")
+        handles += [Line2D([], [], color="k", ls=line, marker="o", ms=5,
+                           label=f"(a) filled{', solid' if joined else ''}: exact ({exact})"),
+                    Line2D([], [], color="k", ls=dashed, marker="o", mfc="none", ms=5,
+                           label=f"(a) hollow{', dashed' if joined else ''}: proxy")]  # fmt: skip
     if seeds > 1:
         handles.append(
             Line2D(
@@ -705,7 +752,13 @@ def fig2_dynamics(
     axes = grid.ravel()
     seeds = max(len({r.get("seed", 0) for r in recs}) for recs in probes.values())
     all_steps = np.unique([float(r["step"]) for recs in probes.values() for r in recs])
-    shift = max(float(np.ptp(all_steps)) * 0.012, 0.02)  # x offsets keep equal points apart
+    # a few checkpoints: one slot each on the x axis, nothing drawn between them; many probed steps: the
+    # steps themselves, joined. Run labels sit side by side within a slot (offsets in x units), so their
+    # points stay apart without landing on another probe's step.
+    categorical = len(all_steps) <= 3
+    gap = 1.0 if categorical else float(np.diff(all_steps).min())
+    slot = gap * (0.6 if categorical else 0.5) / max(1, len(probes))
+    position = {s: (float(i) if categorical else s) for i, s in enumerate(all_steps)}
     panels = (  # key, panel, hollow, line, legend suffix, reduction within a seed
         (cos_key, 0, False, "-", f" exact ({exact})", np.mean),
         ("cos_hat", 0, True, "--", " proxy", np.mean),
@@ -723,7 +776,7 @@ def fig2_dynamics(
             per = [_by_seed(a, key, s, reduce) for s in steps]
             if not any(per):
                 continue  # e.g. no proxy cosine without Σδ_RL²: nothing to draw, nothing in the legend
-            x = steps + (i - (len(probes) - 1) / 2) * shift * 4 + (j % 2) * shift * 1.5
+            x = np.array([position[s] for s in steps]) + (i - (len(probes) - 1) / 2 + (j % 2) * 0.3) * slot
             ax, face = axes[k], "none" if hollow else color
             centre, low, high = [], [], []
             for xs, v in zip(x, per, strict=True):
@@ -739,7 +792,7 @@ def fig2_dynamics(
                     centre.append(float(reduce(v)) if v else np.nan)
                     low.append(0.0)
                     high.append(0.0)
-            ax.errorbar(x, centre, yerr=[low, high], color=color, ls=lstyle if len(steps) > 3 else "none",
+            ax.errorbar(x, centre, yerr=[low, high], color=color, ls="none" if categorical else lstyle,
                         marker=marker, ms=5, capsize=3, mfc=face,
                         label=f"{label}{suffix}")  # fmt: skip
             drawn.setdefault(k, []).extend(v for vs in per for v in vs)
@@ -750,29 +803,42 @@ def fig2_dynamics(
     axes[0].set(ylabel="cosine (dimensionless)",
                 title=f"(a) alignment of g_RL and g_MTP, exact ({exact})"
                       f"{' and proxy' if 'cos_hat' in drawn else ''}\n{how['mean']}")  # fmt: skip
-    axes[1].set(ylabel="cross-fitted v² ≈ ||g_MTP||² (can be < 0)" if exact == "cross-fitted"
-                else "v² = ||g_MTP||² (loss-gradient norm²)",
-                title=f"(b) v² over the main model, {exact}\n{how['median']}")  # fmt: skip
+    axes[1].set(title=f"(b) v² over the main model, {exact}\n{how['median']}")
     for k, what in ((2, "(c) v̂² = Σδ_MTP² per token, δ_MTP = log π_θ(MTP) − log π_old(main)"),
                     (3, "(d) of which the MTP head's own change"),
                     (4, "(e) of which the static head gap (MTP vs main head, both old)")):  # fmt: skip
         axes[k].set(ylabel="per token (nats²)", title=f"{what}\n{how['median']}")
+    scale = {}
     for k in range(1, 5):
         if any(v <= 0 for v in drawn.get(k, [])):  # a cross-fitted v² can be ≤ 0
-            _symlog(axes[k], drawn.get(k, []))
+            scale[k] = _symlog(axes[k], drawn.get(k, []))
         else:
             axes[k].set_yscale("log")
+            scale[k] = ""
+    v2_name = "cross-fitted v² ≈ ||g_MTP||²" if exact == "cross-fitted" else "v² = ||g_MTP||²"
+    axes[1].set_ylabel(
+        v2_name + (scale[1] or ("\n(every value drawn > 0)" if exact == "cross-fitted" else ""))
+    )
+    for k in range(2, 5):
+        axes[k].set_ylabel("per token (nats²)" + scale[k])
     for ax in axes[:5]:
-        ax.set_xlabel(f"RL step ({step_kind})")
-    _fig2_legend(axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds,
-                 exact=exact)  # fmt: skip
+        if categorical:
+            ax.set_xticks([position[s] for s in all_steps], [f"step {s:g}" for s in all_steps])
+            ax.set_xlim(-0.6, len(all_steps) - 0.4)
+            ax.set_xlabel(step_kind)
+        else:
+            ax.set_xlabel(f"RL step ({step_kind})")
+    _fig2_legend(
+        axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds, exact=exact, joined=not categorical
+    )
     note = (f"Probed: {_probe_counts(probes)}. The unit of replication is the seed"
             + ("; each seed's minibatches are reduced to one value before anything is summarised over seeds"
                if seeds > 1 else "") + ". (a)'s exact "
             "cosine divides c by the minibatch's own norms. The paper's Fig. 2d (Eq. 10's terms) is not drawn: "
             "under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) and (e) need not add up to (c): their cross term is "
             "not drawn. " + ("Points are not joined: nothing was measured between the checkpoints. "
-                             if len(all_steps) <= 3 else "") + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
+                             if categorical else "") + f"Run labels are set side by side, up to ±{((len(probes) - 1) / 2 + 0.3) * slot:.2g} "
+            + ("of a checkpoint's slot" if categorical else "steps") + " off their step. " + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
             "(b-e) have no interval."))  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
@@ -888,7 +954,8 @@ def fig8_fidelity(
             + " (unit of replication: the seed; the points of one run are not independent). Titles: ρ over "
             + (f"all points pooled, which mixes in drift between {over} and has no valid interval."
                if cluster else "all points of every run pooled, which mixes runs and has no valid interval.")
-            + f" Exact statistics {exact}.")  # fmt: skip
+            + f" Exact statistics {exact}. δ_RL: a token's main-head log-prob change, current minus old; δ_MTP:"
+            " the MTP head's current log-prob minus the old log-prob it is read against (old_logprobs).")  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
@@ -912,6 +979,7 @@ def regime_figures(
     probes: Mapping[str, Sequence[dict]] | None = None,
     probe_note: str = "",
     styles: Mapping[str, tuple] | None = None,
+    eval_k: int | None = None,
 ) -> tuple[list[str], dict[str, str]]:
     """The figures of a set of runs, each label's runs one per seed (``runs[label][seed]`` = metric rows):
 
@@ -957,6 +1025,7 @@ def regime_figures(
             core,
             what="Training reward, held-out accuracy and MTP agreement per regime (paper Fig. 6)",
             labels=core,
+            eval_k=eval_k,
         )
     if occ := pick([label for label in runs if regime_of[label] == "occ"]):
         draw("fig4_lambda.png", fig4_lambda, occ, what="λ over training (paper Fig. 4), OCC runs", labels=occ)

@@ -30,10 +30,10 @@ def test_demo_captions_say_one_seed_has_no_interval(monkeypatch, tmp_path):
 
     asked = []
 
-    def regime_figures(out_dir, runs, *, caption):
-        asked.append(caption("Training reward", list(runs), "runs"))
+    def regime_figures(out_dir, runs, *, caption, eval_k):
+        asked.append((caption("Training reward", list(runs), "runs"), eval_k))
         return [], {}
 
     monkeypatch.setattr(F, "regime_figures", regime_figures)
-    D.plot({"occ": {"metrics": [{"step": 1}]}}, tmp_path, "setting s")
-    assert asked == ["Training reward. setting s; one seed per regime (occ): no interval across seeds."]
+    D.plot({"occ": {"metrics": [{"step": 1}]}}, tmp_path, "setting s", 4)
+    assert asked == [("Training reward. setting s; one seed per regime (occ): no interval across seeds.", 4)]

@@ -456,3 +456,31 @@ def test_fig2_does_not_join_two_checkpoints_with_a_line(drawn):
     fig, caption = drawn["f2.png"]  # six probed steps: a line
     assert fig.axes[0].containers[0].lines[0].get_linestyle() == "-" and "not joined" not in caption
     assert fig.axes[0].get_xlabel() == "RL step (probed step)"
+
+
+def test_line_end_labels_are_pushed_apart_and_stay_beside_the_panel():
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.set_ylim(0.0, 1.0)
+    F._label_ends(ax, [(0.98, str(i), "k") for i in range(10)] + [(0.1, "low", "k")])
+    ys = sorted(t.xy[1] for t in ax.texts)
+    plt.close(fig)
+    assert len(ys) == 11 and min(np.diff(ys)) >= 0.035 - 1e-9 and 0.0 <= ys[0] and ys[-1] <= 1.0
+    assert ys[0] == pytest.approx(0.1)  # a label with room keeps its place
+
+
+def test_narrow_log_axes_are_labelled_with_plain_numbers(tmp_path):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([1, 2, 3], [0.2, 0.9, 2.5])
+    ax.set_yscale("log")
+    F._save(fig, tmp_path / "x.png", "x")
+    fmt, ticks = ax.yaxis.get_major_formatter(), ax.yaxis.get_major_locator().tick_values(0.2, 2.5)
+    assert [fmt(t) for t in ticks if 0.2 <= t <= 2.5] == ["0.2", "0.5", "1", "2"]
+
+
+def test_fig6_names_the_k_of_avg_at_k(drawn, runs):
+    F.fig6_reward(runs, Path("f6.png"), caption="x", eval_k=4)
+    assert "avg@4" in drawn["f6.png"][0].axes[1].get_ylabel()

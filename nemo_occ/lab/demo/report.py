@@ -250,7 +250,9 @@ def setting_text(cfg, nemo_occ_cfg, tool: str = "nemo-occ demo") -> str:
     )
 
 
-def plot(runs: dict[str, dict], out_dir: Path, setting: str) -> tuple[list[str], dict[str, str]]:
+def plot(
+    runs: dict[str, dict], out_dir: Path, setting: str, eval_k: int | None = None
+) -> tuple[list[str], dict[str, str]]:
     """The paper-style figures of the finished regimes (``nemo_occ.lab.figures.regime_figures``, one seed):
     the file names drawn, and why any figure was not."""
     from nemo_occ.lab.figures import regime_figures
@@ -258,15 +260,23 @@ def plot(runs: dict[str, dict], out_dir: Path, setting: str) -> tuple[list[str],
     def caption(what: str, labels: list[str], source: str) -> str:
         return f"{what}. {setting}; one seed per regime ({', '.join(labels)}): no interval across seeds."
 
-    return regime_figures(out_dir, {r: [run["metrics"]] for r, run in runs.items()}, caption=caption)
+    return regime_figures(
+        out_dir, {r: [run["metrics"]] for r, run in runs.items()}, caption=caption, eval_k=eval_k
+    )
 
 
 def build_report(
-    runs: dict[str, dict], out_dir: Path, header: str, setting: str, warm_start: dict | None = None
+    runs: dict[str, dict],
+    out_dir: Path,
+    header: str,
+    setting: str,
+    warm_start: dict | None = None,
+    eval_k: int | None = None,
 ) -> dict:
-    """Summarize ``runs``, write summary.json, summary.md and the plots into ``out_dir``; the summary."""
+    """Summarize ``runs``, write summary.json, summary.md and the plots into ``out_dir`` (``eval_k``: the
+    k of the held-out avg@k, for the figures' labels); the summary."""
     summary = summarize(runs, warm_start)
-    summary["plots"], not_drawn = plot(runs, out_dir, setting)
+    summary["plots"], not_drawn = plot(runs, out_dir, setting, eval_k)
     if not_drawn:
         summary["plots_not_drawn"] = not_drawn
     text_json, text_md = json.dumps(summary, indent=2) + "\n", summary_markdown(summary, header)

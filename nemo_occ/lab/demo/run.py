@@ -186,4 +186,4 @@ def _run(
         f"(warm start + regimes, across resumes; this invocation {time.perf_counter() - t0:.0f} s)."
     )
     setting = f"{setting_text(cfg, nemo_occ_cfg)}, seed {cfg.seed}"
-    return build_report(runs, out, header, setting, warm_metrics)
+    return build_report(runs, out, header, setting, warm_metrics, eval_k=cfg.eval.samples)

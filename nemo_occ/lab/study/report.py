@@ -505,7 +505,7 @@ SWEEP_FIGURES = (
     ("fig6_ce_coef.png", ("ce",), ("ce_coef", "ce_matched"),
      "Reward, accuracy and MTP agreement (paper Fig. 6), the CE controls"),
     ("fig6_occ_lambda_plus.png", ("occ",), ("occ_lp", "occ_probed"),
-     "Reward, accuracy and MTP agreement (paper Fig. 6), OCC with λ from the exact probes and at other λ+"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6), OCC variants"),
     ("fig6_old_logprobs.png", ("policy", "occ"), ("policy_old", "occ_old"),
      "Reward, accuracy and MTP agreement (paper Fig. 6) under both old-log-prob readings: δ_MTP against the main "
      "head's old log-prob (old_logprobs: main, the default) or against the MTP head's own (old_logprobs: mtp)"),
@@ -516,7 +516,8 @@ def _described(variant, summary) -> str:
     """The variant as a caption names it, ce_matched with the coefficient it ran at."""
     matched = (summary.get("matched") or {}).get(variant.name)
     if matched and matched.get("coef") is not None:
-        return f"{variant.regime} (coef={matched['coef']:g}, where CE's MTP share matches occ's mean share)"
+        return (f"{variant.regime} (coef={matched['coef']:g}, where CE's MTP share, the MTP term's gradient norm "
+                "over the main model divided by the RL gradient's, matches occ's mean share)")  # fmt: skip
     return variant.describe()
 
 
@@ -549,6 +550,7 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -
 
     styles = F.assign_styles(list(variants))
     drawn, failed = F.regime_figures(out, group(variants), caption=caption, probes=probes or None,
+                                     eval_k=cfg.eval.samples,
                                      regime_of={n: v.regime for n, v in variants.items()}, styles=styles,
                                      probe_note=_probe_note(summary["probe"]))  # fmt: skip
     for fname, core, prefixes, what in SWEEP_FIGURES:
@@ -560,7 +562,8 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -
                 what_runs = f"{what}. Runs: " + "; ".join(
                     f"{n} = {_described(variants[n], summary)}" for n in drawn_here
                 )
-                F.fig6_reward(group(names), out / fname, caption=caption(what_runs, names), styles=styles)
+                F.fig6_reward(group(names), out / fname, caption=caption(what_runs, names), styles=styles,
+                              eval_k=cfg.eval.samples)  # fmt: skip
                 drawn.append(fname)
             except F.FigureDataError as err:  # missing metrics; anything else is a bug and propagates
                 failed[fname] = str(err)
