@@ -424,6 +424,12 @@ def _strip_axis(ax, labels: Sequence[str], counts: Sequence[int]) -> None:
     ax.margins(y=0.12)  # room for the seed numbers above the points
 
 
+# said wherever a figure draws a 95% interval over seeds
+_UNADJUSTED = (
+    "unadjusted for the number of comparisons (the study's claims table gives Benjamini-Hochberg-adjusted p)"
+)
+
+
 # -- figures ---------------------------------------------------------------------------------------------
 
 
@@ -510,11 +516,11 @@ def fig6_reward(
                 "mean over seeds. Lines that coincide hide each other.")  # fmt: skip
     else:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Top: bold, the centred mean of {window} "
-                "steps; faint, the raw values.")  # fmt: skip
+                "steps; faint, the raw values. Lines that coincide hide each other.")  # fmt: skip
     if paired_row and n > 1:
         note += (f" Bottom: each run minus {baseline} on the same seed (points: the seeds), the comparison the "
-                 "study's paired t-tests make; bars: the mean difference and its 95% t interval over seeds. The "
-                 "seeds start at different levels, so the top row's means hide their spread.")  # fmt: skip
+                 "study's paired t-tests make; bars: the mean difference and its 95% t interval over seeds, "
+                 f"{_UNADJUSTED}. The seeds start at different levels, so the top row's means hide their spread.")  # fmt: skip
     elif paired_row:
         note += f" Bottom: each run minus {baseline} on the same seed; one seed, so no interval."
     else:
@@ -608,7 +614,8 @@ def fig4_lambda(
         scale = _lambda_scale(axes[0, 1], [v for m in medians.values() for v in m.values()])
         axes[0, 1].set(ylabel=f"median λ applied over the run{scale}",
                        title="(b) each seed's median λ applied (dash: median over seeds)")  # fmt: skip
-        axes[0, 2].set(ylabel="fraction of steps with λ < 0", ylim=(-0.03, 1.03),
+        axes[0, 2].axhline(0.5, color="k", lw=0.5, ls=":")  # λ < 0 as often as > 0
+        axes[0, 2].set(ylabel="fraction of steps with λ < 0 (dotted: half)", ylim=(-0.03, 1.03),
                        title="(c) how often each seed's statistics say λ < 0 (bar: mean, 95% t interval)")  # fmt: skip
         for ax in axes[0, 1:]:
             _strip_axis(ax, list(runs), [len(seeds) for seeds in runs.values()])
@@ -616,7 +623,7 @@ def fig4_lambda(
     if n > 1:
         note = (f"{_seed_counts(runs)} (unit of replication: the seed). Raw per-step values, no smoothing; (a) "
                 "and (b) have no interval (the thin lines and small points are the seeds themselves, numbered in "
-                "(b) and (c)); (c)'s bars are 95% t intervals over seeds, clipped to [0, 1]. A λ that changes "
+                "(b) and (c)); (c)'s bars are 95% t intervals over seeds, clipped to [0, 1], " + _UNADJUSTED + ". A λ that changes "
                 "only at probes (occ_probed's) holds each value for several steps, so its fractions move in "
                 "coarser steps.")  # fmt: skip
     else:
@@ -781,7 +788,7 @@ def fig2_dynamics(
             centre, low, high = [], [], []
             for xs, v in zip(x, per, strict=True):
                 if len(v) > 1:  # the seeds themselves, hollow like their series where it is hollow
-                    ax.scatter([xs] * len(v), v, marker=marker, s=10, alpha=0.45, facecolors=face, edgecolors=color,
+                    ax.scatter([xs - 0.35 * slot] * len(v), v, marker=marker, s=10, alpha=0.45, facecolors=face, edgecolors=color,
                                lw=0.6)  # fmt: skip
                 got = one_sample(dict(enumerate(v))) if reduce is np.mean and len(v) > 1 else None
                 if got is not None and got["ci"] is not None:
@@ -817,7 +824,7 @@ def fig2_dynamics(
             scale[k] = ""
     v2_name = "cross-fitted v² ≈ ||g_MTP||²" if exact == "cross-fitted" else "v² = ||g_MTP||²"
     axes[1].set_ylabel(
-        v2_name + (scale[1] or ("\n(every value drawn > 0)" if exact == "cross-fitted" else ""))
+        v2_name + (scale[1] or ("\n(log axis: every value here > 0)" if exact == "cross-fitted" else ""))
     )
     for k in range(2, 5):
         axes[k].set_ylabel("per token (nats²)" + scale[k])
@@ -831,15 +838,23 @@ def fig2_dynamics(
     _fig2_legend(
         axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds, exact=exact, joined=not categorical
     )
-    note = (f"Probed: {_probe_counts(probes)}. The unit of replication is the seed"
-            + ("; each seed's minibatches are reduced to one value before anything is summarised over seeds"
-               if seeds > 1 else "") + ". (a)'s exact "
-            "cosine divides c by the minibatch's own norms. The paper's Fig. 2d (Eq. 10's terms) is not drawn: "
-            "under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) and (e) need not add up to (c): their cross term is "
-            "not drawn. " + ("Points are not joined: nothing was measured between the checkpoints. "
-                             if categorical else "") + f"Run labels are set side by side, up to ±{((len(probes) - 1) / 2 + 0.3) * slot:.2g} "
-            + ("of a checkpoint's slot" if categorical else "steps") + " off their step. " + ("No interval: one seed." if seeds == 1 else "(a)'s bars: 95% t interval over seeds; "
-            "(b-e) have no interval."))  # fmt: skip
+    offset = ((len(probes) - 1) / 2 + 0.3) * slot
+    note = (
+        f"Probed: {_probe_counts(probes)}. The unit of replication is the seed"
+        + ("; each seed's minibatches are reduced to one value before anything is summarised over seeds"
+           if seeds > 1 else "")
+        + ". (a)'s exact cosine divides the cross-fitted c by the minibatch's own (same-sample) norms, so it is "
+        "defined at every probe and has c's sign"
+        + ("; its proxy cosine is ĉ / sqrt(Σδ_RL² · v̂²)" if "cos_hat" in drawn else "")
+        + ". The paper's Fig. 2d (Eq. 10's terms) is not drawn: under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) "
+        "and (e) need not add up to (c): their cross term is not drawn. "
+        + ("Points are not joined: nothing was measured between the checkpoints. " if categorical else "")
+        + f"Run labels are set side by side, up to ±{offset:.2g} "
+        + ("of a checkpoint's slot" if categorical else "steps") + " off their step"
+        + ("; each seed's points sit just left of their run's summary. " if seeds > 1 else ". ")
+        + ("No interval: one seed." if seeds == 1 else
+           f"(a)'s bars: 95% t interval over seeds, {_UNADJUSTED}; (b-e) have no interval.")
+    )  # fmt: skip
     return _save(fig, path, f"{caption} {note}")
 
 
@@ -950,7 +965,7 @@ def fig8_fidelity(
     note = (f"One point per probed minibatch ({_probe_counts(probes)}). Every ρ is Spearman's of the signed "
             "values; the axes show magnitudes, hollow where the signs differ. Legend: ρ " + where
             + (", averaged over a seed's clusters" if cluster else "")
-            + (", then the mean over seeds with its 95% t interval" if seeds > 1 else "; one seed: no interval")
+            + (f", then the mean over seeds with its 95% t interval, {_UNADJUSTED}" if seeds > 1 else "; one seed: no interval")
             + " (unit of replication: the seed; the points of one run are not independent). Titles: ρ over "
             + (f"all points pooled, which mixes in drift between {over} and has no valid interval."
                if cluster else "all points of every run pooled, which mixes runs and has no valid interval.")

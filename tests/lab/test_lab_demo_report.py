@@ -10,11 +10,11 @@ from nemo_occ.lab.demo import report as D
 
 def test_conditions_read_the_logged_cosines_cross_fitted_beside_same_sample():
     rows = [{"step": 1, "reward/mean": 0.25, "train/mtp/accuracy_1": 0.7}]
-    for t, (same, cross) in enumerate([(0.1, -0.2), (0.3, 0.0), (0.2, -0.1)], start=2):
-        rows.append({"step": t, "train/mtp/fidelity/cos_same_sample_1": same,
+    for t, (same, cross) in enumerate([(0.1, -0.2), (0.3, 0.0), (0.2, -0.1), (0.4, None)], start=2):
+        rows.append({"step": t, "train/mtp/fidelity/cos_same_sample_1": same, "train/mtp/fidelity/c_cross_fit_1": 1.0,
                      "train/mtp/fidelity/cos_cross_fit_1": cross})  # fmt: skip
     c = D.conditions_summary(rows)
-    assert c["cos_rl_mtp_1_median"] == pytest.approx(0.2) and c[
+    assert c["cos_rl_mtp_1_median"] == pytest.approx(0.25) and c[
         "cos_rl_mtp_1_cross_fit_median"
     ] == pytest.approx(-0.1)
     summary = {"regimes": {"occ": {"eval_accuracy_start": 0.1, "eval_accuracy_final": 0.2, "reward_final_mean5": 0.3,
@@ -22,7 +22,8 @@ def test_conditions_read_the_logged_cosines_cross_fitted_beside_same_sample():
                                    "conditions": c}}}  # fmt: skip
     md = D.summary_markdown(summary, "# h")
     assert "| cos(g_RL, g_MTP) cross-fitted | same-sample |" in md
-    assert "| -0.10 | 0.20 |" in md  # cross-fitted first, then same-sample
+    # cross-fitted first, with the probes it is defined at (the fourth's cross-fitted square was <= 0)
+    assert "| -0.10 (3 of 4) | 0.25 |" in md
 
 
 def test_demo_captions_say_one_seed_has_no_interval(monkeypatch, tmp_path):

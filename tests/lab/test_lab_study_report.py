@@ -279,5 +279,10 @@ def test_a_sweep_figures_caption_names_each_run_and_the_coefficient_ce_matched_r
     assert R._described(matched, {"matched": None}) == matched.describe()
     clipsep = Variant("x", "ce", {"coef": 1.0}, demo_overrides={"rl": {"clip_scope": "separate"}})
     assert R._described(clipsep, {}) == "ce (coef=1.0, rl.clip_scope=separate)"
+    probed = Variant("occ_probed", "occ", {"occ": {"estimator": "probed"}})
+    assert (
+        R._described(probed, {})
+        == "occ (occ.estimator=probed): λ from the cross-fitted exact probes instead of the proxies"
+    )
     note = R._probe_note({"steps": [22, 45], "minibatches": 16})
     assert "at steps 22 and 45" in note and "16 minibatches planned per seed and checkpoint" in note

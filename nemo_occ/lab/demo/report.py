@@ -132,8 +132,12 @@ def conditions_summary(rows: list[dict]) -> dict:
     median over steps of the MTP term's share of the update and of cos(g_RL, g_term) over the main
     model (``update/*``, λ applied); the median over probes of cos(g_RL, g_MTP,1) (unscaled; same-sample
     and cross-fitted, ``fidelity/cos_*_1``) and of the cosine between the RL gradients of a minibatch's
-    two halves (``exact/half_batch_cos``)."""
+    two halves (``exact/half_batch_cos``). A cross-fitted cosine divides by cross-fitted squares, which can
+    be <= 0: it is defined at some probes only, and ``cos_rl_mtp_1_cross_fit_defined`` says at how many of
+    the ``probes`` (a median over a subset the data chose)."""
     first = next((r for r in rows if r["step"] == 1), {})
+    probed = [r for r in rows if r.get(f"{_FIDELITY}c_cross_fit_1") is not None]
+    defined = [r for r in probed if r.get(f"{_FIDELITY}cos_cross_fit_1") is not None]
     return {
         "mtp_agreement_1_step1": first.get(_AGREEMENT_1),
         "reward_step1": first.get("reward/mean"),
@@ -142,6 +146,8 @@ def conditions_summary(rows: list[dict]) -> dict:
         "mtp_cos_applied_median": _median(rows, "update/mtp_cos"),
         "cos_rl_mtp_1_median": _median(rows, f"{_FIDELITY}cos_same_sample_1"),
         "cos_rl_mtp_1_cross_fit_median": _median(rows, f"{_FIDELITY}cos_cross_fit_1"),
+        "cos_rl_mtp_1_cross_fit_defined": len(defined),
+        "probes": len(probed),
         "half_batch_cos_median": _median(rows, "exact/half_batch_cos"),
     }
 
@@ -179,7 +185,8 @@ def summary_markdown(summary: dict, header: str) -> str:
         "reward at RL step 1; share of updates whose gradient norm exceeded the clip; median over steps of the MTP "
         "term's share of the update ‖g_term‖/‖g_RL‖ and of cos(g_RL, g_term), λ applied, over the main model; "
         "median over probes of cos(g_RL, g_MTP) (unscaled; cross-fitted between the probed minibatch's two halves, "
-        "and same-sample, which includes each sequence's covariance with itself) and of the cosine between the RL "
+        "over the probes where the cross-fitted squares are positive, k of n in brackets, so a median over a subset "
+        "the data chose; and same-sample, which includes each sequence's covariance with itself) and of the cosine between the RL "
         "gradients of one minibatch's two halves (1: all signal, 0: all sampling noise). One seed: no interval, "
         "no test; differences between regimes here are not evidence (the study has seeds and tests).",
         "",
@@ -192,8 +199,13 @@ def summary_markdown(summary: dict, header: str) -> str:
         lines.append(
             f"| {regime} | {_fmt(c['mtp_agreement_1_step1'])} | {_fmt(c['reward_step1'])} | "
             f"{_fmt(c['clip_fired_share'], '.2f')} | {_fmt(c['mtp_share_median'], '.3g')} | "
-            f"{_fmt(c['mtp_cos_applied_median'], '.2f')} | {_fmt(c['cos_rl_mtp_1_cross_fit_median'], '.2f')} | "
-            f"{_fmt(c['cos_rl_mtp_1_median'], '.2f')} | {_fmt(c['half_batch_cos_median'], '.2f')} |"
+            f"{_fmt(c['mtp_cos_applied_median'], '.2f')} | {_fmt(c['cos_rl_mtp_1_cross_fit_median'], '.2f')}"
+            + (
+                f" ({c['cos_rl_mtp_1_cross_fit_defined']} of {c['probes']})"
+                if c.get("probes") and c["cos_rl_mtp_1_cross_fit_median"] is not None
+                else ""
+            )
+            + f" | {_fmt(c['cos_rl_mtp_1_median'], '.2f')} | {_fmt(c['half_batch_cos_median'], '.2f')} |"
         )
     fid = {r: e["fidelity"] for r, e in summary["regimes"].items() if "fidelity" in e}
     if fid:

@@ -507,13 +507,24 @@ SWEEP_FIGURES = (
     ("fig6_occ_lambda_plus.png", ("occ",), ("occ_lp", "occ_probed"),
      "Reward, accuracy and MTP agreement (paper Fig. 6), OCC variants"),
     ("fig6_old_logprobs.png", ("policy", "occ"), ("policy_old", "occ_old"),
-     "Reward, accuracy and MTP agreement (paper Fig. 6) under both old-log-prob readings: δ_MTP against the main "
-     "head's old log-prob (old_logprobs: main, the default) or against the MTP head's own (old_logprobs: mtp)"),
+     "Reward, accuracy and MTP agreement (paper Fig. 6) under both old-log-prob readings: the *_oldmtp runs read "
+     "δ_MTP against the MTP head's own old log-prob (old_logprobs: mtp), the others against the main head's (main, "
+     "the default)"),
 )  # fmt: skip
+
+
+# what a control changes, in words, beside its settings
+_MEANING = {
+    "occ_probed": "λ from the cross-fitted exact probes instead of the proxies",
+    "occ_oldmtp": "δ_MTP read against the MTP head's own old log-prob",
+    "ce_coef1_clipsep": "the main model and mtp.* clipped each to its own norm",
+}
 
 
 def _described(variant, summary) -> str:
     """The variant as a caption names it, ce_matched with the coefficient it ran at."""
+    if variant.name in _MEANING:
+        return f"{variant.describe()}: {_MEANING[variant.name]}"
     matched = (summary.get("matched") or {}).get(variant.name)
     if matched and matched.get("coef") is not None:
         return (f"{variant.regime} (coef={matched['coef']:g}, where CE's MTP share, the MTP term's gradient norm "
