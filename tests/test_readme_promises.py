@@ -31,7 +31,7 @@ PROMISES = [
     ("resumes when rerun after an interruption", "tests/lab/test_lab_demo_rerun.py::test_ctrl_c_prints_one_line_and_the_rerun_resumes_to_the_uninterrupted_result"),
     ("about 10 minutes on two idle cores (9 min 53 s wall and 602 s of CPU in a fresh clone, the install included)", ("docs/demo.md", "9 min 53 s wall and 602 s of CPU (564 s user + 38 s system) on two idle cores, the install included")),
     ("`--quick` is a tiny version (16 s of CPU; 44 s and 95 s wall", ("docs/demo.md", "15.3 s user + 0.8 s system CPU, 44 s and 95 s wall")),
-    ("all 80 jobs in 50 min 24 s on the 2-core machine (5106 s of CPU)", ("docs/study/README.md", "All 80 jobs finished (5 warm starts, 45 training runs, 30 probes; none dropped) in 50 min 24 s wall on the 2-core machine, two jobs at a time (5106 s user")),
+    ("all 80 jobs in 49 min 9 s on the 2-core machine (5161 s of CPU)", ("docs/study/README.md", "All 80 jobs finished (5 warm starts, 45 training runs, 30 probes; none dropped) in 49 min 9 s wall on the 2-core machine, two jobs at a time (5161 s user")),
     ("`--max-minutes` (default 60) starts no job that would end past the bound", "tests/lab/test_lab_study.py::test_max_minutes_starts_no_job_its_kind_says_would_end_past_the_bound"),
     ("each a process with one torch thread (`--jobs`)", "tests/lab/test_lab_study.py::test_jobs_in_parallel_give_the_same_numbers_as_one_at_a_time"),
     ("moved seed 0's pass rate from 0.50 to 0.14 and seed 4's from 0.29 to 0.40", ("docs/demo.md", "ended at a pass rate of 0.14 instead of 0.50 for seed 0 and 0.40 instead of 0.29 for seed 4")),
