@@ -774,7 +774,8 @@ def fig2_dynamics(
         ("v2_hat_own", 3, False, "-", "", np.median),
         ("head_gap", 4, False, "-", "", np.median),
     )
-    drawn: dict[int | str, list[float]] = {}  # panel -> the values drawn there; key -> []
+    drawn: dict[int, list[float]] = {}  # panel -> the values drawn there (its axis scale follows them)
+    series: set[str] = set()  # the keys drawn (the proxy cosine only where records have Σδ_RL²)
     for i, (label, recs) in enumerate(probes.items()):
         color, _, marker = styles[label]
         a = _probe_arrays(recs)
@@ -803,13 +804,13 @@ def fig2_dynamics(
                         marker=marker, ms=5, capsize=3, mfc=face,
                         label=f"{label}{suffix}")  # fmt: skip
             drawn.setdefault(k, []).extend(v for vs in per for v in vs)
-            drawn.setdefault(key, [])  # which series were drawn
+            series.add(key)
     how = {"mean": f"bold: mean of {seeds} seeds' means, 95% t interval" if seeds > 1 else "one seed",
            "median": f"bold: median of {seeds} seeds' medians" if seeds > 1 else "one seed"}  # fmt: skip
     axes[0].axhline(0, color="k", lw=0.5)
     axes[0].set(ylabel="cosine (dimensionless)",
                 title=f"(a) alignment of g_RL and g_MTP, exact ({exact})"
-                      f"{' and proxy' if 'cos_hat' in drawn else ''}\n{how['mean']}")  # fmt: skip
+                      f"{' and proxy' if 'cos_hat' in series else ''}\n{how['mean']}")  # fmt: skip
     axes[1].set(title=f"(b) v² over the main model, {exact}\n{how['median']}")
     for k, what in ((2, "(c) v̂² = Σδ_MTP² per token, δ_MTP = log π_θ(MTP) − log π_old(main)"),
                     (3, "(d) of which the MTP head's own change"),
@@ -836,7 +837,7 @@ def fig2_dynamics(
         else:
             ax.set_xlabel(f"RL step ({step_kind})")
     _fig2_legend(
-        axes[5], probes, styles, proxy="cos_hat" in drawn, seeds=seeds, exact=exact, joined=not categorical
+        axes[5], probes, styles, proxy="cos_hat" in series, seeds=seeds, exact=exact, joined=not categorical
     )
     offset = ((len(probes) - 1) / 2 + 0.3) * slot
     note = (
@@ -845,7 +846,7 @@ def fig2_dynamics(
            if seeds > 1 else "")
         + ". (a)'s exact cosine divides the cross-fitted c by the minibatch's own (same-sample) norms, so it is "
         "defined at every probe and has c's sign"
-        + ("; its proxy cosine is ĉ / sqrt(Σδ_RL² · v̂²)" if "cos_hat" in drawn else "")
+        + ("; its proxy cosine is ĉ / sqrt(Σδ_RL² · v̂²)" if "cos_hat" in series else "")
         + ". The paper's Fig. 2d (Eq. 10's terms) is not drawn: under OCC ½λ²v̂² = λĉ/(2λ+), an identity. (d) "
         "and (e) need not add up to (c): their cross term is not drawn. "
         + ("Points are not joined: nothing was measured between the checkpoints. " if categorical else "")
@@ -864,8 +865,8 @@ def _probe_counts(probes: Mapping[str, Sequence[dict]]) -> str:
     parts = []
     for label, recs in probes.items():
         per = Counter(r.get("seed", 0) for r in recs)
-        text = f"{label} {len(recs)} minibatches at {len({r['step'] for r in recs})} step(s) from {len(per)} seed(s)"
         steps = sorted({r["step"] for r in recs})
+        text = f"{label} {len(recs)} minibatches at {len(steps)} step(s) from {len(per)} seed(s)"
         if len(per) > 1:
             by = Counter((r.get("seed", 0), r["step"]) for r in recs)
             each = "+".join(f"step {t}" for t in steps) if len(steps) <= 3 else "all steps"

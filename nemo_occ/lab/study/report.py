@@ -566,12 +566,11 @@ def _figures(out: Path, summary, rows_of, probes, variants, cfg, nemo_occ_cfg) -
                                      probe_note=_probe_note(summary["probe"]))  # fmt: skip
     for fname, core, prefixes, what in SWEEP_FIGURES:
         added = [n for n in variants if n.startswith(prefixes)]
-        if group(added):  # a panel without its sweep's runs would repeat fig6_reward
+        if ran := group(added):  # a panel without its sweep's runs would repeat fig6_reward
             try:
                 names = [BASELINE, "none", *core, *added]
-                drawn_here = [n for n in added if n in group(added)]
                 what_runs = f"{what}. Runs: " + "; ".join(
-                    f"{n} = {_described(variants[n], summary)}" for n in drawn_here
+                    f"{n} = {_described(variants[n], summary)}" for n in ran
                 )
                 F.fig6_reward(group(names), out / fname, caption=caption(what_runs, names), styles=styles,
                               eval_k=cfg.eval.samples)  # fmt: skip
